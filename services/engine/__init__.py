@@ -1,0 +1,1 @@
+"""Tandem's inference engine: model, paged KV cache, scheduler, runner, sampler."""
