@@ -19,6 +19,7 @@ class FinishReason(enum.IntEnum):
     STOP = 0         # EOS, a stop token id or a stop string
     LENGTH = 1       # max_tokens or the model's context
     ABORT = 2
+    HANDOFF = 3      # leaves this instance alive: prefill done (KV goes to decode) or migrated
 
 
 @dataclass

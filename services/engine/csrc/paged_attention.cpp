@@ -1,0 +1,461 @@
+// Tandem: CPU paged-attention decode kernel.
+//
+// One query token per sequence attends over that sequence's K/V, which live in
+// fixed-size blocks of a shared paged cache. Each K/V block is read once, in
+// place (no gather copy), per (sequence, kv head); all `group` query heads that
+// share a kv head are processed together. Softmax is computed online (running
+// max and sum, rescaled per chunk of <= 16 tokens), so no per-head buffer of
+// seq_len scores is needed. Accumulation is float32 for both bf16 and fp32.
+//
+// Layout:
+//   q, out        [B, H, D] contiguous, bf16 or fp32 (same dtype)
+//   k/v_cache     [num_blocks, block_size, Hkv, D]; dim 0 may have any stride
+//                 (views of a [num_blocks, num_layers, 2, block_size, Hkv, D]
+//                 cache); dims 1..3 must be contiguous.
+//   block_tables  int32 [B, max_blocks], row stride arbitrary, unit col stride
+//   seq_lens      int32 [B]
+//   H = Hkv * group; query head h uses kv head h / group.
+//
+// The AVX-512 path (compiled when the build targets AVX-512F/BW/VL) handles
+// any head_dim (tail via masked loads) and has fixed-size specialisations for
+// D = 64 and 128. A portable scalar path is always compiled; it is used when
+// AVX-512 is unavailable and is exported as `paged_decode_attention_scalar`
+// so tests can cover it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define TANDEM_HAVE_AVX512 1
+#else
+#define TANDEM_HAVE_AVX512 0
+#endif
+
+#ifndef TANDEM_PF_DIST
+#define TANDEM_PF_DIST 1  // how many blocks ahead to prefetch K/V rows
+#endif
+
+namespace {
+
+using bf16_bits = uint16_t;
+
+inline float bf16_to_float(bf16_bits h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round-to-nearest-even, NaN kept quiet (same as torch's conversion).
+inline bf16_bits float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_bits>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16_bits>(u >> 16);
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16_bits x) { return bf16_to_float(x); }
+inline void store_out(float* p, float x) { *p = x; }
+inline void store_out(bf16_bits* p, float x) { *p = float_to_bf16(x); }
+
+struct Params {
+  int64_t B, H, Hkv, G, D, block_size, max_blocks;
+  int64_t k_stride0, v_stride0;  // elements between consecutive blocks
+  int64_t row_stride;            // elements between consecutive tokens in a block (Hkv * D)
+  int64_t bt_stride0;            // elements between block_tables rows
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  float scale;
+};
+
+// ---------------------------------------------------------------------------
+// Scalar path (portable; also the reference for the vector path's structure).
+// ---------------------------------------------------------------------------
+template <typename T>
+void item_scalar(const Params& p, const T* q, T* out, const T* kc, const T* vc,
+                 int64_t b, int64_t kvh, std::vector<float>& scratch) {
+  const int64_t G = p.G, D = p.D;
+  const int64_t len = p.seq_lens[b];
+  const T* qrow = q + (b * p.H + kvh * G) * D;
+  T* orow = out + (b * p.H + kvh * G) * D;
+  if (len <= 0) {
+    for (int64_t i = 0; i < G * D; ++i) store_out(orow + i, 0.0f);
+    return;
+  }
+  scratch.assign(static_cast<size_t>(2 * G * D + 2 * G), 0.0f);
+  float* qf = scratch.data();
+  float* acc = qf + G * D;
+  float* m = acc + G * D;
+  float* l = m + G;
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(qrow[i]) * p.scale;
+  for (int64_t g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity();
+
+  const int32_t* bt = p.block_tables + b * p.bt_stride0;
+  const int64_t nblk = (len + p.block_size - 1) / p.block_size;
+  for (int64_t i = 0; i < nblk; ++i) {
+    const int64_t blk = bt[i];
+    const T* kb = kc + blk * p.k_stride0 + kvh * D;
+    const T* vb = vc + blk * p.v_stride0 + kvh * D;
+    const int64_t ntok = std::min(p.block_size, len - i * p.block_size);
+    for (int64_t t = 0; t < ntok; ++t) {
+      const T* kr = kb + t * p.row_stride;
+      const T* vr = vb + t * p.row_stride;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; ++d) s += qg[d] * to_float(kr[d]);
+        float* ag = acc + g * D;
+        if (s > m[g]) {
+          const float alpha = std::exp(m[g] - s);  // exp(-inf) = 0 on first token
+          l[g] *= alpha;
+          for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
+          m[g] = s;
+        }
+        const float pr = std::exp(s - m[g]);
+        l[g] += pr;
+        for (int64_t d = 0; d < D; ++d) ag[d] += pr * to_float(vr[d]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.0f / l[g];
+    for (int64_t d = 0; d < D; ++d) store_out(orow + g * D + d, acc[g * D + d] * inv);
+  }
+}
+
+#if TANDEM_HAVE_AVX512
+// ---------------------------------------------------------------------------
+// AVX-512 path.
+// ---------------------------------------------------------------------------
+inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+inline __m512 load16(const bf16_bits* p, __mmask16 mk) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_bits* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp for x <= ~88: range reduction to r in [-ln2/2, ln2/2], degree-7
+// polynomial (rel. error ~1e-7), scaling by 2^n with scalef (which underflows
+// gracefully to denormals / zero for very negative x).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.0f / 5040.0f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// Horizontal sums of 16 vectors at once: returns r with r[t] = sum(v[t][0..15]).
+inline __m512 transpose_reduce16(const float* v /* [16][16] */) {
+  __m512 b[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 x = _mm512_loadu_ps(v + (2 * i) * 16);
+    const __m512 y = _mm512_loadu_ps(v + (2 * i + 1) * 16);
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+  }
+  __m512 c[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 u = b[2 * i], w = b[2 * i + 1];
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(u, w, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u, w, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  __m512 d[2];
+  for (int i = 0; i < 2; ++i) {
+    const __m512 u = c[2 * i], w = c[2 * i + 1];
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u, w, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// One chunk of n (1..16) consecutive tokens of one block, for GT query heads.
+// qf/acc: [GT][ldq] floats (ldq = nc * 16, zero padded); m/l: [GT].
+// NC > 0: head_dim == NC * 16 known at compile time; NC == 0: runtime nc with
+// `tail` masking the last 16-wide chunk.
+template <typename T, int GT, int NC>
+inline void chunk_avx512(const float* qf, int64_t ldq, const T* kb, const T* vb,
+                         int64_t row_stride, int n, float* m, float* l, float* acc,
+                         int nc_rt, __mmask16 tail) {
+  const int nc = NC > 0 ? NC : nc_rt;
+  alignas(64) float part[GT][16 * 16];
+  alignas(64) float prob[GT][16];
+
+  // Scores: per token, GT partial-sum vectors; reduced 16 tokens at a time.
+  for (int t = 0; t < n; ++t) {
+    const T* kr = kb + t * row_stride;
+    __m512 a[GT];
+    for (int g = 0; g < GT; ++g) a[g] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; ++c) {
+      const __m512 kv = (NC > 0 || c + 1 < nc) ? load16(kr + c * 16) : load16(kr + c * 16, tail);
+      for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * ldq + c * 16), kv, a[g]);
+    }
+    for (int g = 0; g < GT; ++g) _mm512_store_ps(&part[g][t * 16], a[g]);
+  }
+  if (n < 16) {
+    for (int g = 0; g < GT; ++g)
+      std::memset(&part[g][n * 16], 0, sizeof(float) * 16 * (16 - n));
+  }
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+  for (int g = 0; g < GT; ++g) {
+    const __m512 s = transpose_reduce16(part[g]);
+    const float cmax = _mm512_mask_reduce_max_ps(valid, s);
+    if (cmax > m[g]) {
+      const float alpha = std::exp(m[g] - cmax);  // 0 for the first chunk (m = -inf)
+      l[g] *= alpha;
+      const __m512 av = _mm512_set1_ps(alpha);
+      float* ag = acc + g * ldq;
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(ag + c * 16, _mm512_mul_ps(_mm512_loadu_ps(ag + c * 16), av));
+      m[g] = cmax;
+    }
+    const __m512 pr = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
+    l[g] += _mm512_reduce_add_ps(pr);
+    _mm512_store_ps(prob[g], pr);
+  }
+
+  // Values: acc[g] += sum_t prob[g][t] * v[t]; each V element loaded once.
+  for (int c = 0; c < nc; ++c) {
+    __m512 a[GT];
+    for (int g = 0; g < GT; ++g) a[g] = _mm512_loadu_ps(acc + g * ldq + c * 16);
+    const T* vcol = vb + c * 16;
+    for (int t = 0; t < n; ++t) {
+      const __m512 vv = (NC > 0 || c + 1 < nc) ? load16(vcol + t * row_stride)
+                                                : load16(vcol + t * row_stride, tail);
+      for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(prob[g][t]), vv, a[g]);
+    }
+    for (int g = 0; g < GT; ++g) _mm512_storeu_ps(acc + g * ldq + c * 16, a[g]);
+  }
+}
+
+template <typename T, int NC>
+inline void chunk_all_heads(int64_t G, const float* qf, int64_t ldq, const T* kb, const T* vb,
+                            int64_t row_stride, int n, float* m, float* l, float* acc, int nc,
+                            __mmask16 tail) {
+  int64_t g0 = 0;
+  while (g0 < G) {
+    const int64_t left = G - g0;
+    const float* q0 = qf + g0 * ldq;
+    float* a0 = acc + g0 * ldq;
+    if (left >= 8) {
+      chunk_avx512<T, 8, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
+      g0 += 8;
+    } else if (left >= 4) {
+      chunk_avx512<T, 4, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
+      g0 += 4;
+    } else if (left >= 2) {
+      chunk_avx512<T, 2, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
+      g0 += 2;
+    } else {
+      chunk_avx512<T, 1, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
+      g0 += 1;
+    }
+  }
+}
+
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64_t row_bytes) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const char* r = reinterpret_cast<const char*>(base + t * row_stride);
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(r + off, _MM_HINT_T0);
+  }
+}
+
+template <typename T, int NC>
+void item_avx512(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b,
+                 int64_t kvh, std::vector<float>& scratch) {
+  const int64_t G = p.G, D = p.D;
+  const int64_t len = p.seq_lens[b];
+  const T* qrow = q + (b * p.H + kvh * G) * D;
+  T* orow = out + (b * p.H + kvh * G) * D;
+  if (len <= 0) {
+    for (int64_t i = 0; i < G * D; ++i) store_out(orow + i, 0.0f);
+    return;
+  }
+  const int nc = static_cast<int>((D + 15) / 16);
+  const int64_t ldq = static_cast<int64_t>(nc) * 16;
+  const __mmask16 tail = (D % 16) ? static_cast<__mmask16>((1u << (D % 16)) - 1u) : static_cast<__mmask16>(0xffff);
+  scratch.assign(static_cast<size_t>(2 * G * ldq + 2 * G), 0.0f);
+  float* qf = scratch.data();
+  float* acc = qf + G * ldq;
+  float* m = acc + G * ldq;
+  float* l = m + G;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t d = 0; d < D; ++d) qf[g * ldq + d] = to_float(qrow[g * D + d]) * p.scale;
+    m[g] = -std::numeric_limits<float>::infinity();
+  }
+
+  const int32_t* bt = p.block_tables + b * p.bt_stride0;
+  const int64_t bs = p.block_size;
+  const int64_t nblk = (len + bs - 1) / bs;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < nblk; ++i) {
+    const int64_t blk = bt[i];
+    const T* kb = kc + blk * p.k_stride0 + kvh * D;
+    const T* vb = vc + blk * p.v_stride0 + kvh * D;
+    const int64_t ntok = std::min(bs, len - i * bs);
+    if (TANDEM_PF_DIST > 0 && i + TANDEM_PF_DIST < nblk) {  // blocks are scattered: prefetch ahead
+      const int64_t j = i + TANDEM_PF_DIST;
+      const int64_t nb = bt[j];
+      const int64_t nt = std::min(bs, len - j * bs);
+      prefetch_rows(kc + nb * p.k_stride0 + kvh * D, nt, p.row_stride, row_bytes);
+      prefetch_rows(vc + nb * p.v_stride0 + kvh * D, nt, p.row_stride, row_bytes);
+    }
+    for (int64_t t0 = 0; t0 < ntok; t0 += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, ntok - t0));
+      chunk_all_heads<T, NC>(G, qf, ldq, kb + t0 * p.row_stride, vb + t0 * p.row_stride,
+                             p.row_stride, n, m, l, acc, nc, tail);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.0f / l[g];
+    for (int64_t d = 0; d < D; ++d) store_out(orow + g * D + d, acc[g * ldq + d] * inv);
+  }
+}
+#endif  // TANDEM_HAVE_AVX512
+
+template <typename T>
+void run(const Params& p, const T* q, T* out, const T* kc, const T* vc, bool force_scalar) {
+  const int64_t items = p.B * p.Hkv;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / p.Hkv, kvh = it % p.Hkv;
+#if TANDEM_HAVE_AVX512
+      if (!force_scalar) {
+        if (p.D == 64) item_avx512<T, 4>(p, q, out, kc, vc, b, kvh, scratch);
+        else if (p.D == 128) item_avx512<T, 8>(p, q, out, kc, vc, b, kvh, scratch);
+        else item_avx512<T, 0>(p, q, out, kc, vc, b, kvh, scratch);
+        continue;
+      }
+#endif
+      item_scalar<T>(p, q, out, kc, vc, b, kvh, scratch);
+    }
+  });
+}
+
+void check_and_run(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                   at::Tensor block_tables, at::Tensor seq_lens, double scale, bool force_scalar) {
+  const char* fn = "paged_decode_attention: ";
+  for (const auto* t : {&out, &q, &k_cache, &v_cache, &block_tables, &seq_lens})
+    TORCH_CHECK(t->device().is_cpu(), fn, "all tensors must be on the CPU, got ", t->device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, fn,
+              "q must be bfloat16 or float32, got ", q.scalar_type());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && k_cache.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(),
+              fn, "out, k_cache and v_cache must have q's dtype (", q.scalar_type(), "), got out ",
+              out.scalar_type(), ", k_cache ", k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
+  TORCH_CHECK(q.dim() == 3, fn, "q must be [B, H, D], got shape ", q.sizes());
+  TORCH_CHECK(q.is_contiguous(), fn, "q must be contiguous");
+  TORCH_CHECK(out.sizes() == q.sizes(), fn, "out shape ", out.sizes(), " must equal q shape ", q.sizes());
+  TORCH_CHECK(out.is_contiguous(), fn, "out must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, fn,
+              "k_cache and v_cache must be [num_blocks, block_size, Hkv, D], got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), fn, "k_cache shape ", k_cache.sizes(),
+              " != v_cache shape ", v_cache.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, fn, "cache head_dim ", k_cache.size(3), " != q head_dim ", D);
+  TORCH_CHECK(D > 0 && bs > 0 && Hkv > 0, fn, "head_dim, block_size and Hkv must be positive");
+  TORCH_CHECK(H % Hkv == 0, fn, "num query heads ", H, " must be a multiple of num kv heads ", Hkv);
+  for (const auto* t : {&k_cache, &v_cache}) {
+    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D && t->stride(1) == Hkv * D, fn,
+                "k_cache/v_cache dims 1..3 ([block_size, Hkv, D]) must be contiguous; got strides ",
+                t->strides(), " for shape ", t->sizes());
+    TORCH_CHECK(num_blocks <= 1 || t->stride(0) > 0, fn, "cache block stride must be positive, got ",
+                t->stride(0));
+  }
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, fn,
+              "block_tables and seq_lens must be int32, got ", block_tables.scalar_type(), " and ",
+              seq_lens.scalar_type());
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B, fn,
+              "block_tables must be [B=", B, ", max_blocks], got ", block_tables.sizes());
+  TORCH_CHECK(block_tables.size(1) <= 1 || block_tables.stride(1) == 1, fn,
+              "block_tables rows must be contiguous");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, fn, "seq_lens must be [B=", B, "], got ",
+              seq_lens.sizes());
+  TORCH_CHECK(B <= 1 || seq_lens.stride(0) == 1, fn, "seq_lens must be contiguous");
+  TORCH_CHECK(std::isfinite(scale), fn, "scale must be finite");
+
+  Params p;
+  p.B = B; p.H = H; p.Hkv = Hkv; p.G = H / Hkv; p.D = D; p.block_size = bs;
+  p.max_blocks = block_tables.size(1);
+  p.k_stride0 = k_cache.stride(0);
+  p.v_stride0 = v_cache.stride(0);
+  p.row_stride = Hkv * D;
+  p.bt_stride0 = block_tables.stride(0);
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.scale = static_cast<float>(scale);
+
+  // Validate lengths and the block ids that will actually be read (padding is ignored).
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = p.seq_lens[b];
+    TORCH_CHECK(len >= 0 && len <= p.max_blocks * bs, fn, "seq_lens[", b, "] = ", len,
+                " out of range [0, max_blocks * block_size = ", p.max_blocks * bs, "]");
+    const int64_t nblk = (len + bs - 1) / bs;
+    const int32_t* bt = p.block_tables + b * p.bt_stride0;
+    for (int64_t i = 0; i < nblk; ++i)
+      TORCH_CHECK(bt[i] >= 0 && bt[i] < num_blocks, fn, "block_tables[", b, ", ", i, "] = ", bt[i],
+                  " out of range [0, ", num_blocks, ")");
+  }
+  if (B == 0 || H == 0) return;
+
+  if (q.scalar_type() == at::kFloat) {
+    run<float>(p, q.data_ptr<float>(), out.data_ptr<float>(), k_cache.data_ptr<float>(),
+               v_cache.data_ptr<float>(), force_scalar);
+  } else {
+    run<bf16_bits>(p, reinterpret_cast<const bf16_bits*>(q.data_ptr()),
+                   reinterpret_cast<bf16_bits*>(out.data_ptr()),
+                   reinterpret_cast<const bf16_bits*>(k_cache.data_ptr()),
+                   reinterpret_cast<const bf16_bits*>(v_cache.data_ptr()), force_scalar);
+  }
+}
+
+}  // namespace
+
+void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                            at::Tensor block_tables, at::Tensor seq_lens, double scale) {
+  check_and_run(out, q, k_cache, v_cache, block_tables, seq_lens, scale, /*force_scalar=*/false);
+}
+
+void paged_decode_attention_scalar(at::Tensor out, at::Tensor q, at::Tensor k_cache,
+                                   at::Tensor v_cache, at::Tensor block_tables, at::Tensor seq_lens,
+                                   double scale) {
+  check_and_run(out, q, k_cache, v_cache, block_tables, seq_lens, scale, /*force_scalar=*/true);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Paged decode attention (writes out); see paged_attention.cpp for layouts",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention_scalar", &paged_decode_attention_scalar,
+        "Same as paged_decode_attention but always uses the portable scalar path (for tests)",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.attr("simd") = TANDEM_HAVE_AVX512 ? "avx512" : "scalar";
+}

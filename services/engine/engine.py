@@ -1,0 +1,140 @@
+"""The engine: validate and queue requests; each step is schedule → execute → update."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.kv_cache import KVCacheManager
+from services.engine.loader import LoadedModel
+from services.engine.request import FinishReason, Request
+from services.engine.runner import ModelRunner
+from services.engine.sampling_params import InvalidRequestError, SamplingParams
+from services.engine.scheduler import Scheduler
+from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (deltas) plus its running totals."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    logprobs: list[float] = field(default_factory=list)              # chosen-token logprobs so far
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, tokenizer: Tokenizer):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config, self.tokenizer = config, tokenizer
+        num_blocks = config.resolve_num_blocks()
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
+        self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._cached: dict[str, int] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError naming the field a user must fix; no-op for a valid request."""
+        m = self.config.model
+        params.validate(m.vocab_size, self.config.max_tokens_limit)
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt", "is empty; send at least one token or character")
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < m.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("token_ids", f"id {bad!r} is outside the vocabulary [0, {m.vocab_size})")
+        limit = self.config.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise InvalidRequestError(
+                "prompt", f"has {len(prompt_token_ids)} tokens but the context holds {limit} "
+                f"(prompt + output); shorten it to at most {limit - 1} tokens")
+        needed_blocks = -(-min(len(prompt_token_ids) + params.max_tokens, limit) // self.kv.block_size)
+        if needed_blocks > self.kv.num_blocks:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt + max_tokens needs {needed_blocks} KV blocks but this instance "
+                f"has {self.kv.num_blocks}; lower max_tokens or shorten the prompt")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id)."""
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, list(prompt_token_ids), params,
+                          eos_token_ids=self.config.model.eos_token_ids, priority=priority)
+        self.scheduler.add(request)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now and free its blocks. Safe no-op for unknown or finished ids."""
+        request = self.scheduler.finish(request_id, FinishReason.ABORT)
+        return None if request is None else self._output(request, 0, "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        for chunk in out.prefills:
+            self._cached.setdefault(chunk.request.request_id, chunk.request.num_computed_tokens)
+        chunks, samples = self.runner.execute(out)
+        sampled = {}
+        if samples is not None:
+            for i, chunk in enumerate(chunks):
+                sampled[chunk.request.request_id] = samples.token_ids[i]
+                r = chunk.request
+                r.output_logprobs.append(samples.logprobs[i])
+                if samples.top_logprobs[i] is not None:
+                    r.output_top_logprobs.append(samples.top_logprobs[i])
+        finished = {r.request_id for r in self.scheduler.update(out, sampled)}
+        outputs = []
+        for chunk in chunks:
+            r = chunk.request
+            detok = self._detok[r.request_id]
+            delta = detok.push(r.output_token_ids[-1])
+            if detok.stopped and r.request_id not in finished:
+                self.scheduler.finish(r.request_id, FinishReason.STOP)
+                finished.add(r.request_id)
+            outputs.append(self._output(r, 1, delta))
+        return outputs
+
+    def _output(self, r: Request, num_new: int, delta: str) -> RequestOutput:
+        finished = r.is_finished
+        detok = self._detok.pop(r.request_id) if finished else self._detok[r.request_id]
+        if finished:
+            delta += detok.flush()      # text held back for a possible stop string or split character
+        cached = self._cached.pop(r.request_id, 0) if finished else self._cached.get(r.request_id, 0)
+        return RequestOutput(
+            r.request_id, r.output_token_ids[len(r.output_token_ids) - num_new:], delta,
+            list(r.output_token_ids), detok.text, finished, r.finish_reason,
+            r.output_logprobs, r.output_top_logprobs, r.num_prompt_tokens, cached)
+
+    # ---- offline convenience -------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run every prompt to completion; results in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()

@@ -1,0 +1,148 @@
+"""Llama-architecture decoder over a paged KV cache.
+
+KV cache layout (owned by the runner, indexed by block ids from kv_cache.KVCacheManager):
+    kv: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+One block holds every layer's K and V for block_size positions, so a request's blocks for a
+group of layers l0:l1 are `kv[block_ids, l0:l1]`: one contiguous run per block. That is what the
+KV transfer and live migration copy out and in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine import attention_ops
+from services.engine.config import ModelConfig
+from services.engine.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class PrefillSeq:
+    """One request's prefill chunk inside the flattened batch."""
+    q_start: int                 # first row of this chunk in the flattened tokens
+    q_len: int                   # tokens computed this step
+    ctx_len: int                 # tokens of context after this step (cached + q_len)
+    block_ids: torch.Tensor      # [ceil(ctx_len / block_size)] int64, the request's blocks
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs besides the activations. Decode rows come first."""
+    slot_blocks: torch.Tensor        # [T] int64: block id each new token's K/V goes to
+    slot_offsets: torch.Tensor       # [T] int64: offset inside that block
+    num_decode: int                  # rows [0, num_decode) are single-token decodes
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int32
+    decode_seq_lens: torch.Tensor      # [num_decode] int32, context incl. the current token
+    prefills: list[PrefillSeq]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as HF: normalise in float32, cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, kv, meta: AttentionMetadata):
+        cfg = self.cfg
+        t = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x))                       # [T, q + 2kv]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)      # [T, H, D]
+        k = apply_rotary(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)   # [T, Hkv, D]
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)                           # [T, Hkv, D]
+        k_cache, v_cache = kv[:, self.layer_idx, 0], kv[:, self.layer_idx, 1]   # [NB, bs, Hkv, D]
+        k_cache[meta.slot_blocks, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, meta.slot_offsets] = v
+        attn = torch.empty_like(q)                                               # [T, H, D]
+        nd = meta.num_decode
+        if nd:
+            attn[:nd] = attention_ops.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale)
+        for p in meta.prefills:
+            attn[p.q_start:p.q_start + p.q_len] = self._prefill_attention(
+                q[p.q_start:p.q_start + p.q_len], k[p.q_start:p.q_start + p.q_len],
+                v[p.q_start:p.q_start + p.q_len], k_cache, v_cache, p)
+        x = x + self.o_proj(attn.view(t, cfg.q_size))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+    def _prefill_attention(self, q, k_new, v_new, k_cache, v_cache, p: PrefillSeq) -> torch.Tensor:
+        """q: [q_len, H, D] → [q_len, H, D]; attends causally to the request's whole context."""
+        if p.ctx_len == p.q_len:       # nothing cached before this chunk: use the new K/V directly
+            k, v, mask, causal = k_new, v_new, None, True
+        else:
+            k = k_cache.index_select(0, p.block_ids).flatten(0, 1)[:p.ctx_len]   # [ctx, Hkv, D]
+            v = v_cache.index_select(0, p.block_ids).flatten(0, 1)[:p.ctx_len]
+            q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len)
+            mask = torch.arange(p.ctx_len)[None, :] <= q_pos[:, None]            # [q_len, ctx]
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+            is_causal=causal, scale=self.scale, enable_gqa=True)                 # [H, q_len, D]
+        return out.transpose(0, 1)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary: RotaryEmbedding | None = None
+
+    def init_rotary(self, device) -> None:
+        self.rotary = RotaryEmbedding(self.cfg, device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] → logits [len(logits_indices), vocab] in float32."""
+        x = self.embed_tokens(input_ids)                                     # [T, hidden]
+        cos, sin = self.rotary.tables(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv, meta)
+        x = self.norm(x[logits_indices])
+        return self.lm_head(x).float()
+
+    def load_hf_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...) into fused weights."""
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"])
+            self.norm.weight.copy_(tensors["model.norm.weight"])
+            if not self.cfg.tie_word_embeddings:
+                self.lm_head.weight.copy_(tensors["lm_head.weight"])
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                layer.input_layernorm.weight.copy_(tensors[p + "input_layernorm.weight"])
+                layer.post_attention_layernorm.weight.copy_(tensors[p + "post_attention_layernorm.weight"])
+                layer.qkv_proj.weight.copy_(torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                layer.o_proj.weight.copy_(tensors[p + "self_attn.o_proj.weight"])
+                layer.gate_up_proj.weight.copy_(
+                    torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]))
+                layer.down_proj.weight.copy_(tensors[p + "mlp.down_proj.weight"])

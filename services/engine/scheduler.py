@@ -1,0 +1,185 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Every request is two counters: num_computed_tokens chases num_tokens (prompt + output). A step
+gives each scheduled request some of the tokens it lacks: one for a decode, a chunk for a
+prefill, the whole prompt + output again after preemption. Running requests are served first,
+then waiting ones are admitted while budget and blocks last. When blocks run out, the policy's
+victim is preempted: its blocks are freed and it will recompute. The scheduler never touches
+tensors; it deals in request ids, counts and (through KVCacheManager) block ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.engine.config import Role, SchedulerConfig
+from services.engine.kv_cache import KVCacheManager
+from services.engine.policy import make_policy
+from services.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_new_tokens: int              # compute positions [num_computed_tokens, + num_new_tokens)
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so its last row is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledChunk] = field(default_factory=list)    # one token each
+    prefills: list[ScheduledChunk] = field(default_factory=list)   # prompt (or recompute) chunks
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.num_new_tokens for c in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config, self.kv, self.max_model_len = config, kv, max_model_len
+        self.policy = make_policy(config.policy)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a validated request. Raises ValueError on a duplicate live request id."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running; use a unique id")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Finish a live request and free its blocks. Safe no-op for an unknown/finished id."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request_id)
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
+        return request
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        for request in sorted(self.running, key=self.policy.key):
+            if budget <= 0:
+                break
+            if request.request_id not in self.requests or request.status != RequestStatus.RUNNING:
+                continue       # preempted earlier in this loop
+            n = self._tokens_wanted(request, budget)
+            if n <= 0:
+                continue
+            if not self._reserve_or_preempt(request, n, out, scheduled):
+                continue       # `request` itself was preempted
+            self._emit(out, request, n)
+            scheduled.add(request.request_id)
+            budget -= n
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        for request in self.policy.admission_order(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if not self.kv.has_request(request.request_id):
+                needed = request.num_tokens - 1
+                cached = self.kv.allocate(request.request_id, request.all_token_ids, 0) if needed > 0 else 0
+                request.num_computed_tokens = cached or 0
+            n = self._tokens_wanted(request, budget)
+            if self.kv.allocate(request.request_id, request.all_token_ids,
+                                request.num_computed_tokens + n) is None:
+                self.kv.free(request.request_id)      # drop the prefix hits we attached
+                request.num_computed_tokens = 0
+                break                                  # head of line waits for blocks
+            self.waiting.remove(request)
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            self._emit(out, request, n)
+            budget -= n
+        return budget
+
+    def _tokens_wanted(self, request: Request, budget: int) -> int:
+        n = request.num_tokens - request.num_computed_tokens
+        if self.config.role == Role.PREFILL and request.num_output_tokens > 0:
+            return 0
+        if n > 1 and self.config.long_prefill_token_threshold:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return min(n, budget)
+
+    def _reserve_or_preempt(self, request: Request, n: int, out: SchedulerOutput, scheduled: set[str]) -> bool:
+        """Allocate slots for `request`, preempting victims (never already-scheduled ones) as needed."""
+        while self.kv.allocate(request.request_id, request.all_token_ids, request.num_computed_tokens + n) is None:
+            candidates = [r for r in self.running if r.request_id not in scheduled]
+            victim = self.policy.preemption_victim(candidates)
+            self._preempt(victim, out)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status, request.num_computed_tokens = RequestStatus.PREEMPTED, 0
+        request.num_preemptions += 1
+        self.waiting.append(request)
+        out.preempted.append(request.request_id)
+
+    @staticmethod
+    def _emit(out: SchedulerOutput, request: Request, n: int) -> None:
+        chunk = ScheduledChunk(request, n)
+        is_decode = n == 1 and request.num_output_tokens > 0 and chunk.samples
+        (out.decodes if is_decode else out.prefills).append(chunk)
+
+    # ---- after the model ran --------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance counters, append sampled tokens, finish on token-level stops.
+
+        sampled: request_id → token for every chunk whose `samples` was True.
+        Returns the requests that finished this step (their blocks are already freed).
+        """
+        finished = []
+        for chunk in out.decodes + out.prefills:
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_new_tokens
+            self.kv.cache_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                finished.append(self.finish(request.request_id, reason))
+        return finished
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.sampling_params
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return FinishReason.STOP
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        if self.config.role == Role.PREFILL:
+            return FinishReason.HANDOFF
+        return None

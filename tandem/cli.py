@@ -1,0 +1,102 @@
+"""The `tandem` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-memory-gib", type=float, default=2.0, help="KV cache budget")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def cmd_run(args) -> int:
+    from services.engine.builder import build_engine
+    from services.engine.sampling_params import SamplingParams
+    from tandem.run_offline import read_prompts, run_offline
+
+    prompts = read_prompts(args.input)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    params.validate(vocab_size=1 << 31)
+    engine = _engine_from_args(args)
+    out = open(args.output, "w") if args.output else sys.stdout
+    with out if args.output else _nullcontext():
+        stats = run_offline(engine, prompts, params, out)
+    engine.check_integrity()
+    print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def _engine_from_args(args):
+    from services.engine.builder import build_engine
+    return build_engine(args.model, dtype=args.dtype, block_size=args.block_size,
+                        kv_memory_gib=args.kv_memory_gib, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                        num_threads=args.threads, enable_prefix_caching=not args.no_prefix_caching)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cmd_export_model(args) -> int:
+    from services.engine.builder import load_tokenizer
+    from services.engine.loader import NAMED_MODELS, export_model, resolve_model
+
+    if args.name not in NAMED_MODELS:
+        raise SystemExit(f"tandem export-model: unknown model {args.name!r}; use one of {', '.join(NAMED_MODELS)}")
+    loaded = resolve_model(args.name)
+    export_model(loaded, args.dir, load_tokenizer(loaded))
+    print(f"wrote {args.name} to {args.dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="offline batch generation on one engine")
+    _add_engine_args(run)
+    run.add_argument("--input", required=True, help='JSON lines: {"prompt": ...} or {"token_ids": [...]}; - for stdin')
+    run.add_argument("--output", default=None, help="write JSON lines here instead of stdout")
+    run.add_argument("--max-tokens", type=int, default=16)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--ignore-eos", action="store_true")
+    run.set_defaults(func=cmd_run)
+    exp = sub.add_parser("export-model", help="write a named model as a Hugging Face directory")
+    exp.add_argument("name")
+    exp.add_argument("dir")
+    exp.set_defaults(func=cmd_export_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.engine.config import ModelConfigError
+    from services.engine.sampling_params import InvalidRequestError
+    from tandem.run_offline import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelConfigError, InvalidRequestError, InputError) as e:
+        print(f"tandem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

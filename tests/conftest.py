@@ -1,0 +1,33 @@
+"""Shared fixtures: exported model directories and HF golden outputs, built once per session."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def export_named(tmp_path_factory):
+    """export_named(name) → path of that named model exported as an HF directory (cached)."""
+    from services.engine.builder import load_tokenizer
+    from services.engine.loader import export_model, resolve_model
+
+    cache: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"model-{name}")
+            loaded = resolve_model(name)
+            export_model(loaded, str(path), load_tokenizer(loaded))
+            cache[name] = str(path)
+        return cache[name]
+
+    return get
+
+
+def random_prompts(lengths, vocab_size, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
