@@ -122,13 +122,13 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] → logits [len(logits_indices), vocab] in float32."""
+        """input_ids, positions: [T] → logits [len(logits_indices), vocab] in the model dtype."""
         x = self.embed_tokens(input_ids)                                     # [T, hidden]
         cos, sin = self.rotary.tables(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, kv, meta)
         x = self.norm(x[logits_indices])
-        return self.lm_head(x).float()
+        return self.lm_head(x)
 
     def load_hf_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...) into fused weights."""

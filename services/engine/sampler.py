@@ -17,6 +17,8 @@ logits, whatever temperature / top-k / top-p the row used to pick the token.
 """
 from __future__ import annotations
 
+import math
+
 import secrets
 from dataclasses import dataclass
 from typing import Sequence
@@ -79,39 +81,47 @@ class Sampler:
                              f"{len(output_indices)} output indices")
         if batch == 0:
             return SamplerOutput([], [], [])
-        x = logits.float()  # no copy when already float32; never modified in place
-        device = x.device
-
+        device = logits.device
+        # Greedy argmax runs on the raw logits: converting bf16 to float32 is exact, so it cannot
+        # change the argmax, and it is the hot path. Float32 is made only for rows that need it.
         random_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if not random_rows:
-            tokens = x.argmax(dim=-1)
+            tokens = logits.argmax(dim=-1)
         else:
             tokens = torch.empty(batch, dtype=torch.long, device=device)
             greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0]
             if greedy_rows:
                 g_idx = torch.tensor(greedy_rows, device=device)
-                tokens[g_idx] = x.index_select(0, g_idx).argmax(dim=-1)
+                tokens[g_idx] = logits.index_select(0, g_idx).argmax(dim=-1)
             r_idx = torch.tensor(random_rows, device=device)
-            tokens[r_idx] = self._sample(x.index_select(0, r_idx),
+            tokens[r_idx] = self._sample(logits.index_select(0, r_idx).float(),
                                          [params[i] for i in random_rows],
                                          [output_indices[i] for i in random_rows])
 
-        # chosen logprob = logit - logsumexp(logits), vectorised; one device->host copy.
-        chosen = x.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=-1)
-        host = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).cpu()
-        token_ids = [int(t) for t in host[0].tolist()]
-        logprobs = host[1].tolist()
+        # chosen logprob = logit - logsumexp(logits) for the rows that ask (params.logprobs not
+        # None); NaN for the others. One device->host copy.
+        token_ids = tokens.tolist()
+        logprobs = [math.nan] * batch
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        x = None
+        if lp_rows:
+            lp_idx = torch.tensor(lp_rows, device=device)
+            x = logits.index_select(0, lp_idx).float()                      # [R, V]
+            chosen = x.gather(1, tokens[lp_idx].unsqueeze(1)).squeeze(1) - torch.logsumexp(x, dim=-1)
+            for i, v in zip(lp_rows, chosen.tolist()):
+                logprobs[i] = v
 
         top: list[list[tuple[int, float]] | None] = [None] * batch
-        top_rows = [i for i, p in enumerate(params) if p.logprobs]
+        top_rows = [j for j, i in enumerate(lp_rows) if params[i].logprobs]
         if top_rows:
-            n_max = min(max(params[i].logprobs for i in top_rows), vocab)
+            n_max = min(max(params[lp_rows[j]].logprobs for j in top_rows), vocab)
             t_idx = torch.tensor(top_rows, device=device)
             vals, ids = torch.log_softmax(x.index_select(0, t_idx), dim=-1).topk(n_max, dim=-1)
             vals, ids = vals.cpu().tolist(), ids.cpu().tolist()
-            for j, i in enumerate(top_rows):
+            for k, j in enumerate(top_rows):
+                i = lp_rows[j]
                 n = min(params[i].logprobs, vocab)
-                top[i] = list(zip(ids[j][:n], vals[j][:n]))
+                top[i] = list(zip(ids[k][:n], vals[k][:n]))
         return SamplerOutput(token_ids, logprobs, top)
 
     @staticmethod

@@ -24,7 +24,7 @@ def _fixed_shared_seed():
 
 def test_greedy_equals_argmax_and_logprobs_match_log_softmax():
     logits = make_logits(5)
-    out = Sampler()(logits, [GREEDY] * 5, [0] * 5)
+    out = Sampler()(logits, [SamplingParams(logprobs=0)] * 5, [0] * 5)
     assert isinstance(out, SamplerOutput)
     assert out.token_ids == logits.argmax(-1).tolist()
     ref = torch.log_softmax(logits, -1)
@@ -35,16 +35,23 @@ def test_greedy_equals_argmax_and_logprobs_match_log_softmax():
 
 def test_half_precision_logits_are_handled_in_float32():
     logits = make_logits(3).to(torch.bfloat16)
-    out = Sampler()(logits, [GREEDY] * 3, [0] * 3)
+    out = Sampler()(logits, [SamplingParams(logprobs=0)] * 3, [0] * 3)
     ref = torch.log_softmax(logits.float(), -1)
     assert out.token_ids == logits.float().argmax(-1).tolist()
     for i, t in enumerate(out.token_ids):
         assert out.logprobs[i] == pytest.approx(ref[i, t].item(), abs=1e-5)
 
 
+def test_logprobs_are_nan_unless_asked():
+    logits = make_logits(3)
+    out = Sampler()(logits, [GREEDY, SamplingParams(logprobs=0), GREEDY], [0] * 3)
+    assert math.isnan(out.logprobs[0]) and math.isnan(out.logprobs[2])
+    assert out.logprobs[1] == pytest.approx(torch.log_softmax(logits[1], -1)[out.token_ids[1]].item(), abs=1e-5)
+
+
 def test_logprob_of_sampled_token_is_raw_distribution():
     logits = make_logits(4, seed=3)
-    params = [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=i) for i in range(4)]
+    params = [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=i, logprobs=0) for i in range(4)]
     out = Sampler()(logits, params, [0] * 4)
     ref = torch.log_softmax(logits, -1)
     for i, t in enumerate(out.token_ids):
@@ -169,7 +176,8 @@ def test_top_k_and_top_p_never_pick_filtered_tokens():
 def test_mixed_batch_and_masked_vocab():
     logits = make_logits(4, seed=8)
     logits[:, 10:] = float("-inf")  # padded vocabulary entries
-    params = [GREEDY, SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=3, top_p=0.9),
+    params = [SamplingParams(logprobs=0), SamplingParams(temperature=1.0, logprobs=0),
+              SamplingParams(temperature=1.0, seed=3, top_p=0.9, logprobs=1),
               SamplingParams(temperature=0.9, top_k=4, logprobs=2)]
     for step in range(10):
         out = Sampler()(logits, params, [step] * 4)

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -40,7 +41,10 @@
 #endif
 
 #ifndef TANDEM_PF_DIST
-#define TANDEM_PF_DIST 1  // how many blocks ahead to prefetch K/V rows
+#define TANDEM_PF_DIST 2  // how many blocks ahead to prefetch K/V rows
+#endif
+#ifndef TANDEM_PF_HINT
+#define TANDEM_PF_HINT _MM_HINT_T0
 #endif
 
 namespace {
@@ -192,85 +196,185 @@ inline __m512 transpose_reduce16(const float* v /* [16][16] */) {
                        _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// One chunk of n (1..16) consecutive tokens of one block, for GT query heads.
-// qf/acc: [GT][ldq] floats (ldq = nc * 16, zero padded); m/l: [GT].
-// NC > 0: head_dim == NC * 16 known at compile time; NC == 0: runtime nc with
-// `tail` masking the last 16-wide chunk.
-template <typename T, int GT, int NC>
-inline void chunk_avx512(const float* qf, int64_t ldq, const T* kb, const T* vb,
-                         int64_t row_stride, int n, float* m, float* l, float* acc,
-                         int nc_rt, __mmask16 tail) {
-  const int nc = NC > 0 ? NC : nc_rt;
-  alignas(64) float part[GT][16 * 16];
-  alignas(64) float prob[GT][16];
+// Kernel order of a D-vector as NV 16-float vectors:
+//   IL = false: vector c holds elements [16c, 16c + 16)  (the last one masked if D % 16 != 0).
+//   IL = true (bf16, D % 32 == 0): vectors 2j / 2j+1 hold the even / odd elements of
+//     [32j, 32j + 32). One 64-byte load of 32 bf16 then becomes two float vectors with one
+//     shift (even: bits << 16) and one AND (odd: bits & 0xffff0000), no cross-lane widening.
+// q (scaled, as float) and the output accumulators are kept in kernel order; only the final
+// store undoes the permutation. Dot products don't care about the order.
+inline int64_t kernel_index(bool il, int64_t d) {
+  if (!il) return d;
+  const int64_t c = d / 32, j = d % 32;
+  return c * 32 + (j & 1) * 16 + j / 2;
+}
 
-  // Scores: per token, GT partial-sum vectors; reduced 16 tokens at a time.
+template <typename T, bool IL>
+inline __m512 load_vec(const T* row, int c, bool last, __mmask16 tail) {
+  if constexpr (IL) {
+    const __m512i x = _mm512_loadu_si512(row + (c >> 1) * 32);
+    return (c & 1) ? _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))))
+                   : _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  } else {
+    return last ? load16(row + c * 16, tail) : load16(row + c * 16);
+  }
+}
+
+// ---- pass 1: scores --------------------------------------------------------------------
+// Scores of n (1..16) consecutive tokens of one block for GT query heads:
+// s[g * lds + t] = qf[g] . k[t] for t < n (q is pre-scaled). Tokens are independent, so this
+// runs at throughput; 16 partial-sum vectors are reduced together by transpose_reduce16.
+template <typename T, bool IL, int GT, int NV>
+inline void scores_chunk(const float* qf, int64_t ldq, const T* kb, int64_t row_stride, int n,
+                         int nv_rt, __mmask16 tail, float* s, int64_t lds) {
+  const int nv = NV > 0 ? NV : nv_rt;
+  alignas(64) float part[GT][16 * 16];
   for (int t = 0; t < n; ++t) {
     const T* kr = kb + t * row_stride;
     __m512 a[GT];
     for (int g = 0; g < GT; ++g) a[g] = _mm512_setzero_ps();
-    for (int c = 0; c < nc; ++c) {
-      const __m512 kv = (NC > 0 || c + 1 < nc) ? load16(kr + c * 16) : load16(kr + c * 16, tail);
+    for (int c = 0; c < nv; ++c) {
+      const __m512 kv = load_vec<T, IL>(kr, c, NV == 0 && c + 1 == nv, tail);
       for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * ldq + c * 16), kv, a[g]);
     }
     for (int g = 0; g < GT; ++g) _mm512_store_ps(&part[g][t * 16], a[g]);
   }
   if (n < 16) {
-    for (int g = 0; g < GT; ++g)
-      std::memset(&part[g][n * 16], 0, sizeof(float) * 16 * (16 - n));
+    for (int g = 0; g < GT; ++g) std::memset(&part[g][n * 16], 0, sizeof(float) * 16 * (16 - n));
   }
   const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-  for (int g = 0; g < GT; ++g) {
-    const __m512 s = transpose_reduce16(part[g]);
-    const float cmax = _mm512_mask_reduce_max_ps(valid, s);
-    if (cmax > m[g]) {
-      const float alpha = std::exp(m[g] - cmax);  // 0 for the first chunk (m = -inf)
-      l[g] *= alpha;
-      const __m512 av = _mm512_set1_ps(alpha);
-      float* ag = acc + g * ldq;
-      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(ag + c * 16, _mm512_mul_ps(_mm512_loadu_ps(ag + c * 16), av));
-      m[g] = cmax;
-    }
-    const __m512 pr = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
-    l[g] += _mm512_reduce_add_ps(pr);
-    _mm512_store_ps(prob[g], pr);
-  }
+  for (int g = 0; g < GT; ++g) _mm512_mask_storeu_ps(s + g * lds, valid, transpose_reduce16(part[g]));
+}
 
-  // Values: acc[g] += sum_t prob[g][t] * v[t]; each V element loaded once.
-  for (int c = 0; c < nc; ++c) {
-    __m512 a[GT];
-    for (int g = 0; g < GT; ++g) a[g] = _mm512_loadu_ps(acc + g * ldq + c * 16);
-    const T* vcol = vb + c * 16;
-    for (int t = 0; t < n; ++t) {
-      const __m512 vv = (NC > 0 || c + 1 < nc) ? load16(vcol + t * row_stride)
-                                                : load16(vcol + t * row_stride, tail);
-      for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(prob[g][t]), vv, a[g]);
+template <typename T, bool IL, int NV>
+inline void scores_chunk_all_heads(int64_t G, const float* qf, int64_t ldq, const T* kb,
+                                   int64_t row_stride, int n, int nv, __mmask16 tail, float* s,
+                                   int64_t lds) {
+  for (int64_t g0 = 0; g0 < G;) {  // tiles of 8/4/2/1 heads; K rows stay in L1 between tiles
+    const int64_t left = G - g0;
+    const float* q0 = qf + g0 * ldq;
+    float* s0 = s + g0 * lds;
+    if (left >= 8) {
+      scores_chunk<T, IL, 8, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 8;
+    } else if (left >= 4) {
+      scores_chunk<T, IL, 4, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 4;
+    } else if (left >= 2) {
+      scores_chunk<T, IL, 2, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 2;
+    } else {
+      scores_chunk<T, IL, 1, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 1;
     }
-    for (int g = 0; g < GT; ++g) _mm512_storeu_ps(acc + g * ldq + c * 16, a[g]);
   }
 }
 
-template <typename T, int NC>
-inline void chunk_all_heads(int64_t G, const float* qf, int64_t ldq, const T* kb, const T* vb,
-                            int64_t row_stride, int n, float* m, float* l, float* acc, int nc,
-                            __mmask16 tail) {
-  int64_t g0 = 0;
-  while (g0 < G) {
+// ---- pass 2: softmax over one head's len scores, in place: s <- exp(s - max); returns sum.
+inline float softmax_inplace(float* s, int64_t len) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + i));
+  const __mmask16 tm = static_cast<__mmask16>((1u << (len - i)) - 1u);
+  if (i < len) mx = _mm512_mask_max_ps(mx, tm, mx, _mm512_maskz_loadu_ps(tm, s + i));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  i = 0;
+  for (; i + 32 <= len; i += 32) {
+    const __m512 p0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
+    const __m512 p1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16), m));
+    _mm512_storeu_ps(s + i, p0);
+    _mm512_storeu_ps(s + i + 16, p1);
+    sum0 = _mm512_add_ps(sum0, p0);
+    sum1 = _mm512_add_ps(sum1, p1);
+  }
+  for (; i < len; i += 16) {
+    const __mmask16 mk = len - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - i)) - 1u);
+    const __m512 pr = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), m)));
+    _mm512_mask_storeu_ps(s + i, mk, pr);
+    sum0 = _mm512_add_ps(sum0, pr);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
+// ---- pass 3: values ----------------------------------------------------------------------
+// acc[g] += sum_{t < n} p[g * lds + t] * v[t] for GT heads over one block's n tokens.
+// Register variant (NV > 0, GT * NV <= 16): all accumulators in registers; when that leaves
+// spare registers, even / odd tokens go to separate accumulator sets to halve the FMA
+// dependency chains.
+template <typename T, bool IL, int GT, int NV>
+inline void values_block(const float* p, int64_t lds, const T* vb, int64_t row_stride, int n,
+                         float* acc, int64_t ldq, int nv_rt, __mmask16 tail) {
+  if constexpr (NV > 0 && GT * NV <= 16) {
+    constexpr int S = GT * NV <= 8 ? 2 : 1;
+    __m512 a[S][GT][NV];
+    for (int g = 0; g < GT; ++g)
+      for (int c = 0; c < NV; ++c) {
+        a[0][g][c] = _mm512_loadu_ps(acc + g * ldq + c * 16);
+        if constexpr (S == 2) a[S - 1][g][c] = _mm512_setzero_ps();
+      }
+    auto step = [&](int t, int set) {
+      const T* vr = vb + t * row_stride;
+      __m512 vv[NV];
+      for (int c = 0; c < NV; ++c) vv[c] = load_vec<T, IL>(vr, c, false, tail);
+      for (int g = 0; g < GT; ++g) {
+        const __m512 pb = _mm512_set1_ps(p[g * lds + t]);
+        for (int c = 0; c < NV; ++c) a[set][g][c] = _mm512_fmadd_ps(pb, vv[c], a[set][g][c]);
+      }
+    };
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+      step(t, 0);
+      step(t + 1, S - 1);
+    }
+    if (t < n) step(t, 0);
+    for (int g = 0; g < GT; ++g)
+      for (int c = 0; c < NV; ++c) {
+        __m512 r = a[0][g][c];
+        if constexpr (S == 2) r = _mm512_add_ps(r, a[S - 1][g][c]);
+        _mm512_storeu_ps(acc + g * ldq + c * 16, r);
+      }
+  } else {
+    const int nv = NV > 0 ? NV : nv_rt;
+    for (int c = 0; c < nv; ++c) {
+      const bool last = NV == 0 && c + 1 == nv;
+      __m512 a0[GT], a1[GT];
+      for (int g = 0; g < GT; ++g) {
+        a0[g] = _mm512_loadu_ps(acc + g * ldq + c * 16);
+        a1[g] = _mm512_setzero_ps();
+      }
+      int t = 0;
+      for (; t + 1 < n; t += 2) {
+        const __m512 v0 = load_vec<T, IL>(vb + t * row_stride, c, last, tail);
+        const __m512 v1 = load_vec<T, IL>(vb + (t + 1) * row_stride, c, last, tail);
+        for (int g = 0; g < GT; ++g) {
+          a0[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * lds + t]), v0, a0[g]);
+          a1[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * lds + t + 1]), v1, a1[g]);
+        }
+      }
+      if (t < n) {
+        const __m512 v0 = load_vec<T, IL>(vb + t * row_stride, c, last, tail);
+        for (int g = 0; g < GT; ++g) a0[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * lds + t]), v0, a0[g]);
+      }
+      for (int g = 0; g < GT; ++g) _mm512_storeu_ps(acc + g * ldq + c * 16, _mm512_add_ps(a0[g], a1[g]));
+    }
+  }
+}
+
+template <typename T, bool IL, int NV>
+inline void values_block_all_heads(int64_t G, const float* p, int64_t lds, const T* vb,
+                                   int64_t row_stride, int n, float* acc, int64_t ldq, int nv,
+                                   __mmask16 tail) {
+  // Largest head tile whose accumulators fit in registers (D = 64: 4 heads, D = 128: 2).
+  constexpr int kMaxTile = NV == 0 ? 8 : (16 / NV >= 8 ? 8 : 16 / NV >= 4 ? 4 : 16 / NV >= 2 ? 2 : 1);
+  for (int64_t g0 = 0; g0 < G;) {
     const int64_t left = G - g0;
-    const float* q0 = qf + g0 * ldq;
+    const float* p0 = p + g0 * lds;
     float* a0 = acc + g0 * ldq;
-    if (left >= 8) {
-      chunk_avx512<T, 8, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
-      g0 += 8;
-    } else if (left >= 4) {
-      chunk_avx512<T, 4, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
-      g0 += 4;
-    } else if (left >= 2) {
-      chunk_avx512<T, 2, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
-      g0 += 2;
+    if (kMaxTile >= 8 && left >= 8) {
+      values_block<T, IL, 8, NV>(p0, lds, vb, row_stride, n, a0, ldq, nv, tail), g0 += 8;
+    } else if (kMaxTile >= 4 && left >= 4) {
+      values_block<T, IL, 4, NV>(p0, lds, vb, row_stride, n, a0, ldq, nv, tail), g0 += 4;
+    } else if (kMaxTile >= 2 && left >= 2) {
+      values_block<T, IL, 2, NV>(p0, lds, vb, row_stride, n, a0, ldq, nv, tail), g0 += 2;
     } else {
-      chunk_avx512<T, 1, NC>(q0, ldq, kb, vb, row_stride, n, m + g0, l + g0, a0, nc, tail);
-      g0 += 1;
+      values_block<T, IL, 1, NV>(p0, lds, vb, row_stride, n, a0, ldq, nv, tail), g0 += 1;
     }
   }
 }
@@ -279,11 +383,12 @@ template <typename T>
 inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64_t row_bytes) {
   for (int64_t t = 0; t < rows; ++t) {
     const char* r = reinterpret_cast<const char*>(base + t * row_stride);
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(r + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(r + off, TANDEM_PF_HINT);
   }
 }
 
-template <typename T, int NC>
+// One (row, kv head): scores for all tokens (K read once), softmax, then P.V (V read once).
+template <typename T, bool IL, int NV>
 void item_avx512(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b,
                  int64_t kvh, std::vector<float>& scratch) {
   const int64_t G = p.G, D = p.D;
@@ -294,45 +399,68 @@ void item_avx512(const Params& p, const T* q, T* out, const T* kc, const T* vc, 
     for (int64_t i = 0; i < G * D; ++i) store_out(orow + i, 0.0f);
     return;
   }
-  const int nc = static_cast<int>((D + 15) / 16);
-  const int64_t ldq = static_cast<int64_t>(nc) * 16;
+  const int nv = static_cast<int>((D + 15) / 16);
+  const int64_t ldq = static_cast<int64_t>(nv) * 16;
+  const int64_t lds = (len + 15) / 16 * 16;
   const __mmask16 tail = (D % 16) ? static_cast<__mmask16>((1u << (D % 16)) - 1u) : static_cast<__mmask16>(0xffff);
-  scratch.assign(static_cast<size_t>(2 * G * ldq + 2 * G), 0.0f);
+  scratch.assign(static_cast<size_t>(2 * G * ldq + G * lds), 0.0f);
   float* qf = scratch.data();
   float* acc = qf + G * ldq;
-  float* m = acc + G * ldq;
-  float* l = m + G;
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t d = 0; d < D; ++d) qf[g * ldq + d] = to_float(qrow[g * D + d]) * p.scale;
-    m[g] = -std::numeric_limits<float>::infinity();
-  }
+  float* s = acc + G * ldq;  // [G][lds] scores, then probabilities
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) qf[g * ldq + kernel_index(IL, d)] = to_float(qrow[g * D + d]) * p.scale;
 
   const int32_t* bt = p.block_tables + b * p.bt_stride0;
-  const int64_t bs = p.block_size;
+  const int64_t bs = p.block_size, rs = p.row_stride;
   const int64_t nblk = (len + bs - 1) / bs;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  auto ntok = [&](int64_t i) { return std::min(bs, len - i * bs); };
+  // Blocks are scattered, so the hardware prefetcher can't run ahead: prefetch the rows of
+  // block i + TANDEM_PF_DIST while working on block i.
+  auto prefetch = [&](const T* cache, int64_t stride0, int64_t i) {
+    if (TANDEM_PF_DIST > 0 && i < nblk) prefetch_rows(cache + bt[i] * stride0 + kvh * D, ntok(i), rs, row_bytes);
+  };
+
+  for (int64_t j = 0; j < TANDEM_PF_DIST; ++j) prefetch(kc, p.k_stride0, j);
   for (int64_t i = 0; i < nblk; ++i) {
-    const int64_t blk = bt[i];
-    const T* kb = kc + blk * p.k_stride0 + kvh * D;
-    const T* vb = vc + blk * p.v_stride0 + kvh * D;
-    const int64_t ntok = std::min(bs, len - i * bs);
-    if (TANDEM_PF_DIST > 0 && i + TANDEM_PF_DIST < nblk) {  // blocks are scattered: prefetch ahead
-      const int64_t j = i + TANDEM_PF_DIST;
-      const int64_t nb = bt[j];
-      const int64_t nt = std::min(bs, len - j * bs);
-      prefetch_rows(kc + nb * p.k_stride0 + kvh * D, nt, p.row_stride, row_bytes);
-      prefetch_rows(vc + nb * p.v_stride0 + kvh * D, nt, p.row_stride, row_bytes);
-    }
-    for (int64_t t0 = 0; t0 < ntok; t0 += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, ntok - t0));
-      chunk_all_heads<T, NC>(G, qf, ldq, kb + t0 * p.row_stride, vb + t0 * p.row_stride,
-                             p.row_stride, n, m, l, acc, nc, tail);
+    prefetch(kc, p.k_stride0, i + TANDEM_PF_DIST);
+    if (i + TANDEM_PF_DIST >= nblk) prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST - nblk);
+    const T* kb = kc + bt[i] * p.k_stride0 + kvh * D;
+    const int64_t nt = ntok(i);
+    for (int64_t t0 = 0; t0 < nt; t0 += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, nt - t0));
+      scores_chunk_all_heads<T, IL, NV>(G, qf, ldq, kb + t0 * rs, rs, n, nv, tail, s + i * bs + t0, lds);
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = 1.0f / l[g];
-    for (int64_t d = 0; d < D; ++d) store_out(orow + g * D + d, acc[g * ldq + d] * inv);
+  float inv_l[16];
+  std::vector<float> inv_l_big;
+  float* inv = inv_l;
+  if (G > 16) {
+    inv_l_big.resize(static_cast<size_t>(G));
+    inv = inv_l_big.data();
   }
+  for (int64_t g = 0; g < G; ++g) inv[g] = 1.0f / softmax_inplace(s + g * lds, len);
+  for (int64_t i = 0; i < nblk; ++i) {
+    prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST);
+    const T* vb = vc + bt[i] * p.v_stride0 + kvh * D;
+    values_block_all_heads<T, IL, NV>(G, s + i * bs, lds, vb, rs, static_cast<int>(ntok(i)), acc, ldq, nv, tail);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) store_out(orow + g * D + d, acc[g * ldq + kernel_index(IL, d)] * inv[g]);
+}
+
+template <typename T>
+void item_avx512_dispatch(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b,
+                          int64_t kvh, std::vector<float>& scratch) {
+  if constexpr (std::is_same<T, bf16_bits>::value) {
+    if (p.D == 64) return item_avx512<T, true, 4>(p, q, out, kc, vc, b, kvh, scratch);
+    if (p.D == 128) return item_avx512<T, true, 8>(p, q, out, kc, vc, b, kvh, scratch);
+    if (p.D % 32 == 0) return item_avx512<T, true, 0>(p, q, out, kc, vc, b, kvh, scratch);
+  } else {
+    if (p.D == 64) return item_avx512<T, false, 4>(p, q, out, kc, vc, b, kvh, scratch);
+    if (p.D == 128) return item_avx512<T, false, 8>(p, q, out, kc, vc, b, kvh, scratch);
+  }
+  item_avx512<T, false, 0>(p, q, out, kc, vc, b, kvh, scratch);
 }
 #endif  // TANDEM_HAVE_AVX512
 
@@ -345,9 +473,7 @@ void run(const Params& p, const T* q, T* out, const T* kc, const T* vc, bool for
       const int64_t b = it / p.Hkv, kvh = it % p.Hkv;
 #if TANDEM_HAVE_AVX512
       if (!force_scalar) {
-        if (p.D == 64) item_avx512<T, 4>(p, q, out, kc, vc, b, kvh, scratch);
-        else if (p.D == 128) item_avx512<T, 8>(p, q, out, kc, vc, b, kvh, scratch);
-        else item_avx512<T, 0>(p, q, out, kc, vc, b, kvh, scratch);
+        item_avx512_dispatch<T>(p, q, out, kc, vc, b, kvh, scratch);
         continue;
       }
 #endif

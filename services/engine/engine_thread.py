@@ -1,0 +1,152 @@
+"""Runs an LLMEngine on its own thread; callers talk to it through thread-safe queues.
+
+Callers (the gRPC servicer later, tests now) never touch the engine directly: `submit` returns a
+RequestStream that yields RequestOutput deltas until the request finishes; `abort` reaches the
+engine on its next loop turn. Errors inside a step fail every live stream instead of hanging it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from services.engine.engine import LLMEngine, RequestOutput
+from services.engine.request import FinishReason
+from services.engine.sampling_params import SamplingParams
+
+_CLOSE = object()
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shutdown or an internal error) before the request finished."""
+
+
+class RequestStream:
+    """Iterate for RequestOutput deltas; the last one has finished=True. Closing early aborts."""
+
+    def __init__(self, owner: "EngineThread", request_id: str):
+        self.request_id, self._owner = request_id, owner
+        self._queue: queue.Queue = queue.Queue()
+        self.finished = False
+
+    def _put(self, item) -> None:
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        try:
+            while True:
+                item = self._queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(str(item)) from item
+                yield item
+                if item.finished:
+                    self.finished = True
+                    return
+        finally:
+            if not self.finished:
+                self._owner.abort(self.request_id)
+
+    def result(self) -> RequestOutput:
+        last = None
+        for last in self:
+            pass
+        return last
+
+
+class EngineThread:
+    def __init__(self, engine: LLMEngine, name: str = "tandem-engine"):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams,
+               request_id: str | None = None, priority: int = 0) -> RequestStream:
+        """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine."""
+        if self._stopped.is_set():
+            raise EngineDeadError("the engine thread has stopped")
+        self.engine.validate(prompt_token_ids, params)
+        with self._lock:
+            request_id = request_id or f"req-{id(object())}-{len(self._streams)}"
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already running; use a unique id")
+            stream = RequestStream(self, request_id)
+            self._streams[request_id] = stream
+        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority)))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine to abort; a safe no-op for unknown or finished requests."""
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn, timeout: float | None = 30.0):
+        """Run fn(engine) on the engine thread between steps and return its result."""
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._inbox.put(("call", (fn, done)))
+        ok, value = done.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; live streams end with EngineDeadError. Idempotent."""
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                if not self._drain_inbox(block):
+                    break
+                for out in self.engine.step():
+                    self._deliver(out)
+            error: BaseException = EngineDeadError("engine stopped")
+        except BaseException as e:     # fail the streams, never leave a caller hanging
+            error = e
+        self._stopped.set()
+        for request_id in list(self.engine.scheduler.requests):
+            self.engine.abort_request(request_id)
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for s in streams:
+            s._put(error)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        while True:
+            try:
+                kind, arg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                ids, params, request_id, priority = arg
+                self.engine.add_request(ids, params, request_id=request_id, priority=priority)
+            elif kind == "abort":
+                out = self.engine.abort_request(arg)
+                if out is not None:
+                    self._deliver(out)
+            elif kind == "call":
+                fn, done = arg
+                try:
+                    done.put((True, fn(self.engine)))
+                except Exception as e:
+                    done.put((False, e))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        if stream is not None:
+            stream._put(out)
+
+
+def is_aborted(out: RequestOutput) -> bool:
+    return out.finish_reason == FinishReason.ABORT
