@@ -88,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from services.engine.config import ModelConfigError
     from services.engine.sampling_params import InvalidRequestError
+    from services.engine.tokenizer import TokenizerLoadError
     from tandem.run_offline import InputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelConfigError, InvalidRequestError, InputError) as e:
+    except (ModelConfigError, InvalidRequestError, InputError, TokenizerLoadError) as e:
         print(f"tandem {args.command}: error: {e}", file=sys.stderr)
         return 2
 

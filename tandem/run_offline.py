@@ -41,6 +41,8 @@ def read_prompts(path: str) -> list[PromptLine]:
             prompt, ids = obj.get("prompt"), obj.get("token_ids")
             if prompt is not None and not isinstance(prompt, str):
                 raise InputError(f'{path} line {n}: "prompt" must be a string')
+            if prompt == "" or ids == []:
+                raise InputError(f'{path} line {n}: prompt is empty; give at least one character or token id')
             if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids)):
                 raise InputError(f'{path} line {n}: "token_ids" must be a list of integers')
             mt = obj.get("max_tokens")

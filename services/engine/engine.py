@@ -107,9 +107,12 @@ class LLMEngine:
             r = chunk.request
             detok = self._detok[r.request_id]
             delta = detok.push(r.output_token_ids[-1])
-            if detok.stopped and r.request_id not in finished:
-                self.scheduler.finish(r.request_id, FinishReason.STOP)
-                finished.add(r.request_id)
+            if detok.stopped:      # a stop string wins over LENGTH on the same token
+                if r.request_id in finished:
+                    r.finish_reason = FinishReason.STOP
+                else:
+                    self.scheduler.finish(r.request_id, FinishReason.STOP)
+                    finished.add(r.request_id)
             outputs.append(self._output(r, 1, delta))
         return outputs
 
@@ -122,7 +125,7 @@ class LLMEngine:
         return RequestOutput(
             r.request_id, r.output_token_ids[len(r.output_token_ids) - num_new:], delta,
             list(r.output_token_ids), detok.text, finished, r.finish_reason,
-            r.output_logprobs, r.output_top_logprobs, r.num_prompt_tokens, cached)
+            list(r.output_logprobs), list(r.output_top_logprobs), r.num_prompt_tokens, cached)
 
     # ---- offline convenience -------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

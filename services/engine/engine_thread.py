@@ -6,6 +6,7 @@ engine on its next loop turn. Errors inside a step fail every live stream instea
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -60,17 +61,18 @@ class EngineThread:
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str | None = None, priority: int = 0) -> RequestStream:
         """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine."""
-        if self._stopped.is_set():
-            raise EngineDeadError("the engine thread has stopped")
         self.engine.validate(prompt_token_ids, params)
         with self._lock:
-            request_id = request_id or f"req-{id(object())}-{len(self._streams)}"
+            if self._stopped.is_set():
+                raise EngineDeadError("the engine thread has stopped")
+            request_id = request_id or f"req-{next(self._ids)}"
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running; use a unique id")
             stream = RequestStream(self, request_id)
@@ -108,11 +110,11 @@ class EngineThread:
             error: BaseException = EngineDeadError("engine stopped")
         except BaseException as e:     # fail the streams, never leave a caller hanging
             error = e
-        self._stopped.set()
+        with self._lock:
+            self._stopped.set()
+            streams, self._streams = list(self._streams.values()), {}
         for request_id in list(self.engine.scheduler.requests):
             self.engine.abort_request(request_id)
-        with self._lock:
-            streams, self._streams = list(self._streams.values()), {}
         for s in streams:
             s._put(error)
 

@@ -81,7 +81,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
-        for request in sorted(self.running, key=self.policy.key):
+        # Decodes first under every policy (one token each keeps TPOT steady), then prefill chunks.
+        for request in sorted(self.running, key=lambda r: (not self._is_decode(r), self.policy.key(r))):
             if budget <= 0:
                 break
             if request.request_id not in self.requests or request.status != RequestStatus.RUNNING:
@@ -146,10 +147,13 @@ class Scheduler:
         out.preempted.append(request.request_id)
 
     @staticmethod
+    def _is_decode(request: Request) -> bool:
+        return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
+
+    @staticmethod
     def _emit(out: SchedulerOutput, request: Request, n: int) -> None:
         chunk = ScheduledChunk(request, n)
-        is_decode = n == 1 and request.num_output_tokens > 0 and chunk.samples
-        (out.decodes if is_decode else out.prefills).append(chunk)
+        (out.decodes if n == 1 and Scheduler._is_decode(request) else out.prefills).append(chunk)
 
     # ---- after the model ran --------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:

@@ -14,7 +14,7 @@ from services.engine.sampling_params import InvalidRequestError, SamplingParams
 from tests.conftest import random_prompts
 
 VOCAB = 512
-GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=0)
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
 
 
@@ -56,7 +56,7 @@ def run_steps(engine) -> dict[str, list]:
 @pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "noprefix"])
 def test_preemption_then_recompute_matches_unconstrained_run(make, params, prefix):
     prompts = random_prompts([40, 37, 45, 30, 42, 38], VOCAB, seed=11)
-    params = replace(params, max_tokens=40)
+    params = replace(params, max_tokens=40, logprobs=0)
     reference = make(num_blocks=400, enable_prefix_caching=prefix).generate(prompts, params)
 
     engine = make(num_blocks=22, enable_prefix_caching=prefix)   # ~2 requests of 80+ tokens fit at once
@@ -165,6 +165,25 @@ def test_stop_strings_cut_text_right_before_the_match(make):
         assert engine.kv.num_used_blocks == 0
 
 
+def test_stop_string_on_the_last_allowed_token_reports_stop(make):
+    engine = make()
+    tok = engine.tokenizer
+    prompt = tok.encode("Hello world, this is a test")
+    full = engine.generate([prompt], SamplingParams(max_tokens=40))[0]
+    # a filler token in the middle whose text does not occur earlier in the output
+    k = next(i for i in range(len(full.token_ids) // 3, len(full.token_ids))
+             if full.token_ids[i] >= 259 and tok.decode([full.token_ids[i]]) not in tok.decode(full.token_ids[:i]))
+    stop = tok.decode([full.token_ids[k]])
+    expected = tok.decode(full.token_ids[:k])
+    # one token of slack: the stop string ends the request
+    slack = engine.generate([prompt], SamplingParams(max_tokens=k + 2, stop=(stop,)))[0]
+    assert slack.text == expected and slack.finish_reason == FinishReason.STOP and len(slack.token_ids) == k + 1
+    # the stop string completes on the very last allowed token: same text, so the same reason
+    exact = engine.generate([prompt], SamplingParams(max_tokens=k + 1, stop=(stop,)))[0]
+    assert exact.text == expected and len(exact.token_ids) == k + 1
+    assert exact.finish_reason == FinishReason.STOP
+
+
 # ---------------------------------------------------------------- logprobs
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=8, logprobs=3),
                                     SamplingParams(max_tokens=8, logprobs=3, temperature=1.5, seed=3)],
@@ -186,13 +205,16 @@ def test_top_logprobs(make, params):
                 assert lp == pytest.approx(v, abs=1e-5)
 
 
-def test_logprobs_none_returns_no_top_entries(make):
-    out = make().generate(random_prompts([17], VOCAB, seed=9), SamplingParams(max_tokens=4))[0]
-    assert out.top_logprobs == []
+def test_logprobs_none_and_zero(make):
+    engine = make()
+    prompt = random_prompts([17], VOCAB, seed=9)[0]
+    none, zero = engine.generate([prompt, prompt], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, logprobs=0)])
+    assert none.token_ids == zero.token_ids
+    assert none.top_logprobs == [] and zero.top_logprobs == []
+    assert len(zero.logprobs) == 4 and all(lp <= 0 for lp in zero.logprobs)
+    assert all(math.isnan(lp) for lp in none.logprobs)          # not computed unless asked
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RequestOutput.logprobs/top_logprobs alias the live Request lists "
-                                       "(engine.py _output), so earlier outputs grow as the request continues")
 def test_step_outputs_are_snapshots(make):
     engine = make()
     engine.add_request(random_prompts([10], VOCAB)[0], SamplingParams(max_tokens=5, logprobs=2), request_id="r")

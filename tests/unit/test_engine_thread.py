@@ -1,0 +1,217 @@
+"""EngineThread: concurrent submits, early close aborts, validation in the caller, shutdown and
+step errors end live streams instead of hanging them."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from services.engine.builder import build_engine
+from services.engine.engine_thread import EngineDeadError, EngineThread, is_aborted
+from services.engine.loader import resolve_model
+from services.engine.request import FinishReason
+from services.engine.sampling_params import InvalidRequestError, SamplingParams
+from tests.conftest import random_prompts
+
+pytestmark = pytest.mark.timeout(60)
+
+VOCAB = 512
+LONG = SamplingParams(max_tokens=1000, ignore_eos=True)     # never finishes within a test on its own
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return resolve_model("tiny")
+
+
+def new_engine(tiny, **kw):
+    kw.setdefault("block_size", 8)
+    kw.setdefault("num_blocks", 512)
+    kw.setdefault("max_num_batched_tokens", 64)
+    return build_engine("tiny", loaded=tiny, **kw)
+
+
+@pytest.fixture
+def make_thread(tiny):
+    threads = []
+
+    def _make(**kw) -> EngineThread:
+        t = EngineThread(new_engine(tiny, **kw))
+        threads.append(t)
+        return t
+
+    yield _make
+    for t in threads:
+        t.shutdown()
+        assert not t._thread.is_alive()
+        t.engine.check_integrity()
+        assert t.engine.kv.num_used_blocks == 0
+
+
+def idle_state(thread: EngineThread):
+    """(used blocks, unfinished requests), read on the engine thread between steps."""
+    return thread.call(lambda e: (e.check_integrity(), e.kv.num_used_blocks, e.has_unfinished())[1:])
+
+
+# ---------------------------------------------------------------- concurrency
+def test_concurrent_submits_match_generate(make_thread, tiny):
+    prompts = random_prompts([12, 40, 3, 77, 25, 9, 60, 31], VOCAB, seed=31)
+    params = [SamplingParams(max_tokens=10 + 3 * i, ignore_eos=i % 2 == 0) if i % 3 else
+              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=i) for i in range(8)]
+    reference = new_engine(tiny).generate(prompts, params)
+
+    thread = make_thread()
+    start = threading.Barrier(8)
+    results: list = [None] * 8
+    errors: list = []
+
+    def client(i):
+        try:
+            start.wait()
+            stream = thread.submit(prompts[i], params[i])
+            results[i] = list(stream)
+        except BaseException as e:       # surfaced below; a thread must not swallow it
+            errors.append(e)
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert errors == []
+    for i, (outs, ref) in enumerate(zip(results, reference)):
+        final = outs[-1]
+        assert final.finished and all(not o.finished for o in outs[:-1])
+        assert final.token_ids == ref.token_ids, f"request {i}"
+        assert final.finish_reason == ref.finish_reason
+        assert [t for o in outs for t in o.new_token_ids] == final.token_ids
+        assert "".join(o.new_text for o in outs) == final.text == ref.text
+    assert idle_state(thread) == (0, False)
+
+
+def test_result_returns_the_final_output(make_thread):
+    thread = make_thread()
+    out = thread.submit([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), request_id="mine").result()
+    assert out.request_id == "mine" and out.finished and len(out.token_ids) == 4
+    assert out.finish_reason == FinishReason.LENGTH and not is_aborted(out)
+
+
+# ---------------------------------------------------------------- early close
+@pytest.mark.parametrize("how", ["close", "break"])
+def test_closing_a_stream_early_aborts_the_request(make_thread, how):
+    thread = make_thread()
+    stream = thread.submit(random_prompts([50], VOCAB)[0], LONG)
+    if how == "close":
+        it = iter(stream)
+        first = next(it)
+        it.close()
+    else:
+        for first in stream:
+            break
+    assert not first.finished and not stream.finished
+    # the abort was queued before this call, so the engine has handled it when the call runs
+    assert idle_state(thread) == (0, False)
+    # the engine keeps serving
+    out = thread.submit([5, 6], SamplingParams(max_tokens=3, ignore_eos=True)).result()
+    assert len(out.token_ids) == 3
+
+
+def test_explicit_abort_delivers_an_aborted_final_output(make_thread):
+    thread = make_thread()
+    stream = thread.submit(random_prompts([20], VOCAB)[0], LONG, request_id="a")
+    it = iter(stream)
+    next(it)
+    thread.abort("a")
+    thread.abort("unknown")                 # no-op
+    rest = list(it)
+    assert rest[-1].finished and is_aborted(rest[-1]) and stream.finished
+    assert len(rest[-1].token_ids) < 1000
+    assert idle_state(thread) == (0, False)
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize("prompt,params,field", [
+    ([], SamplingParams(), "prompt"),
+    ([5, VOCAB], SamplingParams(), "token_ids"),
+    ([5], SamplingParams(top_p=0.0), "top_p"),
+    ([5], SamplingParams(max_tokens=0), "max_tokens"),
+])
+def test_submit_with_bad_input_raises_in_the_caller(make_thread, prompt, params, field):
+    thread = make_thread()
+    with pytest.raises(InvalidRequestError) as e:
+        thread.submit(prompt, params)
+    assert e.value.field == field
+    assert idle_state(thread) == (0, False)
+    assert len(thread.submit([5, 6], SamplingParams(max_tokens=2, ignore_eos=True)).result().token_ids) == 2
+
+
+def test_duplicate_live_request_id_raises_in_the_caller(make_thread):
+    thread = make_thread()
+    stream = thread.submit([5, 6], LONG, request_id="dup")
+    with pytest.raises(ValueError, match="dup"):
+        thread.submit([7, 8], LONG, request_id="dup")
+    thread.abort("dup")
+    assert is_aborted(stream.result())
+
+
+# ---------------------------------------------------------------- shutdown and errors
+def test_shutdown_ends_live_streams_with_engine_dead_error(make_thread):
+    thread = make_thread()
+    running = thread.submit(random_prompts([30], VOCAB)[0], LONG)
+    it = iter(running)
+    assert not next(it).finished                     # running and mid-decode
+    # hold the engine between steps so "stop" is handled while the request is surely unfinished
+    entered, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=thread.call, args=(lambda e: (entered.set(), gate.wait(30)),))
+    holder.start()
+    assert entered.wait(30)
+    queued = thread.submit([5, 6, 7], LONG)          # accepted but never scheduled
+    thread.shutdown(timeout=0)                       # queues "stop" behind the held call
+    gate.set()
+    holder.join()
+    thread.shutdown()                                # idempotent; joins the loop
+    assert not thread._thread.is_alive()
+    with pytest.raises(EngineDeadError):
+        for _ in it:
+            pass
+    with pytest.raises(EngineDeadError):
+        queued.result()
+    assert thread.engine.kv.num_used_blocks == 0 and not thread.engine.has_unfinished()
+    with pytest.raises(EngineDeadError):
+        thread.submit([5], SamplingParams())
+
+
+def test_error_inside_a_step_fails_live_streams(make_thread):
+    thread = make_thread()
+
+    def broken_execute(out):
+        raise RuntimeError("kernel exploded")
+
+    thread.call(lambda e: setattr(e.runner, "execute", broken_execute))   # runs only when work is scheduled
+    stream = thread.submit([5, 6, 7], SamplingParams(max_tokens=3))
+    with pytest.raises(EngineDeadError, match="kernel exploded") as e:
+        stream.result()
+    assert isinstance(e.value.__cause__, RuntimeError)
+    thread.shutdown()
+    with pytest.raises(EngineDeadError):
+        thread.submit([5], SamplingParams())
+
+
+def test_submit_racing_shutdown_never_leaves_a_hanging_stream(make_thread):
+    thread = make_thread()
+    validate = thread.engine.validate
+
+    def validate_then_stop(ids, params):
+        validate(ids, params)
+        thread.shutdown()     # the loop exits after submit checked _stopped, before it registers the stream
+
+    thread.engine.validate = validate_then_stop
+    try:
+        stream = thread.submit([5, 6], SamplingParams(max_tokens=2))
+    except EngineDeadError:
+        return
+    assert not thread._thread.is_alive()
+    # nothing can deliver to this stream any more: unless it already holds its end, iterating hangs
+    assert not stream._queue.empty(), "stream would block forever"
+    with pytest.raises(EngineDeadError):
+        stream.result()
