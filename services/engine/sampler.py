@@ -82,17 +82,17 @@ class Sampler:
         if batch == 0:
             return SamplerOutput([], [], [])
         device = logits.device
-        # Greedy argmax runs on the raw logits: converting bf16 to float32 is exact, so it cannot
-        # change the argmax, and it is the hot path. Float32 is made only for rows that need it.
+        # Converting bf16 logits to float32 is exact, so argmax and sampling see the model's values;
+        # log-softmax work (logprobs) is done only for the rows that ask for it.
         random_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if not random_rows:
-            tokens = logits.argmax(dim=-1)
+            tokens = logits.float().argmax(dim=-1)   # float32 argmax is vectorised; bf16's is not
         else:
             tokens = torch.empty(batch, dtype=torch.long, device=device)
             greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0]
             if greedy_rows:
                 g_idx = torch.tensor(greedy_rows, device=device)
-                tokens[g_idx] = logits.index_select(0, g_idx).argmax(dim=-1)
+                tokens[g_idx] = logits.index_select(0, g_idx).float().argmax(dim=-1)
             r_idx = torch.tensor(random_rows, device=device)
             tokens[r_idx] = self._sample(logits.index_select(0, r_idx).float(),
                                          [params[i] for i in random_rows],

@@ -1,26 +1,33 @@
 // Tandem: CPU paged-attention decode kernel.
 //
 // One query token per sequence attends over that sequence's K/V, which live in
-// fixed-size blocks of a shared paged cache. Each K/V block is read once, in
-// place (no gather copy), per (sequence, kv head); all `group` query heads that
-// share a kv head are processed together. Softmax is computed online (running
-// max and sum, rescaled per chunk of <= 16 tokens), so no per-head buffer of
-// seq_len scores is needed. Accumulation is float32 for both bf16 and fp32.
+// fixed-size blocks of a shared paged cache. Work item = (sequence, kv head); all
+// `group` query heads sharing the kv head are processed together, so each K/V
+// row is read from memory once, in place (no gather copy). Per item:
+//   pass 1  scores s[g][t] = (scale * q[g]) . k[t] for all tokens (K read once),
+//   pass 2  softmax in place in a per-thread scratch of seq_len floats per head,
+//   pass 3  out[g] = sum_t p[g][t] v[t] / sum_t p[g][t] (V read once).
+// Splitting the passes keeps every inner loop free of serial dependencies (the
+// online-softmax alternative puts max/exp/rescale on the critical path of every
+// block). Blocks are scattered, so rows of the block PF_DIST ahead are prefetched
+// in software. Accumulation is float32 for both bf16 and fp32.
 //
 // Layout:
 //   q, out        [B, H, D] contiguous, bf16 or fp32 (same dtype)
 //   k/v_cache     [num_blocks, block_size, Hkv, D]; dim 0 may have any stride
 //                 (views of a [num_blocks, num_layers, 2, block_size, Hkv, D]
 //                 cache); dims 1..3 must be contiguous.
-//   block_tables  int32 [B, max_blocks], row stride arbitrary, unit col stride
-//   seq_lens      int32 [B]
+//   block_tables  int32 [B, max_blocks], row stride arbitrary, unit col stride;
+//                 entries past ceil(seq_len / block_size) are never read.
+//   seq_lens      int32 [B]; 0 gives a zero output row.
 //   H = Hkv * group; query head h uses kv head h / group.
 //
-// The AVX-512 path (compiled when the build targets AVX-512F/BW/VL) handles
-// any head_dim (tail via masked loads) and has fixed-size specialisations for
-// D = 64 and 128. A portable scalar path is always compiled; it is used when
-// AVX-512 is unavailable and is exported as `paged_decode_attention_scalar`
-// so tests can cover it.
+// The AVX-512 path (compiled when the build targets AVX-512F/BW/VL) handles any
+// head_dim (tail via masked loads), with compile-time specialisations for D = 64
+// and 128 and a shuffle-free bf16 layout when D % 32 == 0. A portable scalar path
+// (online softmax, one token at a time) is always compiled; it is used when
+// AVX-512 is unavailable and is exported as `paged_decode_attention_scalar` so
+// tests can cover it.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

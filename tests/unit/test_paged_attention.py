@@ -1,0 +1,230 @@
+"""Paged decode attention: C++ kernel vs pure-torch reference vs a naive per-row loop."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.engine import attention_ops
+from services.engine.attention_ops import paged_decode_attention_reference
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def make_case(seq_lens, *, heads=8, kv_heads=8, head_dim=64, block_size=16, dtype=torch.float32,
+              num_layers=3, layer=1, extra_pad_blocks=2, q_scale=1.0, seed=0):
+    """Random paged K/V as strided views of a [nb, NL, 2, bs, Hkv, D] cache.
+
+    Slots past each row's seq_len and every block not owned by a row hold NaN/inf garbage;
+    block_tables padding points at garbage blocks or is out of range, and must never be read.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    needed = [(n + block_size - 1) // block_size for n in seq_lens]
+    max_blocks = max(needed, default=0) + extra_pad_blocks
+    n_garbage = 4
+    num_blocks = sum(needed) + n_garbage
+    cache = torch.randn(num_blocks, num_layers, 2, block_size, kv_heads, head_dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    owned, garbage = perm[: sum(needed)], perm[sum(needed):]
+    cache[garbage] = float("nan")
+    cache[garbage[0], :, :, 0] = float("inf")
+    block_tables = torch.empty(B, max_blocks, dtype=torch.int32)
+    pos = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, needed)):
+        ids = owned[pos: pos + nb]
+        pos += nb
+        pad = [garbage[(b + j) % n_garbage] for j in range(max_blocks - nb)]
+        if len(pad) >= 2:
+            pad[-1] = -1 if b % 2 else num_blocks + 1000  # out of range: reading it would fault / be caught
+        block_tables[b] = torch.tensor(ids + pad, dtype=torch.int32)
+        if nb and n % block_size:
+            cache[ids[-1], layer, :, n % block_size:] = float("nan")  # stale slots after the last token
+    cache = cache.to(dtype)
+    k_cache, v_cache = cache[:, layer, 0], cache[:, layer, 1]
+    q = (torch.randn(B, heads, head_dim, generator=g) * q_scale).to(dtype)
+    return q, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def naive_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Per-row, per-head loop in float64: the independent oracle for the reference."""
+    B, H, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    G = H // Hkv
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        toks = [(int(block_tables[b, t // bs]), t % bs) for t in range(n)]
+        k = torch.stack([k_cache[blk, off] for blk, off in toks]).double()  # [n, Hkv, D]
+        v = torch.stack([v_cache[blk, off] for blk, off in toks]).double()
+        for h in range(H):
+            s = (k[:, h // G] @ q[b, h].double()) * scale
+            p = torch.softmax(s, dim=0)
+            out[b, h] = p @ v[:, h // G]
+    return out
+
+
+CONFIGS = [
+    # (seq_lens, block_size): single token, block-exact, ragged, one past a boundary
+    ([1], 16),
+    ([16, 32, 48], 16),
+    ([1, 17, 5, 64, 33, 0, 40], 16),
+    ([8, 9, 1, 24, 7], 8),
+    ([50, 3, 16, 23], 8),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    mod = attention_ops.load_kernels()
+    if mod is None:
+        pytest.skip("CPU attention kernel unavailable (TANDEM_DISABLE_KERNELS set or build failed; see log)")
+    return mod
+
+
+def run_kernel(fn, q, k_cache, v_cache, block_tables, seq_lens, scale):
+    out = torch.empty_like(q)
+    fn(out, q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return out
+
+
+def assert_close(actual, expected, dtype):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("seq_lens,block_size", CONFIGS)
+def test_reference_matches_naive(dtype, group, seq_lens, block_size):
+    kv_heads, head_dim = 2, 32
+    args = make_case(seq_lens, heads=kv_heads * group, kv_heads=kv_heads, head_dim=head_dim,
+                     block_size=block_size, dtype=dtype)
+    scale = head_dim ** -0.5
+    out = paged_decode_attention_reference(*args, scale)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    assert torch.isfinite(out).all()
+    assert_close(out, naive_attention(*args, scale), dtype)
+
+
+def test_reference_zero_length_rows_are_zero():
+    args = make_case([0, 5, 0], heads=4, kv_heads=2, head_dim=16)
+    out = paged_decode_attention_reference(*args, 0.25)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert_close(out, naive_attention(*args, 0.25), torch.float32)
+
+
+def test_reference_all_zero_batch():
+    args = make_case([0, 0], heads=2, kv_heads=2, head_dim=8)
+    assert torch.equal(paged_decode_attention_reference(*args, 0.5), torch.zeros(2, 2, 8))
+
+
+def test_fallback_when_kernels_disabled(monkeypatch):
+    monkeypatch.setenv("TANDEM_DISABLE_KERNELS", "1")
+    assert attention_ops.load_kernels() is None
+    args = make_case([3, 20], heads=4, kv_heads=2, head_dim=16)
+    out = attention_ops.paged_decode_attention(*args, 0.25)
+    assert torch.equal(out, paged_decode_attention_reference(*args, 0.25))
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("seq_lens,block_size", CONFIGS)
+def test_kernel_matches_reference(kernels, dtype, group, seq_lens, block_size):
+    kv_heads, head_dim = 2, 64
+    args = make_case(seq_lens, heads=kv_heads * group, kv_heads=kv_heads, head_dim=head_dim,
+                     block_size=block_size, dtype=dtype, seed=group * 100 + block_size)
+    k_cache = args[1]
+    assert k_cache.stride(0) != k_cache[0].numel() and not k_cache.is_contiguous()  # a real strided view
+    scale = head_dim ** -0.5
+    ref = paged_decode_attention_reference(*args, scale)
+    out = run_kernel(kernels.paged_decode_attention, *args, scale)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, dtype)
+    scalar = run_kernel(kernels.paged_decode_attention_scalar, *args, scale)
+    assert_close(scalar, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [8, 32, 40, 96, 128, 256])
+@pytest.mark.parametrize("group", [3, 8, 12])
+def test_kernel_head_dims_and_group_tiles(kernels, dtype, head_dim, group):
+    # Covers the generic (runtime head_dim, masked tail) and interleaved-bf16 paths and head tiling.
+    args = make_case([1, 19, 40], heads=group, kv_heads=1, head_dim=head_dim, block_size=16, dtype=dtype,
+                     seed=head_dim + group)
+    scale = 1.0 / math.sqrt(head_dim)
+    ref = paged_decode_attention_reference(*args, scale)
+    assert_close(run_kernel(kernels.paged_decode_attention, *args, scale), ref, dtype)
+    assert_close(run_kernel(kernels.paged_decode_attention_scalar, *args, scale), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_long_context_peaked_softmax(kernels, dtype):
+    # Large logits (|s| ~ 100s) stress the max subtraction; odd block size 24 gives chunks of 16 + 8.
+    args = make_case([1000, 517, 24], heads=8, kv_heads=2, head_dim=64, block_size=24, dtype=dtype,
+                     q_scale=30.0, seed=7)
+    ref = paged_decode_attention_reference(*args, 0.125)
+    assert_close(run_kernel(kernels.paged_decode_attention, *args, 0.125), ref, dtype)
+
+
+def test_kernel_zero_length_rows(kernels):
+    args = make_case([0, 9, 0, 16], heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16)
+    out = run_kernel(kernels.paged_decode_attention, *args, 0.125)
+    assert torch.equal(out[0].float(), torch.zeros(4, 64)) and torch.equal(out[2].float(), torch.zeros(4, 64))
+    assert_close(out, paged_decode_attention_reference(*args, 0.125), torch.bfloat16)
+
+
+def test_kernel_thread_count_invariant(kernels):
+    args = make_case([1, 17, 5, 64, 33, 40, 2, 100], heads=8, kv_heads=4, head_dim=64, dtype=torch.float32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel(kernels.paged_decode_attention, *args, 0.125)
+        torch.set_num_threads(2)
+        two = run_kernel(kernels.paged_decode_attention, *args, 0.125)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)  # each (row, kv head) is computed by exactly one thread
+
+
+def test_public_wrapper_uses_kernel_and_converts_index_dtypes(kernels):
+    q, k, v, bt, sl = make_case([3, 20, 31], heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16)
+    out = attention_ops.paged_decode_attention(q, k, v, bt.long(), sl.long(), 0.125)
+    expected = run_kernel(kernels.paged_decode_attention, q, k, v, bt, sl, 0.125)
+    assert torch.equal(out, expected)
+
+
+def test_kernel_input_validation(kernels):
+    q, k, v, bt, sl = make_case([3, 20], heads=4, kv_heads=2, head_dim=64)
+    f = kernels.paged_decode_attention
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        f(out.half(), q.half(), k.half(), v.half(), bt, sl, 0.1)
+    with pytest.raises(RuntimeError, match="dtype"):
+        f(out, q, k.bfloat16(), v.bfloat16(), bt, sl, 0.1)
+    padded = torch.zeros(*k.shape[:3], 2 * k.shape[3])[..., : k.shape[3]]  # same shape, rows not packed
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        f(out, q, padded, padded, bt, sl, 0.1)
+    with pytest.raises(RuntimeError, match="int32"):
+        f(out, q, k, v, bt.long(), sl, 0.1)
+    with pytest.raises(RuntimeError, match="multiple of num kv heads"):
+        f(torch.empty(2, 3, 64), torch.randn(2, 3, 64), k, v, bt, sl, 0.1)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        f(torch.empty(2, 4, 32), torch.randn(2, 4, 32), k, v, bt, sl, 0.1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        f(out, q, k, v, bt, torch.tensor([3, 10_000], dtype=torch.int32), 0.1)
+    bad = bt.clone()
+    bad[1, 0] = k.shape[0]
+    with pytest.raises(RuntimeError, match=r"block_tables\[1, 0\].*out of range"):
+        f(out, q, k, v, bad, sl, 0.1)
+    with pytest.raises(RuntimeError, match="shape"):
+        f(torch.empty(2, 4, 63), q, k, v, bt, sl, 0.1)
