@@ -9,6 +9,7 @@ import sys
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (CUDA when a GPU is visible)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-memory-gib", type=float, default=2.0, help="KV cache budget")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
@@ -38,7 +39,7 @@ def cmd_run(args) -> int:
 
 def _engine_from_args(args):
     from services.engine.builder import build_engine
-    return build_engine(args.model, dtype=args.dtype, block_size=args.block_size,
+    return build_engine(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                         kv_memory_gib=args.kv_memory_gib, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                         num_threads=args.threads, enable_prefix_caching=not args.no_prefix_caching)

@@ -20,6 +20,19 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(name: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'. Never initialises CUDA for 'cpu'."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelConfigError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu")
+        return name
+    if name != "cpu":
+        raise ModelConfigError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
+    return name
+
+
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     """The model directory's tokenizer.json when present, else the byte-level tokenizer."""
     cfg = loaded.config
@@ -50,5 +63,5 @@ def build_engine(model: str, *, dtype: str = "float32", device: str = "cpu", blo
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, policy=policy),
-        device=device, dtype=parse_dtype(dtype), num_threads=num_threads)
+        device=resolve_device(device), dtype=parse_dtype(dtype), num_threads=num_threads)
     return LLMEngine(config, loaded, load_tokenizer(loaded))

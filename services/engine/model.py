@@ -38,6 +38,13 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor      # [num_decode] int32, context incl. the current token
     prefills: list[PrefillSeq]
 
+    def to(self, device) -> "AttentionMetadata":
+        """A copy with every tensor on `device` (built on the host, used where the model runs)."""
+        return AttentionMetadata(
+            self.slot_blocks.to(device), self.slot_offsets.to(device), self.num_decode,
+            self.decode_block_tables.to(device), self.decode_seq_lens.to(device),
+            [PrefillSeq(p.q_start, p.q_len, p.ctx_len, p.block_ids.to(device)) for p in self.prefills])
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -46,10 +53,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF: normalise in float32, cast back, then scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Same arithmetic as HF (normalise in float32, cast back, then scale), fused by torch.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -95,13 +100,14 @@ class DecoderLayer(nn.Module):
         else:
             k = k_cache.index_select(0, p.block_ids).flatten(0, 1)[:p.ctx_len]   # [ctx, Hkv, D]
             v = v_cache.index_select(0, p.block_ids).flatten(0, 1)[:p.ctx_len]
-            q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len)
-            mask = torch.arange(p.ctx_len)[None, :] <= q_pos[:, None]            # [q_len, ctx]
+            q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=q.device)
+            mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= q_pos[:, None]   # [q_len, ctx]
             causal = False
+        # 4-D inputs: torch's CPU flash kernel takes them; 3-D ones fall back to the math path.
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-            is_causal=causal, scale=self.scale, enable_gqa=True)                 # [H, q_len, D]
-        return out.transpose(0, 1)
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+            is_causal=causal, scale=self.scale, enable_gqa=True)                 # [1, H, q_len, D]
+        return out[0].transpose(0, 1)
 
 
 class LlamaModel(nn.Module):

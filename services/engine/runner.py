@@ -77,6 +77,8 @@ class ModelRunner:
             slot_blocks=sb_t, slot_offsets=so_t, num_decode=nd, decode_block_tables=bt,
             decode_seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32), prefills=prefills)
         dev = self.config.device
+        if dev != "cpu":
+            meta = meta.to(dev)
         logits = self.model(ids_t.to(dev), pos_t.to(dev), self.kv, meta,
                             torch.tensor(sampling_rows, dtype=torch.long, device=dev))
         sampled_chunks = out.decodes + [c for c in out.prefills if c.samples]
