@@ -1,8 +1,11 @@
 """Paged decode attention: fused CPU kernel vs pure-torch reference (ms per call).
 
 Usage: python benchmarks/bench_attention.py [--batch 64] [--context 384] [--iters 20]
-Prints one JSON line per (impl, threads). The cache is a strided view of a
-[num_blocks, num_layers, 2, block_size, Hkv, D] tensor, as in the engine.
+       python benchmarks/bench_attention.py --suite [--iters 50] [--no-reference]
+Prints one JSON line per (config, impl, threads) with the median and min over --iters calls.
+--suite runs the standard decode configs (see SUITE) instead of the single one given by flags.
+The cache is a strided view of a [num_blocks, num_layers, 2, block_size, Hkv, D] tensor, as in
+the engine. The machine may be shared: prefer the min, and repeat runs before trusting a median.
 """
 from __future__ import annotations
 
@@ -31,6 +34,16 @@ def make_inputs(batch, context, heads, kv_heads, head_dim, block_size, num_layer
     return q, k_cache, v_cache, block_tables, seq_lens
 
 
+# Standard configs: (batch, context, heads, kv_heads, dtype, threads).
+SUITE = [
+    (64, 384, 8, 8, "bfloat16", "1,2"),   # mid batch, the main tuning target
+    (256, 96, 8, 8, "bfloat16", "2"),     # large batch, short context
+    (4, 2048, 8, 8, "bfloat16", "2"),     # small batch, long context (fewer rows than threads * heads)
+    (64, 384, 8, 2, "bfloat16", "2"),     # GQA: 4 query heads per kv head
+    (64, 384, 8, 8, "float32", "2"),      # fp32 cache
+]
+
+
 def time_ms(fn, iters, warmup=3):
     for _ in range(warmup):
         fn()
@@ -55,8 +68,18 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--suite", action="store_true", help="run the SUITE configs")
+    ap.add_argument("--no-reference", action="store_true", help="time only the kernel")
     args = ap.parse_args()
+    if args.suite:
+        for batch, context, heads, kv_heads, dtype, threads in SUITE:
+            run_config(argparse.Namespace(**{**vars(args), "batch": batch, "context": context, "heads": heads,
+                                             "kv_heads": kv_heads, "dtype": dtype, "threads": threads}))
+    else:
+        run_config(args)
 
+
+def run_config(args):
     dtype = getattr(torch, args.dtype)
     q, kc, vc, bt, sl = make_inputs(args.batch, args.context, args.heads, args.kv_heads, args.head_dim,
                                     args.block_size, args.num_layers, dtype)
@@ -73,7 +96,9 @@ def main():
     try:
         for nt in (int(x) for x in args.threads.split(",")):
             torch.set_num_threads(nt)
-            impls = {"reference": lambda: attention_ops.paged_decode_attention_reference(q, kc, vc, bt, sl, scale)}
+            impls = {}
+            if not args.no_reference:
+                impls["reference"] = lambda: attention_ops.paged_decode_attention_reference(q, kc, vc, bt, sl, scale)
             if mod is not None:  # the public entry point (includes output allocation)
                 impls["kernel"] = lambda: attention_ops.paged_decode_attention(q, kc, vc, bt, sl, scale)
             res = {}
@@ -81,8 +106,9 @@ def main():
                 med, best = time_ms(fn, args.iters)
                 res[name] = med
                 print(json.dumps({**base, "impl": name, "threads": nt, "ms_median": round(med, 3),
-                                  "ms_min": round(best, 3), "kv_GBps": round(kv_bytes / med / 1e6, 1)}))
-            if "kernel" in res:
+                                  "ms_min": round(best, 3), "kv_GBps": round(kv_bytes / med / 1e6, 1),
+                                  "kv_GBps_best": round(kv_bytes / best / 1e6, 1)}))
+            if "kernel" in res and "reference" in res:
                 print(json.dumps({**base, "threads": nt, "speedup": round(res["reference"] / res["kernel"], 1)}))
     finally:
         torch.set_num_threads(old_threads)

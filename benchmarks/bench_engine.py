@@ -38,7 +38,7 @@ def bench_tandem(model_dir: str, workloads: list[str], dtype: str, threads: int,
     results = []
     for wl in workloads:
         n, i, o = map(int, wl.split("x"))
-        params = SamplingParams(max_tokens=o, ignore_eos=True)
+        params = SamplingParams(max_tokens=o, ignore_eos=True, detokenize=False)   # as the peer script
         best = None
         for _ in range(repeats):
             batch = prompts(n, i)

@@ -18,15 +18,21 @@ from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request (deltas) plus its running totals."""
+    """What one step produced for one request.
+
+    The `new_*` fields are this step's deltas. The cumulative fields (token_ids, text, logprobs,
+    top_logprobs) are filled only on the final output (finished=True): copying whole histories
+    every step would cost O(n^2) over a long generation.
+    """
     request_id: str
     new_token_ids: list[int]
     new_text: str
-    token_ids: list[int]
-    text: str
     finished: bool
     finish_reason: FinishReason | None = None
-    logprobs: list[float] = field(default_factory=list)              # chosen-token logprobs so far
+    new_logprobs: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)              # chosen-token logprobs
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
@@ -74,7 +80,8 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params,
                           eos_token_ids=self.config.model.eos_token_ids, priority=priority)
         self.scheduler.add(request)
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+        if params.detokenize:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -105,9 +112,9 @@ class LLMEngine:
         outputs = []
         for chunk in chunks:
             r = chunk.request
-            detok = self._detok[r.request_id]
-            delta = detok.push(r.output_token_ids[-1])
-            if detok.stopped:      # a stop string wins over LENGTH on the same token
+            detok = self._detok.get(r.request_id)
+            delta = detok.push(r.output_token_ids[-1]) if detok else ""
+            if detok and detok.stopped:      # a stop string wins over LENGTH on the same token
                 if r.request_id in finished:
                     r.finish_reason = FinishReason.STOP
                 else:
@@ -117,15 +124,19 @@ class LLMEngine:
         return outputs
 
     def _output(self, r: Request, num_new: int, delta: str) -> RequestOutput:
-        finished = r.is_finished
-        detok = self._detok.pop(r.request_id) if finished else self._detok[r.request_id]
-        if finished:
-            delta += detok.flush()      # text held back for a possible stop string or split character
-        cached = self._cached.pop(r.request_id, 0) if finished else self._cached.get(r.request_id, 0)
-        return RequestOutput(
-            r.request_id, r.output_token_ids[len(r.output_token_ids) - num_new:], delta,
-            list(r.output_token_ids), detok.text, finished, r.finish_reason,
-            list(r.output_logprobs), list(r.output_top_logprobs), r.num_prompt_tokens, cached)
+        n = len(r.output_token_ids)
+        out = RequestOutput(r.request_id, r.output_token_ids[n - num_new:], delta, r.is_finished,
+                            r.finish_reason, r.output_logprobs[n - num_new:] if num_new else [],
+                            num_prompt_tokens=r.num_prompt_tokens)
+        if not r.is_finished:
+            return out
+        detok = self._detok.pop(r.request_id, None)
+        if detok:
+            out.new_text += detok.flush()     # text held back for a possible stop string or split character
+        out.token_ids, out.text = list(r.output_token_ids), detok.text if detok else ""
+        out.logprobs, out.top_logprobs = list(r.output_logprobs), list(r.output_top_logprobs)
+        out.num_cached_tokens = self._cached.pop(r.request_id, 0)
+        return out
 
     # ---- offline convenience -------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

@@ -73,9 +73,10 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         t = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x))                       # [T, q + 2kv]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)      # [T, H, D]
-        k = apply_rotary(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)   # [T, Hkv, D]
+        qk, v = qkv.split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
+        # q and k are adjacent heads of one tensor: rotate them in a single pass.
+        qk = apply_rotary(qk.view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)              # [T, H, D], [T, Hkv, D]
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)                           # [T, Hkv, D]
         k_cache, v_cache = kv[:, self.layer_idx, 0], kv[:, self.layer_idx, 1]   # [NB, bs, Hkv, D]
         k_cache[meta.slot_blocks, meta.slot_offsets] = k

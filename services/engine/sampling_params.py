@@ -31,6 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    detokenize: bool = True          # False: token ids only (no text, no stop strings), as in vLLM
     max_logprobs: int = field(default=20, repr=False)
 
     @property
@@ -57,3 +58,5 @@ class SamplingParams:
                 raise InvalidRequestError("stop_token_ids", f"id {t} is outside the vocabulary [0, {vocab_size})")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
+        if self.stop and not self.detokenize:
+            raise InvalidRequestError("stop", "stop strings need detokenize=True; drop one of them")

@@ -309,3 +309,29 @@ def test_duplicate_request_id(make):
     assert len(out.token_ids) == 3 and out.num_prompt_tokens == 3
     engine.add_request([8, 9], SamplingParams(max_tokens=3), request_id="dup")   # finished ids are reusable
     run_steps(engine)
+
+
+def test_detokenize_false_gives_same_tokens_and_no_text(make):
+    engine = make()
+    prompts = random_prompts([5, 30], 512, seed=11)
+    with_text = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    ids_only = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True, detokenize=False))
+    for a, b in zip(with_text, ids_only):
+        assert a.token_ids == b.token_ids and a.text != "" and b.text == ""
+    with pytest.raises(InvalidRequestError) as e:
+        engine.validate([5, 6], SamplingParams(stop=("x",), detokenize=False))
+    assert e.value.field == "stop"
+
+
+def test_step_outputs_are_deltas_that_add_up_to_the_final_output(make):
+    engine = make()
+    rid = engine.add_request(random_prompts([9], 512, seed=12)[0],
+                             SamplingParams(max_tokens=10, ignore_eos=True, logprobs=0))
+    steps = []
+    while engine.has_unfinished():
+        steps += [o for o in engine.step() if o.request_id == rid]
+    final = steps[-1]
+    assert final.finished and all(not o.finished and o.token_ids == [] for o in steps[:-1])
+    assert [t for o in steps for t in o.new_token_ids] == final.token_ids
+    assert [lp for o in steps for lp in o.new_logprobs] == final.logprobs
+    assert "".join(o.new_text for o in steps) == final.text
