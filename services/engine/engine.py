@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.config import EngineConfig
+from services.engine.config import EngineConfig, Role
 from services.engine.kv_cache import KVCacheManager
 from services.engine.loader import LoadedModel
 from services.engine.request import FinishReason, Request
@@ -75,6 +75,9 @@ class LLMEngine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0) -> str:
         """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id)."""
+        if self.config.scheduler.role == Role.DECODE:
+            raise InvalidRequestError("prompt", "this instance is decode-only: send prompts to a prefill or "
+                                      "colocated instance, or hand KV over with import_request")
         self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, list(prompt_token_ids), params,
@@ -82,6 +85,57 @@ class LLMEngine:
         self.scheduler.add(request)
         if params.detokenize:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+        return request_id
+
+    # ---- KV handoff between a prefill-role and a decode-role engine -------------------------
+    def export_kv(self, request_id: str) -> torch.Tensor:
+        """A copy of a handed-off request's KV: [num_blocks, layers, 2, block_size, kv_heads, head_dim].
+
+        Precondition: the request finished with HANDOFF (prefill role) and was not released yet.
+        Raises KeyError for an unknown request.
+        """
+        table = self.kv.block_table(request_id)
+        if not table:
+            raise KeyError(f"request {request_id!r} holds no KV blocks on this instance")
+        return self.runner.kv[torch.tensor(table)]
+
+    def release(self, request_id: str) -> None:
+        """Free a handed-off request's blocks (after the transfer). Safe no-op if not held."""
+        if request_id not in self.scheduler.requests:
+            self.kv.free(request_id)
+
+    def import_request(self, prompt_token_ids: list[int], output_token_ids: list[int],
+                       params: SamplingParams, kv_blocks: torch.Tensor, request_id: str,
+                       priority: int = 0) -> str:
+        """Adopt a request whose prompt was computed elsewhere; it decodes from the next step.
+
+        kv_blocks: [n, layers, 2, block_size, kv_heads, head_dim] holding positions
+        [0, len(prompt_token_ids)) (what export_kv returns). output_token_ids: tokens already
+        sampled (at least the first). Raises InvalidRequestError for bad input and
+        RuntimeError when blocks are short (nothing is kept then).
+        """
+        self.validate(prompt_token_ids, params)
+        if not output_token_ids:
+            raise InvalidRequestError("output_token_ids", "an imported request needs its first token")
+        n_computed = len(prompt_token_ids) + len(output_token_ids) - 1
+        needed = -(-n_computed // self.kv.block_size)
+        expected = (needed,) + tuple(self.runner.kv.shape[1:])
+        if tuple(kv_blocks.shape) != expected:
+            raise InvalidRequestError("kv_blocks", f"shape {tuple(kv_blocks.shape)} does not match this "
+                                      f"instance's layout {expected}; both sides must share model and block size")
+        request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.config.model.eos_token_ids,
+                          priority=priority, output_token_ids=list(output_token_ids),
+                          num_computed_tokens=n_computed)
+        if self.kv.allocate(request_id, [], n_computed) is None:
+            raise RuntimeError(f"not enough free KV blocks to import {request_id!r} ({needed} needed)")
+        table = self.kv.block_table(request_id)
+        self.runner.kv[torch.tensor(table)] = kv_blocks.to(self.runner.kv.dtype)
+        self.scheduler.add_running(request)
+        if params.detokenize:
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+            for t in output_token_ids:
+                detok.push(t)
+            self._detok[request_id] = detok
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -70,9 +70,8 @@ class ModelRunner:
             sb_t = torch.cat([sb_t] + [x[2] for x in parts])
             so_t = torch.cat([so_t] + [x[3] for x in parts])
         max_blocks = max((len(t) for t in decode_tables), default=0)
-        bt = torch.zeros(nd, max_blocks, dtype=torch.int32)
-        for i, t in enumerate(decode_tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                          dtype=torch.int32).view(nd, max_blocks)       # [num_decode, max_blocks]
         meta = AttentionMetadata(
             slot_blocks=sb_t, slot_offsets=so_t, num_decode=nd, decode_block_tables=bt,
             decode_seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32), prefills=prefills)

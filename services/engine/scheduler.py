@@ -54,13 +54,28 @@ class Scheduler:
     # ---- queue management -------------------------------------------------------------
     def add(self, request: Request) -> None:
         """Queue a validated request. Raises ValueError on a duplicate live request id."""
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already running; use a unique id")
+        if request.request_id in self.requests or self.kv.has_request(request.request_id):
+            raise ValueError(f"request_id {request.request_id!r} is already in use; use a unique id")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """Adopt a request whose blocks are already allocated and filled up to
+        request.num_computed_tokens (KV imported from another instance): it decodes next step."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use; use a unique id")
+        if not self.kv.has_request(request.request_id):
+            raise ValueError(f"request {request.request_id!r} has no blocks; allocate them before adopting it")
+        request.status = RequestStatus.RUNNING
+        self.requests[request.request_id] = request
+        self.running.append(request)
+
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """Finish a live request and free its blocks. Safe no-op for an unknown/finished id."""
+        """Finish a live request and free its blocks. Safe no-op for an unknown/finished id.
+
+        HANDOFF keeps the blocks: the KV is about to be copied to another instance, and the
+        owner frees them with kv.free(request_id) once the copy is done (or abandoned).
+        """
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -68,7 +83,8 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-        self.kv.free(request_id)
+        if reason != FinishReason.HANDOFF:
+            self.kv.free(request_id)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
         return request
 

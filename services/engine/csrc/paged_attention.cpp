@@ -179,14 +179,13 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Horizontal sums of 16 vectors at once: returns r with r[t] = sum(v[t][0..15]).
-inline __m512 transpose_reduce16(const float* v /* [16][16] */) {
+// Horizontal sums of 16 vectors at once (in registers): returns r with r[t] = sum(v[t][0..15]).
+// Lane t of the result only ever combines elements of v[t], so garbage in one vector (e.g. a
+// masked-out token) never leaks into another lane.
+inline __m512 transpose_reduce16(const __m512 (&v)[16]) {
   __m512 b[8];
-  for (int i = 0; i < 8; ++i) {
-    const __m512 x = _mm512_loadu_ps(v + (2 * i) * 16);
-    const __m512 y = _mm512_loadu_ps(v + (2 * i + 1) * 16);
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
-  }
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   __m512 c[4];
   for (int i = 0; i < 4; ++i) {
     const __m512 u = b[2 * i], w = b[2 * i + 1];
@@ -202,7 +201,6 @@ inline __m512 transpose_reduce16(const float* v /* [16][16] */) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
-
 // Kernel order of a D-vector as NV 16-float vectors:
 //   IL = false: vector c holds elements [16c, 16c + 16)  (the last one masked if D % 16 != 0).
 //   IL = true (bf16, D % 32 == 0): vectors 2j / 2j+1 hold the even / odd elements of
@@ -228,49 +226,78 @@ inline __m512 load_vec(const T* row, int c, bool last, __mmask16 tail) {
 }
 
 // ---- pass 1: scores --------------------------------------------------------------------
-// Scores of n (1..16) consecutive tokens of one block for GT query heads:
-// s[g * lds + t] = qf[g] . k[t] for t < n (q is pre-scaled). Tokens are independent, so this
-// runs at throughput; 16 partial-sum vectors are reduced together by transpose_reduce16.
-template <typename T, bool IL, int GT, int NV>
-inline void scores_chunk(const float* qf, int64_t ldq, const T* kb, int64_t row_stride, int n,
-                         int nv_rt, __mmask16 tail, float* s, int64_t lds) {
-  const int nv = NV > 0 ? NV : nv_rt;
-  alignas(64) float part[GT][16 * 16];
-  for (int t = 0; t < n; ++t) {
-    const T* kr = kb + t * row_stride;
-    __m512 a[GT];
-    for (int g = 0; g < GT; ++g) a[g] = _mm512_setzero_ps();
-    for (int c = 0; c < nv; ++c) {
-      const __m512 kv = load_vec<T, IL>(kr, c, NV == 0 && c + 1 == nv, tail);
-      for (int g = 0; g < GT; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * ldq + c * 16), kv, a[g]);
-    }
-    for (int g = 0; g < GT; ++g) _mm512_store_ps(&part[g][t * 16], a[g]);
+// q . k runs over the head dim in chunks of Dot<T>::W elements:
+//   bf16 with AVX512-BF16: W = 32, one vdpbf16ps per chunk. It multiplies 32 bf16 pairs exactly
+//     and accumulates in fp32; q is bf16 already, so nothing is rounded before accumulation.
+//     The q chunk is the 32 raw bf16 values (kept unscaled; the scale is applied to the sum).
+//   bf16 without it: W = 32; the 64-byte K chunk is widened to its even / odd elements with one
+//     shift / one AND (no cross-lane shuffles), q chunk = its even floats, then its odd floats.
+//   fp32: W = 16, plain FMA; q chunk = 16 floats.
+// The last chunk's K load is masked when D % W != 0 (q is zero-padded there). QF is the number
+// of floats one q chunk takes in the scratch.
+template <typename T> struct Dot;
+
+template <> struct Dot<float> {
+  static constexpr int W = 16, QF = 16;
+  using Mask = __mmask16;
+  static void prep_q(const float* q, int64_t D, int nc, float* qs) {
+    for (int64_t d = 0; d < nc * 16; ++d) qs[d] = d < D ? q[d] : 0.0f;
   }
-  if (n < 16) {
-    for (int g = 0; g < GT; ++g) std::memset(&part[g][n * 16], 0, sizeof(float) * 16 * (16 - n));
+  static __m512 step(__m512 acc, const float* qs, const float* kr, int c, bool masked, Mask m) {
+    const __m512 k = masked ? _mm512_maskz_loadu_ps(m, kr + c * 16) : _mm512_loadu_ps(kr + c * 16);
+    return _mm512_fmadd_ps(_mm512_load_ps(qs + c * 16), k, acc);
+  }
+};
+
+template <> struct Dot<bf16_bits> {
+  using Mask = __mmask32;
+  static constexpr int W = 32;
+#ifdef __AVX512BF16__
+  static constexpr int QF = 16;  // 32 bf16 = 16 floats' worth of bytes
+  static void prep_q(const bf16_bits* q, int64_t D, int nc, float* qs) {
+    bf16_bits* o = reinterpret_cast<bf16_bits*>(qs);
+    for (int64_t d = 0; d < nc * 32; ++d) o[d] = d < D ? q[d] : 0;
+  }
+  static __m512 step(__m512 acc, const float* qs, const bf16_bits* kr, int c, bool masked, Mask m) {
+    const __m512i k = masked ? _mm512_maskz_loadu_epi16(m, kr + c * 32) : _mm512_loadu_si512(kr + c * 32);
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(qs + c * 16), (__m512bh)k);
+  }
+#else
+  static constexpr int QF = 32;
+  static void prep_q(const bf16_bits* q, int64_t D, int nc, float* qs) {
+    for (int64_t d = 0; d < nc * 32; ++d) {
+      const int64_t c = d / 32, j = d % 32;
+      qs[c * 32 + (j & 1) * 16 + j / 2] = d < D ? bf16_to_float(q[d]) : 0.0f;
+    }
+  }
+  static __m512 step(__m512 acc, const float* qs, const bf16_bits* kr, int c, bool masked, Mask m) {
+    const __m512i k = masked ? _mm512_maskz_loadu_epi16(m, kr + c * 32) : _mm512_loadu_si512(kr + c * 32);
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(k, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(k, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    acc = _mm512_fmadd_ps(_mm512_load_ps(qs + c * 32), even, acc);
+    return _mm512_fmadd_ps(_mm512_load_ps(qs + c * 32 + 16), odd, acc);
+  }
+#endif
+};
+
+// s[t] = scale * (q . k[t]) for the n (1..16) tokens of one head starting at kb. The 16 tokens
+// are independent dot products (one short dependency chain each), so they overlap at full
+// throughput; their partial vectors are reduced together in registers. Rows past n re-read
+// row 0 (always valid memory; a short block may end right there) and are masked out on store.
+template <typename T, int NC>
+inline void scores16(const float* qs, const T* kb, int64_t rs, int n, int nc_rt, bool has_tail,
+                     typename Dot<T>::Mask tail, float scale, float* s) {
+  const int nc = NC > 0 ? NC : nc_rt;
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) {
+    const T* kr = kb + (t < n ? t : 0) * rs;
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < nc; ++c) acc = Dot<T>::step(acc, qs, kr, c, NC == 0 && has_tail && c + 1 == nc, tail);
+    a[t] = acc;
   }
   const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-  for (int g = 0; g < GT; ++g) _mm512_mask_storeu_ps(s + g * lds, valid, transpose_reduce16(part[g]));
-}
-
-template <typename T, bool IL, int NV>
-inline void scores_chunk_all_heads(int64_t G, const float* qf, int64_t ldq, const T* kb,
-                                   int64_t row_stride, int n, int nv, __mmask16 tail, float* s,
-                                   int64_t lds) {
-  for (int64_t g0 = 0; g0 < G;) {  // tiles of 8/4/2/1 heads; K rows stay in L1 between tiles
-    const int64_t left = G - g0;
-    const float* q0 = qf + g0 * ldq;
-    float* s0 = s + g0 * lds;
-    if (left >= 8) {
-      scores_chunk<T, IL, 8, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 8;
-    } else if (left >= 4) {
-      scores_chunk<T, IL, 4, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 4;
-    } else if (left >= 2) {
-      scores_chunk<T, IL, 2, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 2;
-    } else {
-      scores_chunk<T, IL, 1, NV>(q0, ldq, kb, row_stride, n, nv, tail, s0, lds), g0 += 1;
-    }
-  }
+  _mm512_mask_storeu_ps(s, valid, _mm512_mul_ps(transpose_reduce16(a), _mm512_set1_ps(scale)));
 }
 
 // ---- pass 2: softmax over one head's len scores, in place: s <- exp(s - max); returns sum.
@@ -386,6 +413,7 @@ inline void values_block_all_heads(int64_t G, const float* p, int64_t lds, const
   }
 }
 
+// Software prefetch of one kv head's slice (row_bytes) of each of `rows` token rows.
 template <typename T>
 inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64_t row_bytes) {
   for (int64_t t = 0; t < rows; ++t) {
@@ -394,101 +422,133 @@ inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64
   }
 }
 
-// One (row, kv head): scores for all tokens (K read once), softmax, then P.V (V read once).
+// One work item: row b, kv heads [h0, h0 + nh) (all of them unless the batch is too small to
+// feed every thread, see run()). Within a block one layer's K (and V) for all kv heads is one
+// contiguous [block_size, Hkv, D] run, so walking the block token by token and head by head
+// streams it sequentially; per-(row, head) items would instead read D-element slices at an
+// Hkv * D stride from every block, Hkv times over.
+//   pass 1  scores s[h][t] for all nh * G query heads (K read once, in place),
+//   pass 2  softmax in place in a per-thread scratch of seq_len floats per head,
+//   pass 3  out[h] = sum_t p[h][t] v[t] / sum_t p[h][t] (V read once).
+// Splitting the passes keeps every inner loop free of serial dependencies (the online-softmax
+// alternative puts max/exp/rescale on the critical path of every block). Blocks are scattered,
+// so the slices of the block PF_DIST ahead are prefetched in software, one kv head at a time
+// (spread over the current block's work so the prefetches don't queue up in one burst).
 template <typename T, bool IL, int NV>
-void item_avx512(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b,
-                 int64_t kvh, std::vector<float>& scratch) {
-  const int64_t G = p.G, D = p.D;
+void item_avx512(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b, int64_t h0,
+                 int64_t nh, std::vector<float>& scratch) {
+  const int64_t G = p.G, D = p.D, NH = nh * G;  // NH query heads in this item
   const int64_t len = p.seq_lens[b];
-  const T* qrow = q + (b * p.H + kvh * G) * D;
-  T* orow = out + (b * p.H + kvh * G) * D;
+  const T* qrow = q + (b * p.H + h0 * G) * D;
+  T* orow = out + (b * p.H + h0 * G) * D;
   if (len <= 0) {
-    for (int64_t i = 0; i < G * D; ++i) store_out(orow + i, 0.0f);
+    for (int64_t i = 0; i < NH * D; ++i) store_out(orow + i, 0.0f);
     return;
   }
-  const int nv = static_cast<int>((D + 15) / 16);
+  using Dt = Dot<T>;
+  constexpr int NC = NV * 16 / Dt::W;  // q.k chunks (compile time; 0 = runtime nc)
+  const int nc = static_cast<int>((D + Dt::W - 1) / Dt::W);
+  const int64_t qld = static_cast<int64_t>(nc) * Dt::QF;  // scratch floats per head of q
+  const bool k_tail = D % Dt::W != 0;
+  const typename Dt::Mask k_tail_mask = static_cast<typename Dt::Mask>((1ull << (D % Dt::W)) - 1u);
+  const int nv = static_cast<int>((D + 15) / 16);  // 16-float vectors per head in pass 3
   const int64_t ldq = static_cast<int64_t>(nv) * 16;
+  const __mmask16 v_tail = (D % 16) ? static_cast<__mmask16>((1u << (D % 16)) - 1u) : static_cast<__mmask16>(0xffff);
   const int64_t lds = (len + 15) / 16 * 16;
-  const __mmask16 tail = (D % 16) ? static_cast<__mmask16>((1u << (D % 16)) - 1u) : static_cast<__mmask16>(0xffff);
-  scratch.assign(static_cast<size_t>(2 * G * ldq + G * lds), 0.0f);
-  float* qf = scratch.data();
-  float* acc = qf + G * ldq;
-  float* s = acc + G * ldq;  // [G][lds] scores, then probabilities
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) qf[g * ldq + kernel_index(IL, d)] = to_float(qrow[g * D + d]) * p.scale;
+
+  // Per-thread scratch, reused across items and calls (only grows): q chunks, accumulators,
+  // scores / probabilities, 1 / softmax sums. 64-byte aligned for the q loads.
+  const size_t need = static_cast<size_t>(NH * (qld + ldq + lds + 1) + 16);
+  if (scratch.size() < need) scratch.resize(need);
+  float* qs = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / sizeof(float);
+  float* acc = qs + NH * qld;
+  float* s = acc + NH * ldq;  // [NH][lds]
+  float* inv = s + NH * lds;
+  for (int64_t h = 0; h < NH; ++h) Dt::prep_q(qrow + h * D, D, nc, qs + h * qld);
+  std::memset(acc, 0, sizeof(float) * NH * ldq);
 
   const int32_t* bt = p.block_tables + b * p.bt_stride0;
   const int64_t bs = p.block_size, rs = p.row_stride;
   const int64_t nblk = (len + bs - 1) / bs;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   auto ntok = [&](int64_t i) { return std::min(bs, len - i * bs); };
-  // Blocks are scattered, so the hardware prefetcher can't run ahead: prefetch the rows of
-  // block i + TANDEM_PF_DIST while working on block i.
-  auto prefetch = [&](const T* cache, int64_t stride0, int64_t i) {
-    if (TANDEM_PF_DIST > 0 && i < nblk) prefetch_rows(cache + bt[i] * stride0 + kvh * D, ntok(i), rs, row_bytes);
+  auto prefetch = [&](const T* cache, int64_t stride0, int64_t i, int64_t j) {
+    if (TANDEM_PF_DIST > 0 && i < nblk) prefetch_rows(cache + bt[i] * stride0 + (h0 + j) * D, ntok(i), rs, row_bytes);
   };
 
-  for (int64_t j = 0; j < TANDEM_PF_DIST; ++j) prefetch(kc, p.k_stride0, j);
+  for (int64_t i = 0; i < TANDEM_PF_DIST; ++i)
+    for (int64_t j = 0; j < nh; ++j) prefetch(kc, p.k_stride0, i, j);
   for (int64_t i = 0; i < nblk; ++i) {
-    prefetch(kc, p.k_stride0, i + TANDEM_PF_DIST);
-    if (i + TANDEM_PF_DIST >= nblk) prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST - nblk);
-    const T* kb = kc + bt[i] * p.k_stride0 + kvh * D;
+    const T* kb = kc + bt[i] * p.k_stride0 + h0 * D;
     const int64_t nt = ntok(i);
-    for (int64_t t0 = 0; t0 < nt; t0 += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, nt - t0));
-      scores_chunk_all_heads<T, IL, NV>(G, qf, ldq, kb + t0 * rs, rs, n, nv, tail, s + i * bs + t0, lds);
+    for (int64_t j = 0; j < nh; ++j) {
+      if (i + TANDEM_PF_DIST < nblk) prefetch(kc, p.k_stride0, i + TANDEM_PF_DIST, j);
+      else prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST - nblk, j);  // V's first blocks
+      for (int64_t t0 = 0; t0 < nt; t0 += 16) {
+        const int n = static_cast<int>(std::min<int64_t>(16, nt - t0));
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = j * G + g;
+          scores16<T, NC>(qs + h * qld, kb + j * D + t0 * rs, rs, n, nc, k_tail, k_tail_mask, p.scale,
+                          s + h * lds + i * bs + t0);
+        }
+      }
     }
   }
-  float inv_l[16];
-  std::vector<float> inv_l_big;
-  float* inv = inv_l;
-  if (G > 16) {
-    inv_l_big.resize(static_cast<size_t>(G));
-    inv = inv_l_big.data();
-  }
-  for (int64_t g = 0; g < G; ++g) inv[g] = 1.0f / softmax_inplace(s + g * lds, len);
+  for (int64_t h = 0; h < NH; ++h) inv[h] = 1.0f / softmax_inplace(s + h * lds, len);
   for (int64_t i = 0; i < nblk; ++i) {
-    prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST);
-    const T* vb = vc + bt[i] * p.v_stride0 + kvh * D;
-    values_block_all_heads<T, IL, NV>(G, s + i * bs, lds, vb, rs, static_cast<int>(ntok(i)), acc, ldq, nv, tail);
+    const T* vb = vc + bt[i] * p.v_stride0 + h0 * D;
+    for (int64_t j = 0; j < nh; ++j) {
+      prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST, j);
+      values_block_all_heads<T, IL, NV>(G, s + j * G * lds + i * bs, lds, vb + j * D, rs,
+                                        static_cast<int>(ntok(i)), acc + j * G * ldq, ldq, nv, v_tail);
+    }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) store_out(orow + g * D + d, acc[g * ldq + kernel_index(IL, d)] * inv[g]);
+  for (int64_t h = 0; h < NH; ++h)
+    for (int64_t d = 0; d < D; ++d) store_out(orow + h * D + d, acc[h * ldq + kernel_index(IL, d)] * inv[h]);
 }
 
 template <typename T>
 void item_avx512_dispatch(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b,
-                          int64_t kvh, std::vector<float>& scratch) {
+                          int64_t h0, int64_t nh, std::vector<float>& scratch) {
   if constexpr (std::is_same<T, bf16_bits>::value) {
-    if (p.D == 64) return item_avx512<T, true, 4>(p, q, out, kc, vc, b, kvh, scratch);
-    if (p.D == 128) return item_avx512<T, true, 8>(p, q, out, kc, vc, b, kvh, scratch);
-    if (p.D % 32 == 0) return item_avx512<T, true, 0>(p, q, out, kc, vc, b, kvh, scratch);
+    if (p.D == 64) return item_avx512<T, true, 4>(p, q, out, kc, vc, b, h0, nh, scratch);
+    if (p.D == 128) return item_avx512<T, true, 8>(p, q, out, kc, vc, b, h0, nh, scratch);
+    if (p.D % 32 == 0) return item_avx512<T, true, 0>(p, q, out, kc, vc, b, h0, nh, scratch);
   } else {
-    if (p.D == 64) return item_avx512<T, false, 4>(p, q, out, kc, vc, b, kvh, scratch);
-    if (p.D == 128) return item_avx512<T, false, 8>(p, q, out, kc, vc, b, kvh, scratch);
+    if (p.D == 64) return item_avx512<T, false, 4>(p, q, out, kc, vc, b, h0, nh, scratch);
+    if (p.D == 128) return item_avx512<T, false, 8>(p, q, out, kc, vc, b, h0, nh, scratch);
   }
-  item_avx512<T, false, 0>(p, q, out, kc, vc, b, kvh, scratch);
+  item_avx512<T, false, 0>(p, q, out, kc, vc, b, h0, nh, scratch);
 }
 #endif  // TANDEM_HAVE_AVX512
 
+// Work items are rows; a row is split into chunks of kv heads only when there are fewer than
+// ~4 rows per thread (small batches / long contexts), so every thread still gets work. Threads
+// take items dynamically from a shared counter, which balances ragged seq_lens. Every head's
+// result is computed the same way whatever the split or thread, so output is thread-count invariant.
 template <typename T>
 void run(const Params& p, const T* q, T* out, const T* kc, const T* vc, bool force_scalar) {
-  const int64_t items = p.B * p.Hkv;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / p.Hkv, kvh = it % p.Hkv;
+  const int64_t nthreads = at::get_num_threads();
+  int64_t split = 1;
+  if (p.B < 4 * nthreads) split = std::min<int64_t>(p.Hkv, (4 * nthreads + p.B - 1) / p.B);
+  const int64_t hpc = (p.Hkv + split - 1) / split;  // kv heads per item
+  split = (p.Hkv + hpc - 1) / hpc;
+  const int64_t items = p.B * split;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t, int64_t) {
+    thread_local std::vector<float> scratch;
+    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t b = it / split, h0 = (it % split) * hpc, nh = std::min(hpc, p.Hkv - h0);
 #if TANDEM_HAVE_AVX512
       if (!force_scalar) {
-        item_avx512_dispatch<T>(p, q, out, kc, vc, b, kvh, scratch);
+        item_avx512_dispatch<T>(p, q, out, kc, vc, b, h0, nh, scratch);
         continue;
       }
 #endif
-      item_scalar<T>(p, q, out, kc, vc, b, kvh, scratch);
+      for (int64_t kvh = h0; kvh < h0 + nh; ++kvh) item_scalar<T>(p, q, out, kc, vc, b, kvh, scratch);
     }
   });
 }
-
 void check_and_run(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                    at::Tensor block_tables, at::Tensor seq_lens, double scale, bool force_scalar) {
   const char* fn = "paged_decode_attention: ";
