@@ -294,7 +294,10 @@ def test_prefill_role_hands_off_after_first_token(make):
     _, finished, shape = step(s, {"a": 42})
     assert shape["prefills"] == [("a", 4)]
     assert finished == [a] and a.finish_reason == FinishReason.HANDOFF and a.output_token_ids == [42]
-    assert s.num_unfinished == 0 and s.kv.num_used_blocks == 0
+    # HANDOFF keeps the blocks for the KV transfer until the owner frees them.
+    assert s.num_unfinished == 0 and s.kv.num_used_blocks == 3
+    s.kv.free("a")
+    assert s.kv.num_used_blocks == 0
 
 
 def test_prefill_role_still_reports_eos_and_length(make):
@@ -369,7 +372,7 @@ def test_finish_aborts_waiting_and_running_and_is_idempotent(make):
 def test_duplicate_live_request_id_is_rejected(make):
     s = make()
     s.add(req("a", 3, 0.0))
-    with pytest.raises(ValueError, match="already running"):
+    with pytest.raises(ValueError, match="already in use"):
         s.add(req("a", 5, 1.0))
     assert s.num_unfinished == 1
 
