@@ -228,3 +228,31 @@ def test_kernel_input_validation(kernels):
         f(out, q, k, v, bad, sl, 0.1)
     with pytest.raises(RuntimeError, match="shape"):
         f(torch.empty(2, 4, 63), q, k, v, bt, sl, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,group", [(8, 1), (6, 2), (3, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_row_and_head_chunk_items(kernels, dtype, kv_heads, group, threads):
+    # Few rows -> rows are split into kv-head chunks (incl. uneven ones for 6 and 3 kv heads);
+    # many rows -> one item per row. Both must agree with the reference, ragged lengths included.
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for seq_lens in ([70], [33, 1, 200], [5, 17, 48, 0, 31, 64, 2, 99, 16, 40]):
+            args = make_case(seq_lens, heads=kv_heads * group, kv_heads=kv_heads, head_dim=64,
+                             dtype=dtype, seed=len(seq_lens) + kv_heads)
+            ref = paged_decode_attention_reference(*args, 0.125)
+            assert_close(run_kernel(kernels.paged_decode_attention, *args, 0.125), ref, dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 80, 160])
+def test_kernel_bf16_dot_tails(kernels, head_dim):
+    # bf16 q.k runs in 32-element chunks; these head dims end in a masked partial chunk.
+    args = make_case([1, 15, 16, 47], heads=4, kv_heads=2, head_dim=head_dim, dtype=torch.bfloat16,
+                     seed=head_dim)
+    scale = head_dim ** -0.5
+    ref = paged_decode_attention_reference(*args, scale)
+    assert_close(run_kernel(kernels.paged_decode_attention, *args, scale), ref, torch.bfloat16)

@@ -1,16 +1,15 @@
 // Tandem: CPU paged-attention decode kernel.
 //
 // One query token per sequence attends over that sequence's K/V, which live in
-// fixed-size blocks of a shared paged cache. Work item = (sequence, kv head); all
-// `group` query heads sharing the kv head are processed together, so each K/V
-// row is read from memory once, in place (no gather copy). Per item:
-//   pass 1  scores s[g][t] = (scale * q[g]) . k[t] for all tokens (K read once),
+// fixed-size blocks of a shared paged cache. Work item = one sequence (all kv
+// heads; split into kv-head chunks only for small batches), see item_avx512 and
+// run(). All `group` query heads sharing a kv head are processed together, so
+// each K/V row is read from memory once, in place (no gather copy):
+//   pass 1  scores s[h][t] = scale * (q[h] . k[t]) for all tokens (K read once),
 //   pass 2  softmax in place in a per-thread scratch of seq_len floats per head,
-//   pass 3  out[g] = sum_t p[g][t] v[t] / sum_t p[g][t] (V read once).
-// Splitting the passes keeps every inner loop free of serial dependencies (the
-// online-softmax alternative puts max/exp/rescale on the critical path of every
-// block). Blocks are scattered, so rows of the block PF_DIST ahead are prefetched
-// in software. Accumulation is float32 for both bf16 and fp32.
+//   pass 3  out[h] = sum_t p[h][t] v[t] / sum_t p[h][t] (V read once).
+// bf16 q.k uses vdpbf16ps (AVX512-BF16) when available; accumulation is float32
+// for both bf16 and fp32.
 //
 // Layout:
 //   q, out        [B, H, D] contiguous, bf16 or fp32 (same dtype)
@@ -33,6 +32,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
