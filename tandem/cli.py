@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -20,7 +21,6 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from services.engine.builder import build_engine
     from services.engine.sampling_params import SamplingParams
     from tandem.run_offline import read_prompts, run_offline
 
@@ -29,8 +29,7 @@ def cmd_run(args) -> int:
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     params.validate(vocab_size=1 << 31)
     engine = _engine_from_args(args)
-    out = open(args.output, "w") if args.output else sys.stdout
-    with out if args.output else _nullcontext():
+    with (open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout)) as out:
         stats = run_offline(engine, prompts, params, out)
     engine.check_integrity()
     print(json.dumps(stats), file=sys.stderr)
@@ -43,14 +42,6 @@ def _engine_from_args(args):
                         kv_memory_gib=args.kv_memory_gib, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                         num_threads=args.threads, enable_prefix_caching=not args.no_prefix_caching)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cmd_export_model(args) -> int:

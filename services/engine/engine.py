@@ -128,9 +128,13 @@ class LLMEngine:
                           num_computed_tokens=n_computed)
         if self.kv.allocate(request_id, [], n_computed) is None:
             raise RuntimeError(f"not enough free KV blocks to import {request_id!r} ({needed} needed)")
-        table = self.kv.block_table(request_id)
-        self.runner.kv[torch.tensor(table)] = kv_blocks.to(self.runner.kv.dtype)
-        self.scheduler.add_running(request)
+        try:
+            table = self.kv.block_table(request_id)
+            self.runner.kv[torch.tensor(table)] = kv_blocks.to(self.runner.kv.dtype)
+            self.scheduler.add_running(request)
+        except BaseException:
+            self.kv.free(request_id)        # never keep blocks for a request that was not adopted
+            raise
         if params.detokenize:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
             for t in output_token_ids:
