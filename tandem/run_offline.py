@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.engine.request import FinishReason
 from services.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -60,7 +60,7 @@ def run_offline(engine, prompts: list[PromptLine], base: SamplingParams, out) ->
     ids_list, params_list = [], []
     for n, line in enumerate(prompts, 1):
         ids = line.token_ids if line.token_ids is not None else tok.encode(line.prompt)
-        params = base if line.max_tokens is None else _with_max_tokens(base, line.max_tokens)
+        params = base if line.max_tokens is None else replace(base, max_tokens=line.max_tokens)
         try:
             engine.validate(ids, params)
         except InvalidRequestError as e:
@@ -79,8 +79,3 @@ def run_offline(engine, prompts: list[PromptLine], base: SamplingParams, out) ->
     return {"requests": len(results), "prompt_tokens": n_in, "output_tokens": n_out,
             "elapsed_s": round(elapsed, 3), "output_tokens_per_s": round(n_out / elapsed, 1),
             "total_tokens_per_s": round((n_in + n_out) / elapsed, 1)}
-
-
-def _with_max_tokens(base: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-    return replace(base, max_tokens=max_tokens)

@@ -72,13 +72,17 @@ class LLMEngine:
                 "max_tokens", f"prompt + max_tokens needs {needed_blocks} KV blocks but this instance "
                 f"has {self.kv.num_blocks}; lower max_tokens or shorten the prompt")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id)."""
+    def validate_new_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """validate() plus what only a fresh prompt needs: an instance that computes prompts."""
         if self.config.scheduler.role == Role.DECODE:
             raise InvalidRequestError("prompt", "this instance is decode-only: send prompts to a prefill or "
                                       "colocated instance, or hand KV over with import_request")
         self.validate(prompt_token_ids, params)
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id)."""
+        self.validate_new_request(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, list(prompt_token_ids), params,
                           eos_token_ids=self.config.model.eos_token_ids, priority=priority)

@@ -37,6 +37,8 @@ class RequestStream:
         try:
             while True:
                 item = self._queue.get()
+                if isinstance(item, ValueError):       # the engine refused this request
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(str(item)) from item
                 yield item
@@ -67,8 +69,12 @@ class EngineThread:
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str | None = None, priority: int = 0) -> RequestStream:
-        """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine."""
-        self.engine.validate(prompt_token_ids, params)
+        """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine.
+
+        A refusal only the engine thread can see (e.g. an id still held by a handed-off request)
+        is raised from the stream's iterator as ValueError; other streams are unaffected.
+        """
+        self.engine.validate_new_request(prompt_token_ids, params)
         with self._lock:
             if self._stopped.is_set():
                 raise EngineDeadError("the engine thread has stopped")
@@ -85,9 +91,16 @@ class EngineThread:
         self._inbox.put(("abort", request_id))
 
     def call(self, fn, timeout: float | None = 30.0):
-        """Run fn(engine) on the engine thread between steps and return its result."""
+        """Run fn(engine) on the engine thread between steps and return its result.
+
+        Raises EngineDeadError at once when the thread has stopped (or stops before running fn),
+        queue.Empty when fn did not run within `timeout`, and whatever fn raised.
+        """
         done: queue.Queue = queue.Queue(maxsize=1)
-        self._inbox.put(("call", (fn, done)))
+        with self._lock:         # the loop drains pending calls after setting _stopped under this lock
+            if self._stopped.is_set():
+                raise EngineDeadError("the engine thread has stopped")
+            self._inbox.put(("call", (fn, done)))
         ok, value = done.get(timeout=timeout)
         if not ok:
             raise value
@@ -117,6 +130,16 @@ class EngineThread:
             self.engine.abort_request(request_id)
         for s in streams:
             s._put(error)
+        self._fail_pending_calls()
+
+    def _fail_pending_calls(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call":
+                arg[1].put((False, EngineDeadError("the engine thread has stopped")))
 
     def _drain_inbox(self, block: bool) -> bool:
         while True:
@@ -129,7 +152,13 @@ class EngineThread:
                 return False
             if kind == "add":
                 ids, params, request_id, priority = arg
-                self.engine.add_request(ids, params, request_id=request_id, priority=priority)
+                try:
+                    self.engine.add_request(ids, params, request_id=request_id, priority=priority)
+                except ValueError as e:          # refuse this request only; the engine lives on
+                    with self._lock:
+                        stream = self._streams.pop(request_id, None)
+                    if stream is not None:
+                        stream._put(e)
             elif kind == "abort":
                 out = self.engine.abort_request(arg)
                 if out is not None:

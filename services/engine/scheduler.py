@@ -119,10 +119,8 @@ class Scheduler:
         for request in self.policy.admission_order(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not self.kv.has_request(request.request_id):
-                needed = request.num_tokens - 1
-                cached = self.kv.allocate(request.request_id, request.all_token_ids, 0) if needed > 0 else 0
-                request.num_computed_tokens = cached or 0
+            if not self.kv.has_request(request.request_id):   # attach cached prefix blocks, if any
+                request.num_computed_tokens = self.kv.allocate(request.request_id, request.all_token_ids, 0) or 0
             n = self._tokens_wanted(request, budget)
             if self.kv.allocate(request.request_id, request.all_token_ids,
                                 request.num_computed_tokens + n) is None:

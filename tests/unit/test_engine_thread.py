@@ -215,3 +215,35 @@ def test_submit_racing_shutdown_never_leaves_a_hanging_stream(make_thread):
     assert not stream._queue.empty(), "stream would block forever"
     with pytest.raises(EngineDeadError):
         stream.result()
+
+
+def test_decode_role_refuses_prompts_in_the_caller(make_thread):
+    from services.engine.config import Role
+
+    t = make_thread(role=Role.DECODE)
+    with pytest.raises(InvalidRequestError, match="decode-only"):
+        t.submit([5, 6, 7], SamplingParams(max_tokens=2))
+    assert t.call(lambda e: e.has_unfinished()) is False      # the thread is still alive
+
+
+def test_refusal_inside_the_engine_fails_only_that_stream(make_thread):
+    """A prefill-role request keeps its blocks after HANDOFF; reusing its id is refused by the
+    engine thread. Only that stream sees the error; the thread serves the next request."""
+    from services.engine.config import Role
+
+    t = make_thread(role=Role.PREFILL)
+    first = t.submit([5, 6, 7], SamplingParams(max_tokens=4), request_id="a").result()
+    assert first.finish_reason == FinishReason.HANDOFF
+    with pytest.raises(ValueError, match="already in use"):
+        t.submit([8, 9], SamplingParams(max_tokens=4), request_id="a").result()
+    other = t.submit([8, 9], SamplingParams(max_tokens=4), request_id="b").result()
+    assert other.finish_reason == FinishReason.HANDOFF
+    t.call(lambda e: (e.release("a"), e.release("b")))
+    assert t.call(lambda e: e.kv.num_used_blocks) == 0
+
+
+def test_call_after_shutdown_raises_at_once(make_thread):
+    t = make_thread()
+    t.shutdown()
+    with pytest.raises(EngineDeadError):
+        t.call(lambda e: 1, timeout=None)        # would block forever if it were queued
