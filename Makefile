@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench-engine clean
+.PHONY: setup demo test proto bench-engine clean
 
 setup: $(STAMP) redis
 
@@ -30,6 +30,10 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Regenerate the gRPC stubs under tandem/v1 from proto/ (tests fail when they drift).
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem/v1/*.proto
 
 bench-engine: setup
 	$(PY) benchmarks/bench_engine.py
