@@ -38,6 +38,24 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
+def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
+                    max_model_len: int, max_tokens_limit: int | None = None) -> None:
+    """The checks any component can make without a KV pool (the router makes them too).
+
+    Raises InvalidRequestError naming the field a user must fix.
+    """
+    params.validate(vocab_size, max_tokens_limit)
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt", "is empty; send at least one token or character")
+    bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError("token_ids", f"id {bad!r} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise InvalidRequestError(
+            "prompt", f"has {len(prompt_token_ids)} tokens but the context holds {max_model_len} "
+            f"(prompt + output); shorten it to at most {max_model_len - 1} tokens")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, tokenizer: Tokenizer):
         if config.num_threads:
@@ -50,23 +68,17 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._cached: dict[str, int] = {}
         self._ids = itertools.count()
+        # Called after each model layer of a step that has prefill chunks: (prefill_chunks, layer_index).
+        self.on_prefill_layer = None
+        self.last_step_prefill_tokens = 0     # what the last step computed (for rate estimates)
+        self.last_step_decodes = 0
 
     # ---- requests ---------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError naming the field a user must fix; no-op for a valid request."""
-        m = self.config.model
-        params.validate(m.vocab_size, self.config.max_tokens_limit)
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt", "is empty; send at least one token or character")
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < m.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError("token_ids", f"id {bad!r} is outside the vocabulary [0, {m.vocab_size})")
-        limit = self.config.max_model_len
-        if len(prompt_token_ids) >= limit:
-            raise InvalidRequestError(
-                "prompt", f"has {len(prompt_token_ids)} tokens but the context holds {limit} "
-                f"(prompt + output); shorten it to at most {limit - 1} tokens")
-        needed_blocks = -(-min(len(prompt_token_ids) + params.max_tokens, limit) // self.kv.block_size)
+        c = self.config
+        validate_prompt(prompt_token_ids, params, c.model.vocab_size, c.max_model_len, c.max_tokens_limit)
+        needed_blocks = -(-min(len(prompt_token_ids) + params.max_tokens, c.max_model_len) // self.kv.block_size)
         if needed_blocks > self.kv.num_blocks:
             raise InvalidRequestError(
                 "max_tokens", f"prompt + max_tokens needs {needed_blocks} KV blocks but this instance "
@@ -108,10 +120,55 @@ class LLMEngine:
         if request_id not in self.scheduler.requests:
             self.kv.free(request_id)
 
+    def reserve(self, request_id: str, num_tokens: int) -> list[int]:
+        """Allocate blocks for positions [0, num_tokens) of a request whose KV will arrive from
+        another instance. Returns the block ids, in logical order.
+
+        Raises ValueError when the id is in use and RuntimeError when blocks are short (nothing is
+        kept then). The blocks stay reserved until adopt() or release().
+        """
+        if request_id in self.scheduler.requests or self.kv.has_request(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use on this instance; use a unique id")
+        needed = self.kv.blocks_needed(request_id, num_tokens)
+        if self.kv.allocate(request_id, [], num_tokens) is None:
+            self.kv.free(request_id)
+            raise RuntimeError(f"not enough free KV blocks for {request_id!r}: {needed} needed, "
+                               f"{self.kv.num_free_blocks} free")
+        return list(self.kv.block_table(request_id))
+
+    def adopt(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+              params: SamplingParams, priority: int = 0, output_logprobs: list[float] | None = None) -> None:
+        """Start decoding a reserved request whose blocks now hold positions
+        [0, len(prompt) + len(output) - 1). It decodes from the next step.
+
+        On any error the reservation is freed (never keep blocks for a request not adopted).
+        """
+        try:
+            if not output_token_ids:
+                raise InvalidRequestError("output_token_ids", "an adopted request needs its first token")
+            n_computed = len(prompt_token_ids) + len(output_token_ids) - 1
+            have = len(self.kv.block_table(request_id)) if self.kv.has_request(request_id) else 0
+            if have * self.kv.block_size < n_computed:
+                raise RuntimeError(f"request {request_id!r} holds {have} blocks, too few for {n_computed} tokens")
+            request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.config.model.eos_token_ids,
+                              priority=priority, output_token_ids=list(output_token_ids),
+                              output_logprobs=list(output_logprobs or [float("nan")] * len(output_token_ids)),
+                              num_computed_tokens=n_computed)
+            self.scheduler.add_running(request)
+        except BaseException:
+            if request_id not in self.scheduler.requests:
+                self.kv.free(request_id)
+            raise
+        if params.detokenize:
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+            for t in output_token_ids:
+                detok.push(t)
+            self._detok[request_id] = detok
+
     def import_request(self, prompt_token_ids: list[int], output_token_ids: list[int],
                        params: SamplingParams, kv_blocks: torch.Tensor, request_id: str,
                        priority: int = 0) -> str:
-        """Adopt a request whose prompt was computed elsewhere; it decodes from the next step.
+        """Adopt a request whose prompt was computed elsewhere, copying its KV in one go.
 
         kv_blocks: [n, layers, 2, block_size, kv_heads, head_dim] holding positions
         [0, len(prompt_token_ids)) (what export_kv returns). output_token_ids: tokens already
@@ -127,23 +184,13 @@ class LLMEngine:
         if tuple(kv_blocks.shape) != expected:
             raise InvalidRequestError("kv_blocks", f"shape {tuple(kv_blocks.shape)} does not match this "
                                       f"instance's layout {expected}; both sides must share model and block size")
-        request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.config.model.eos_token_ids,
-                          priority=priority, output_token_ids=list(output_token_ids),
-                          num_computed_tokens=n_computed)
-        if self.kv.allocate(request_id, [], n_computed) is None:
-            raise RuntimeError(f"not enough free KV blocks to import {request_id!r} ({needed} needed)")
+        table = self.reserve(request_id, n_computed)
         try:
-            table = self.kv.block_table(request_id)
             self.runner.kv[torch.tensor(table)] = kv_blocks.to(self.runner.kv.dtype)
-            self.scheduler.add_running(request)
         except BaseException:
-            self.kv.free(request_id)        # never keep blocks for a request that was not adopted
+            self.kv.free(request_id)
             raise
-        if params.detokenize:
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
-            for t in output_token_ids:
-                detok.push(t)
-            self._detok[request_id] = detok
+        self.adopt(request_id, prompt_token_ids, output_token_ids, params, priority)
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -157,11 +204,15 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_prefill_tokens = sum(c.num_new_tokens for c in out.prefills)
+        self.last_step_decodes = len(out.decodes)
         if out.is_empty:
             return []
         for chunk in out.prefills:
             self._cached.setdefault(chunk.request.request_id, chunk.request.num_computed_tokens)
-        chunks, samples = self.runner.execute(out)
+        hook = self.on_prefill_layer
+        on_layer = (lambda i: hook(out.prefills, i)) if hook is not None and out.prefills else None
+        chunks, samples = self.runner.execute(out, on_layer)
         sampled = {}
         if samples is not None:
             for i, chunk in enumerate(chunks):

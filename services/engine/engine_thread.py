@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from services.engine.engine import LLMEngine, RequestOutput
 from services.engine.request import FinishReason
@@ -56,9 +58,24 @@ class RequestStream:
         return last
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot of the engine's load, refreshed by the engine thread after every loop turn."""
+    total_blocks: int = 0
+    free_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0      # prompt (or recompute) tokens not computed yet
+    step_time_ms: float = 0.0           # moving average over recent non-empty steps
+    prefill_tokens_per_s: float = 0.0   # moving average over recent steps that ran prefill chunks
+
+
 class EngineThread:
     def __init__(self, engine: LLMEngine, name: str = "tandem-engine"):
         self.engine = engine
+        self.load = EngineLoad(total_blocks=engine.kv.num_blocks, free_blocks=engine.kv.num_free_blocks)
+        self._step_ms = 0.0
+        self._prefill_rate = 0.0
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
@@ -68,22 +85,40 @@ class EngineThread:
         self._thread.start()
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
-               request_id: str | None = None, priority: int = 0) -> RequestStream:
+               request_id: str | None = None, priority: int = 0,
+               stream_cls: type[RequestStream] | None = None) -> RequestStream:
         """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine.
 
         A refusal only the engine thread can see (e.g. an id still held by a handed-off request)
         is raised from the stream's iterator as ValueError; other streams are unaffected.
         """
         self.engine.validate_new_request(prompt_token_ids, params)
+        stream = self._new_stream(request_id or f"req-{next(self._ids)}", stream_cls)
+        request_id = stream.request_id
+        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority)))
+        return stream
+
+    def adopt(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+              params: SamplingParams, priority: int = 0, output_logprobs: list[float] | None = None,
+              stream_cls: type[RequestStream] | None = None) -> RequestStream:
+        """Queue LLMEngine.adopt for a reserved request whose KV has arrived; returns its stream.
+
+        Any thread may call this (the KV receiver does). A refusal (e.g. the reservation is
+        gone) is raised from the stream's iterator; the engine frees the blocks in that case.
+        """
+        stream = self._new_stream(request_id, stream_cls)
+        self._inbox.put(("adopt", (request_id, prompt_token_ids, output_token_ids, params, priority,
+                                   output_logprobs)))
+        return stream
+
+    def _new_stream(self, request_id: str, stream_cls: type[RequestStream] | None) -> RequestStream:
         with self._lock:
             if self._stopped.is_set():
                 raise EngineDeadError("the engine thread has stopped")
-            request_id = request_id or f"req-{next(self._ids)}"
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running; use a unique id")
-            stream = RequestStream(self, request_id)
+            stream = (stream_cls or RequestStream)(self, request_id)
             self._streams[request_id] = stream
-        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority)))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -118,7 +153,10 @@ class EngineThread:
                 block = not self.engine.has_unfinished()
                 if not self._drain_inbox(block):
                     break
-                for out in self.engine.step():
+                t0 = time.perf_counter()
+                outputs = self.engine.step()
+                self._measure(time.perf_counter() - t0)
+                for out in outputs:
                     self._deliver(out)
             error: BaseException = EngineDeadError("engine stopped")
         except BaseException as e:     # fail the streams, never leave a caller hanging
@@ -131,6 +169,20 @@ class EngineThread:
         for s in streams:
             s._put(error)
         self._fail_pending_calls()
+
+    def _measure(self, step_s: float) -> None:
+        """Refresh `load`; the last step's duration feeds the moving averages."""
+        engine, sched = self.engine, self.engine.scheduler
+        last = engine.last_step_prefill_tokens
+        if last or engine.last_step_decodes:
+            self._step_ms = 0.8 * self._step_ms + 0.2 * step_s * 1e3 if self._step_ms else step_s * 1e3
+        if last and step_s > 0:
+            rate = last / step_s
+            self._prefill_rate = 0.8 * self._prefill_rate + 0.2 * rate if self._prefill_rate else rate
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running if r.num_output_tokens == 0)
+        self.load = EngineLoad(engine.kv.num_blocks, engine.kv.num_free_blocks, len(sched.running), len(sched.waiting),
+                               queued, self._step_ms, self._prefill_rate)
 
     def _fail_pending_calls(self) -> None:
         while True:
@@ -159,6 +211,15 @@ class EngineThread:
                         stream = self._streams.pop(request_id, None)
                     if stream is not None:
                         stream._put(e)
+            elif kind == "adopt":
+                request_id, prompt, outputs, params, priority, logprobs = arg
+                try:
+                    self.engine.adopt(request_id, prompt, outputs, params, priority, logprobs)
+                except (ValueError, RuntimeError) as e:     # refuse this request only
+                    with self._lock:
+                        stream = self._streams.pop(request_id, None)
+                    if stream is not None:
+                        stream._put(e if isinstance(e, ValueError) else ValueError(str(e)))
             elif kind == "abort":
                 out = self.engine.abort_request(arg)
                 if out is not None:

@@ -128,12 +128,18 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] → logits [len(logits_indices), vocab] in the model dtype."""
+                meta: AttentionMetadata, logits_indices: torch.Tensor, on_layer_done=None) -> torch.Tensor:
+        """input_ids, positions: [T] → logits [len(logits_indices), vocab] in the model dtype.
+
+        on_layer_done(i), when given, runs after layer i wrote its K/V into `kv` (the prefill side
+        streams KV to the decode side from there while later layers compute).
+        """
         x = self.embed_tokens(input_ids)                                     # [T, hidden]
         cos, sin = self.rotary.tables(positions, x.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv, meta)
+            if on_layer_done is not None:
+                on_layer_done(i)
         x = self.norm(x[logits_indices])
         return self.lm_head(x)
 

@@ -32,8 +32,13 @@ class ModelRunner:
                               dtype=config.dtype, device=config.device)
         self.sampler = Sampler()
 
-    def execute(self, out: SchedulerOutput) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
-        """Run one step. Returns the chunks that produced a token (row order) and their samples."""
+    def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
+        """Run one step. Returns the chunks that produced a token (row order) and their samples.
+
+        on_layer_done(layer_index) runs after each layer has written this step's K/V (chunk
+        counters still hold the values from before the step: a chunk covers positions
+        [request.num_computed_tokens, + num_new_tokens)).
+        """
         ids, positions, slot_blocks, slot_offsets = [], [], [], []
         for chunk in out.decodes:
             r = chunk.request
@@ -79,7 +84,7 @@ class ModelRunner:
         if dev != "cpu":
             meta = meta.to(dev)
         logits = self.model(ids_t.to(dev), pos_t.to(dev), self.kv, meta,
-                            torch.tensor(sampling_rows, dtype=torch.long, device=dev))
+                            torch.tensor(sampling_rows, dtype=torch.long, device=dev), on_layer_done)
         sampled_chunks = out.decodes + [c for c in out.prefills if c.samples]
         if not sampled_chunks:
             return [], None

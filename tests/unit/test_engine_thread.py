@@ -184,7 +184,7 @@ def test_shutdown_ends_live_streams_with_engine_dead_error(make_thread):
 def test_error_inside_a_step_fails_live_streams(make_thread):
     thread = make_thread()
 
-    def broken_execute(out):
+    def broken_execute(out, on_layer_done=None):
         raise RuntimeError("kernel exploded")
 
     thread.call(lambda e: setattr(e.runner, "execute", broken_execute))   # runs only when work is scheduled
