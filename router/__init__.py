@@ -1,0 +1,1 @@
+"""Router: front door, placement, rescheduler, instance registry, predictor, autoscaler."""

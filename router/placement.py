@@ -1,0 +1,153 @@
+"""Where a request goes: pure functions over LoadReports plus a ledger of in-flight placements.
+
+Reports are at most one poll old, so a burst of requests arriving between two polls would all
+see the same loads and land on the same instance. The router therefore records each placement
+in an InflightLedger and every choice here counts those entries on top of the report:
+
+    token = ledger.add(decode.instance_id, blocks=need, running=1)
+    ...                                     # the phase runs
+    ledger.remove(token)                    # once the instance's own report can reflect it
+
+Until the entry is removed the request may be counted twice (in the ledger and in a fresh
+report); that errs towards spreading load, which is the safe side.
+
+Only reports in state "serving" are eligible. Ties go to the smallest instance_id, so the same
+inputs always give the same choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable
+
+from tandem.v1 import worker_pb2
+
+LoadReport = worker_pb2.LoadReport
+
+# Prompt tokens per second assumed for an instance that has not measured its rate yet. Low on
+# purpose: an unmeasured instance should not look faster than measured ones.
+DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class InflightLoad:
+    """What the router has sent an instance that its last report may not show yet."""
+    blocks: int = 0
+    prompt_tokens: int = 0
+    running: int = 0
+
+    def __add__(self, other: "InflightLoad") -> "InflightLoad":
+        return InflightLoad(self.blocks + other.blocks, self.prompt_tokens + other.prompt_tokens,
+                            self.running + other.running)
+
+    def __sub__(self, other: "InflightLoad") -> "InflightLoad":
+        return InflightLoad(self.blocks - other.blocks, self.prompt_tokens - other.prompt_tokens,
+                            self.running - other.running)
+
+
+_NOTHING = InflightLoad()
+
+
+class InflightLedger:
+    """Placements not yet visible in reports, summed per instance.
+
+    For one asyncio event loop: no method awaits, so none is interleaved with another; it is not
+    safe to share between threads.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple[str, InflightLoad]] = {}
+        self._totals: dict[str, InflightLoad] = {}
+        self._tokens = itertools.count(1)
+
+    def add(self, instance_id: str, blocks: int = 0, prompt_tokens: int = 0,
+            running: int = 0) -> int:
+        """Record a placement; returns the token that remove() takes."""
+        load = InflightLoad(blocks, prompt_tokens, running)
+        token = next(self._tokens)
+        self._entries[token] = (instance_id, load)
+        self._totals[instance_id] = self._totals.get(instance_id, _NOTHING) + load
+        return token
+
+    def remove(self, token: int) -> None:
+        """Forget a placement. Removing an unknown or already removed token is a safe no-op, so
+        every exit path of a request may call it."""
+        entry = self._entries.pop(token, None)
+        if entry is None:
+            return
+        instance_id, load = entry
+        total = self._totals[instance_id] - load
+        if total == _NOTHING:
+            del self._totals[instance_id]
+        else:
+            self._totals[instance_id] = total
+
+    def for_instance(self, instance_id: str) -> InflightLoad:
+        """Sums of the instance's live entries (all zero when it has none)."""
+        return self._totals.get(instance_id, _NOTHING)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError unless the per-instance totals equal the sums of the entries."""
+        expected: dict[str, InflightLoad] = {}
+        for instance_id, load in self._entries.values():
+            expected[instance_id] = expected.get(instance_id, _NOTHING) + load
+        expected = {i: t for i, t in expected.items() if t != _NOTHING}
+        if expected != self._totals:
+            raise AssertionError(f"ledger totals {self._totals} != sums of entries {expected}")
+
+
+def freeness(r: LoadReport, extra_running: int = 0, extra_blocks: int = 0) -> float:
+    """Llumnix freeness: free KV blocks per request, (free - extra_blocks) / max(1, running +
+    waiting + extra_running). Higher is freer; negative once reservations exceed free blocks."""
+    return (r.free_blocks - extra_blocks) / max(1, r.running + r.waiting + extra_running)
+
+
+def predicted_ttft_s(r: LoadReport, prompt_tokens: int, inflight: InflightLedger) -> float:
+    """Seconds until this prompt's first token on r: every prompt token ahead of it (queued on
+    the instance and in flight to it) plus its own, at r's measured prefill rate (or
+    DEFAULT_PREFILL_TOKENS_PER_S while r reports none)."""
+    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    ahead = r.queued_prefill_tokens + inflight.for_instance(r.instance_id).prompt_tokens
+    return (ahead + prompt_tokens) / rate
+
+
+def _serving(reports: Iterable[LoadReport], role: int) -> list[LoadReport]:
+    return [r for r in reports if r.role == role and r.state == "serving"]
+
+
+def _pick_by_freeness(reports: Iterable[LoadReport], role: int, blocks_needed: int,
+                      inflight: InflightLedger) -> LoadReport | None:
+    best, best_key = None, None
+    for r in _serving(reports, role):
+        load = inflight.for_instance(r.instance_id)
+        if r.free_blocks - load.blocks < blocks_needed:
+            continue
+        key = (-freeness(r, load.running, load.blocks), r.instance_id)
+        if best_key is None or key < best_key:
+            best, best_key = r, key
+    return best
+
+
+def pick_decode(reports: Iterable[LoadReport], blocks_needed: int,
+                inflight: InflightLedger) -> LoadReport | None:
+    """The serving DECODE instance with the highest freeness among those with at least
+    blocks_needed free blocks after in-flight reservations; None if none has room."""
+    return _pick_by_freeness(reports, worker_pb2.ROLE_DECODE, blocks_needed, inflight)
+
+
+def pick_colocated(reports: Iterable[LoadReport], blocks_needed: int,
+                   inflight: InflightLedger) -> LoadReport | None:
+    """As pick_decode, over serving COLOCATED instances (the baseline pool used when the cluster
+    has no prefill/decode pools)."""
+    return _pick_by_freeness(reports, worker_pb2.ROLE_COLOCATED, blocks_needed, inflight)
+
+
+def pick_prefill(reports: Iterable[LoadReport], prompt_tokens: int,
+                 inflight: InflightLedger) -> LoadReport | None:
+    """The serving PREFILL instance with the least predicted TTFT; None if there is none."""
+    candidates = _serving(reports, worker_pb2.ROLE_PREFILL)
+    return min(candidates, default=None,
+               key=lambda r: (predicted_ttft_s(r, prompt_tokens, inflight), r.instance_id))

@@ -1,0 +1,2 @@
+"""Integration tests run against real processes; the Redis fixtures live in tests/redis_fixtures."""
+from tests.redis_fixtures import redis_server, redis_url  # noqa: F401  (pytest fixtures)
