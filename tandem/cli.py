@@ -6,6 +6,8 @@ import contextlib
 import json
 import sys
 
+from tandem import cli_remote
+
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("name")
     exp.add_argument("dir")
     exp.set_defaults(func=cmd_export_model)
+    cli_remote.register(sub)
     return parser
 
 

@@ -1,0 +1,103 @@
+"""`tandem generate` and `tandem admin --addr A instances`: the client SDK on the command line.
+
+A failed RPC prints `tandem <command>: <STATUS>: <details>` to stderr, never a traceback, and
+exits 2 for INVALID_ARGUMENT, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+_INSTANCE_COLUMNS = ("ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING")
+
+
+def register(subparsers) -> None:
+    """Add `generate` and `admin` to the `tandem` parser's subcommands."""
+    gen = subparsers.add_parser("generate", help="stream one completion from a running cluster")
+    gen.add_argument("--addr", required=True, help="router gRPC address, host:port")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--token-ids", type=_token_ids, help="prompt token ids, comma-separated: 1,2,3")
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=None, help="default: the server's (greedy)")
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--timeout", type=float, default=None, help="deadline for the whole stream, seconds")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=cmd_generate)
+
+    admin = subparsers.add_parser("admin", help="inspect a running cluster")
+    admin.add_argument("--addr", required=True, help="router gRPC address, host:port")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    instances = admin_sub.add_parser("instances", help="list the instances and their load")
+    instances.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    instances.set_defaults(func=cmd_admin_instances)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(args) -> int:
+    """Stream the text to stdout and a summary to stderr, or with --json print one JSON object."""
+    from tandem.client import Client, CompletionBuilder
+    from tandem.errors import TandemError
+
+    request = dict(prompt=args.prompt, token_ids=args.token_ids, max_tokens=args.max_tokens,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, timeout=args.timeout)
+    try:
+        with Client(args.addr) as client:
+            if args.json:
+                r = client.complete(**request)
+            else:
+                builder = CompletionBuilder()
+                for chunk in client.generate(**request):
+                    builder.add(chunk)
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                r = builder.build()
+                sys.stdout.write("\n")
+    except TandemError as e:
+        return _fail("generate", e)
+    if args.json:
+        print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
+                          "finish_reason": r.finish_reason, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s}))
+    else:
+        ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.4f}"
+        print(f"tokens={len(r.token_ids)} finish_reason={r.finish_reason} ttft_s={ttft} tpot_s={r.tpot_s:.4f}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_admin_instances(args) -> int:
+    """Print the instances as a table, or with --json as a JSON list of objects."""
+    from tandem.client import Client
+    from tandem.errors import TandemError
+
+    try:
+        with Client(args.addr) as client:
+            instances = client.list_instances()
+    except TandemError as e:
+        return _fail("admin instances", e)
+    if args.json:
+        print(json.dumps(instances))
+        return 0
+    rows = [_INSTANCE_COLUMNS] + [
+        (i["id"], i["role"], i["state"], i["address"], f"{i['free_blocks']}/{i['total_blocks']}",
+         str(i["running"]), str(i["waiting"])) for i in instances]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(_INSTANCE_COLUMNS))]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _fail(command: str, e) -> int:
+    """Report a TandemError the CLI way; the exit code: 2 for INVALID_ARGUMENT, else 1."""
+    from tandem.errors import InvalidArgumentError
+
+    print(f"tandem {command}: {e.code.name}: {e.details}", file=sys.stderr)
+    return 2 if isinstance(e, InvalidArgumentError) else 1
