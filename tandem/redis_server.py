@@ -57,7 +57,7 @@ def _serving_pid(host: str, port: int) -> int | None:
     return int(line)
 
 
-def _child_setup(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Runs in the child between fork and exec: die with the parent (Linux only)."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -118,7 +118,7 @@ class RedisServer:
         parent = os.getpid()
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=lambda: _child_setup(parent))
+                                      preexec_fn=lambda: die_with_parent(parent))
         self.port = port
         atexit.register(self.stop)
         deadline = time.monotonic() + self._start_timeout_s

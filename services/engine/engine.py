@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,12 +31,14 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     new_logprobs: list[float] = field(default_factory=list)
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # when logprobs=n > 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)              # chosen-token logprobs
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None     # final output: time.monotonic() of its first chunk
 
 
 def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
@@ -210,6 +213,8 @@ class LLMEngine:
             return []
         for chunk in out.prefills:
             self._cached.setdefault(chunk.request.request_id, chunk.request.num_computed_tokens)
+            if chunk.request.first_scheduled_time is None:
+                chunk.request.first_scheduled_time = time.monotonic()
         hook = self.on_prefill_layer
         on_layer = (lambda i: hook(out.prefills, i)) if hook is not None and out.prefills else None
         chunks, samples = self.runner.execute(out, on_layer)
@@ -241,6 +246,8 @@ class LLMEngine:
         out = RequestOutput(r.request_id, r.output_token_ids[n - num_new:], delta, r.is_finished,
                             r.finish_reason, r.output_logprobs[n - num_new:] if num_new else [],
                             num_prompt_tokens=r.num_prompt_tokens)
+        if num_new and len(r.output_top_logprobs) == n:
+            out.new_top_logprobs = r.output_top_logprobs[n - num_new:]
         if not r.is_finished:
             return out
         detok = self._detok.pop(r.request_id, None)
@@ -249,6 +256,7 @@ class LLMEngine:
         out.token_ids, out.text = list(r.output_token_ids), detok.text if detok else ""
         out.logprobs, out.top_logprobs = list(r.output_logprobs), list(r.output_top_logprobs)
         out.num_cached_tokens = self._cached.pop(r.request_id, 0)
+        out.first_scheduled_time = r.first_scheduled_time
         return out
 
     # ---- offline convenience -------------------------------------------------------------

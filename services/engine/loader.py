@@ -94,11 +94,8 @@ def _read_json(path: str, what: str) -> dict:
     return data
 
 
-def load_model_dir(path: str) -> LoadedModel:
-    """Read config.json, generation_config.json and every *.safetensors of an HF directory."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_model_dir_config(path: str) -> ModelConfig:
+    """config.json plus generation_config.json's EOS ids of an HF directory (no weights read)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ModelConfigError(f"{path} has no config.json; pass a Hugging Face model directory "
@@ -109,6 +106,15 @@ def load_model_dir(path: str) -> LoadedModel:
         eos = _read_json(gen_path, "generation config").get("eos_token_id")
         if eos is not None:
             cfg = replace(cfg, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
+    return cfg
+
+
+def load_model_dir(path: str) -> LoadedModel:
+    """Read config.json, generation_config.json and every *.safetensors of an HF directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = read_model_dir_config(path)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise ModelConfigError(f"{path} has no *.safetensors weights; Tandem loads safetensors only "
@@ -138,14 +144,19 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str
                                    f"implies {shape}; the weights and config.json disagree")
 
 
-def resolve_model(name_or_dir: str) -> LoadedModel:
-    """A named model (`tiny`, `small`) or a path to an HF directory."""
+def resolve_model(name_or_dir: str, weights: bool = True) -> LoadedModel:
+    """A named model (`tiny`, `small`) or a path to an HF directory.
+
+    weights=False reads only the configuration (tensors stays empty): what a router needs.
+    """
     if name_or_dir in NAMED_MODELS and not os.path.isdir(name_or_dir):
         cfg = NAMED_MODELS[name_or_dir]
-        return LoadedModel(cfg, random_hf_tensors(cfg, NAMED_MODEL_SEED), None)
+        return LoadedModel(cfg, random_hf_tensors(cfg, NAMED_MODEL_SEED) if weights else {}, None)
     if not os.path.isdir(name_or_dir):
         raise ModelConfigError(f"model {name_or_dir!r} is neither a directory nor a named model; use a "
                                f"Hugging Face model directory or one of {', '.join(NAMED_MODELS)}")
+    if not weights:
+        return LoadedModel(read_model_dir_config(name_or_dir), {}, name_or_dir)
     return load_model_dir(name_or_dir)
 
 

@@ -38,6 +38,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None    # time.monotonic() when its first chunk ran
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -144,11 +144,13 @@ class ReleaseResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("check_integrity",)
+    CHECK_INTEGRITY_FIELD_NUMBER: _ClassVar[int]
+    check_integrity: bool
+    def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases")
+    __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases", "integrity_error")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +172,7 @@ class LoadReport(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     address: str
@@ -191,4 +194,5 @@ class LoadReport(_message.Message):
     dtype: str
     updated_unix_ms: int
     leases: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ...) -> None: ...
+    integrity_error: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ..., integrity_error: _Optional[str] = ...) -> None: ...

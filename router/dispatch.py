@@ -1,0 +1,262 @@
+"""Carries one request through the cluster and turns worker messages into client messages.
+
+Disaggregated path (DESIGN "Request life"): reserve on a decode instance D → open D's Decode
+stream (it waits for the KV) → Prefill on a prefill instance P with D's handle → forward the first
+token from P, then every token from D. Colocated path: one Generate stream on a colocated
+instance. Any exit other than a normal finish (client cancel, deadline, abort, error) sends
+Release to every worker that may hold something for the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from router.placement import InflightLedger, pick_colocated, pick_decode, pick_prefill
+from router.registry import InstanceRegistry
+from router.worker_pool import WorkerPool
+from services.engine.sampling_params import SamplingParams
+from tandem.v1 import serving_pb2, worker_pb2
+
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class RouteError(Exception):
+    """Ends the client's stream with `code` and a message saying what to change or retry."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclasses.dataclass
+class RoutedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    worker_request: worker_pb2.WorkerRequest
+    arrival: float                                  # time.monotonic()
+    timeout: float | None = None                    # seconds left of the client's deadline
+    aborted: bool = False                           # set by the Abort RPC
+    calls: list = dataclasses.field(default_factory=list)   # in-flight worker calls, cancelled on abort
+
+    def abort(self) -> None:
+        self.aborted = True
+        for call in self.calls:
+            call.cancel()
+
+
+class Dispatcher:
+    def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = 30_000,
+                 retries: int = 2, rpc_timeout_s: float = 30.0):
+        self.registry, self.pool, self.lease_ms = registry, pool, lease_ms
+        self.retries, self.rpc_timeout_s = retries, rpc_timeout_s
+        self.ledger = InflightLedger()
+
+    def pools(self):
+        r = self.registry
+        return (r.instances(worker_pb2.ROLE_PREFILL), r.instances(worker_pb2.ROLE_DECODE),
+                r.instances(worker_pb2.ROLE_COLOCATED))
+
+    async def generate(self, rr: RoutedRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
+        prefill, decode, colocated = self.pools()
+        if prefill and decode:
+            stream = self._disaggregated(rr)
+        elif colocated:
+            stream = self._colocated(rr)
+        else:
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, self._missing_message(prefill, decode))
+        async for message in stream:
+            yield message
+
+    @staticmethod
+    def _missing_message(prefill, decode) -> str:
+        if prefill and not decode:
+            return "no decode instance is serving (prefill instances are up); start a decode worker or wait for one"
+        if decode and not prefill:
+            return "no prefill instance is serving (decode instances are up); start a prefill worker or wait for one"
+        return ("no instance is serving this cluster: start prefill and decode (or colocated) workers, "
+                "e.g. `tandem up`, or wait for them to register")
+
+    def _timeout(self, rr: RoutedRequest) -> float:
+        if rr.timeout is None:
+            return self.rpc_timeout_s
+        return max(0.001, rr.timeout - (time.monotonic() - rr.arrival))
+
+    def _stream_timeout(self, rr: RoutedRequest) -> float | None:
+        return None if rr.timeout is None else self._timeout(rr)
+
+    # ---- disaggregated ----------------------------------------------------------------------
+    async def _reserve(self, rr: RoutedRequest):
+        blocks_tried: set[str] = set()
+        last_error = ""
+        for _ in range(self.retries + 1):
+            decodes = [d for d in self.registry.instances(worker_pb2.ROLE_DECODE) if d.instance_id not in blocks_tried]
+            if not decodes:
+                break
+            needed = -(-len(rr.prompt_token_ids) // max(1, decodes[0].block_size))
+            d = pick_decode(decodes, needed, self.ledger)
+            if d is None:
+                raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"every decode instance is full ({needed} KV blocks needed); retry later")
+            token = self.ledger.add(d.instance_id, blocks=needed, running=1)
+            try:
+                resp = await self.pool.stub(d.address).Reserve(
+                    worker_pb2.ReserveRequest(request=rr.worker_request, lease_ms=self.lease_ms),
+                    timeout=self._timeout(rr))
+                return d, resp.handle, token
+            except grpc.aio.AioRpcError as e:
+                self.ledger.remove(token)
+                if e.code() not in RETRY_CODES:
+                    raise RouteError(e.code(), e.details()) from None
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.registry.mark_unreachable(d.instance_id)
+                blocks_tried.add(d.instance_id)
+                last_error = f"{d.instance_id}: {e.details()}"
+        raise RouteError(grpc.StatusCode.UNAVAILABLE, f"no decode instance could take the request ({last_error}); retry")
+
+    async def _prefill(self, rr: RoutedRequest, handle: worker_pb2.KVHandle):
+        tried: set[str] = set()
+        last_error = ""
+        for _ in range(self.retries + 1):
+            prefills = [p for p in self.registry.instances(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
+            p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger)
+            if p is None:
+                break
+            token = self.ledger.add(p.instance_id, prompt_tokens=len(rr.prompt_token_ids))
+            call = self.pool.stub(p.address).Prefill(
+                worker_pb2.PrefillRequest(request=rr.worker_request, destination=handle), timeout=self._timeout(rr))
+            rr.calls.append(call)
+            try:
+                return p, await call
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
+                    raise asyncio.CancelledError from None
+                self.pool.release_later(p.address, rr.request_id)
+                if e.code() != grpc.StatusCode.UNAVAILABLE or "transfer" in e.details() or "decode instance" in e.details():
+                    raise RouteError(e.code(), e.details()) from None
+                self.registry.mark_unreachable(p.instance_id)
+                tried.add(p.instance_id)
+                last_error = f"{p.instance_id}: {e.details()}"
+            finally:
+                rr.calls.remove(call)
+                self.ledger.remove(token)
+        raise RouteError(grpc.StatusCode.UNAVAILABLE, f"no prefill instance could take the request ({last_error}); retry")
+
+    async def _disaggregated(self, rr: RoutedRequest):
+        d, handle, d_token = await self._reserve(rr)
+        decode_call = self.pool.stub(d.address).Decode(
+            worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1), timeout=self._stream_timeout(rr))
+        rr.calls.append(decode_call)
+        finished = False
+        try:
+            p, presp = await self._prefill(rr, handle)
+            first = serving_pb2.GenerateResponse(
+                request_id=rr.request_id, index=0, token_ids=[presp.first_token_id], text=presp.first_text,
+                prefill_instance=p.instance_id, decode_instance=d.instance_id)
+            if rr.params.logprobs is not None:
+                first.logprobs.append(presp.first_logprob)
+                if rr.params.logprobs > 0:
+                    first.top_logprobs.append(presp.first_top_logprobs)
+            breakdown = serving_pb2.TtftBreakdown(
+                queue_s=presp.queue_s, prefill_s=presp.prefill_s, transfer_s=presp.transfer_s,
+                kv_bytes=presp.kv_bytes)
+            if presp.finished:
+                first.finished, first.finish_reason = True, presp.finish_reason
+                first.usage.CopyFrom(serving_pb2.Usage(prompt_tokens=len(rr.prompt_token_ids), completion_tokens=1,
+                                                       cached_prompt_tokens=presp.num_cached_tokens))
+                first.ttft_breakdown.CopyFrom(breakdown)
+                yield first            # D still holds the lease: the finally block releases it
+                return
+            yield first
+            async for chunk in decode_call:
+                if d_token is not None:        # D's own report counts the request from now on
+                    self.ledger.remove(d_token)
+                    d_token = None
+                if chunk.first_decode_s:
+                    breakdown.first_decode_s = chunk.first_decode_s
+                message = _from_chunk(rr.request_id, chunk)
+                if chunk.finished:
+                    finished = chunk.finish_reason != serving_pb2.FINISH_REASON_ABORT
+                    message.usage.CopyFrom(serving_pb2.Usage(
+                        prompt_tokens=len(rr.prompt_token_ids), completion_tokens=chunk.index + len(chunk.token_ids),
+                        cached_prompt_tokens=presp.num_cached_tokens))
+                    message.ttft_breakdown.CopyFrom(breakdown)
+                yield message
+                if chunk.finished:
+                    return
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, f"decode instance {d.instance_id} ended the stream early")
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
+                raise asyncio.CancelledError from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.registry.mark_unreachable(d.instance_id)
+            raise RouteError(e.code(), f"decode instance {d.instance_id}: {e.details()}") from None
+        finally:
+            if d_token is not None:
+                self.ledger.remove(d_token)
+            rr.calls.remove(decode_call)
+            if not finished:
+                decode_call.cancel()
+                self.pool.release_later(d.address, rr.request_id)
+
+    # ---- colocated ----------------------------------------------------------------------------
+    async def _colocated(self, rr: RoutedRequest):
+        tried: set[str] = set()
+        for attempt in range(self.retries + 1):
+            pool = [c for c in self.registry.instances(worker_pb2.ROLE_COLOCATED) if c.instance_id not in tried]
+            if not pool:
+                break
+            needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
+            c = pick_colocated(pool, needed, self.ledger)
+            if c is None:
+                raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, "every colocated instance is full; retry later")
+            token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=len(rr.prompt_token_ids), running=1)
+            call = self.pool.stub(c.address).Generate(rr.worker_request, timeout=self._stream_timeout(rr))
+            rr.calls.append(call)
+            sent = 0
+            finished = False
+            try:
+                async for chunk in call:
+                    if token is not None:
+                        self.ledger.remove(token)
+                        token = None
+                    message = _from_chunk(rr.request_id, chunk)
+                    if sent == 0:
+                        message.prefill_instance = message.decode_instance = c.instance_id
+                    if chunk.finished:
+                        finished = True
+                        message.usage.CopyFrom(serving_pb2.Usage(
+                            prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.index + len(chunk.token_ids),
+                            cached_prompt_tokens=chunk.num_cached_tokens))
+                    sent += len(chunk.token_ids)
+                    yield message
+                    if chunk.finished:
+                        return
+                raise RouteError(grpc.StatusCode.UNAVAILABLE, f"instance {c.instance_id} ended the stream early")
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
+                    raise asyncio.CancelledError from None
+                if e.code() not in RETRY_CODES or sent:
+                    raise RouteError(e.code(), f"instance {c.instance_id}: {e.details()}") from None
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.registry.mark_unreachable(c.instance_id)
+                tried.add(c.instance_id)
+            finally:
+                if token is not None:
+                    self.ledger.remove(token)
+                rr.calls.remove(call)
+                if not finished:
+                    call.cancel()
+                    self.pool.release_later(c.address, rr.request_id)
+        raise RouteError(grpc.StatusCode.UNAVAILABLE, "no colocated instance could take the request; retry")
+
+
+def _from_chunk(request_id: str, chunk: worker_pb2.TokenChunk) -> serving_pb2.GenerateResponse:
+    return serving_pb2.GenerateResponse(
+        request_id=request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text,
+        logprobs=chunk.logprobs, top_logprobs=chunk.top_logprobs, finished=chunk.finished,
+        finish_reason=chunk.finish_reason)

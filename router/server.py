@@ -1,0 +1,123 @@
+"""The router process: tandem.v1.Serving (front door), tandem.v1.Admin and gRPC health."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from router.dispatch import Dispatcher, RouteError, RoutedRequest
+from router.registry import InstanceRegistry
+from router.request_validation import build_request
+from router.worker_pool import CHANNEL_OPTIONS, WorkerPool
+from services.engine.builder import load_tokenizer
+from services.engine.loader import resolve_model
+from services.engine.sampling_params import InvalidRequestError
+from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc
+
+log = logging.getLogger("tandem.router")
+
+
+class ServingServicer(serving_pb2_grpc.ServingServicer):
+    def __init__(self, router: "Router"):
+        self.router = router
+
+    async def Generate(self, request, context):
+        r = self.router
+        try:
+            rr = build_request(request, r.model, r.tokenizer, context.time_remaining())
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if rr.request_id in r.live:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id {rr.request_id!r} is already running; use a unique id")
+        r.live[rr.request_id] = rr
+        index = 0
+        try:
+            async for message in r.dispatcher.generate(rr):
+                if message.index != index:        # the contract the client relies on
+                    raise RouteError(grpc.StatusCode.INTERNAL, f"token index {message.index} arrived, {index} expected")
+                index += len(message.token_ids)
+                yield message
+        except RouteError as e:
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            if not rr.aborted:
+                raise                                  # the client went away: nothing more to send
+            yield serving_pb2.GenerateResponse(request_id=rr.request_id, index=index, finished=True,
+                                               finish_reason=serving_pb2.FINISH_REASON_ABORT)
+        finally:
+            r.live.pop(rr.request_id, None)
+
+    async def Abort(self, request, context):
+        rr = self.router.live.get(request.request_id)
+        if rr is not None:
+            rr.abort()
+        return serving_pb2.AbortResponse(found=rr is not None)
+
+    async def ListModels(self, request, context):
+        m = self.router.model
+        return serving_pb2.ListModelsResponse(models=[serving_pb2.ModelInfo(
+            id=m.model_id, max_model_len=m.max_position_embeddings, vocab_size=m.vocab_size)])
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, router: "Router"):
+        self.router = router
+
+    async def ListInstances(self, request, context):
+        await self.router.registry.refresh()
+        return admin_pb2.ListInstancesResponse(instances=self.router.registry.all())
+
+
+class Router:
+    def __init__(self, model: str, redis_url: str, *, cluster: str = "default", host: str = "127.0.0.1",
+                 port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5):
+        loaded = resolve_model(model, weights=False)
+        self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
+        self.host, self.port = host, port
+        self.registry = InstanceRegistry(redis_url, cluster, poll_interval_s=poll_interval_s)
+        self.pool = WorkerPool()
+        self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms)
+        self.live: dict[str, RoutedRequest] = {}
+        self.health = health_aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        await self.registry.start()
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(self), self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {self.host}:{self.port}; choose another --port")
+        self.address = f"{self.host}:{port}"
+        await self.server.start()
+        for service in ("", "tandem.v1.Serving"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("router serving %s on %s", self.model.model_id, self.address)
+        return self.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server:
+            await self.server.stop(grace_s)
+        await self.pool.close()
+        await self.registry.stop()
+
+
+async def serve(router: Router) -> None:
+    """Run until SIGTERM/SIGINT; prints `ready <address>` once serving."""
+    address = await router.start()
+    print(f"ready {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await router.stop()

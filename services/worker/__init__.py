@@ -1,0 +1,1 @@
+"""The worker process: one engine behind a gRPC servicer, a KV data plane and a Redis record."""

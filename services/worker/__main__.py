@@ -1,0 +1,70 @@
+"""`python -m services.worker --role prefill|decode|colocated ...`: one worker process."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from services.worker.server import WorkerOptions, serve
+
+
+def parse_args(argv=None) -> WorkerOptions:
+    p = argparse.ArgumentParser(prog="python -m services.worker", description="A Tandem worker")
+    p.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
+    p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (overrides --kv-memory-gib)")
+    p.add_argument("--kv-memory-gib", type=float, default=1.0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per pinned core)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
+    p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (0: a free one)")
+    p.add_argument("--kv-transport", default="tcp")
+    p.add_argument("--redis", dest="redis_url", default=None, help="redis://host:port/db for the registry")
+    p.add_argument("--cluster", default="default")
+    p.add_argument("--instance-id", default=None)
+    p.add_argument("--cpu-cores", default="", help="comma-separated cores to pin to, e.g. 0 or 0,1")
+    p.add_argument("--lease-ms", type=int, default=30_000, help="how long a decode reservation waits for its KV")
+    p.add_argument("--layer-group", type=int, default=2, help="layers per KV push during prefill")
+    p.add_argument("--transfer-timeout-s", type=float, default=30.0)
+    p.add_argument("--heartbeat-ttl-s", type=float, default=3.0)
+    p.add_argument("--grace-s", type=float, default=10.0)
+    a = p.parse_args(argv)
+    try:
+        cores = tuple(int(c) for c in a.cpu_cores.split(",") if c.strip())
+    except ValueError:
+        p.error(f"--cpu-cores {a.cpu_cores!r}: give comma-separated core numbers, e.g. 0,1")
+    return WorkerOptions(
+        role=a.role, model=a.model, dtype=a.dtype, device=a.device, block_size=a.block_size, num_blocks=a.num_blocks,
+        kv_memory_gib=a.kv_memory_gib, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
+        max_model_len=a.max_model_len, threads=a.threads, enable_prefix_caching=not a.no_prefix_caching,
+        host=a.host, port=a.port, kv_port=a.kv_port, kv_transport=a.kv_transport, redis_url=a.redis_url,
+        cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,
+        layer_group=a.layer_group, transfer_timeout_s=a.transfer_timeout_s, heartbeat_ttl_s=a.heartbeat_ttl_s,
+        grace_s=a.grace_s)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    opts = parse_args(argv)
+    try:
+        asyncio.run(serve(opts))
+    except Exception as e:          # a startup error a user can fix: one line, no traceback
+        from services.engine.config import ModelConfigError
+        if isinstance(e, (ModelConfigError, ValueError, OSError)):
+            print(f"tandem worker: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Decode-side reservations: blocks held for a request whose KV is on its way.
+
+A lease goes PENDING → ADOPTED (the KV committed; the request decodes) or PENDING → RELEASED
+(deadline passed, prefill failed, request cancelled). A released lease has had its blocks freed
+and the KV receiver told to forget the request, so nothing writes into those blocks again. The
+commit runs on a KV receiver thread and the rest on the asyncio loop; one lock orders them, so a
+lease is adopted or released, never both.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.engine.sampling_params import SamplingParams
+
+
+class LeaseState(enum.Enum):
+    PENDING = "pending"
+    ADOPTED = "adopted"
+    RELEASED = "released"
+
+
+@dataclass
+class Lease:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    block_ids: list[int]
+    deadline: float                       # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    state: LeaseState = LeaseState.PENDING
+    reason: str = ""                      # why it was released
+    stream: object = None                 # the engine stream once adopted
+    output_token_ids: list[int] = field(default_factory=list)
+    committed_at: float = 0.0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)   # set on adoption or release
+    timer: asyncio.TimerHandle | None = None
+
+
+class LeaseTable:
+    """The worker's live leases.
+
+    adopt_fn(lease, meta) starts decoding (EngineThread.adopt) and returns the stream; it runs
+    under the lock on the receiver thread. release_fn(lease) frees the blocks and makes the
+    receiver forget the request; it runs on the asyncio loop after the state flipped.
+    """
+
+    def __init__(self, adopt_fn: Callable[[Lease, dict], object], release_fn: Callable[[Lease], "asyncio.Future"]):
+        self._adopt_fn, self._release_fn = adopt_fn, release_fn
+        self.attach_timeout_s = 30.0     # an adopted request nobody decodes for is aborted after this
+        self._leases: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def get(self, request_id: str) -> Lease | None:
+        return self._leases.get(request_id)
+
+    @property
+    def reserved_blocks(self) -> int:
+        with self._lock:
+            return sum(len(x.block_ids) for x in self._leases.values() if x.state == LeaseState.PENDING)
+
+    def add(self, lease: Lease) -> None:
+        """Track a new lease (its blocks are already reserved) and arm its deadline (asyncio loop)."""
+        with self._lock:
+            if lease.request_id in self._leases:
+                raise ValueError(f"request_id {lease.request_id!r} already holds a lease here; use a unique id")
+            self._leases[lease.request_id] = lease
+        delay = max(0.0, lease.deadline - time.monotonic())
+        lease.timer = lease.loop.call_later(delay, self._expire, lease.request_id)
+
+    def commit(self, request_id: str, num_tokens: int, meta: dict) -> str | None:
+        """The KV receiver saw every byte (receiver thread). None acknowledges; a string refuses."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease.state != LeaseState.PENDING:
+                return f"no pending lease for {request_id!r} on this instance ({lease.reason if lease else 'unknown'})"
+            if time.monotonic() > lease.deadline:
+                return f"the lease for {request_id!r} expired before its KV arrived"
+            if num_tokens != len(lease.prompt_token_ids):
+                return f"KV covers {num_tokens} tokens but the reservation is for {len(lease.prompt_token_ids)}"
+            try:
+                lease.stream = self._adopt_fn(lease, meta)
+            except Exception as e:            # the engine stopped: refuse, the release path frees
+                return f"could not start decoding: {e}"
+            lease.state, lease.committed_at = LeaseState.ADOPTED, time.monotonic()
+            lease.output_token_ids = [int(meta["first_token_id"])]
+        lease.loop.call_soon_threadsafe(self._adopted, lease)
+        return None
+
+    async def release(self, request_id: str, reason: str) -> bool:
+        """Release a pending lease (blocks freed, receiver forgets). Returns False when there was
+        no pending lease (unknown, or already adopted: the caller aborts the running request)."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease.state != LeaseState.PENDING:
+                return False
+            lease.state, lease.reason = LeaseState.RELEASED, reason
+        self._settled(lease)
+        try:
+            await self._release_fn(lease)
+        finally:
+            self._leases.pop(request_id, None)
+        return True
+
+    def claim(self, request_id: str) -> Lease | None:
+        """Take an adopted lease out of the table (Decode attaches to its stream); None otherwise."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease.state != LeaseState.ADOPTED:
+                return None
+            del self._leases[request_id]
+        if lease.timer is not None:
+            lease.timer.cancel()
+        return lease
+
+    def pending_ids(self) -> list[str]:
+        with self._lock:
+            return [k for k, v in self._leases.items() if v.state == LeaseState.PENDING]
+
+    # ---- asyncio loop ---------------------------------------------------------------------
+    def _settled(self, lease: Lease) -> None:
+        if lease.timer is not None:
+            lease.timer.cancel()
+        lease.settled.set()
+
+    def _adopted(self, lease: Lease) -> None:
+        """Decoding started; if nobody claims the stream within the attach timeout, abort it."""
+        self._settled(lease)
+        lease.timer = lease.loop.call_later(self.attach_timeout_s, self._unclaimed, lease.request_id)
+
+    def _unclaimed(self, request_id: str) -> None:
+        lease = self.claim(request_id)
+        if lease is not None:
+            lease.stream.cancel()
+
+    def _expire(self, request_id: str) -> None:
+        lease = self._leases.get(request_id)
+        if lease is not None and lease.state == LeaseState.PENDING:
+            lease.loop.create_task(self.release(request_id, "lease expired before the KV arrived"))

@@ -1,0 +1,179 @@
+"""Builds and runs one worker: engine thread, KV transport, gRPC server, Redis record."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from services.engine.config import Role
+from services.engine.engine_thread import EngineThread
+from services.proto_convert import ROLE_BY_NAME
+from services.registry import InstancePublisher
+from services.transport import KVLayout, make_receiver, make_sender
+from services.worker.kv_push import PrefillPusher
+from services.worker.servicer import WorkerServicer
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tandem.worker")
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0)]
+
+
+@dataclass
+class WorkerOptions:
+    role: str = "colocated"                 # prefill | decode | colocated
+    model: str = "tiny"
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_memory_gib: float = 1.0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    threads: int | None = None
+    enable_prefix_caching: bool = True
+    host: str = "127.0.0.1"
+    port: int = 0                           # 0: a free port
+    kv_port: int = 0
+    kv_transport: str = "tcp"
+    redis_url: str | None = None
+    cluster: str = "default"
+    instance_id: str | None = None
+    cpu_cores: tuple[int, ...] = ()        # pin the process to these cores (models a device on CPU)
+    lease_ms: int = 30_000
+    layer_group: int = 2                    # layers per KV push during prefill
+    transfer_timeout_s: float = 30.0
+    heartbeat_ttl_s: float = 3.0
+    heartbeat_interval_s: float = 1.0
+    grace_s: float = 10.0
+
+
+def pin_cores(cores: tuple[int, ...]) -> None:
+    """Restrict this process (and threads it starts later) to `cores`; one torch thread per core."""
+    if not cores:
+        return
+    available = os.sched_getaffinity(0)
+    chosen = {c for c in cores if c in available} or available
+    os.sched_setaffinity(0, chosen)
+    import torch
+    torch.set_num_threads(len(chosen))
+
+
+class Worker:
+    """One worker process's parts. `start()` then `wait()`; `stop()` is graceful and idempotent."""
+
+    def __init__(self, opts: WorkerOptions):
+        from services.engine.builder import build_engine
+
+        self.opts = opts
+        self.role = Role[opts.role.upper()] if opts.role.upper() in Role.__members__ else None
+        if self.role is None:
+            raise ValueError(f"--role {opts.role!r} is not a role; use prefill, decode or colocated")
+        pin_cores(opts.cpu_cores)
+        self.instance_id = opts.instance_id or f"{opts.role}-{socket.gethostname()}-{os.getpid()}"
+        self.engine = build_engine(
+            opts.model, dtype=opts.dtype, device=opts.device, block_size=opts.block_size, num_blocks=opts.num_blocks,
+            kv_memory_gib=opts.kv_memory_gib, max_num_batched_tokens=opts.max_num_batched_tokens,
+            max_num_seqs=opts.max_num_seqs, role=self.role, num_threads=opts.threads or None,
+            enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len)
+        cfg = self.engine.config
+        self.layout = KVLayout.of(self.engine.runner.kv, cfg.model.model_id)
+        self.engine_thread = EngineThread(self.engine, name=f"engine-{self.instance_id}")
+        self.sender = make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s)
+        self.receiver = make_receiver(opts.kv_transport, self.layout, self.engine.runner.kv, host=opts.host,
+                                      port=opts.kv_port, timeout_s=opts.transfer_timeout_s)
+        self.pusher = None
+        if self.role == Role.PREFILL:
+            self.pusher = PrefillPusher(self.engine.kv.block_table, cfg.cache.block_size, cfg.model.num_layers,
+                                        opts.layer_group)
+            self.engine.on_prefill_layer = self.pusher
+        self.state = "starting"
+        self.address = ""
+        self.publisher = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health_aio.HealthServicer()
+        self.servicer: WorkerServicer | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    def report(self) -> worker_pb2.LoadReport:
+        load, cfg = self.engine_thread.load, self.engine.config
+        leases = self.servicer.leases if self.servicer else None
+        return worker_pb2.LoadReport(
+            instance_id=self.instance_id, role=ROLE_BY_NAME[self.role.name.lower()], address=self.address,
+            kv_address=self.receiver.address, state=self.state, model=cfg.model.model_id,
+            total_blocks=load.total_blocks, free_blocks=load.free_blocks,
+            reserved_blocks=leases.reserved_blocks if leases else 0, running=load.running, waiting=load.waiting,
+            queued_prefill_tokens=load.queued_prefill_tokens, step_time_ms=load.step_time_ms,
+            prefill_tokens_per_s=load.prefill_tokens_per_s, block_size=cfg.cache.block_size,
+            max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size, kv_transport=self.opts.kv_transport,
+            dtype=self.opts.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases else 0)
+
+    async def start(self) -> str:
+        opts = self.opts
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        if opts.redis_url:
+            self.publisher = InstancePublisher(opts.redis_url, opts.cluster, self.report, ttl_s=opts.heartbeat_ttl_s,
+                                               interval_s=opts.heartbeat_interval_s)
+        self.servicer = WorkerServicer(
+            self.engine_thread, role=self.role, sender=self.sender, receiver=self.receiver, pusher=self.pusher,
+            lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report,
+            publisher=self.publisher)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.server.add_insecure_port(f"{opts.host}:{opts.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {opts.host}:{opts.port}")
+        self.address = f"{opts.host}:{port}"
+        await self.server.start()
+        self.state = "serving"
+        for service in ("", "tandem.v1.Worker"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.publisher:
+            await self.publisher.start()
+        log.info("worker %s (%s) serving on %s, KV on %s", self.instance_id, opts.role, self.address,
+                 self.receiver.address)
+        return self.address
+
+    async def stop(self) -> None:
+        """Stop taking work, finish or cancel in-flight RPCs within the grace period, free everything."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self.state = "stopping"
+        await self.health.enter_graceful_shutdown()
+        if self.publisher:
+            await self.publisher.stop()       # leave placement first
+        if self.server:
+            await self.server.stop(self.opts.grace_s)
+        if self.servicer:
+            for rid in self.servicer.leases.pending_ids():
+                await self.servicer.leases.release(rid, "the instance is stopping")
+        self.sender.close()
+        self.receiver.close()
+        self.engine_thread.shutdown()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(opts: WorkerOptions) -> None:
+    """Run a worker until SIGTERM/SIGINT; prints `ready <instance_id> <address>` once serving."""
+    worker = Worker(opts)
+    address = await worker.start()
+    print(f"ready {worker.instance_id} {address}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+    await worker.wait()

@@ -1,0 +1,314 @@
+"""The tandem.v1.Worker servicer: a thin asyncio layer over the engine thread, the lease table
+and the KV transport. Every RPC maps user-fixable errors to INVALID_ARGUMENT naming the field,
+and every exit path (finish, cancel, error, timeout) gives back what the request held.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import grpc
+
+from services.engine.config import Role
+from services.engine.engine_thread import EngineDeadError, EngineThread
+from services.engine.request import FinishReason
+from services.engine.sampling_params import InvalidRequestError
+from services.proto_convert import (FINISH_TO_PROTO, outputs_to_chunk, sampling_params_from_proto,
+                                    top_logprobs_to_proto)
+from services.transport import KVHandshakeError, KVTransportError
+from services.worker.async_stream import AsyncRequestStream
+from services.worker.kv_push import PrefillPusher
+from services.worker.leases import Lease, LeaseState, LeaseTable
+from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tandem.worker")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine_thread: EngineThread, *, role: Role, sender, receiver, pusher: PrefillPusher | None,
+                 lease_ms: int, transfer_timeout_s: float, report_fn, publisher=None):
+        self.et, self.engine = engine_thread, engine_thread.engine
+        self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
+        self.lease_ms, self.transfer_timeout_s = lease_ms, transfer_timeout_s
+        self.report_fn, self.publisher = report_fn, publisher
+        self.leases = LeaseTable(self._adopt, self._release_lease)
+        self._prefills: dict[str, AsyncRequestStream] = {}
+        self.transfer_failures = 0
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    async def _engine_call(self, fn):
+        return await asyncio.to_thread(self.et.call, fn)
+
+    @staticmethod
+    async def _abort(context, code: grpc.StatusCode, message: str):
+        await context.abort(code, message)
+
+    def _request_fields(self, req: worker_pb2.WorkerRequest):
+        """(prompt ids, engine SamplingParams) validated against this engine; raises InvalidRequestError."""
+        params = sampling_params_from_proto(req.params)
+        prompt = list(req.prompt_token_ids)
+        self.engine.validate(prompt, params)
+        return prompt, params
+
+    async def _require_role(self, context, *roles: Role, what: str):
+        if self.role not in roles:
+            names = " or ".join(r.name.lower() for r in roles)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{what} needs a {names} instance; this one is {self.role.name.lower()}")
+
+    # ---- decode side: Reserve, Decode ----------------------------------------------------------
+    async def Reserve(self, request: worker_pb2.ReserveRequest, context):
+        await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Reserve")
+        req = request.request
+        rid = req.request_id
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request.request_id: is empty; set a unique id")
+        try:
+            prompt, params = self._request_fields(req)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            block_ids = await self._engine_call(lambda e: e.reserve(rid, len(prompt)))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except RuntimeError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another instance")
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
+        lease_ms = request.lease_ms or self.lease_ms
+        lease = Lease(rid, prompt, params, req.priority, block_ids, time.monotonic() + lease_ms / 1e3, self._loop())
+        try:
+            self.leases.add(lease)
+            self.receiver.expect(rid, block_ids, self.leases.commit)
+        except ValueError as e:
+            await self._engine_call(lambda e_: e_.release(rid))
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        deadline_ms = int(time.time() * 1e3) + lease_ms
+        if self.publisher is not None:
+            asyncio.ensure_future(self.publisher.record_lease(rid, len(block_ids), deadline_ms))
+        b = self.engine.kv.block_size
+        return worker_pb2.ReserveResponse(handle=worker_pb2.KVHandle(
+            instance_id=self.report_fn().instance_id, transport=self.report_fn().kv_transport,
+            address=self.receiver.address, request_id=rid, num_blocks=len(block_ids), block_size=b,
+            lease_deadline_unix_ms=deadline_ms))
+
+    def _adopt(self, lease: Lease, meta: dict):
+        """Receiver thread: the KV is complete; start decoding right away (stream buffers tokens)."""
+        logprob = meta.get("first_logprob")
+        return self.et.adopt(lease.request_id, lease.prompt_token_ids, [int(meta["first_token_id"])], lease.params,
+                             lease.priority, [float("nan") if logprob is None else float(logprob)],
+                             stream_cls=AsyncRequestStream.factory(lease.loop))
+
+    async def _release_lease(self, lease: Lease) -> None:
+        rid = lease.request_id
+        await asyncio.to_thread(self.receiver.forget, rid)        # no byte lands in these blocks after this
+        try:
+            await self._engine_call(lambda e: e.release(rid))
+        except EngineDeadError:
+            pass
+        if self.publisher is not None:
+            await self.publisher.drop_lease(rid)
+        log.info("released lease %s: %s", rid, lease.reason)
+
+    async def Decode(self, request: worker_pb2.DecodeRequest, context):
+        rid = request.request_id
+        lease = self.leases.get(rid)
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} has no reservation here; Reserve first")
+        stream = None
+        try:
+            await lease.settled.wait()
+            if lease.state != LeaseState.ADOPTED:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if "expired" in lease.reason else grpc.StatusCode.ABORTED
+                await context.abort(code, f"request {rid!r}: {lease.reason}")
+            claimed = self.leases.claim(rid)
+            if claimed is None:
+                await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was already claimed or abandoned")
+            stream = claimed.stream
+            index, want_lp = len(claimed.output_token_ids), claimed.params.logprobs is not None
+            first = True
+            while True:
+                try:
+                    outputs = await stream.next_batch()
+                except (ValueError, EngineDeadError) as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, EngineDeadError)
+                                        else grpc.StatusCode.ABORTED, str(e))
+                chunk = outputs_to_chunk(outputs, index, want_lp)
+                index += len(chunk.token_ids)
+                if first:
+                    chunk.first_decode_s = time.monotonic() - claimed.committed_at
+                    first = False
+                if chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished:
+                    yield _from_index(chunk, request.start_index)
+                if chunk.finished:
+                    return
+        finally:
+            if stream is not None:
+                stream.cancel()                       # no-op once finished
+            elif lease.state == LeaseState.PENDING:     # cancelled while waiting for the KV
+                await self.leases.release(rid, "the decode stream was cancelled")
+            else:
+                late = self.leases.claim(rid)         # adopted but we never read it
+                if late is not None:
+                    late.stream.cancel()
+
+    # ---- prefill side ------------------------------------------------------------------------
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+        await self._require_role(context, Role.PREFILL, what="Prefill")
+        req, dest = request.request, request.destination
+        rid = req.request_id
+        try:
+            prompt, params = self._request_fields(req)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not dest.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination.address: is empty; Reserve on a decode "
+                                "instance first and pass its handle")
+        arrival = time.monotonic()
+        try:
+            transfer = await asyncio.to_thread(self.sender.open, dest.request_id or rid, dest.address, self.engine.runner.kv)
+        except KVHandshakeError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except KVTransportError as e:
+            self.transfer_failures += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode instance {dest.instance_id} "
+                                f"at {dest.address}: {e}")
+        self.pusher.register(rid, transfer)
+        stream = None
+        committed = False
+        try:
+            try:
+                stream = self.et.submit(prompt, params, rid, req.priority,
+                                        stream_cls=AsyncRequestStream.factory(self._loop()))
+            except InvalidRequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except (ValueError, EngineDeadError) as e:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS if isinstance(e, ValueError)
+                                    else grpc.StatusCode.UNAVAILABLE, str(e))
+            self._prefills[rid] = stream
+            outputs = []
+            while not (outputs and outputs[-1].finished):
+                try:
+                    outputs += await stream.next_batch()
+                except (ValueError, EngineDeadError) as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, EngineDeadError)
+                                        else grpc.StatusCode.ALREADY_EXISTS, str(e))
+            sampled = time.monotonic()
+            out = outputs[-1]
+            if out.finish_reason == FinishReason.ABORT:
+                await context.abort(grpc.StatusCode.CANCELLED, f"request {rid!r} was aborted")
+            resp = worker_pb2.PrefillResponse(
+                first_token_id=out.token_ids[0], first_logprob=out.logprobs[0] if out.logprobs else math.nan,
+                first_text="".join(o.new_text for o in outputs), num_cached_tokens=out.num_cached_tokens)
+            if out.top_logprobs:
+                resp.first_top_logprobs.CopyFrom(top_logprobs_to_proto(out.top_logprobs[0]))
+            self.pusher.unregister(rid)
+            if out.finish_reason == FinishReason.HANDOFF:
+                meta = {"first_token_id": out.token_ids[0],
+                        "first_logprob": None if math.isnan(resp.first_logprob) else resp.first_logprob}
+                try:
+                    stats = await asyncio.to_thread(transfer.commit, len(prompt), meta, self.transfer_timeout_s)
+                except KVTransportError as e:
+                    self.transfer_failures += 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to {dest.instance_id} failed: {e}")
+                committed = True
+                resp.kv_bytes, resp.transfer_s = stats.bytes, time.monotonic() - sampled
+            else:
+                resp.finished = True
+                resp.finish_reason = FINISH_TO_PROTO[out.finish_reason]
+            started = out.first_scheduled_time or arrival
+            resp.queue_s, resp.prefill_s = max(0.0, started - arrival), max(0.0, sampled - started)
+            return resp
+        finally:
+            self.pusher.unregister(rid)
+            self._prefills.pop(rid, None)
+            if not committed:
+                transfer.abort("prefill did not complete")
+            if stream is not None:
+                stream.cancel()
+            try:       # blocks stay only as prefix cache; a no-op if the request is still queued
+                await self._engine_call(lambda e: e.release(rid))
+            except EngineDeadError:
+                pass
+
+    # ---- colocated ------------------------------------------------------------------------------
+    async def Generate(self, request: worker_pb2.WorkerRequest, context):
+        await self._require_role(context, Role.COLOCATED, what="Generate")
+        try:
+            prompt, params = self._request_fields(request)
+            stream = self.et.submit(prompt, params, request.request_id or None, request.priority,
+                                    stream_cls=AsyncRequestStream.factory(self._loop()))
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        index, want_lp = 0, params.logprobs is not None
+        try:
+            while True:
+                try:
+                    outputs = await stream.next_batch()
+                except (ValueError, EngineDeadError) as e:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, EngineDeadError)
+                                        else grpc.StatusCode.ALREADY_EXISTS, str(e))
+                chunk = outputs_to_chunk(outputs, index, want_lp)
+                index += len(chunk.token_ids)
+                yield chunk
+                if chunk.finished:
+                    return
+        finally:
+            stream.cancel()
+
+    # ---- both ---------------------------------------------------------------------------------
+    async def Release(self, request: worker_pb2.ReleaseRequest, context):
+        rid = request.request_id
+        found = await self.leases.release(rid, "released by the router")
+        lease = self.leases.claim(rid)
+        if lease is not None:
+            lease.stream.cancel()
+            found = True
+        stream = self._prefills.get(rid)
+        if stream is not None:
+            stream.cancel()
+            found = True
+        self.et.abort(rid)
+        try:
+            await self._engine_call(lambda e: e.release(rid))
+        except EngineDeadError:
+            pass
+        return worker_pb2.ReleaseResponse(found=found)
+
+    async def Stats(self, request, context):
+        report = self.report_fn()
+        if request.check_integrity:
+            def check(engine):
+                try:
+                    engine.check_integrity()
+                    return "", engine.kv.num_free_blocks
+                except Exception as e:       # report, don't crash: this is a diagnostic
+                    return str(e), engine.kv.num_free_blocks
+            try:
+                report.integrity_error, report.free_blocks = await self._engine_call(check)
+            except EngineDeadError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
+        return report
+
+
+def _from_index(chunk: worker_pb2.TokenChunk, start: int) -> worker_pb2.TokenChunk:
+    """Drop tokens below `start` (the caller already has them)."""
+    skip = start - chunk.index
+    if skip <= 0:
+        return chunk
+    del chunk.token_ids[:skip]
+    if chunk.logprobs:
+        del chunk.logprobs[:skip]
+    if chunk.top_logprobs:
+        del chunk.top_logprobs[:skip]
+    chunk.index = start
+    return chunk

@@ -1,0 +1,191 @@
+"""A whole cluster on this machine as child processes: Redis, workers and the router.
+
+`tandem up`, `make demo`, the integration tests and the benchmarks all start clusters this way:
+
+    with LocalCluster("small", prefill=1, decode=1, pin_cores=True) as cluster:
+        Client(cluster.address).complete(prompt="Hi", max_tokens=8)
+    # every child has exited here, Redis included
+
+Children die with the thread that started them (PR_SET_PDEATHSIG), so even a SIGKILLed parent
+leaves nothing behind; `stop()` is the orderly path: SIGTERM, a grace period, then SIGKILL.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from tandem.redis_server import RedisServer, die_with_parent
+from tandem.v1 import admin_pb2, admin_pb2_grpc
+
+
+class ClusterStartError(RuntimeError):
+    """A child exited or the cluster did not become ready in time; the message has its log tail."""
+
+
+@dataclass
+class WorkerSpec:
+    role: str
+    instance_id: str
+    cores: tuple[int, ...] = ()
+    extra_args: list[str] = field(default_factory=list)
+
+
+def plan_workers(prefill: int, decode: int, colocated: int, pin_cores: bool,
+                 cores: list[int] | None = None) -> list[WorkerSpec]:
+    """Instance ids and core pinning. With pin_cores, prefill and decode workers take different
+    cores (prefill from the front of the core list, decode from the back); colocated instances
+    take one core each, round robin."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    specs = []
+    for i in range(prefill):
+        specs.append(WorkerSpec("prefill", f"prefill-{i}", (cores[i % len(cores)],) if pin_cores else ()))
+    for i in range(decode):
+        specs.append(WorkerSpec("decode", f"decode-{i}", (cores[-1 - i % len(cores)],) if pin_cores else ()))
+    for i in range(colocated):
+        specs.append(WorkerSpec("colocated", f"colocated-{i}", (cores[i % len(cores)],) if pin_cores else ()))
+    return specs
+
+
+class LocalCluster:
+    def __init__(self, model: str = "tiny", *, prefill: int = 1, decode: int = 1, colocated: int = 0,
+                 redis_url: str | None = None, host: str = "127.0.0.1", port: int = 0, pin_cores: bool = False,
+                 worker_args: list[str] | None = None, router_args: list[str] | None = None,
+                 role_args: dict[str, list[str]] | None = None,
+                 cluster: str = "default", log_dir: str | None = None, inherit_output: bool = False,
+                 ready_timeout_s: float = 180.0):
+        if prefill < 0 or decode < 0 or colocated < 0 or prefill + decode + colocated == 0:
+            raise ValueError("a cluster needs at least one worker: give --prefill/--decode or --colocated")
+        if (prefill == 0) != (decode == 0):
+            raise ValueError("prefill and decode instances come in pairs of pools: give both --prefill and "
+                             "--decode (or neither and --colocated)")
+        self.model, self.host, self.port = model, host, port
+        self.specs = plan_workers(prefill, decode, colocated, pin_cores)
+        for spec in self.specs:                  # e.g. {"decode": ["--block-size", "32"]}
+            spec.extra_args += list((role_args or {}).get(spec.role, []))
+        self.redis_url, self.cluster = redis_url, cluster
+        self.worker_args, self.router_args = list(worker_args or []), list(router_args or [])
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="tandem-cluster-")
+        self.inherit_output, self.ready_timeout_s = inherit_output, ready_timeout_s
+        self.address = ""
+        self.redis: RedisServer | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "LocalCluster":
+        try:
+            if self.redis_url is None:
+                self.redis = RedisServer().start()
+                self.redis_url = self.redis.url
+            for spec in self.specs:
+                self._spawn(spec.instance_id, self.worker_command(spec))
+            self._spawn("router", [sys.executable, "-m", "router", "--model", self.model, "--redis", self.redis_url,
+                                   "--cluster", self.cluster, "--host", self.host, "--port", str(self.port),
+                                   *self.router_args])
+            self.address = self._wait_router_address()
+            self.wait_instances(len(self.specs))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def worker_command(self, spec: WorkerSpec) -> list[str]:
+        cmd = [sys.executable, "-m", "services.worker", "--role", spec.role, "--model", self.model,
+               "--redis", self.redis_url, "--cluster", self.cluster, "--instance-id", spec.instance_id,
+               "--host", self.host]
+        if spec.cores:
+            cmd += ["--cpu-cores", ",".join(map(str, spec.cores))]
+        return cmd + self.worker_args + spec.extra_args
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        out = None if self.inherit_output else open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        parent = os.getpid()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if name == "router" else out,
+                                stderr=out, preexec_fn=lambda: die_with_parent(parent))
+        if out is not None:
+            out.close()
+        self.procs[name] = proc
+        return proc
+
+    def _wait_router_address(self) -> str:
+        proc = self.procs["router"]
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            if line.startswith("ready "):
+                return line.split()[1]
+            if not line and proc.poll() is not None:
+                break
+        raise ClusterStartError(f"the router did not start: {self.log_tail('router')}")
+
+    def wait_instances(self, count: int, timeout_s: float | None = None) -> list:
+        """Block until the router lists `count` serving instances; returns their LoadReports."""
+        deadline = time.monotonic() + (timeout_s or self.ready_timeout_s)
+        found: list = []
+        with grpc.insecure_channel(self.address) as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            while True:
+                self._check_children()
+                try:
+                    found = [i for i in admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=5).instances
+                             if i.state == "serving"]
+                    if len(found) >= count:
+                        return found
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterStartError(f"only {len(found)} of {count} instances "
+                                            f"registered in time; logs in {self.log_dir}")
+                time.sleep(0.2)
+
+    def _check_children(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise ClusterStartError(f"{name} exited with code {proc.returncode}: {self.log_tail(name)}")
+
+    def log_tail(self, name: str, n: int = 2000) -> str:
+        path = os.path.join(self.log_dir, f"{name}.log")
+        if not os.path.exists(path):
+            return "(no log)"
+        with open(path, "rb") as f:
+            return f.read()[-n:].decode(errors="replace")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one child (tests of peer death)."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every child (router first), wait up to grace_s, SIGKILL the rest; stop Redis. Idempotent."""
+        order = ["router"] + [n for n in self.procs if n != "router"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

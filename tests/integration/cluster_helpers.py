@@ -1,0 +1,54 @@
+"""What the cluster tests share: streaming a request with raw stubs and reading worker state."""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+
+def generate(address: str, token_ids: list[int], max_tokens: int, timeout: float = 120.0, **params):
+    """Stream one request; returns (token ids, messages). Checks the index contract on the way."""
+    with grpc.insecure_channel(address) as channel:
+        stub = serving_pb2_grpc.ServingStub(channel)
+        req = serving_pb2.GenerateRequest(prompt_token_ids=token_ids,
+                                          params=serving_pb2.SamplingParams(max_tokens=max_tokens, **params))
+        tokens, messages = [], []
+        for m in stub.Generate(req, timeout=timeout):
+            assert m.index == len(tokens), f"index {m.index} after {len(tokens)} tokens"
+            tokens += list(m.token_ids)
+            messages.append(m)
+        assert messages[-1].finished
+        return tokens, messages
+
+
+def instances(address: str) -> list[worker_pb2.LoadReport]:
+    with grpc.insecure_channel(address) as channel:
+        return list(admin_pb2_grpc.AdminStub(channel).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10).instances)
+
+
+def worker_stats(worker_address: str, check_integrity: bool = True) -> worker_pb2.LoadReport:
+    with grpc.insecure_channel(worker_address) as channel:
+        return worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(check_integrity=check_integrity),
+                                                         timeout=30)
+
+
+def assert_no_leaks(address: str, timeout_s: float = 30.0) -> None:
+    """Every instance: integrity check passes, no lease, no running request, no used block (the
+    prefix cache's evictable blocks count as free). Cleanup is asynchronous, so poll."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        problems = []
+        for inst in instances(address):
+            s = worker_stats(inst.address)
+            if s.integrity_error:
+                problems.append(f"{inst.instance_id}: {s.integrity_error}")
+            if s.free_blocks != s.total_blocks or s.leases or s.reserved_blocks or s.running or s.waiting:
+                problems.append(f"{inst.instance_id}: free {s.free_blocks}/{s.total_blocks}, leases {s.leases}, "
+                                f"reserved {s.reserved_blocks}, running {s.running}, waiting {s.waiting}")
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("leaks after the requests ended: " + "; ".join(problems))
+        time.sleep(0.2)
