@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 
-from tandem import cli_remote
+from tandem import cli_remote, cli_up
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -77,19 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("dir")
     exp.set_defaults(func=cmd_export_model)
     cli_remote.register(sub)
+    cli_up.register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _is_user_error(e: Exception) -> bool:
+    """Errors with a message that tells the user what to fix (imported only on the error path:
+    `tandem generate` and `tandem admin` must not pay for importing torch)."""
     from services.engine.config import ModelConfigError
     from services.engine.sampling_params import InvalidRequestError
     from services.engine.tokenizer import TokenizerLoadError
     from tandem.run_offline import InputError
+    return isinstance(e, (ModelConfigError, InvalidRequestError, InputError, TokenizerLoadError))
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelConfigError, InvalidRequestError, InputError, TokenizerLoadError) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"tandem {args.command}: error: {e}", file=sys.stderr)
         return 2
 

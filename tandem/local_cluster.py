@@ -71,6 +71,7 @@ class LocalCluster:
         self.redis_url, self.cluster = redis_url, cluster
         self.worker_args, self.router_args = list(worker_args or []), list(router_args or [])
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="tandem-cluster-")
+        os.makedirs(self.log_dir, exist_ok=True)
         self.inherit_output, self.ready_timeout_s = inherit_output, ready_timeout_s
         self.address = ""
         self.redis: RedisServer | None = None

@@ -1,0 +1,85 @@
+"""`tandem up`: a local cluster in the foreground until Ctrl-C or SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+
+def register(sub) -> None:
+    up = sub.add_parser("up", help="run a local cluster (Redis, router, workers) in the foreground")
+    up.add_argument("--prefill", type=int, default=None, help="prefill instances (default 1 unless --colocated)")
+    up.add_argument("--decode", type=int, default=None, help="decode instances (default 1 unless --colocated)")
+    up.add_argument("--colocated", type=int, default=0, help="colocated instances (the baseline pool)")
+    up.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="router gRPC port (0: a free one)")
+    up.add_argument("--redis", default=None, help="use this Redis instead of starting one (redis://host:port/db)")
+    up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
+    up.add_argument("--pin-cores", action="store_true", help="put prefill and decode workers on different cores")
+    up.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--block-size", type=int, default=None)
+    up.add_argument("--num-blocks", type=int, default=None)
+    up.add_argument("--kv-memory-gib", type=float, default=None)
+    up.add_argument("--max-num-batched-tokens", type=int, default=None)
+    up.add_argument("--max-num-seqs", type=int, default=None)
+    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--lease-ms", type=int, default=None)
+    up.add_argument("--log-dir", default=None, help="write each child's log here instead of this terminal")
+    up.set_defaults(func=cmd_up)
+
+
+def _worker_args(args) -> list[str]:
+    out = ["--dtype", args.dtype]
+    for flag in ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
+                 "max_model_len", "lease_ms"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += ["--" + flag.replace("_", "-"), str(value)]
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tandem.local_cluster import ClusterStartError, LocalCluster
+    from tandem.redis_server import RedisServerError
+
+    prefill = args.prefill if args.prefill is not None else (0 if args.colocated else 1)
+    decode = args.decode if args.decode is not None else (0 if args.colocated else 1)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        cluster = LocalCluster(args.model, prefill=prefill, decode=decode, colocated=args.colocated,
+                               redis_url=args.redis, host=args.host, port=args.port, pin_cores=args.pin_cores,
+                               worker_args=_worker_args(args), router_args=[], cluster=args.cluster,
+                               log_dir=args.log_dir, inherit_output=args.log_dir is None)
+    except ValueError as e:
+        print(f"tandem up: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        cluster.start()
+        print(f"ready {cluster.address}", flush=True)
+        while True:                                  # until a signal, or a child dies
+            for name, proc in cluster.procs.items():
+                if proc.poll() is not None:
+                    print(f"tandem up: {name} exited with code {proc.returncode}; stopping the cluster",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except _Stop:
+        return 0
+    except (ClusterStartError, RedisServerError) as e:
+        print(f"tandem up: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second signal must not interrupt the cleanup
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cluster.stop()
