@@ -23,8 +23,9 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; fi; }
 
+# A 1 prefill + 1 decode cluster of `small`: prompts streamed through the SDK, then a clean stop.
 demo: setup
-	$(PY) -m tandem.cli run --model small --dtype bfloat16 --input examples/prompts.jsonl --max-tokens 48 --ignore-eos
+	$(PY) examples/cluster_demo.py
 
 # pytest exit 5 (no tests collected) means the suite did not run: a failure, not a pass.
 test: setup
