@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench-engine clean
+.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster clean
 
 setup: $(STAMP) redis
 
@@ -38,6 +38,14 @@ proto: setup
 
 bench-engine: setup
 	$(PY) benchmarks/bench_engine.py
+
+# KV transfer between two worker processes beside a plain socket of the same bytes.
+bench-transfer: setup
+	$(PY) benchmarks/bench_transfer.py
+
+# TTFT breakdown on 1P+1D, and cluster throughput at saturation beside the raw engine.
+bench-cluster: setup
+	$(PY) benchmarks/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

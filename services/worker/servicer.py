@@ -130,6 +130,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if claimed is None:
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was already claimed or abandoned")
             stream = claimed.stream
+            if self.publisher is not None:
+                await self.publisher.drop_lease(rid)
             index, want_lp = len(claimed.output_token_ids), claimed.params.logprobs is not None
             first = True
             while True:
