@@ -1,0 +1,246 @@
+"""Targets: where a load generator sends requests, each as a stream of token counts.
+
+    target = open_target("grpc://127.0.0.1:50051")      # or http://host:port, sim:CONFIG
+    async with target:
+        async for n in target.stream(prompt_ids, max_tokens=64):   # n tokens just arrived
+            ...
+
+Contract of `Target.stream`: yields, for each message that carries output tokens, how many it
+carried (> 0), as soon as it arrives; the caller timestamps them. It ends when the request has
+finished and raises `TargetError` (with a one-line message) when the request fails at any point,
+mid-stream included. `vocab_size()` is the model's vocabulary when the target can tell, else None.
+
+`sim:CONFIG` targets come from simulators registered with `register_simulator`; none is built in.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+
+class TargetError(Exception):
+    """A request failed; the message says how, in one line."""
+
+
+class Target(Protocol):
+    url: str
+
+    async def __aenter__(self) -> Target: ...
+
+    async def __aexit__(self, *exc) -> None: ...
+
+    def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]: ...
+
+    async def vocab_size(self) -> int | None: ...
+
+    def describe(self) -> dict: ...
+
+
+# ------------------------------------------------------------------------------------- simulators
+
+_SIMULATORS: dict[str, Callable[[str], Target]] = {}
+
+
+def register_simulator(factory: Callable[[str], Target], name: str = "default") -> None:
+    """Make `sim:CONFIG` (or `sim:NAME:CONFIG` for a non-default name) build `factory(CONFIG)`."""
+    _SIMULATORS[name] = factory
+
+
+def unregister_simulator(name: str = "default") -> None:
+    """Forget a simulator; a no-op when none is registered under `name`."""
+    _SIMULATORS.pop(name, None)
+
+
+def _open_sim(rest: str) -> Target:
+    name, sep, config = rest.partition(":")
+    if not (sep and name in _SIMULATORS):
+        name, config = "default", rest
+    if name not in _SIMULATORS:
+        raise ValueError("no simulator is registered for sim: targets; a simulator must call "
+                         "loadgen.targets.register_simulator(factory) first "
+                         f"(registered: {', '.join(sorted(_SIMULATORS)) or 'none'})")
+    return _SIMULATORS[name](config)
+
+
+def open_target(url: str, *, timeout_s: float = 600.0, model: str | None = None) -> Target:
+    """The target for `url`: grpc://HOST:PORT, http(s)://HOST:PORT or sim:CONFIG; ValueError otherwise."""
+    if url.startswith("grpc://"):
+        return GrpcTarget(url, timeout_s)
+    if url.startswith(("http://", "https://")):
+        return OpenAITarget(url, timeout_s, model)
+    if url.startswith("sim:"):
+        return _open_sim(url.removeprefix("sim:"))
+    raise ValueError(f"unknown target {url!r}: use grpc://HOST:PORT, http://HOST:PORT or sim:CONFIG")
+
+
+# ------------------------------------------------------------------------------------------ gRPC
+
+class GrpcTarget:
+    """A Tandem router through the SDK's AsyncClient; ignore_eos so every request runs to max_tokens."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url = url
+        self.address = url.removeprefix("grpc://")
+        self.timeout_s = timeout_s
+        self._client = None
+
+    async def __aenter__(self) -> GrpcTarget:
+        from tandem import AsyncClient
+        self._client = AsyncClient(self.address)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.close()
+
+    async def vocab_size(self) -> int | None:
+        from tandem.errors import TandemError
+        try:
+            models = await self._client.list_models()
+        except TandemError:
+            return None
+        return models[0]["vocab_size"] if models else None
+
+    async def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
+        from tandem.errors import TandemError
+        try:
+            async for chunk in self._client.generate(token_ids=prompt, max_tokens=max_tokens, ignore_eos=True,
+                                                     timeout=self.timeout_s):
+                if chunk.token_ids:
+                    yield len(chunk.token_ids)
+                if chunk.finished and chunk.finish_reason == "abort":
+                    raise TargetError("request aborted by the server")
+        except TandemError as e:
+            raise TargetError(str(e).splitlines()[0]) from e
+
+    def describe(self) -> dict:
+        return {"kind": "grpc", "url": self.url}
+
+
+# ------------------------------------------------------------------------------- OpenAI over HTTP
+
+# Fields beyond the OpenAI API that make a server generate exactly max_tokens (vLLM accepts them).
+_EXTRAS = ("ignore_eos", "min_tokens")
+
+
+class OpenAITarget:
+    """An OpenAI-compatible server's streaming `/v1/completions`, token ids as the prompt.
+
+    Sends `ignore_eos` and `min_tokens` so every request runs to max_tokens; when the server
+    rejects them (HTTP 400 naming one), it drops them for the rest of the run and notes it in
+    `describe()`. Counts tokens per SSE event: `token_ids` when the event has them, else the
+    growth of `usage.completion_tokens`, else one per event with text.
+    """
+
+    def __init__(self, url: str, timeout_s: float, model: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.model = model
+        self.extras = True
+        self._session = None
+
+    async def __aenter__(self) -> OpenAITarget:
+        import aiohttp
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                              connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._session.close()
+
+    async def _models(self) -> list[dict]:
+        import aiohttp
+        try:
+            async with self._session.get(self.url + "/v1/models") as r:
+                if r.status != 200:
+                    return []
+                return (await r.json()).get("data") or []
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return []
+
+    async def vocab_size(self) -> int | None:
+        models = await self._models()
+        if self.model is None and models:
+            self.model = models[0].get("id")
+        for m in models:
+            if m.get("id") == self.model and m.get("vocab_size"):
+                return int(m["vocab_size"])
+        return None
+
+    def _body(self, prompt: list[int], max_tokens: int) -> dict:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
+                "stream_options": {"include_usage": True}}
+        if self.model:
+            body["model"] = self.model
+        if self.extras:
+            body.update(ignore_eos=True, min_tokens=max_tokens)
+            body["stream_options"]["continuous_usage_stats"] = True
+        return body
+
+    async def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
+        import aiohttp
+        if self.model is None:
+            await self.vocab_size()          # discovers the model id
+        try:
+            for attempt in range(2):
+                async with self._session.post(self.url + "/v1/completions", json=self._body(prompt, max_tokens)) as r:
+                    if r.status != 200:
+                        text = (await r.text())[:300].replace("\n", " ")
+                        if r.status == 400 and self.extras and attempt == 0 and _names_extra(text):
+                            self.extras = False
+                            continue
+                        raise TargetError(f"HTTP {r.status}: {text}")
+                    async for n in _sse_token_counts(r.content):
+                        yield n
+                    return
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise TargetError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+
+    def describe(self) -> dict:
+        return {"kind": "openai", "url": self.url, "model": self.model, "ignore_eos_extras": self.extras}
+
+
+def _names_extra(text: str) -> bool:
+    return any(k in text for k in _EXTRAS + ("continuous_usage_stats", "extra"))
+
+
+async def _sse_token_counts(content) -> AsyncIterator[int]:
+    """Token counts of one SSE completion stream (an aiohttp StreamReader); TargetError on an error event."""
+    usage_seen = 0
+    done = False
+    async for raw in content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise TargetError(f"bad SSE event: {data[:120]}") from None
+        if "error" in event:
+            err = event["error"]
+            raise TargetError(f"server error mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
+        choices = event.get("choices") or []
+        usage = event.get("usage") or {}
+        total = usage.get("completion_tokens")
+        if choices:
+            choice = choices[0]
+            if choice.get("token_ids") is not None:
+                n = len(choice["token_ids"])
+            elif total is not None:
+                n = total - usage_seen
+            else:
+                n = 1 if choice.get("text") else 0
+            if n > 0:
+                usage_seen += n
+                yield n
+            if choice.get("finish_reason") == "abort":
+                raise TargetError("request aborted by the server")
+        elif total is not None and total > usage_seen:     # the final usage-only event
+            yield total - usage_seen
+            usage_seen = total
+    if not done:
+        raise TargetError("stream ended without [DONE]")
