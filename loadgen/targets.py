@@ -138,6 +138,7 @@ class OpenAITarget:
         self.model = model
         self.extras = True
         self._session = None
+        self._asked_models = False
 
     async def __aenter__(self) -> OpenAITarget:
         import aiohttp
@@ -160,6 +161,7 @@ class OpenAITarget:
 
     async def vocab_size(self) -> int | None:
         models = await self._models()
+        self._asked_models = True
         if self.model is None and models:
             self.model = models[0].get("id")
         for m in models:
@@ -179,7 +181,7 @@ class OpenAITarget:
 
     async def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
         import aiohttp
-        if self.model is None:
+        if self.model is None and not self._asked_models:
             await self.vocab_size()          # discovers the model id
         try:
             for attempt in range(2):

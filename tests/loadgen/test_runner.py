@@ -1,0 +1,102 @@
+"""The open-loop runner, the sim: hook and goodput search, against fake targets."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+
+from loadgen import targets
+from loadgen.__main__ import main
+from loadgen.metrics import summarize
+from loadgen.runner import run
+from loadgen.workloads import WorkloadConfig, build_workload
+
+from .fakes import FakeTarget
+
+
+def _workload(n, rate, output=3):
+    return build_workload(WorkloadConfig(trace=f"synthetic:n={n},input=8,output={output}", arrival="constant",
+                                         rate=rate, vocab_size=100))
+
+
+def _run(workload, target, **kwargs):
+    async def go():
+        t0 = asyncio.get_running_loop().time()
+        results, wall = await run(workload, target, out=io.StringIO(), **kwargs)
+        return results, wall, [t - t0 for t in target.sends]
+    return asyncio.run(go())
+
+
+def test_slow_target_does_not_delay_later_sends():
+    wl = _workload(10, rate=20.0)                       # one send every 50 ms
+    target = FakeTarget(first_s=1.0)                   # each request takes a second to answer
+    results, wall, sends = _run(wl, target)
+    scheduled = [r.arrival_s for r in wl.requests]
+    assert len(sends) == 10
+    for sent, due in zip(sends, scheduled):
+        assert due - 0.005 <= sent <= due + 0.1
+    assert wall < 1.45 + 0.5                          # 0.45 s of sends + 1 s, not 10 s
+    assert all(r.ok and r.output_tokens == 3 for r in results)
+    assert all(r.ttft_s >= 1.0 for r in results)
+
+
+def test_concurrency_cap_only_when_asked_and_counts_as_latency():
+    wl = _workload(4, rate=100.0, output=1)
+    target = FakeTarget(first_s=0.2)
+    results, _, sends = _run(wl, target, max_concurrency=1)
+    assert [round(s, 1) for s in sends] == [0.0, 0.2, 0.4, 0.6]
+    assert results[3].ttft_s == pytest.approx(0.77, abs=0.1)  # scheduled at 30 ms, first token at 0.8 s
+
+
+def test_failures_are_counted_and_the_run_finishes():
+    wl = _workload(5, rate=100.0, output=4)
+    results, _, _ = _run(wl, FakeTarget(fail_after=2))
+    s = summarize(results)
+    assert (s["completed"], s["failed"]) == (0, 5)
+    assert s["errors"] == {"fake failure mid-stream": 5}
+    assert all(r.output_tokens == 2 for r in results)
+
+
+def test_sim_without_a_simulator_is_a_clear_error(tmp_path, capsys):
+    targets.unregister_simulator()
+    with pytest.raises(ValueError, match="no simulator is registered"):
+        targets.open_target("sim:cfg.yaml")
+    rc = main(["run", "--target", "sim:cfg.yaml", "--trace", "synthetic:n=1,input=1,output=1", "--rate", "1",
+               "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and "no simulator is registered" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown target"):
+        targets.open_target("ftp://x")
+
+
+@pytest.fixture
+def capacity_sim():
+    """sim:… → a target serving one request at a time in 20 ms: capacity 50 requests/s."""
+    configs = []
+
+    def factory(config):
+        configs.append(config)
+        return FakeTarget(first_s=0.02, slots=1, vocab=64)
+    targets.register_simulator(factory)
+    yield configs
+    targets.unregister_simulator()
+
+
+def test_goodput_search_finds_known_capacity(tmp_path, capacity_sim):
+    out = tmp_path / "r.json"
+    rc = main(["run", "--target", "sim:one-slot", "--trace", "synthetic:n=40,input=4,output=1",
+               "--arrival", "constant", "--rate", "10", "--ttft-slo", "0.1", "--search-goodput",
+               "--search-steps", "4", "--no-progress", "--out", str(out), "--csv", str(tmp_path / "r.csv"),
+               "--plot", str(tmp_path / "r.png")])
+    assert rc == 0 and capacity_sim == ["one-slot"]
+    report = json.loads(out.read_text())
+    search = report["search"]
+    # Below 50 req/s nothing queues; at r > 50, request i waits i·(0.02 − 1/r): 90% meet 0.1 s up to ≈ 57 req/s.
+    assert 35 <= search["best_rate_rps"] <= 65
+    rates = [p["rate"] for p in search["probes"]]
+    assert rates[:3] == [10, 20, 40]
+    assert report["summary"]["attainment"] >= 0.9
+    assert report["summary"]["completed"] == 40
+    assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r_search.png").stat().st_size > 0
+    assert (tmp_path / "r.csv").read_text().count("\n") == 41
