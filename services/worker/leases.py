@@ -104,10 +104,11 @@ class LeaseTable:
                 return False
             lease.state, lease.reason = LeaseState.RELEASED, reason
         self._settled(lease)
-        try:
-            await self._release_fn(lease)
-        finally:
-            self._leases.pop(request_id, None)
+        # Shielded: a cancelled caller (e.g. a Release RPC that timed out) must not stop the
+        # blocks from being freed half-way.
+        task = asyncio.ensure_future(self._release_fn(lease))
+        task.add_done_callback(lambda _: self._leases.pop(request_id, None))
+        await asyncio.shield(task)
         return True
 
     def claim(self, request_id: str) -> Lease | None:

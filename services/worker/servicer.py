@@ -72,22 +72,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt, params = self._request_fields(req)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        lease_ms = request.lease_ms or self.lease_ms
+        # Shielded: if this RPC is cancelled mid-way, the reservation still lands in the lease
+        # table and is released from there, instead of holding blocks nobody tracks.
+        task = asyncio.ensure_future(self._reserve_tracked(rid, prompt, params, req.priority, lease_ms))
         try:
-            block_ids = await self._engine_call(lambda e: e.reserve(rid, len(prompt)))
+            lease = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_if_reserved)
+            raise
         except ValueError as e:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except RuntimeError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another instance")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
-        lease_ms = request.lease_ms or self.lease_ms
-        lease = Lease(rid, prompt, params, req.priority, block_ids, time.monotonic() + lease_ms / 1e3, self._loop())
-        try:
-            self.leases.add(lease)
-            self.receiver.expect(rid, block_ids, self.leases.commit)
-        except ValueError as e:
-            await self._engine_call(lambda e_: e_.release(rid))
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        block_ids = lease.block_ids
         deadline_ms = int(time.time() * 1e3) + lease_ms
         if self.publisher is not None:
             asyncio.ensure_future(self.publisher.record_lease(rid, len(block_ids), deadline_ms))
@@ -96,6 +96,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             instance_id=self.report_fn().instance_id, transport=self.report_fn().kv_transport,
             address=self.receiver.address, request_id=rid, num_blocks=len(block_ids), block_size=b,
             lease_deadline_unix_ms=deadline_ms))
+
+    async def _reserve_tracked(self, rid: str, prompt: list[int], params, priority: int, lease_ms: int) -> Lease:
+        """Reserve blocks and register the lease (deadline armed, receiver expecting the KV)."""
+        block_ids = await self._engine_call(lambda e: e.reserve(rid, len(prompt)))
+        lease = Lease(rid, prompt, params, priority, block_ids, time.monotonic() + lease_ms / 1e3, self._loop())
+        self.leases.add(lease)            # cannot clash: reserve() refused a live id already
+        self.receiver.expect(rid, block_ids, self.leases.commit)
+        return lease
+
+    def _release_if_reserved(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is None:
+            asyncio.ensure_future(self.leases.release(task.result().request_id, "the Reserve call was cancelled"))
 
     def _adopt(self, lease: Lease, meta: dict):
         """Receiver thread: the KV is complete; start decoding right away (stream buffers tokens)."""
@@ -132,23 +144,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stream = claimed.stream
             if self.publisher is not None:
                 await self.publisher.drop_lease(rid)
-            index, want_lp = len(claimed.output_token_ids), claimed.params.logprobs is not None
             first = True
-            while True:
-                try:
-                    outputs = await stream.next_batch()
-                except (ValueError, EngineDeadError) as e:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, EngineDeadError)
-                                        else grpc.StatusCode.ABORTED, str(e))
-                chunk = outputs_to_chunk(outputs, index, want_lp)
-                index += len(chunk.token_ids)
+            async for chunk in _token_chunks(stream, len(claimed.output_token_ids),
+                                             claimed.params.logprobs is not None, context):
                 if first:
                     chunk.first_decode_s = time.monotonic() - claimed.committed_at
                     first = False
                 if chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished:
                     yield _from_index(chunk, request.start_index)
-                if chunk.finished:
-                    return
         finally:
             if stream is not None:
                 stream.cancel()                       # no-op once finished
@@ -172,8 +175,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination.address: is empty; Reserve on a decode "
                                 "instance first and pass its handle")
         arrival = time.monotonic()
+        opening = asyncio.ensure_future(asyncio.to_thread(self.sender.open, dest.request_id or rid, dest.address,
+                                                          self.engine.runner.kv))
         try:
-            transfer = await asyncio.to_thread(self.sender.open, dest.request_id or rid, dest.address, self.engine.runner.kv)
+            transfer = await asyncio.shield(opening)
+        except asyncio.CancelledError:        # abort the transfer once it exists, so the sender forgets it
+            opening.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().abort("cancelled"))
+            raise
         except KVHandshakeError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except KVTransportError as e:
@@ -251,19 +259,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        index, want_lp = 0, params.logprobs is not None
         try:
-            while True:
-                try:
-                    outputs = await stream.next_batch()
-                except (ValueError, EngineDeadError) as e:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, EngineDeadError)
-                                        else grpc.StatusCode.ALREADY_EXISTS, str(e))
-                chunk = outputs_to_chunk(outputs, index, want_lp)
-                index += len(chunk.token_ids)
+            async for chunk in _token_chunks(stream, 0, params.logprobs is not None, context):
                 yield chunk
-                if chunk.finished:
-                    return
         finally:
             stream.cancel()
 
@@ -300,6 +298,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             except EngineDeadError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
         return report
+
+
+async def _token_chunks(stream: AsyncRequestStream, index: int, want_logprobs: bool, context):
+    """TokenChunks of an engine stream from output `index` on, until the finished one. Tokens the
+    engine produced while the reader was busy come merged into one chunk."""
+    while True:
+        try:
+            outputs = await stream.next_batch()
+        except (ValueError, EngineDeadError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, EngineDeadError)
+                                else grpc.StatusCode.ABORTED, str(e))
+        chunk = outputs_to_chunk(outputs, index, want_logprobs)
+        index += len(chunk.token_ids)
+        yield chunk
+        if chunk.finished:
+            return
 
 
 def _from_index(chunk: worker_pb2.TokenChunk, start: int) -> worker_pb2.TokenChunk:

@@ -32,8 +32,8 @@ def cluster(export_named, tmp_path_factory):
 
 def _stream(address, prompt, max_tokens, **kw):
     channel = grpc.insecure_channel(address)
-    req = serving_pb2.GenerateRequest(prompt_token_ids=prompt, params=serving_pb2.SamplingParams(max_tokens=max_tokens),
-                                      **kw)
+    req = serving_pb2.GenerateRequest(prompt_token_ids=prompt, params=serving_pb2.SamplingParams(
+        max_tokens=max_tokens, ignore_eos=True), **kw)
     return channel, serving_pb2_grpc.ServingStub(channel).Generate(req, timeout=60)
 
 
@@ -51,7 +51,7 @@ def test_cancel_at_any_moment_leaks_nothing(cluster, delay_s):
 
 def test_cancel_during_decode_after_tokens_arrive(cluster):
     prompt = random_prompts([40], 512, seed=3)[0]
-    channel, call = _stream(cluster.address, prompt, 400, )
+    channel, call = _stream(cluster.address, prompt, 400)
     got = 0
     for m in call:
         got += len(m.token_ids)
