@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--vocab-size", type=int, help="default: asked of the target, else %d" % FALLBACK_VOCAB)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--model", help="model name for http targets (default: the server's first)")
+    r.add_argument("--tokenizer", help="tokenizer.json (or its directory) to send text to http servers that "
+                                       "refuse token-id prompts")
     r.add_argument("--ttft-slo", type=float, help="seconds")
     r.add_argument("--tpot-slo", type=float, help="seconds")
     r.add_argument("--max-concurrency", type=int, help="cap on requests in flight (default: none, open loop)")
@@ -62,7 +64,8 @@ def _config(args, vocab: int, rate: float | None) -> WorkloadConfig:
 
 
 async def _run(args) -> tuple[dict, list]:
-    target = open_target(args.target, timeout_s=args.request_timeout, model=args.model)
+    target = open_target(args.target, timeout_s=args.request_timeout, model=args.model,
+                         tokenizer=args.tokenizer)
     async with target:
         vocab = args.vocab_size or await target.vocab_size()
         if vocab is None:

@@ -63,12 +63,13 @@ def _open_sim(rest: str) -> Target:
     return _SIMULATORS[name](config)
 
 
-def open_target(url: str, *, timeout_s: float = 600.0, model: str | None = None) -> Target:
+def open_target(url: str, *, timeout_s: float = 600.0, model: str | None = None,
+                tokenizer: str | None = None) -> Target:
     """The target for `url`: grpc://HOST:PORT, http(s)://HOST:PORT or sim:CONFIG; ValueError otherwise."""
     if url.startswith("grpc://"):
         return GrpcTarget(url, timeout_s)
     if url.startswith(("http://", "https://")):
-        return OpenAITarget(url, timeout_s, model)
+        return OpenAITarget(url, timeout_s, model, tokenizer)
     if url.startswith("sim:"):
         return _open_sim(url.removeprefix("sim:"))
     raise ValueError(f"unknown target {url!r}: use grpc://HOST:PORT, http://HOST:PORT or sim:CONFIG")
@@ -127,16 +128,23 @@ class OpenAITarget:
     """An OpenAI-compatible server's streaming `/v1/completions`, token ids as the prompt.
 
     Sends `ignore_eos` and `min_tokens` so every request runs to max_tokens; when the server
-    rejects them (HTTP 400 naming one), it drops them for the rest of the run and notes it in
-    `describe()`. Counts tokens per SSE event: `token_ids` when the event has them, else the
-    growth of `usage.completion_tokens`, else one per event with text.
+    rejects them (HTTP 400 naming one), it drops them for the rest of the run. When it rejects a
+    token-id prompt (HTTP 400 naming `prompt`), it sends text from then on: the ids decoded by
+    `tokenizer` (a `tokenizer.json` or a directory holding one) when given, else one word per
+    token id (same ids → same words, so shared prefixes stay shared; the server's token count
+    then only approximates the spec's). Both fallbacks show in `describe()`.
+    Counts tokens per SSE event: `token_ids` when the event has them, else the growth of
+    `usage.completion_tokens`, else one per event with text.
     """
 
-    def __init__(self, url: str, timeout_s: float, model: str | None = None) -> None:
+    def __init__(self, url: str, timeout_s: float, model: str | None = None, tokenizer: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.model = model
         self.extras = True
+        self.token_prompt = True
+        self.tokenizer_path = tokenizer
+        self._tokenizer = None
         self._session = None
         self._asked_models = False
 
@@ -169,9 +177,20 @@ class OpenAITarget:
                 return int(m["vocab_size"])
         return None
 
+    def _text(self, prompt: list[int]) -> str:
+        if self.tokenizer_path is None:
+            return " ".join(_WORDS[t % len(_WORDS)] for t in prompt)
+        if self._tokenizer is None:
+            import os
+
+            from tokenizers import Tokenizer
+            path = self.tokenizer_path
+            self._tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path)
+        return self._tokenizer.decode(prompt)
+
     def _body(self, prompt: list[int], max_tokens: int) -> dict:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
-                "stream_options": {"include_usage": True}}
+        body = {"prompt": prompt if self.token_prompt else self._text(prompt), "max_tokens": max_tokens,
+                "stream": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
         if self.model:
             body["model"] = self.model
         if self.extras:
@@ -179,17 +198,30 @@ class OpenAITarget:
             body["stream_options"]["continuous_usage_stats"] = True
         return body
 
+    def _fall_back(self, status: int, text: str) -> bool:
+        """Drop what a 400 names (extras, then token-id prompts); False when nothing is left to drop."""
+        if status != 400:
+            return False
+        if self.extras and _names_extra(text):
+            self.extras = False
+            return True
+        if self.token_prompt and "prompt" in text.lower():
+            self.token_prompt = False
+            return True
+        return False
+
     async def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
         import aiohttp
         if self.model is None and not self._asked_models:
             await self.vocab_size()          # discovers the model id
         try:
-            for attempt in range(2):
+            for _ in range(3):
+                sent = (self.extras, self.token_prompt)
                 async with self._session.post(self.url + "/v1/completions", json=self._body(prompt, max_tokens)) as r:
                     if r.status != 200:
                         text = (await r.text())[:300].replace("\n", " ")
-                        if r.status == 400 and self.extras and attempt == 0 and _names_extra(text):
-                            self.extras = False
+                        # a concurrent request may already have dropped what this 400 names
+                        if sent != (self.extras, self.token_prompt) or self._fall_back(r.status, text):
                             continue
                         raise TargetError(f"HTTP {r.status}: {text}")
                     async for n in _sse_token_counts(r.content):
@@ -199,7 +231,15 @@ class OpenAITarget:
             raise TargetError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
 
     def describe(self) -> dict:
-        return {"kind": "openai", "url": self.url, "model": self.model, "ignore_eos_extras": self.extras}
+        prompt = "token_ids" if self.token_prompt else ("text (tokenizer)" if self.tokenizer_path
+                                                         else "text (one word per token id, approximate)")
+        return {"kind": "openai", "url": self.url, "model": self.model, "ignore_eos_extras": self.extras,
+                "prompt": prompt}
+
+
+_WORDS = ("time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school",
+          "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week",
+          "company", "system", "program", "question", "work", "government", "number", "night", "point")
 
 
 def _names_extra(text: str) -> bool:

@@ -21,8 +21,9 @@ class FakeOpenAI:
     several tokens and only the usage says how many.
     """
 
-    def __init__(self, reject_extras=False, fail_after=None, tokens_per_event=1):
+    def __init__(self, reject_extras=False, fail_after=None, tokens_per_event=1, text_only=False):
         self.reject_extras, self.fail_after, self.tokens_per_event = reject_extras, fail_after, tokens_per_event
+        self.text_only = text_only
         self.bodies = []
         self.app = web.Application()
         self.app.router.add_get("/v1/models", self.models)
@@ -36,6 +37,8 @@ class FakeOpenAI:
         self.bodies.append(body)
         if self.reject_extras and "ignore_eos" in body:
             return web.json_response({"error": {"message": "Unrecognized request argument: ignore_eos"}}, status=400)
+        if self.text_only and not isinstance(body["prompt"], str):
+            return web.json_response({"error": {"message": "prompt must be a string"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         sent = 0
@@ -56,7 +59,7 @@ class FakeOpenAI:
         return resp
 
 
-def _drive(server: FakeOpenAI, n=5, output=6):
+def _drive(server: FakeOpenAI, n=5, output=6, rate=50.0):
     async def go():
         runner = web.AppRunner(server.app)
         await runner.setup()
@@ -68,7 +71,7 @@ def _drive(server: FakeOpenAI, n=5, output=6):
             async with target:
                 vocab = await target.vocab_size()
                 wl = build_workload(WorkloadConfig(trace=f"synthetic:n={n},input=12,output={output}",
-                                                   arrival="constant", rate=50.0, vocab_size=vocab))
+                                                   arrival="constant", rate=rate, vocab_size=vocab))
                 results, wall = await run(wl, target, out=io.StringIO())
                 return wl, target, results, wall
         finally:
@@ -95,6 +98,16 @@ def test_drops_extras_when_the_server_rejects_them():
     assert all(r.ok and r.output_tokens == 6 for r in results)
     assert target.describe()["ignore_eos_extras"] is False
     assert "ignore_eos" not in server.bodies[-1]
+
+
+def test_sends_text_when_the_server_refuses_token_ids():
+    server = FakeOpenAI(text_only=True)
+    wl, target, results, _ = _drive(server, n=3, rate=10000.0)     # all three refused at once
+    assert all(r.ok and r.output_tokens == 6 for r in results)
+    assert target.describe()["prompt"].startswith("text")
+    texts = [b["prompt"] for b in server.bodies if isinstance(b["prompt"], str)]
+    assert len(texts) == 3 and all(len(t.split()) == 12 for t in texts)
+    assert server.bodies[-1]["ignore_eos"] is True        # extras kept: only the prompt was refused
 
 
 def test_multi_token_events_counted_from_usage():
