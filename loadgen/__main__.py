@@ -130,7 +130,8 @@ async def _search(args, measure):
             else:
                 hi = mid
     best = runs[lo] if lo is not None else runs[min(runs)]
-    search = {"target_attainment": args.attainment, "best_rate_rps": lo,
+    # bracketed False: the doubling ran out of steps still passing (best is a lower bound) or never passed
+    search = {"target_attainment": args.attainment, "best_rate_rps": lo, "bracketed": lo is not None and hi is not None,
               "best_goodput_requests_s": best[2]["goodput_requests_s"] if lo is not None else 0.0,
               "probes": probes}
     return search, best

@@ -137,6 +137,11 @@ def compare_table(reports: list[tuple[str, dict]]) -> str:
                 cell += f" ({v / base:.2f}x)"
             cells.append(cell)
         lines.append(f"{label:<24}" + "".join(f"{c:>24}" for c in cells))
+    best = [(rep.get("search") or {}).get("best_rate_rps") for _, rep in reports]
+    if any(b is not None for b in best):
+        cells = [("-" if b is None else f"{b:.4g}" + (f" ({b / best[0]:.2f}x)" if i and best[0] else ""))
+                 for i, b in enumerate(best)]
+        lines.append(f"{'best rate (search)':<24}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
 
