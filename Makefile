@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster clean
+.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-goodput clean
 
 setup: $(STAMP) redis
 
@@ -46,6 +46,10 @@ bench-transfer: setup
 # TTFT breakdown on 1P+1D, and cluster throughput at saturation beside the raw engine.
 bench-cluster: setup
 	$(PY) benchmarks/bench_cluster.py
+
+# Goodput of 1P+1D vs 2 colocated (and vLLM's CPU server when installed) on the Azure trace.
+bench-goodput: setup
+	$(PY) -m loadgen.bench_goodput --model small
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
