@@ -89,19 +89,28 @@ class Dispatcher:
     def _stream_timeout(self, rr: RoutedRequest) -> float | None:
         return None if rr.timeout is None else self._timeout(rr)
 
+    def _place(self, rr: RoutedRequest, role: int, pick, tried: set[str], what: str):
+        """(instance, KV blocks the prompt needs) chosen by `pick` among serving instances of `role`
+        not tried yet; None when none is left. RESOURCE_EXHAUSTED when none has room."""
+        pool = [i for i in self.registry.instances(role) if i.instance_id not in tried]
+        if not pool:
+            return None
+        needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
+        chosen = pick(pool, needed, self.ledger)
+        if chosen is None:
+            raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"every {what} instance is full ({needed} KV blocks needed); retry later")
+        return chosen, needed
+
     # ---- disaggregated ----------------------------------------------------------------------
     async def _reserve(self, rr: RoutedRequest):
         blocks_tried: set[str] = set()
         last_error = ""
         for _ in range(self.retries + 1):
-            decodes = [d for d in self.registry.instances(worker_pb2.ROLE_DECODE) if d.instance_id not in blocks_tried]
-            if not decodes:
+            placed = self._place(rr, worker_pb2.ROLE_DECODE, pick_decode, blocks_tried, "decode")
+            if placed is None:
                 break
-            needed = -(-len(rr.prompt_token_ids) // max(1, decodes[0].block_size))
-            d = pick_decode(decodes, needed, self.ledger)
-            if d is None:
-                raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"every decode instance is full ({needed} KV blocks needed); retry later")
+            d, needed = placed
             token = self.ledger.add(d.instance_id, blocks=needed, running=1)
             try:
                 resp = await self.pool.stub(d.address).Reserve(
@@ -206,14 +215,11 @@ class Dispatcher:
     # ---- colocated ----------------------------------------------------------------------------
     async def _colocated(self, rr: RoutedRequest):
         tried: set[str] = set()
-        for attempt in range(self.retries + 1):
-            pool = [c for c in self.registry.instances(worker_pb2.ROLE_COLOCATED) if c.instance_id not in tried]
-            if not pool:
+        for _ in range(self.retries + 1):
+            placed = self._place(rr, worker_pb2.ROLE_COLOCATED, pick_colocated, tried, "colocated")
+            if placed is None:
                 break
-            needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
-            c = pick_colocated(pool, needed, self.ledger)
-            if c is None:
-                raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, "every colocated instance is full; retry later")
+            c, needed = placed
             token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=len(rr.prompt_token_ids), running=1)
             call = self.pool.stub(c.address).Generate(rr.worker_request, timeout=self._stream_timeout(rr))
             rr.calls.append(call)
