@@ -5,6 +5,7 @@ import asyncio
 import io
 import json
 
+import pytest
 from aiohttp import web
 
 from loadgen.metrics import summarize
@@ -85,7 +86,9 @@ def test_streams_token_ids_prompt_and_counts_tokens():
     assert target.model == "fake-model"
     s = summarize(results, wall=wall)
     assert (s["completed"], s["failed"], s["output_tokens"]) == (5, 0, 30)
-    assert all(len(r.events) == 6 and r.tpot_s > 0 for r in results)
+    assert all(len(r.events) == 6 for r in results)
+    for r in results:                                     # TPOT = (t_last − t_first) / (n − 1)
+        assert r.tpot_s == pytest.approx((r.events[-1][0] - r.events[0][0]) / 5)
     body = server.bodies[0]
     assert body["prompt"] == wl.prompt(wl.requests[0]) and all(3 <= t < 300 for t in body["prompt"])
     assert body["stream"] is True and body["max_tokens"] == 6 and body["model"] == "fake-model"
