@@ -145,7 +145,9 @@ class Dispatcher:
                 if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
                     raise asyncio.CancelledError from None
                 self.pool.release_later(p.address, rr.request_id)
-                if e.code() != grpc.StatusCode.UNAVAILABLE or "transfer" in e.details() or "decode instance" in e.details():
+                if e.code() == grpc.StatusCode.ABORTED:       # P is fine; the way to D failed
+                    raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{e.details()}; retry") from None
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise RouteError(e.code(), e.details()) from None
                 self.registry.mark_unreachable(p.instance_id)
                 tried.add(p.instance_id)

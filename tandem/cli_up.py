@@ -54,8 +54,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     prefill = args.prefill if args.prefill is not None else (0 if args.colocated else 1)
     decode = args.decode if args.decode is not None else (0 if args.colocated else 1)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
     try:
         cluster = LocalCluster(args.model, prefill=prefill, decode=decode, colocated=args.colocated,
                                redis_url=args.redis, host=args.host, port=args.port, pin_cores=args.pin_cores,
@@ -64,6 +62,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tandem up: error: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _raise_stop)     # from here on the finally block stops what started
+    signal.signal(signal.SIGINT, _raise_stop)
     try:
         cluster.start()
         print(f"ready {cluster.address}", flush=True)

@@ -12,6 +12,7 @@ leaves nothing behind; `stop()` is the orderly path: SIGTERM, a grace period, th
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,10 @@ class LocalCluster:
         proc = self.procs["router"]
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
+            if not select.select([proc.stdout], [], [], 0.5)[0]:     # never block past the deadline
+                if proc.poll() is not None:
+                    break
+                continue
             line = proc.stdout.readline().decode()
             if line.startswith("ready "):
                 return line.split()[1]

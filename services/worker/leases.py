@@ -35,6 +35,7 @@ class Lease:
     loop: asyncio.AbstractEventLoop
     state: LeaseState = LeaseState.PENDING
     reason: str = ""                      # why it was released
+    expired: bool = False                 # released because the deadline passed
     stream: object = None                 # the engine stream once adopted
     output_token_ids: list[int] = field(default_factory=list)
     committed_at: float = 0.0
@@ -52,6 +53,7 @@ class LeaseTable:
 
     def __init__(self, adopt_fn: Callable[[Lease, dict], object], release_fn: Callable[[Lease], "asyncio.Future"]):
         self._adopt_fn, self._release_fn = adopt_fn, release_fn
+        self._expiring: set[asyncio.Task] = set()
         self.attach_timeout_s = 30.0     # an adopted request nobody decodes for is aborted after this
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
@@ -95,14 +97,14 @@ class LeaseTable:
         lease.loop.call_soon_threadsafe(self._adopted, lease)
         return None
 
-    async def release(self, request_id: str, reason: str) -> bool:
+    async def release(self, request_id: str, reason: str, expired: bool = False) -> bool:
         """Release a pending lease (blocks freed, receiver forgets). Returns False when there was
         no pending lease (unknown, or already adopted: the caller aborts the running request)."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None or lease.state != LeaseState.PENDING:
                 return False
-            lease.state, lease.reason = LeaseState.RELEASED, reason
+            lease.state, lease.reason, lease.expired = LeaseState.RELEASED, reason, expired
         self._settled(lease)
         # Shielded: a cancelled caller (e.g. a Release RPC that timed out) must not stop the
         # blocks from being freed half-way.
@@ -145,4 +147,6 @@ class LeaseTable:
     def _expire(self, request_id: str) -> None:
         lease = self._leases.get(request_id)
         if lease is not None and lease.state == LeaseState.PENDING:
-            lease.loop.create_task(self.release(request_id, "lease expired before the KV arrived"))
+            task = lease.loop.create_task(self.release(request_id, "lease expired before the KV arrived", expired=True))
+            self._expiring.add(task)                 # the loop holds tasks weakly
+            task.add_done_callback(self._expiring.discard)

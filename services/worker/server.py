@@ -126,7 +126,7 @@ class Worker:
                                                interval_s=opts.heartbeat_interval_s)
         self.servicer = WorkerServicer(
             self.engine_thread, role=self.role, sender=self.sender, receiver=self.receiver, pusher=self.pusher,
-            lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report,
+            lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report, instance_id=self.instance_id, kv_transport=opts.kv_transport,
             publisher=self.publisher)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -28,11 +28,13 @@ log = logging.getLogger("tandem.worker")
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine_thread: EngineThread, *, role: Role, sender, receiver, pusher: PrefillPusher | None,
-                 lease_ms: int, transfer_timeout_s: float, report_fn, publisher=None):
+                 lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
+                 publisher=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
         self.lease_ms, self.transfer_timeout_s = lease_ms, transfer_timeout_s
         self.report_fn, self.publisher = report_fn, publisher
+        self.instance_id, self.kv_transport = instance_id, kv_transport
         self.leases = LeaseTable(self._adopt, self._release_lease)
         self._prefills: dict[str, AsyncRequestStream] = {}
         self.transfer_failures = 0
@@ -93,7 +95,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             asyncio.ensure_future(self.publisher.record_lease(rid, len(block_ids), deadline_ms))
         b = self.engine.kv.block_size
         return worker_pb2.ReserveResponse(handle=worker_pb2.KVHandle(
-            instance_id=self.report_fn().instance_id, transport=self.report_fn().kv_transport,
+            instance_id=self.instance_id, transport=self.kv_transport,
             address=self.receiver.address, request_id=rid, num_blocks=len(block_ids), block_size=b,
             lease_deadline_unix_ms=deadline_ms))
 
@@ -136,7 +138,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             await lease.settled.wait()
             if lease.state != LeaseState.ADOPTED:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if "expired" in lease.reason else grpc.StatusCode.ABORTED
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if lease.expired else grpc.StatusCode.ABORTED
                 await context.abort(code, f"request {rid!r}: {lease.reason}")
             claimed = self.leases.claim(rid)
             if claimed is None:
@@ -186,7 +188,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except KVTransportError as e:
             self.transfer_failures += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach decode instance {dest.instance_id} "
+            await context.abort(grpc.StatusCode.ABORTED, f"cannot reach decode instance {dest.instance_id} "
                                 f"at {dest.address}: {e}")
         self.pusher.register(rid, transfer)
         stream = None
@@ -225,7 +227,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     stats = await asyncio.to_thread(transfer.commit, len(prompt), meta, self.transfer_timeout_s)
                 except KVTransportError as e:
                     self.transfer_failures += 1
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to {dest.instance_id} failed: {e}")
+                    await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to {dest.instance_id} failed: {e}")
                 committed = True
                 resp.kv_bytes, resp.transfer_s = stats.bytes, time.monotonic() - sampled
             else:
