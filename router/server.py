@@ -79,8 +79,10 @@ class Router:
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
-        self.registry = InstanceRegistry(redis_url, cluster, poll_interval_s=poll_interval_s)
         self.pool = WorkerPool()
+        self.registry = InstanceRegistry(   # channels to instances that left are closed
+            redis_url, cluster, poll_interval_s=poll_interval_s,
+            on_change=lambda view: self.pool.forget({r.address for r in view.values()}))
         self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms)
         self.live: dict[str, RoutedRequest] = {}
         self.health = health_aio.HealthServicer()

@@ -36,13 +36,16 @@ class WorkerPool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def forget(self, live_addresses: set[str]) -> None:
-        """Close channels to addresses no instance uses any more."""
+    def forget(self, live_addresses: set[str], grace_s: float = 30.0) -> None:
+        """Close channels to addresses no registered instance has any more (its record expired).
+        Calls still running on them get `grace_s` to finish; new calls open a fresh channel."""
         for address in list(self._channels):
             if address not in live_addresses:
                 channel = self._channels.pop(address)
                 self._stubs.pop(address, None)
-                asyncio.ensure_future(channel.close())
+                task = asyncio.ensure_future(channel.close(grace_s))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         if self._background:

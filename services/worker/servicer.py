@@ -37,7 +37,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.instance_id, self.kv_transport = instance_id, kv_transport
         self.leases = LeaseTable(self._adopt, self._release_lease)
         self._prefills: dict[str, AsyncRequestStream] = {}
-        self.transfer_failures = 0
 
     # ---- helpers --------------------------------------------------------------------------
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -45,10 +44,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _engine_call(self, fn):
         return await asyncio.to_thread(self.et.call, fn)
-
-    @staticmethod
-    async def _abort(context, code: grpc.StatusCode, message: str):
-        await context.abort(code, message)
 
     def _request_fields(self, req: worker_pb2.WorkerRequest):
         """(prompt ids, engine SamplingParams) validated against this engine; raises InvalidRequestError."""
@@ -187,7 +182,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except KVHandshakeError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except KVTransportError as e:
-            self.transfer_failures += 1
             await context.abort(grpc.StatusCode.ABORTED, f"cannot reach decode instance {dest.instance_id} "
                                 f"at {dest.address}: {e}")
         self.pusher.register(rid, transfer)
@@ -226,7 +220,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 try:
                     stats = await asyncio.to_thread(transfer.commit, len(prompt), meta, self.transfer_timeout_s)
                 except KVTransportError as e:
-                    self.transfer_failures += 1
                     await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to {dest.instance_id} failed: {e}")
                 committed = True
                 resp.kv_bytes, resp.transfer_s = stats.bytes, time.monotonic() - sampled
