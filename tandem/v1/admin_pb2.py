@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import worker_pb2 as tandem_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\x1a\x16tandem/v1/worker.proto\"\x16\n\x14ListInstancesRequest\"A\n\x15ListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.tandem.v1.LoadReport2[\n\x05\x41\x64min\x12R\n\rListInstances\x12\x1f.tandem.v1.ListInstancesRequest\x1a .tandem.v1.ListInstancesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\x1a\x16tandem/v1/worker.proto\"\x16\n\x14ListInstancesRequest\"A\n\x15ListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.tandem.v1.LoadReport\"A\n\x13\x41\x64minMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eto_instance_id\x18\x02 \x01(\t\"R\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0c\n\x04undo\x18\x04 \x01(\x08\"1\n\rDrainResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x11\n\tremaining\x18\x02 \x01(\r2\xde\x01\n\x05\x41\x64min\x12R\n\rListInstances\x12\x1f.tandem.v1.ListInstancesRequest\x1a .tandem.v1.ListInstancesResponse\x12\x45\n\x07Migrate\x12\x1e.tandem.v1.AdminMigrateRequest\x1a\x1a.tandem.v1.MigrateResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTINSTANCESREQUEST']._serialized_end=82
   _globals['_LISTINSTANCESRESPONSE']._serialized_start=84
   _globals['_LISTINSTANCESRESPONSE']._serialized_end=149
-  _globals['_ADMIN']._serialized_start=151
-  _globals['_ADMIN']._serialized_end=242
+  _globals['_ADMINMIGRATEREQUEST']._serialized_start=151
+  _globals['_ADMINMIGRATEREQUEST']._serialized_end=216
+  _globals['_DRAINREQUEST']._serialized_start=218
+  _globals['_DRAINREQUEST']._serialized_end=300
+  _globals['_DRAINRESPONSE']._serialized_start=302
+  _globals['_DRAINRESPONSE']._serialized_end=351
+  _globals['_ADMIN']._serialized_start=354
+  _globals['_ADMIN']._serialized_end=576
 # @@protoc_insertion_point(module_scope)

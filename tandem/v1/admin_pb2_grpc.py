@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from tandem.v1 import admin_pb2 as tandem_dot_v1_dot_admin__pb2
+from tandem.v1 import worker_pb2 as tandem_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,6 +40,16 @@ class AdminStub:
                 request_serializer=tandem_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/tandem.v1.Admin/Migrate',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.AdminMigrateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/tandem.v1.Admin/Drain',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -50,6 +61,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Force one migration; answers once it committed (or why it did not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Stop new work on a decode instance and migrate every request away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +82,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=tandem_dot_v1_dot_admin__pb2.ListInstancesRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_admin__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.AdminMigrateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +121,60 @@ class Admin:
             '/tandem.v1.Admin/ListInstances',
             tandem_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
             tandem_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/Migrate',
+            tandem_dot_v1_dot_admin__pb2.AdminMigrateRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/Drain',
+            tandem_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

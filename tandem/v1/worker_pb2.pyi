@@ -108,7 +108,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start_index: _Optional[int] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("index", "token_ids", "text", "logprobs", "top_logprobs", "finished", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "first_decode_s")
+    __slots__ = ("index", "token_ids", "text", "logprobs", "top_logprobs", "finished", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "first_decode_s", "migrated")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class TokenChunk(_message.Message):
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -129,7 +130,18 @@ class TokenChunk(_message.Message):
     num_prompt_tokens: int
     num_cached_tokens: int
     first_decode_s: float
-    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TopLogprobs, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., first_decode_s: _Optional[float] = ...) -> None: ...
+    migrated: Migrated
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TopLogprobs, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., first_decode_s: _Optional[float] = ..., migrated: _Optional[_Union[Migrated, _Mapping]] = ...) -> None: ...
+
+class Migrated(_message.Message):
+    __slots__ = ("instance_id", "address", "next_index")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    address: str
+    next_index: int
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., next_index: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -150,7 +162,7 @@ class StatsRequest(_message.Message):
     def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases", "integrity_error")
+    __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases", "integrity_error", "high_priority_running", "high_priority_blocks", "head_waiting_blocks", "migrations_in_flight", "requests")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +185,11 @@ class LoadReport(_message.Message):
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HIGH_PRIORITY_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    HIGH_PRIORITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_WAITING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     address: str
@@ -195,4 +212,99 @@ class LoadReport(_message.Message):
     updated_unix_ms: int
     leases: int
     integrity_error: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ..., integrity_error: _Optional[str] = ...) -> None: ...
+    high_priority_running: int
+    high_priority_blocks: int
+    head_waiting_blocks: int
+    migrations_in_flight: int
+    requests: _containers.RepeatedCompositeFieldContainer[RunningRequest]
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., high_priority_running: _Optional[int] = ..., high_priority_blocks: _Optional[int] = ..., head_waiting_blocks: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ...) -> None: ...
+
+class RunningRequest(_message.Message):
+    __slots__ = ("request_id", "priority", "num_tokens", "num_output_tokens", "num_blocks", "running")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    priority: int
+    num_tokens: int
+    num_output_tokens: int
+    num_blocks: int
+    running: bool
+    def __init__(self, request_id: _Optional[str] = ..., priority: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("request_id", "selector", "destination_instance_id", "destination_address", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    selector: str
+    destination_instance_id: str
+    destination_address: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., selector: _Optional[str] = ..., destination_instance_id: _Optional[str] = ..., destination_address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class MigrateResponse(_message.Message):
+    __slots__ = ("request_id", "committed", "abort_reason", "message", "stages", "blocks_copied", "downtime_s", "total_s", "next_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    NEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    committed: bool
+    abort_reason: str
+    message: str
+    stages: int
+    blocks_copied: int
+    downtime_s: float
+    total_s: float
+    next_index: int
+    def __init__(self, request_id: _Optional[str] = ..., committed: _Optional[bool] = ..., abort_reason: _Optional[str] = ..., message: _Optional[str] = ..., stages: _Optional[int] = ..., blocks_copied: _Optional[int] = ..., downtime_s: _Optional[float] = ..., total_s: _Optional[float] = ..., next_index: _Optional[int] = ...) -> None: ...
+
+class MigrationStageRequest(_message.Message):
+    __slots__ = ("request_id", "stage", "num_tokens", "request", "source_instance_id", "lease_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    stage: int
+    num_tokens: int
+    request: WorkerRequest
+    source_instance_id: str
+    lease_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[int] = ..., num_tokens: _Optional[int] = ..., request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., source_instance_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class MigrationStageResponse(_message.Message):
+    __slots__ = ("kv_address", "num_blocks")
+    KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    kv_address: str
+    num_blocks: int
+    def __init__(self, kv_address: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
+class CancelMigrationRequest(_message.Message):
+    __slots__ = ("request_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetStateRequest(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...

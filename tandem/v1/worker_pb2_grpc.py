@@ -64,6 +64,26 @@ class WorkerStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/tandem.v1.Worker/Migrate',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+        self.MigrationStage = channel.unary_unary(
+                '/tandem.v1.Worker/MigrationStage',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.MigrationStageRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.MigrationStageResponse.FromString,
+                _registered_method=True)
+        self.CancelMigration = channel.unary_unary(
+                '/tandem.v1.Worker/CancelMigration',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.CancelMigrationRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.SetState = channel.unary_unary(
+                '/tandem.v1.Worker/SetState',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.SetStateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -111,6 +131,34 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Decode side, on the source: move one running request to another decode instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrationStage(self, request, context):
+        """Decode side, on the destination: called by the source before each copy stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMigration(self, request, context):
+        """Decode side, on the destination: the source gave up; free the reservation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetState(self, request, context):
+        """Enter or leave draining.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +190,26 @@ def add_WorkerServicer_to_server(servicer, server):
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.StatsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.MigrateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.MigrateResponse.SerializeToString,
+            ),
+            'MigrationStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrationStage,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.MigrationStageRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.MigrationStageResponse.SerializeToString,
+            ),
+            'CancelMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMigration,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.CancelMigrationRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'SetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetState,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.SetStateRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
             ),
     }
@@ -306,6 +374,114 @@ class Worker:
             target,
             '/tandem.v1.Worker/Stats',
             tandem_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/Migrate',
+            tandem_dot_v1_dot_worker__pb2.MigrateRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrationStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/MigrationStage',
+            tandem_dot_v1_dot_worker__pb2.MigrationStageRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.MigrationStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/CancelMigration',
+            tandem_dot_v1_dot_worker__pb2.CancelMigrationRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/SetState',
+            tandem_dot_v1_dot_worker__pb2.SetStateRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
             options,
             channel_credentials,
