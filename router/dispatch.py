@@ -17,7 +17,7 @@ import grpc
 
 from router.placement import InflightLedger, pick_colocated, pick_decode, pick_prefill
 from router.registry import InstanceRegistry
-from router.worker_pool import WorkerPool
+from services.worker_pool import WorkerPool
 from services.engine.sampling_params import SamplingParams
 from tandem.v1 import serving_pb2, worker_pb2
 
@@ -47,6 +47,15 @@ class RoutedRequest:
         self.aborted = True
         for call in self.calls:
             call.cancel()
+
+
+@dataclasses.dataclass
+class _Holder:
+    """The instance that decodes the request now, and the stream the router reads from it."""
+    address: str
+    instance_id: str
+    call: object
+    moves: int = 0
 
 
 class Dispatcher:
@@ -162,6 +171,7 @@ class Dispatcher:
         decode_call = self.pool.stub(d.address).Decode(
             worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1), timeout=self._stream_timeout(rr))
         rr.calls.append(decode_call)
+        holder = _Holder(d.address, d.instance_id, decode_call)
         finished = False
         try:
             p, presp = await self._prefill(rr, handle)
@@ -183,13 +193,15 @@ class Dispatcher:
                 yield first            # D still holds the lease: the finally block releases it
                 return
             yield first
-            async for chunk in decode_call:
+            async for chunk, moved in self._follow(rr, holder):
                 if d_token is not None:        # D's own report counts the request from now on
                     self.ledger.remove(d_token)
                     d_token = None
-                if chunk.first_decode_s:
+                if chunk.first_decode_s and not holder.moves:
                     breakdown.first_decode_s = chunk.first_decode_s
                 message = _from_chunk(rr.request_id, chunk)
+                if moved:
+                    message.decode_instance = holder.instance_id
                 if chunk.finished:
                     finished = chunk.finish_reason != serving_pb2.FINISH_REASON_ABORT
                     message.usage.CopyFrom(serving_pb2.Usage(
@@ -199,20 +211,53 @@ class Dispatcher:
                 yield message
                 if chunk.finished:
                     return
-            raise RouteError(grpc.StatusCode.UNAVAILABLE, f"decode instance {d.instance_id} ended the stream early")
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
                 raise asyncio.CancelledError from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.registry.mark_unreachable(d.instance_id)
-            raise RouteError(e.code(), f"decode instance {d.instance_id}: {e.details()}") from None
+                self.registry.mark_unreachable(holder.instance_id)
+            raise RouteError(e.code(), f"decode instance {holder.instance_id}: {e.details()}") from None
         finally:
             if d_token is not None:
                 self.ledger.remove(d_token)
-            rr.calls.remove(decode_call)
+            rr.calls.remove(holder.call)
             if not finished:
-                decode_call.cancel()
-                self.pool.release_later(d.address, rr.request_id)
+                holder.call.cancel()
+                self.pool.release_later(holder.address, rr.request_id)
+                if holder.address != d.address:      # D forwards too, but it may be gone
+                    self.pool.release_later(d.address, rr.request_id)
+
+    async def _follow(self, rr: RoutedRequest, holder: _Holder):
+        """(chunk, moved) for every chunk of the holder's stream until the finished one; when the
+        request migrates (a chunk carries `migrated`), its tokens are yielded and the stream goes on
+        from the new instance's Decode at the next index. `moved` is True on the first chunk after
+        a move. Raises RouteError when a stream ends without finishing; AioRpcError as it comes."""
+        moved = False
+        while True:
+            migrated = None
+            async for chunk in holder.call:
+                if chunk.HasField("migrated"):
+                    migrated = worker_pb2.Migrated()
+                    migrated.CopyFrom(chunk.migrated)
+                    if chunk.token_ids:
+                        yield chunk, moved
+                        moved = False
+                    break
+                yield chunk, moved
+                moved = False
+                if chunk.finished:
+                    return
+            if migrated is None:
+                raise RouteError(grpc.StatusCode.UNAVAILABLE,
+                                 f"instance {holder.instance_id} ended the stream before the request finished")
+            call = self.pool.stub(migrated.address).Decode(
+                worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=migrated.next_index),
+                timeout=self._stream_timeout(rr))
+            rr.calls.remove(holder.call)
+            rr.calls.append(call)
+            holder.address, holder.instance_id, holder.call = migrated.address, migrated.instance_id, call
+            holder.moves += 1
+            moved = True
 
     # ---- colocated ----------------------------------------------------------------------------
     async def _colocated(self, rr: RoutedRequest):
@@ -225,16 +270,19 @@ class Dispatcher:
             token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=len(rr.prompt_token_ids), running=1)
             call = self.pool.stub(c.address).Generate(rr.worker_request, timeout=self._stream_timeout(rr))
             rr.calls.append(call)
+            holder = _Holder(c.address, c.instance_id, call)
             sent = 0
             finished = False
             try:
-                async for chunk in call:
+                async for chunk, moved in self._follow(rr, holder):
                     if token is not None:
                         self.ledger.remove(token)
                         token = None
                     message = _from_chunk(rr.request_id, chunk)
                     if sent == 0:
                         message.prefill_instance = message.decode_instance = c.instance_id
+                    if moved:
+                        message.decode_instance = holder.instance_id
                     if chunk.finished:
                         finished = True
                         message.usage.CopyFrom(serving_pb2.Usage(
@@ -244,22 +292,23 @@ class Dispatcher:
                     yield message
                     if chunk.finished:
                         return
-                raise RouteError(grpc.StatusCode.UNAVAILABLE, f"instance {c.instance_id} ended the stream early")
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
                     raise asyncio.CancelledError from None
-                if e.code() not in RETRY_CODES or sent:
-                    raise RouteError(e.code(), f"instance {c.instance_id}: {e.details()}") from None
+                if e.code() not in RETRY_CODES or sent or holder.moves:
+                    raise RouteError(e.code(), f"instance {holder.instance_id}: {e.details()}") from None
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.registry.mark_unreachable(c.instance_id)
                 tried.add(c.instance_id)
             finally:
                 if token is not None:
                     self.ledger.remove(token)
-                rr.calls.remove(call)
+                rr.calls.remove(holder.call)
                 if not finished:
-                    call.cancel()
-                    self.pool.release_later(c.address, rr.request_id)
+                    holder.call.cancel()
+                    self.pool.release_later(holder.address, rr.request_id)
+                    if holder.address != c.address:
+                        self.pool.release_later(c.address, rr.request_id)
         raise RouteError(grpc.StatusCode.UNAVAILABLE, "no colocated instance could take the request; retry")
 
 

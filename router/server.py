@@ -12,7 +12,7 @@ from grpc_health.v1.health import aio as health_aio
 from router.dispatch import Dispatcher, RouteError, RoutedRequest
 from router.registry import InstanceRegistry
 from router.request_validation import build_request
-from router.worker_pool import CHANNEL_OPTIONS, WorkerPool
+from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
 from services.engine.sampling_params import InvalidRequestError

@@ -1,4 +1,4 @@
-"""gRPC channels to workers, one per address, reused by every request."""
+"""gRPC channels to workers, one per address, reused by every request (router → worker and worker → worker)."""
 from __future__ import annotations
 
 import asyncio

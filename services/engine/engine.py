@@ -10,7 +10,7 @@ import torch
 from services.engine.config import EngineConfig, Role
 from services.engine.kv_cache import KVCacheManager
 from services.engine.loader import LoadedModel
-from services.engine.request import FinishReason, Request
+from services.engine.request import FinishReason, Request, RequestStatus
 from services.engine.runner import ModelRunner
 from services.engine.sampling_params import InvalidRequestError, SamplingParams
 from services.engine.scheduler import Scheduler
@@ -39,6 +39,22 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None     # final output: time.monotonic() of its first chunk
+
+
+@dataclass(frozen=True)
+class MigrationSnapshot:
+    """A live request as a migration stage sees it, taken between two engine steps."""
+    request_id: str
+    running: bool                  # holds KV being extended (False: waiting to recompute; no KV to copy)
+    paused: bool
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    output_logprobs: list[float]
+    params: SamplingParams
+    priority: int
+    num_computed_tokens: int       # KV positions [0, n) are written
+    block_table: list[int]         # physical ids of its logical blocks, in order
+    num_preemptions: int           # changes when it lost its blocks (the copy so far is void)
 
 
 def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
@@ -140,15 +156,28 @@ class LLMEngine:
         return list(self.kv.block_table(request_id))
 
     def adopt(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-              params: SamplingParams, priority: int = 0, output_logprobs: list[float] | None = None) -> None:
+              params: SamplingParams, priority: int = 0, output_logprobs: list[float] | None = None,
+              recompute: bool = False) -> None:
         """Start decoding a reserved request whose blocks now hold positions
-        [0, len(prompt) + len(output) - 1). It decodes from the next step.
+        [0, len(prompt) + len(output) - 1). It decodes from the next step. With recompute=True no
+        KV came along (a request that was waiting on its old instance): any reservation is freed
+        and the request queues to recompute prompt + output, like a preempted one.
 
         On any error the reservation is freed (never keep blocks for a request not adopted).
         """
         try:
             if not output_token_ids:
                 raise InvalidRequestError("output_token_ids", "an adopted request needs its first token")
+            if recompute:
+                self.kv.free(request_id)
+                request = Request(request_id, list(prompt_token_ids), params,
+                                  eos_token_ids=self.config.model.eos_token_ids, priority=priority,
+                                  output_token_ids=list(output_token_ids),
+                                  output_logprobs=list(output_logprobs or [float("nan")] * len(output_token_ids)))
+                request.status = RequestStatus.PREEMPTED
+                self.scheduler.add(request)
+                self._start_detok(request, params)
+                return
             n_computed = len(prompt_token_ids) + len(output_token_ids) - 1
             have = len(self.kv.block_table(request_id)) if self.kv.has_request(request_id) else 0
             if have * self.kv.block_size < n_computed:
@@ -162,11 +191,15 @@ class LLMEngine:
             if request_id not in self.scheduler.requests:
                 self.kv.free(request_id)
             raise
+        self._start_detok(request, params)
+
+    def _start_detok(self, request: Request, params: SamplingParams) -> None:
+        """A detokenizer that has seen the request's output so far (its text was emitted elsewhere)."""
         if params.detokenize:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
-            for t in output_token_ids:
+            for t in request.output_token_ids:
                 detok.push(t)
-            self._detok[request_id] = detok
+            self._detok[request.request_id] = detok
 
     def import_request(self, prompt_token_ids: list[int], output_token_ids: list[int],
                        params: SamplingParams, kv_blocks: torch.Tensor, request_id: str,
@@ -203,6 +236,53 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def has_schedulable(self) -> bool:
+        """True when a step could do work (paused requests wait for their migration, not a step)."""
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # ---- live migration (source side: snapshot, pause, resume, hand off) ----------------------
+    def migration_snapshot(self, request_id: str) -> "MigrationSnapshot | None":
+        """What a migration stage needs to know about a live request now; None if it is not here."""
+        r = self.scheduler.requests.get(request_id)
+        if r is None:
+            return None
+        status = self.scheduler.paused[request_id][1] if request_id in self.scheduler.paused else r.status
+        return MigrationSnapshot(
+            request_id, status == RequestStatus.RUNNING, r.status == RequestStatus.PAUSED, list(r.prompt_token_ids),
+            list(r.output_token_ids), list(r.output_logprobs), r.sampling_params, r.priority,
+            r.num_computed_tokens, self.kv.block_table(request_id), r.num_preemptions)
+
+    def pause(self, request_id: str) -> "MigrationSnapshot | None":
+        """Stop scheduling a live request (it keeps its blocks) and return its snapshot."""
+        if self.scheduler.pause(request_id) is None:
+            return None
+        return self.migration_snapshot(request_id)
+
+    def resume(self, request_id: str) -> bool:
+        """Schedule a paused request again (its migration did not commit)."""
+        return self.scheduler.resume(request_id)
+
+    def hand_off(self, request_id: str) -> RequestOutput | None:
+        """Finish a paused request that now lives elsewhere: free its blocks here and return its
+        final output (finish_reason HANDOFF; text a stop string or split character still holds
+        back is not flushed: the new owner emits it). None if it is not paused here."""
+        if request_id not in self.scheduler.paused:
+            return None
+        request = self.scheduler.finish(request_id, FinishReason.HANDOFF)
+        self.kv.free(request_id)
+        return self._output(request, 0, "")
+
+    def extend_reservation(self, request_id: str, num_tokens: int) -> list[int]:
+        """Grow a reservation (from reserve()) to cover positions [0, num_tokens); returns the
+        whole block table. RuntimeError when blocks are short (the reservation is unchanged)."""
+        if request_id in self.scheduler.requests or not self.kv.has_request(request_id):
+            raise ValueError(f"request {request_id!r} holds no reservation on this instance")
+        needed = self.kv.blocks_needed(request_id, num_tokens)
+        if self.kv.allocate(request_id, [], num_tokens) is None:
+            raise RuntimeError(f"not enough free KV blocks for {request_id!r}: {needed} more needed, "
+                               f"{self.kv.num_free_blocks} free")
+        return self.kv.block_table(request_id)
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -251,7 +331,7 @@ class LLMEngine:
         if not r.is_finished:
             return out
         detok = self._detok.pop(r.request_id, None)
-        if detok:
+        if detok and r.finish_reason != FinishReason.HANDOFF:    # on a hand-off the new owner emits it
             out.new_text += detok.flush()     # text held back for a possible stop string or split character
         out.token_ids, out.text = list(r.output_token_ids), detok.text if detok else ""
         out.logprobs, out.top_logprobs = list(r.output_logprobs), list(r.output_top_logprobs)

@@ -68,6 +68,10 @@ class EngineLoad:
     queued_prefill_tokens: int = 0      # prompt (or recompute) tokens not computed yet
     step_time_ms: float = 0.0           # moving average over recent non-empty steps
     prefill_tokens_per_s: float = 0.0   # moving average over recent steps that ran prefill chunks
+    high_priority_running: int = 0      # running requests with priority > 0
+    high_priority_blocks: int = 0       # blocks they hold
+    head_waiting_blocks: int = 0        # blocks the next waiting request to admit still needs
+    paused: int = 0                     # held out of scheduling by a migration's stop phase
 
 
 class EngineThread:
@@ -76,6 +80,9 @@ class EngineThread:
         self.load = EngineLoad(total_blocks=engine.kv.num_blocks, free_blocks=engine.kv.num_free_blocks)
         self._step_ms = 0.0
         self._prefill_rate = 0.0
+        # Called on the engine thread after each step that computed tokens, with (seconds, prefill
+        # tokens, decoded requests); it must be quick and must not raise (the worker's metrics).
+        self.on_step = None
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
@@ -100,7 +107,7 @@ class EngineThread:
 
     def adopt(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
               params: SamplingParams, priority: int = 0, output_logprobs: list[float] | None = None,
-              stream_cls: type[RequestStream] | None = None) -> RequestStream:
+              stream_cls: type[RequestStream] | None = None, recompute: bool = False) -> RequestStream:
         """Queue LLMEngine.adopt for a reserved request whose KV has arrived; returns its stream.
 
         Any thread may call this (the KV receiver does). A refusal (e.g. the reservation is
@@ -108,7 +115,7 @@ class EngineThread:
         """
         stream = self._new_stream(request_id, stream_cls)
         self._inbox.put(("adopt", (request_id, prompt_token_ids, output_token_ids, params, priority,
-                                   output_logprobs)))
+                                   output_logprobs, recompute)))
         return stream
 
     def _new_stream(self, request_id: str, stream_cls: type[RequestStream] | None) -> RequestStream:
@@ -120,6 +127,16 @@ class EngineThread:
             stream = (stream_cls or RequestStream)(self, request_id)
             self._streams[request_id] = stream
         return stream
+
+    def hand_off(self, request_id: str, timeout: float | None = 30.0):
+        """LLMEngine.hand_off on the engine thread; the returned final output (or None) also ends the
+        request's stream. Raises like call()."""
+        def fn(engine: LLMEngine):
+            out = engine.hand_off(request_id)
+            if out is not None:
+                self._deliver(out)
+            return out
+        return self.call(fn, timeout)
 
     def abort(self, request_id: str) -> None:
         """Ask the engine to abort; a safe no-op for unknown or finished requests."""
@@ -150,7 +167,7 @@ class EngineThread:
     def _loop(self) -> None:
         try:
             while True:
-                block = not self.engine.has_unfinished()
+                block = not self.engine.has_schedulable()
                 if not self._drain_inbox(block):
                     break
                 t0 = time.perf_counter()
@@ -176,13 +193,20 @@ class EngineThread:
         last = engine.last_step_prefill_tokens
         if last or engine.last_step_decodes:
             self._step_ms = 0.8 * self._step_ms + 0.2 * step_s * 1e3 if self._step_ms else step_s * 1e3
+            if self.on_step is not None:
+                self.on_step(step_s, last, engine.last_step_decodes)
         if last and step_s > 0:
             rate = last / step_s
             self._prefill_rate = 0.8 * self._prefill_rate + 0.2 * rate if self._prefill_rate else rate
         queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
         queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running if r.num_output_tokens == 0)
-        self.load = EngineLoad(engine.kv.num_blocks, engine.kv.num_free_blocks, len(sched.running), len(sched.waiting),
-                               queued, self._step_ms, self._prefill_rate)
+        kv = engine.kv
+        high = [r for r in sched.running if r.priority > 0]
+        head = sched.policy.admission_order(sched.waiting)[:1] if sched.waiting else []
+        head_blocks = kv.blocks_needed(head[0].request_id, head[0].num_tokens + 1) if head else 0
+        self.load = EngineLoad(kv.num_blocks, kv.num_free_blocks, len(sched.running), len(sched.waiting),
+                               queued, self._step_ms, self._prefill_rate, len(high),
+                               sum(len(kv.block_table(r.request_id)) for r in high), head_blocks, len(sched.paused))
 
     def _fail_pending_calls(self) -> None:
         while True:
@@ -212,9 +236,9 @@ class EngineThread:
                     if stream is not None:
                         stream._put(e)
             elif kind == "adopt":
-                request_id, prompt, outputs, params, priority, logprobs = arg
+                request_id, prompt, outputs, params, priority, logprobs, recompute = arg
                 try:
-                    self.engine.adopt(request_id, prompt, outputs, params, priority, logprobs)
+                    self.engine.adopt(request_id, prompt, outputs, params, priority, logprobs, recompute)
                 except (ValueError, RuntimeError) as e:     # refuse this request only
                     with self._lock:
                         stream = self._streams.pop(request_id, None)

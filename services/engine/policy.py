@@ -22,12 +22,13 @@ class SchedulingPolicy:
 
 
 class PriorityPolicy(SchedulingPolicy):
-    """Lower `priority` value first (0 is the most urgent), FCFS within a priority."""
+    """Higher `priority` first (the client API's meaning: 0 is normal, more is more important),
+    FCFS within a priority."""
 
     name = "priority"
 
     def key(self, request: Request) -> tuple:
-        return (request.priority, request.arrival_time)
+        return (-request.priority, request.arrival_time)
 
 
 POLICIES = {p.name: p for p in (SchedulingPolicy, PriorityPolicy)}

@@ -13,6 +13,7 @@ class RequestStatus(enum.IntEnum):
     RUNNING = 1      # holds blocks, scheduled every step
     PREEMPTED = 2    # lost its blocks; will recompute prompt + output so far
     FINISHED = 3
+    PAUSED = 4       # held out of scheduling (keeps its blocks) while a migration copies its last blocks
 
 
 class FinishReason(enum.IntEnum):

@@ -49,6 +49,7 @@ class Scheduler:
         self.policy = make_policy(config.policy)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.paused: dict[str, tuple[Request, RequestStatus]] = {}   # id → (request, status to resume to)
         self.requests: dict[str, Request] = {}
 
     # ---- queue management -------------------------------------------------------------
@@ -79,7 +80,9 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        if request in self.running:
+        if request.request_id in self.paused:
+            del self.paused[request.request_id]
+        elif request in self.running:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
@@ -87,6 +90,30 @@ class Scheduler:
             self.kv.free(request_id)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
         return request
+
+    def pause(self, request_id: str) -> Request | None:
+        """Take a live request out of scheduling, keeping its blocks and counters (the stop phase of
+        a migration). None for an unknown, finished or already paused id."""
+        request = self.requests.get(request_id)
+        if request is None or request_id in self.paused:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.paused[request_id] = (request, request.status)
+        request.status = RequestStatus.PAUSED
+        return request
+
+    def resume(self, request_id: str) -> bool:
+        """Put a paused request back where it was (a migration that did not commit)."""
+        entry = self.paused.pop(request_id, None)
+        if entry is None:
+            return False
+        request, status = entry
+        request.status = status
+        (self.running if status == RequestStatus.RUNNING else self.waiting).append(request)
+        return True
 
     @property
     def num_unfinished(self) -> int:

@@ -36,6 +36,12 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--transfer-timeout-s", type=float, default=30.0)
     p.add_argument("--heartbeat-ttl-s", type=float, default=3.0)
     p.add_argument("--grace-s", type=float, default=10.0)
+    p.add_argument("--migration-stop-copy-blocks", type=int, default=2,
+                   help="live migration pauses the request once at most this many KV blocks remain to copy")
+    p.add_argument("--migration-max-stages", type=int, default=8, help="pre-copy stages before a migration gives up")
+    p.add_argument("--max-migrations", type=int, default=1, help="concurrent migrations out of (and into) this instance")
+    p.add_argument("--migration-watermark", type=float, default=0.05,
+                   help="fraction of KV blocks a migration destination keeps free")
     a = p.parse_args(argv)
     try:
         cores = tuple(int(c) for c in a.cpu_cores.split(",") if c.strip())
@@ -48,7 +54,9 @@ def parse_args(argv=None) -> WorkerOptions:
         host=a.host, port=a.port, kv_port=a.kv_port, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,
         layer_group=a.layer_group, transfer_timeout_s=a.transfer_timeout_s, heartbeat_ttl_s=a.heartbeat_ttl_s,
-        grace_s=a.grace_s)
+        grace_s=a.grace_s, migration_stop_copy_blocks=a.migration_stop_copy_blocks,
+        migration_max_stages=a.migration_max_stages, max_migrations=a.max_migrations,
+        migration_watermark=a.migration_watermark)
 
 
 def main(argv=None) -> int:

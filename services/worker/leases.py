@@ -97,6 +97,16 @@ class LeaseTable:
         lease.loop.call_soon_threadsafe(self._adopted, lease)
         return None
 
+    def add_adopted(self, lease: Lease) -> None:
+        """Track a request that started decoding by another path (a committed migration) so that
+        Decode claims it like any adopted lease. Any thread; the attach timeout starts now."""
+        with self._lock:
+            if lease.request_id in self._leases:
+                raise ValueError(f"request_id {lease.request_id!r} already holds a lease here")
+            lease.state, lease.committed_at = LeaseState.ADOPTED, time.monotonic()
+            self._leases[lease.request_id] = lease
+        lease.loop.call_soon_threadsafe(self._adopted, lease)
+
     async def release(self, request_id: str, reason: str, expired: bool = False) -> bool:
         """Release a pending lease (blocks freed, receiver forgets). Returns False when there was
         no pending lease (unknown, or already adopted: the caller aborts the running request)."""

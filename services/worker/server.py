@@ -19,6 +19,7 @@ from services.proto_convert import ROLE_BY_NAME
 from services.registry import InstancePublisher
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker.kv_push import PrefillPusher
+from services.worker.migration_out import MigrationConfig
 from services.worker.servicer import WorkerServicer
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
@@ -55,6 +56,12 @@ class WorkerOptions:
     heartbeat_ttl_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     grace_s: float = 10.0
+    # live migration (decode and colocated instances)
+    migration_stop_copy_blocks: int = 2     # stop-and-copy once at most this many blocks remain
+    migration_max_stages: int = 8           # pre-copy stages before a migration gives up
+    max_migrations: int = 1                 # concurrent migrations leaving (and, separately, entering)
+    migration_watermark: float = 0.05       # a destination keeps this fraction of its blocks free
+    migration_lease_ms: int = 10_000        # a destination frees a migration the source stopped driving
 
 
 def pin_cores(cores: tuple[int, ...]) -> None:
@@ -105,14 +112,35 @@ class Worker:
         self._stopped = asyncio.Event()
         self._stopping = False
 
+    def current_state(self) -> str:
+        """starting | serving | draining | drained (draining, and nothing left here) | stopping."""
+        if self.state != "draining" or self.servicer is None:
+            return self.state
+        load, sv = self.engine_thread.load, self.servicer
+        empty = not (load.running or load.waiting or load.paused or len(sv.leases) or len(sv.sources)
+                     or len(sv.targets))
+        return "drained" if empty else "draining"
+
+    def set_state(self, state: str) -> None:
+        """Enter (`draining`) or leave (`serving`) draining, and publish it at once."""
+        self.state = state
+        log.info("worker %s is now %s", self.instance_id, state)
+        if self.publisher:
+            asyncio.ensure_future(self.publisher.publish_now())
+
     def report(self) -> worker_pb2.LoadReport:
         load, cfg = self.engine_thread.load, self.engine.config
         leases = self.servicer.leases if self.servicer else None
+        sv = self.servicer
         return worker_pb2.LoadReport(
+            high_priority_running=load.high_priority_running, high_priority_blocks=load.high_priority_blocks,
+            head_waiting_blocks=load.head_waiting_blocks,
+            migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
             instance_id=self.instance_id, role=ROLE_BY_NAME[self.role.name.lower()], address=self.address,
-            kv_address=self.receiver.address, state=self.state, model=cfg.model.model_id,
+            kv_address=self.receiver.address, state=self.current_state(), model=cfg.model.model_id,
             total_blocks=load.total_blocks, free_blocks=load.free_blocks,
-            reserved_blocks=leases.reserved_blocks if leases else 0, running=load.running, waiting=load.waiting,
+            reserved_blocks=(leases.reserved_blocks + sv.targets.reserved_blocks) if leases else 0,
+            running=load.running + load.paused, waiting=load.waiting,
             queued_prefill_tokens=load.queued_prefill_tokens, step_time_ms=load.step_time_ms,
             prefill_tokens_per_s=load.prefill_tokens_per_s, block_size=cfg.cache.block_size,
             max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size, kv_transport=self.opts.kv_transport,
@@ -127,7 +155,11 @@ class Worker:
         self.servicer = WorkerServicer(
             self.engine_thread, role=self.role, sender=self.sender, receiver=self.receiver, pusher=self.pusher,
             lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report, instance_id=self.instance_id, kv_transport=opts.kv_transport,
-            publisher=self.publisher)
+            publisher=self.publisher, state_fn=self.current_state, set_state_fn=self.set_state,
+            migration=MigrationConfig(stop_copy_blocks=opts.migration_stop_copy_blocks,
+                                      max_stages=opts.migration_max_stages, max_in_flight=opts.max_migrations,
+                                      lease_ms=opts.migration_lease_ms, transfer_timeout_s=opts.transfer_timeout_s),
+            watermark_blocks=int(opts.migration_watermark * self.engine.kv.num_blocks))
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.server.add_insecure_port(f"{opts.host}:{opts.port}")
@@ -159,6 +191,8 @@ class Worker:
         if self.servicer:
             for rid in self.servicer.leases.pending_ids():
                 await self.servicer.leases.release(rid, "the instance is stopping")
+            await self.servicer.targets.close()
+            await self.servicer.peers.close()
         self.sender.close()
         self.receiver.close()
         self.engine_thread.shutdown()

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -21,6 +22,9 @@ from services.transport import KVHandshakeError, KVTransportError
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.kv_push import PrefillPusher
 from services.worker.leases import Lease, LeaseState, LeaseTable
+from services.worker.migration_in import MigrationRefused, MigrationTargets
+from services.worker.migration_out import MigrationConfig, MigrationError, MigrationSources
+from services.worker_pool import WorkerPool
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -29,14 +33,24 @@ log = logging.getLogger("tandem.worker")
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine_thread: EngineThread, *, role: Role, sender, receiver, pusher: PrefillPusher | None,
                  lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
-                 publisher=None):
+                 publisher=None, migration: MigrationConfig | None = None, watermark_blocks: int = 0,
+                 state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
         self.lease_ms, self.transfer_timeout_s = lease_ms, transfer_timeout_s
         self.report_fn, self.publisher = report_fn, publisher
         self.instance_id, self.kv_transport = instance_id, kv_transport
+        self.state_fn, self.set_state_fn = state_fn, set_state_fn
         self.leases = LeaseTable(self._adopt, self._release_lease)
         self._prefills: dict[str, AsyncRequestStream] = {}
+        migration = migration or MigrationConfig(transfer_timeout_s=transfer_timeout_s)
+        self.peers = WorkerPool()          # channels to other workers (migration destinations)
+        block_size = self.engine.kv.block_size
+        self.sources = MigrationSources(engine_thread, sender, self.peers, instance_id, block_size=block_size,
+                                        config=migration)
+        self.targets = MigrationTargets(engine_thread, receiver, self.leases, block_size=block_size,
+                                        max_in_flight=migration.max_in_flight, watermark_blocks=watermark_blocks,
+                                        is_open=lambda: self.state_fn() == "serving")
 
     # ---- helpers --------------------------------------------------------------------------
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -61,6 +75,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ---- decode side: Reserve, Decode ----------------------------------------------------------
     async def Reserve(self, request: worker_pb2.ReserveRequest, context):
         await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Reserve")
+        if self.state_fn() != "serving":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {self.instance_id} is {self.state_fn()} and "
+                                f"takes no new requests; place the request on another instance")
         req = request.request
         rid = req.request_id
         if not rid:
@@ -143,11 +160,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await self.publisher.drop_lease(rid)
             first = True
             async for chunk in _token_chunks(stream, len(claimed.output_token_ids),
-                                             claimed.params.logprobs is not None, context):
+                                             claimed.params.logprobs is not None, context, self.sources.moved_to):
                 if first:
                     chunk.first_decode_s = time.monotonic() - claimed.committed_at
                     first = False
-                if chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished:
+                if (chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished
+                        or chunk.HasField("migrated")):
                     yield _from_index(chunk, request.start_index)
         finally:
             if stream is not None:
@@ -255,7 +273,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
-            async for chunk in _token_chunks(stream, 0, params.logprobs is not None, context):
+            async for chunk in _token_chunks(stream, 0, params.logprobs is not None, context, self.sources.moved_to):
                 yield chunk
         finally:
             stream.cancel()
@@ -277,10 +295,63 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._engine_call(lambda e: e.release(rid))
         except EngineDeadError:
             pass
+        found = await self.targets.cancel(rid, "released by the router") or found
+        moved = self.sources.moved_to(rid)
+        if moved is not None:               # it decodes elsewhere now: pass the Release on
+            self.peers.release_later(moved.address, rid)
+            found = True
         return worker_pb2.ReleaseResponse(found=found)
+
+    # ---- live migration ----------------------------------------------------------------------
+    async def Migrate(self, request: worker_pb2.MigrateRequest, context):
+        await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Migrate")
+        try:
+            return await self.sources.migrate(request)
+        except MigrationError as e:
+            await context.abort(e.code, str(e))
+
+    async def MigrationStage(self, request: worker_pb2.MigrationStageRequest, context):
+        await self._require_role(context, Role.DECODE, Role.COLOCATED, what="MigrationStage")
+        rid = request.request_id
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty")
+        prompt = params = None
+        if request.stage == 0:
+            try:
+                prompt, params = self._request_fields(request.request)
+            except InvalidRequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            blocks = await self.targets.stage(rid, request.stage, request.num_tokens, prompt=prompt, params=params,
+                                              priority=request.request.priority,
+                                              source_instance_id=request.source_instance_id,
+                                              lease_ms=request.lease_ms or 10_000)
+        except MigrationRefused as e:
+            await context.abort(grpc.StatusCode[e.code], str(e))
+        return worker_pb2.MigrationStageResponse(kv_address=self.receiver.address, num_blocks=blocks)
+
+    async def CancelMigration(self, request: worker_pb2.CancelMigrationRequest, context):
+        found = await self.targets.cancel(request.request_id, request.reason or "cancelled by the source")
+        return worker_pb2.ReleaseResponse(found=found)
+
+    async def SetState(self, request: worker_pb2.SetStateRequest, context):
+        if request.state not in ("draining", "serving"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"state: {request.state!r} is not draining or serving")
+        if request.state == "draining" and self.role == Role.PREFILL:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "only decode and colocated instances drain "
+                                "by migration; stop a prefill instance directly (its requests are short)")
+        if self.set_state_fn is None or self.state_fn() not in ("serving", "draining", "drained"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance is {self.state_fn()}")
+        self.set_state_fn(request.state)
+        return self.report_fn()
 
     async def Stats(self, request, context):
         report = self.report_fn()
+        try:
+            report.requests.extend(await self._engine_call(_running_requests))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
         if request.check_integrity:
             def check(engine):
                 try:
@@ -295,9 +366,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return report
 
 
-async def _token_chunks(stream: AsyncRequestStream, index: int, want_logprobs: bool, context):
-    """TokenChunks of an engine stream from output `index` on, until the finished one. Tokens the
-    engine produced while the reader was busy come merged into one chunk."""
+async def _token_chunks(stream: AsyncRequestStream, index: int, want_logprobs: bool, context, moved=None):
+    """TokenChunks of an engine stream from output `index` on, until the finished one (or the one
+    whose request migrated away: `moved(request_id)` says where to). Tokens the engine produced
+    while the reader was busy come merged into one chunk."""
     while True:
         try:
             outputs = await stream.next_batch()
@@ -306,9 +378,28 @@ async def _token_chunks(stream: AsyncRequestStream, index: int, want_logprobs: b
                                 else grpc.StatusCode.ABORTED, str(e))
         chunk = outputs_to_chunk(outputs, index, want_logprobs)
         index += len(chunk.token_ids)
+        if outputs[-1].finish_reason == FinishReason.HANDOFF:
+            where = moved(stream.request_id) if moved is not None else None
+            if where is None:
+                await context.abort(grpc.StatusCode.INTERNAL, f"request {stream.request_id!r} left this "
+                                    f"instance without a recorded destination")
+            chunk.finished = False
+            chunk.migrated.CopyFrom(worker_pb2.Migrated(instance_id=where.instance_id, address=where.address,
+                                                        next_index=index))
+            yield chunk
+            return
         yield chunk
         if chunk.finished:
             return
+
+
+def _running_requests(engine) -> list[worker_pb2.RunningRequest]:
+    """What runs or waits on this engine (engine thread)."""
+    s = engine.scheduler
+    return [worker_pb2.RunningRequest(request_id=r.request_id, priority=r.priority, num_tokens=r.num_tokens,
+                                      num_output_tokens=r.num_output_tokens,
+                                      num_blocks=len(engine.kv.block_table(r.request_id)), running=r in s.running)
+            for r in s.running + s.waiting]
 
 
 def _from_index(chunk: worker_pb2.TokenChunk, start: int) -> worker_pb2.TokenChunk:

@@ -244,22 +244,22 @@ def test_preempted_request_hits_its_own_cached_prefix(make):
 
 
 # ---------------------------------------------------------------- policies
-def test_priority_policy_admits_lower_value_first(make):
+def test_priority_policy_admits_higher_value_first(make):
     s = make(budget=4, policy="priority")
-    s.add(req("p2", 4, 0.0, priority=2, max_tokens=1))
-    s.add(req("p0", 4, 1.0, priority=0, max_tokens=1))
+    s.add(req("p0", 4, 0.0, priority=0, max_tokens=1))
+    s.add(req("p2", 4, 1.0, priority=2, max_tokens=1))
     s.add(req("p1", 4, 2.0, priority=1, max_tokens=1))
-    s.add(req("p0b", 4, 3.0, priority=0, max_tokens=1))
+    s.add(req("p2b", 4, 3.0, priority=2, max_tokens=1))
     order = []
     while s.num_unfinished:
         order += [rid for rid, _ in step(s)[2]["prefills"]]
-    assert order == ["p0", "p0b", "p1", "p2"]
+    assert order == ["p2", "p2b", "p1", "p0"]
 
 
 def test_priority_policy_preempts_least_urgent_even_if_older(make):
     s = make(num_blocks=4, block_size=4, prefix=False, policy="priority")
-    lazy = req("lazy", 8, 0.0, priority=5, max_tokens=4)
-    urgent = req("urgent", 8, 1.0, priority=0, max_tokens=4)
+    lazy = req("lazy", 8, 0.0, priority=0, max_tokens=4)
+    urgent = req("urgent", 8, 1.0, priority=5, max_tokens=4)
     s.add(lazy)
     s.add(urgent)
     step(s)
@@ -270,8 +270,8 @@ def test_priority_policy_preempts_least_urgent_even_if_older(make):
 
 def test_fcfs_preempts_newest_in_the_same_setup(make):
     s = make(num_blocks=4, block_size=4, prefix=False, policy="fcfs")
-    lazy = req("lazy", 8, 0.0, priority=5, max_tokens=4)
-    urgent = req("urgent", 8, 1.0, priority=0, max_tokens=4)
+    lazy = req("lazy", 8, 0.0, priority=0, max_tokens=4)
+    urgent = req("urgent", 8, 1.0, priority=5, max_tokens=4)
     s.add(lazy)
     s.add(urgent)
     step(s)
