@@ -1,0 +1,309 @@
+"""Rescheduler policy: which decode instance should move a request to which, and why.
+
+Pure functions over load snapshots (no I/O, no clock, no randomness); the rescheduler loop in the
+router builds an InstanceLoad per decode instance from its LoadReport every 50–100 ms, calls
+`decide`, and asks each decision's source to `Migrate` one request chosen by the decision's
+selector. Follows Llumnix (OSDI'24).
+
+Load
+----
+- used(i)            = total_blocks − free_blocks
+- headroom_need(i)   = high_priority_running × config.high_priority_headroom_blocks
+- virtual_usage(i)   = used + head_waiting_blocks + headroom_need + pending   (pending: see defrag)
+- freeness F(i)      = (total_blocks − virtual_usage) / max(running, 1); lower is more loaded.
+  A draining instance has F = −inf. F may be negative when the virtual usage exceeds the total.
+
+Moving one request (the estimate every rule below uses)
+------------------------------------------------------
+- moved(i) = ceil(used / running) blocks, the source's average request; for the priority
+  policy the average normal request,
+  ceil((used − high_priority_blocks) / (running − high_priority_running));
+  on a source with nothing running (drain of waiting requests) head_waiting_blocks.
+- After the move: F_src' = (total − (virtual_usage − moved)) / max(running − 1, 1) on the
+  source and F_dst' = (total − (virtual_usage + moved)) / (running + 1) on the destination.
+  The estimate assumes the moved request has normal priority, so the headroom terms do not
+  change; the source's real pick may differ, and the next round sees the real loads.
+
+Eligibility (every policy)
+--------------------------
+- An instance appears in at most one decision per round, as source or as destination, and only
+  while migrations_in_flight < max_migrations_per_instance (the in-flight count includes both
+  directions). At most max_decisions_per_round decisions are returned.
+- A destination is in state "serving", is not the source, and has room: after taking `moved`
+  blocks it keeps its watermark free beyond its virtual usage,
+      total − virtual_usage(dst) − moved ≥ watermark(dst),
+  so it keeps its high-priority headroom and its head-of-line waiting demand free too. The
+  watermark is free_watermark_blocks, or ceil(fraction × total_blocks) when it is below 1.
+- Among acceptable destinations the one with the highest F is taken (ties: smallest id).
+- Except for drain, a move needs F_dst > F_src and F_dst' ≥ F_src: the destination is less
+  loaded than the source and does not end more loaded than the source was.
+
+Policies, applied in the order of config.policies (default: drain, defrag, priority, balance);
+an instance claimed by an earlier policy is not available to a later one.
+- drain: every "draining" instance with running + waiting > 0 is a source, in instance_id
+  order, regardless of gaps (F = −inf). Reason "drain", selector config.selector. One request
+  per round; the loop keeps draining it over later rounds until it reports nothing left.
+- defrag: pending_demand_blocks > 0 means a queued request needs that many blocks. If some
+  serving instance already has that many free blocks, nothing to do. Otherwise the serving
+  instance with the most free blocks among those whose total can hold the demand (ties:
+  smallest id) is the target: the demand is added to its virtual usage (for this round, in every
+  policy, so balance will not refill it) and one of its requests moves elsewhere. Reason
+  "defrag", selector config.selector. Without "defrag" in config.policies the demand is
+  ignored.
+- priority: a serving instance with high_priority_running > 0, free_blocks < headroom_need and
+  at least one normal request running moves a normal request away, most loaded instance first.
+  Reason "priority", selector "lowest_priority".
+- balance: serving sources with running > 0, most loaded first (ties: smallest id), each paired
+  greedily with the least loaded acceptable destination. A move needs F_dst − F_src >
+  gap_threshold and |F_dst' − F_src'| < |F_dst − F_src| (the gap shrinks). Reason "balance",
+  selector config.selector.
+
+Instances in state "starting", "stopping" or "drained" take part in nothing. The result
+depends only on the set of loads, not their order: ties are broken by instance_id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+POLICIES = ("drain", "defrag", "priority", "balance")
+SELECTORS = ("shortest", "longest", "lowest_priority")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceLoad:
+    """One decode instance as the rescheduler sees it (a LoadReport's relevant fields)."""
+    instance_id: str
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    head_waiting_blocks: int = 0     # blocks the head-of-line waiting request needs (0: none waits)
+    high_priority_running: int = 0   # running requests with priority > 0
+    high_priority_blocks: int = 0    # blocks they hold
+    migrations_in_flight: int = 0
+    state: str = "serving"           # serving | draining | drained | starting | stopping
+
+    @classmethod
+    def from_report(cls, report) -> "InstanceLoad":
+        """From a tandem.v1.LoadReport (any object with its field names)."""
+        return cls(instance_id=report.instance_id, total_blocks=report.total_blocks,
+                   free_blocks=report.free_blocks, running=report.running,
+                   waiting=report.waiting, head_waiting_blocks=report.head_waiting_blocks,
+                   high_priority_running=report.high_priority_running,
+                   high_priority_blocks=report.high_priority_blocks,
+                   migrations_in_flight=report.migrations_in_flight, state=report.state)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Rescheduler knobs. Raises ValueError on an unknown policy or selector, a repeated
+    policy, or a negative or zero limit."""
+    policies: tuple[str, ...] = POLICIES            # in this order of precedence
+    gap_threshold: float = 8.0                      # min freeness gap (dst − src), blocks/request
+    high_priority_headroom_blocks: int = 16         # virtual usage per high-priority request
+    free_watermark_blocks: int | float = 0.05       # kept free on a destination; < 1: of total
+    max_migrations_per_instance: int = 1            # in flight, in + out
+    max_decisions_per_round: int = 4
+    selector: str = "shortest"                      # which request a source moves
+
+    def __post_init__(self):
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"policies repeat one: {list(self.policies)}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r}; choose from {list(SELECTORS)}")
+        if self.gap_threshold < 0 or self.high_priority_headroom_blocks < 0:
+            raise ValueError("gap_threshold and high_priority_headroom_blocks must be ≥ 0")
+        if self.free_watermark_blocks < 0:
+            raise ValueError("free_watermark_blocks must be ≥ 0")
+        if self.max_migrations_per_instance < 1 or self.max_decisions_per_round < 1:
+            raise ValueError(
+                "max_migrations_per_instance and max_decisions_per_round must be ≥ 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationDecision:
+    source: str
+    destination: str
+    reason: str          # "drain" | "defrag" | "priority" | "balance"
+    selector: str        # what the source should pick: shortest | longest | lowest_priority
+    request_id: str = ""  # empty: the source picks with `selector`
+
+
+def virtual_usage(load: InstanceLoad, config: PolicyConfig,
+                  pending_demand_blocks: int = 0) -> float:
+    """Blocks used, plus head-of-line waiting demand, plus high-priority headroom, plus
+    pending_demand_blocks (the defrag target's queued request)."""
+    return (load.used_blocks + load.head_waiting_blocks + pending_demand_blocks
+            + load.high_priority_running * config.high_priority_headroom_blocks)
+
+
+def freeness(load: InstanceLoad, config: PolicyConfig, pending_demand_blocks: int = 0) -> float:
+    """(total − virtual usage) / max(running, 1); −inf for a draining instance."""
+    if load.state == "draining":
+        return -math.inf
+    free = load.total_blocks - virtual_usage(load, config, pending_demand_blocks)
+    return free / max(load.running, 1)
+
+
+def decide(loads: Sequence[InstanceLoad], config: PolicyConfig,
+           pending_demand_blocks: int = 0) -> list[MigrationDecision]:
+    """This round's migrations, by the rules in the module docstring; [] when nothing is worth
+    moving. Raises ValueError if two loads share an instance_id."""
+    rnd = _Round(loads, config, pending_demand_blocks)
+    for policy in config.policies:
+        _POLICY_STEPS[policy](rnd)
+    return rnd.decisions
+
+
+class _Round:
+    """One call of decide: the loads, which instances are claimed, the decisions so far."""
+
+    def __init__(self, loads: Sequence[InstanceLoad], config: PolicyConfig, pending: int):
+        self.config = config
+        self.loads = sorted(loads, key=lambda load: load.instance_id)
+        ids = [load.instance_id for load in self.loads]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate instance ids in {ids}")
+        self.pending: dict[str, int] = {}
+        target = _defrag_target(self.loads, pending) if "defrag" in config.policies else None
+        if target is not None:
+            self.pending[target.instance_id] = pending
+        self.claimed: set[str] = set()
+        self.decisions: list[MigrationDecision] = []
+
+    def full(self) -> bool:
+        return len(self.decisions) >= self.config.max_decisions_per_round
+
+    def available(self, load: InstanceLoad) -> bool:
+        return (load.instance_id not in self.claimed
+                and load.migrations_in_flight < self.config.max_migrations_per_instance)
+
+    def usage(self, load: InstanceLoad) -> float:
+        return virtual_usage(load, self.config, self.pending.get(load.instance_id, 0))
+
+    def freeness(self, load: InstanceLoad) -> float:
+        return freeness(load, self.config, self.pending.get(load.instance_id, 0))
+
+    def has_room(self, dst: InstanceLoad, moved: int) -> bool:
+        return dst.total_blocks - self.usage(dst) - moved >= _watermark(dst, self.config)
+
+    def after_move(self, load: InstanceLoad, moved: int, incoming: bool) -> float:
+        """The load's freeness once one request of `moved` blocks has left or arrived."""
+        delta = 1 if incoming else -1
+        return ((load.total_blocks - (self.usage(load) + delta * moved))
+                / max(load.running + delta, 1))
+
+    def move_from(self, src: InstanceLoad, reason: str, selector: str, moved: int,
+                  accept: Callable[[float, float, float], bool]) -> None:
+        """Pair src with the freest available destination that has room for `moved` blocks
+        and for which accept(F_dst, F_dst', F_src') holds; no decision if there is none."""
+        candidates = [d for d in self.loads if d.state == "serving" and self.available(d)
+                      and d.instance_id != src.instance_id and self.has_room(d, moved)]
+        candidates.sort(key=lambda d: (-self.freeness(d), d.instance_id))
+        f_src_after = self.after_move(src, moved, incoming=False)
+        for dst in candidates:
+            if accept(self.freeness(dst), self.after_move(dst, moved, incoming=True), f_src_after):
+                self.claimed.update((src.instance_id, dst.instance_id))
+                self.decisions.append(MigrationDecision(src.instance_id, dst.instance_id,
+                                                        reason, selector))
+                return
+
+    def move_to_less_loaded(self, src: InstanceLoad, reason: str, selector: str,
+                            moved: int) -> None:
+        """move_from with the rule defrag and priority use: F_dst > F_src and F_dst' ≥ F_src.
+        Their sources have negative F and the room rule keeps a destination's F' ≥ 0, so this
+        holds already; it is checked so that the guarantee does not rest on that argument."""
+        f_src = self.freeness(src)
+        self.move_from(src, reason, selector, moved,
+                       lambda f_dst, f_dst_after, _: f_dst > f_src and f_dst_after >= f_src)
+
+
+def _watermark(load: InstanceLoad, config: PolicyConfig) -> int:
+    w = config.free_watermark_blocks
+    return math.ceil(w * load.total_blocks) if w < 1 else math.ceil(w)
+
+
+def _average_request_blocks(load: InstanceLoad) -> int:
+    if load.running == 0:
+        return load.head_waiting_blocks
+    return math.ceil(load.used_blocks / load.running)
+
+
+def _average_normal_request_blocks(load: InstanceLoad) -> int:
+    normal_blocks = max(load.used_blocks - load.high_priority_blocks, 0)
+    return math.ceil(normal_blocks / (load.running - load.high_priority_running))
+
+
+def _headroom_need(load: InstanceLoad, config: PolicyConfig) -> int:
+    return load.high_priority_running * config.high_priority_headroom_blocks
+
+
+def _defrag_target(loads: Sequence[InstanceLoad], demand: int) -> InstanceLoad | None:
+    """The instance to free room on for a queued request of `demand` blocks, or None when
+    there is no demand, some serving instance already has room, or none could ever hold it."""
+    serving = [load for load in loads if load.state == "serving"]
+    if demand <= 0 or any(load.free_blocks >= demand for load in serving):
+        return None
+    big_enough = [load for load in serving if load.total_blocks >= demand]
+    return min(big_enough, default=None, key=lambda load: (-load.free_blocks, load.instance_id))
+
+
+def _drain(rnd: _Round) -> None:
+    for src in rnd.loads:
+        if rnd.full():
+            return
+        if src.state == "draining" and src.running + src.waiting > 0 and rnd.available(src):
+            rnd.move_from(src, "drain", rnd.config.selector, _average_request_blocks(src),
+                          lambda *_: True)
+
+
+def _defrag(rnd: _Round) -> None:
+    targets = [load for load in rnd.loads if load.instance_id in rnd.pending]   # zero or one
+    for src in targets:
+        if src.running > 0 and rnd.available(src) and not rnd.full():
+            rnd.move_to_less_loaded(src, "defrag", rnd.config.selector,
+                                    _average_request_blocks(src))
+
+
+def _priority(rnd: _Round) -> None:
+    short = [load for load in rnd.loads
+             if load.state == "serving" and load.high_priority_running > 0
+             and load.running > load.high_priority_running
+             and load.free_blocks < _headroom_need(load, rnd.config)]
+    for src in sorted(short, key=lambda load: (rnd.freeness(load), load.instance_id)):
+        if rnd.full():
+            return
+        if rnd.available(src):
+            rnd.move_to_less_loaded(src, "priority", "lowest_priority",
+                                    _average_normal_request_blocks(src))
+
+
+def _balance(rnd: _Round) -> None:
+    sources = [load for load in rnd.loads if load.state == "serving" and load.running > 0]
+    for src in sorted(sources, key=lambda load: (rnd.freeness(load), load.instance_id)):
+        if rnd.full():
+            return
+        if rnd.available(src):
+            rnd.move_from(src, "balance", rnd.config.selector, _average_request_blocks(src),
+                          _gap_shrinks(rnd.freeness(src), rnd.config.gap_threshold))
+
+
+def _gap_shrinks(f_src: float, threshold: float) -> Callable[[float, float, float], bool]:
+    def accept(f_dst: float, f_dst_after: float, f_src_after: float) -> bool:
+        return (f_dst - f_src > threshold and f_dst_after >= f_src
+                and abs(f_dst_after - f_src_after) < abs(f_dst - f_src))
+    return accept
+
+
+_POLICY_STEPS: dict[str, Callable[[_Round], None]] = {
+    "drain": _drain, "defrag": _defrag, "priority": _priority, "balance": _balance,
+}
