@@ -18,8 +18,8 @@ not. Scale-up sizes the pool proportionally (needed = ceil(serving × ratio ÷ t
 replicas already requested but not serving yet, so a slow start is not answered twice. Scale-down
 removes one replica at a time, only when every signal of the pool is below its `down`, nothing
 is starting or draining, and the pool would still be at or below `target` without it (so it does
-not bounce back up). For decode it names the least loaded serving instance, which the controller
-drains by migration before the replica goes. Against flapping, besides the band: a scale-down
+not bounce back up). For decode it names the instance to drain by migration before the replica
+goes: one already drained if there is one (it serves nothing), else the least loaded serving one. Against flapping, besides the band: a scale-down
 needs the pool below `down` continuously for scale_down_stabilization_s (a load that swings back
 up resets it), and waits scale_down_cooldown_s after the pool's last change either way; a
 scale-up waits scale_up_cooldown_s after the last scale-up and nothing else (react fast, shrink
@@ -187,15 +187,17 @@ class _PoolView:
     serving: list[LoadReport]
     out: int            # draining or drained: still a replica, not capacity
     draining: int
+    drained: list[str]  # ids of drained instances (sorted): replicas that serve nothing
     pending: int        # replicas requested but not serving yet (starting, not registered)
 
 
 def _view(loads: Iterable[LoadReport], pool: Pool, replicas: int) -> _PoolView:
-    mine = [r for r in loads if r.role == pool.role]
-    serving = sorted((r for r in mine if r.state == SERVING), key=lambda r: r.instance_id)
+    mine = sorted((r for r in loads if r.role == pool.role), key=lambda r: r.instance_id)
+    serving = [r for r in mine if r.state == SERVING]
     out = sum(1 for r in mine if r.state in OUT_OF_SERVICE)
     draining = sum(1 for r in mine if r.state == "draining")
-    return _PoolView(serving, out, draining, max(0, replicas - len(serving) - out))
+    drained = [r.instance_id for r in mine if r.state == "drained"]
+    return _PoolView(serving, out, draining, drained, max(0, replicas - len(serving) - out))
 
 
 def _hold(pool, current, reason, signals) -> PoolDecision:
@@ -258,7 +260,7 @@ def _scale_up(pool, cfg, view, current, history, now, needed, signals, why) -> P
                         signals=signals)
 
 
-def _down_blocked(pool, cfg, view, current, history, now) -> str | None:
+def _down_blocked(pool, cfg, view, current, history, now, min_serving=2) -> str | None:
     """Why the pool, below its band now, may not lose a replica yet (None: it may)."""
     if current <= cfg.bounds(pool).min_replicas:
         return f"at min_replicas {cfg.bounds(pool).min_replicas}"
@@ -266,8 +268,8 @@ def _down_blocked(pool, cfg, view, current, history, now) -> str | None:
         return f"{view.pending} replica(s) still starting"
     if view.draining:
         return "an instance is draining (one at a time)"
-    if len(view.serving) < 2:
-        return "fewer than 2 serving instances"
+    if len(view.serving) < min_serving:
+        return f"fewer than {min_serving} serving instances"
     low_for = now - history.low_since_s
     if low_for < cfg.scale_down_stabilization_s:
         return f"low for {low_for:.0f}s of the {cfg.scale_down_stabilization_s:.0f}s needed"
@@ -348,6 +350,12 @@ def _decode(cfg, view, current, history, now, kv, tpot, signals) -> PoolDecision
                          f"TPOT SLO (up > {cfg.tpot.up})")
     if kv >= cfg.kv.down or tpot >= cfg.tpot.down:
         return _hold(pool, current, "decode within band", signals)
+    if view.drained:                        # a replica that serves nothing goes first, as is
+        if (blocked := _down_blocked(pool, cfg, view, current, history, now, 1)) is not None:
+            return _hold(pool, current, f"decode below band; {blocked}", signals)
+        return PoolDecision(pool, current, current - 1,
+                            f"decode below band; removing drained {view.drained[0]}",
+                            drain=view.drained[0], signals=signals)
     if (blocked := _down_blocked(pool, cfg, view, current, history, now)) is not None:
         return _hold(pool, current, f"decode below band; {blocked}", signals)
     victim = least_loaded(view.serving)

@@ -350,3 +350,14 @@ def test_no_serving_instances_holds_above_min():
 def test_config_rejects_nonsense(kw, message):
     with pytest.raises(ValueError, match=message):
         AutoscalerConfig(**kw)
+
+
+def test_a_drained_decode_instance_is_removed_before_another_is_drained():
+    # d3 was drained (say its replica could not be removed last time): it goes, no new drain,
+    # even with a single serving instance left.
+    loads = [rec("d1", used=100, running=5), rec("d3", state="drained")]
+    d = decide_decode(loads, 2, LOW, 10_000.0, CFG)
+    assert (d.target, d.drain) == (1, "d3")
+    # Not below the band: it stays (an operator may have drained it on purpose).
+    busy = [rec("d1", used=600, running=60), rec("d3", state="drained")]
+    assert decide_decode(busy, 2, LOW, 10_000.0, CFG).direction == 0
