@@ -13,6 +13,7 @@ is implemented. Never raises on a gRPC error (it logs and answers False).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -24,13 +25,19 @@ UNDO_TIMEOUT_S = 10.0
 
 
 class AdminDrain:
-    """Callable drain_instance(instance_id) -> bool over a lazily opened channel to `address`."""
+    """Callable drain_instance(instance_id) -> bool over a channel opened at the first call to
+    `address` (or to what it returns, when it is a function: a router's address is known only
+    once it serves)."""
 
-    def __init__(self, address: str, timeout_s: float = 600.0):
+    def __init__(self, address: str | Callable[[], str], timeout_s: float = 600.0):
         if timeout_s <= 0:
             raise ValueError(f"AdminDrain timeout_s must be > 0, got {timeout_s}")
-        self.address, self.timeout_s = address, timeout_s
+        self._address, self.timeout_s = address, timeout_s
         self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def address(self) -> str:
+        return self._address() if callable(self._address) else self._address
 
     def _stub(self) -> admin_pb2_grpc.AdminStub:
         if self._channel is None:
