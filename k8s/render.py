@@ -17,7 +17,7 @@ CHART = K8S / "tandem"
 EXAMPLES = K8S / "examples"
 RELEASE = "tandem"
 NAMESPACE = "tandem"
-EXAMPLE_NAMES = ("cpu", "gpu")
+EXAMPLE_NAMES = ("cpu", "gpu", "gpu-autoscale")
 
 
 def render(values: dict | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:

@@ -182,7 +182,9 @@ metadata:
     {{- include "tandem.componentLabels" $ctx | nindent 4 }}
     tandem/worker: "true"
 spec:
+  {{- if not (include "tandem.autoscaled" (dict "root" $root "role" $role)) }}
   replicas: {{ $v.replicas }}
+  {{- end }}
   selector:
     matchLabels:
       {{- include "tandem.componentSelectorLabels" $ctx | nindent 6 }}
