@@ -338,9 +338,10 @@ def _decode(cfg, view, current, history, now, kv, tpot, signals) -> PoolDecision
     if current > bounds.max_replicas:       # one at a time, drained first, no cooldown
         if view.draining:
             return _hold(pool, current, "above max_replicas; an instance is draining", signals)
-        victim = least_loaded(view.serving) if n > 1 else None
+        victim = (view.drained[0] if view.drained
+                  else least_loaded(view.serving).instance_id if n > 1 else None)
         return PoolDecision(pool, current, current - 1, f"above max_replicas {bounds.max_replicas}",
-                            drain=victim.instance_id if victim else None, signals=signals)
+                            drain=victim, signals=signals)
     if not view.serving:
         return _hold(pool, current, "no serving decode instance yet", signals)
     if kv > cfg.kv.up or tpot > cfg.tpot.up:

@@ -92,8 +92,11 @@ class Autoscaler:
         while True:
             try:
                 await self.tick()
-            except Exception:                 # a bug must not end autoscaling silently
-                log.exception("autoscaler tick failed")
+            except Exception as e:            # a bug must not end autoscaling, nor flood the log
+                message = f"tick failed: {type(e).__name__}: {e}"
+                if message != self._last_error:
+                    log.exception("autoscaler: %s (same failures are not logged again)", message)
+                    self._last_error = message
             await self._sleep(self.interval_s)
 
     async def tick(self) -> Decision | None:
@@ -122,7 +125,7 @@ class Autoscaler:
             if d.direction:
                 ok = await self._act(d) and ok
         if ok and self._last_error is not None:
-            log.info("autoscaler: the Kubernetes API works again")
+            log.info("autoscaler: working again")
             self._last_error = None
         return decision
 

@@ -211,7 +211,7 @@ def test_api_errors_are_logged_once_and_retried(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("ScalePermissionDenied" in w for w in warnings) == 1
     assert sum("ScaleConflict" in w for w in warnings) == 1
-    assert any("works again" in r.getMessage() for r in caplog.records)
+    assert any("working again" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
 
 
@@ -266,3 +266,23 @@ def test_end_to_end_with_the_kubernetes_client(tmp_path, monkeypatch, caplog):
             asyncio.run(body())
     assert any("HTTP 403" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_failing_tick_is_logged_once_with_its_traceback_and_the_loop_goes_on(caplog):
+    async def body():
+        calls = []
+
+        def broken_loads():
+            calls.append(1)
+            raise KeyError("bug")
+        scaler = Scaler(**{"tandem-prefill": 1, "tandem-decode": 1})
+        a, clock = make([], scaler)
+        a._loads = broken_loads
+        a.start()
+        while len(calls) < 4:
+            await asyncio.sleep(0)
+        await a.stop()
+    with caplog.at_level(logging.WARNING, logger="router.autoscaler_loop"):
+        asyncio.run(body())
+    failures = [r for r in caplog.records if "tick failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info

@@ -361,3 +361,10 @@ def test_a_drained_decode_instance_is_removed_before_another_is_drained():
     # Not below the band: it stays (an operator may have drained it on purpose).
     busy = [rec("d1", used=600, running=60), rec("d3", state="drained")]
     assert decide_decode(busy, 2, LOW, 10_000.0, CFG).direction == 0
+
+
+def test_above_max_removes_a_drained_instance_first():
+    cfg = dataclasses.replace(CFG, decode=Bounds(1, 2))
+    loads = [rec("d1", used=10), rec("d2", used=0), rec("d3", state="drained")]
+    assert decide_decode(loads, 3, NEW, 0.0, cfg).drain == "d3"
+    assert decide_decode(loads[:2], 3, NEW, 0.0, cfg).drain == "d2"
