@@ -1,14 +1,14 @@
-"""`python -m router --model DIR|NAME --redis URL [--port P]`: the router process."""
+"""`python -m router --model DIR|NAME --redis URL [--port P] [--http-port P] [--metrics-port P]`: the router."""
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from router.autoscaler_cli import (AutoscalerSetupError, add_autoscaler_args, autoscaler_settings,
                                     serve_with_autoscaler)
 from router.server import Router, serve
+from services import log_setup
 
 
 def main(argv=None) -> int:
@@ -20,15 +20,25 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one)")
     p.add_argument("--lease-ms", type=int, default=30_000, help="decode reservation lease")
     p.add_argument("--poll-interval-s", type=float, default=0.5, help="how often the registry is read")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models), "
+                        "/metrics and /health over HTTP on this port (0: a free one; default: off)")
+    p.add_argument("--http-host", default=None, help="address for --http-port (default: --host)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve only Prometheus /metrics and /health on this port (0: a free one; default: off)")
+    log_setup.add_arguments(p)
     add_autoscaler_args(p)
     a = p.parse_args(argv)
     autoscale = autoscaler_settings(p, a)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    for flag, port in (("--http-port", a.http_port), ("--metrics-port", a.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            p.error(f"{flag} {port}: give a port in 0..65535 (0: a free one)")
+    log_setup.configure("router", a.log_format, a.log_level)
     from services.engine.config import ModelConfigError
     try:
         router = Router(a.model, a.redis_url, cluster=a.cluster, host=a.host, port=a.port, lease_ms=a.lease_ms,
-                        poll_interval_s=a.poll_interval_s)
+                        poll_interval_s=a.poll_interval_s, http_port=a.http_port, metrics_port=a.metrics_port,
+                        http_host=a.http_host)
         asyncio.run(serve(router) if autoscale is None else serve_with_autoscaler(router, autoscale, serve))
     except (ModelConfigError, OSError, AutoscalerSetupError) as e:
         print(f"tandem router: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from router.dispatch import Dispatcher, RouteError, RoutedRequest
+from router.http_frontends import HttpFrontends
+from router.metrics import RouterMetrics
 from router.registry import InstanceRegistry
 from router.request_validation import build_request
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
@@ -30,14 +32,16 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         try:
             rr = build_request(request, r.model, r.tokenizer, context.time_remaining())
         except InvalidRequestError as e:
+            r.metrics.rejected("grpc", "invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if rr.request_id in r.live:
+            r.metrics.rejected("grpc", "already_exists")
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {rr.request_id!r} is already running; use a unique id")
         r.live[rr.request_id] = rr
         index = 0
         try:
-            async for message in r.dispatcher.generate(rr):
+            async for message in r.metrics.track(rr, r.dispatcher.generate(rr), "grpc"):
                 if message.index != index:        # the contract the client relies on
                     raise RouteError(grpc.StatusCode.INTERNAL, f"token index {message.index} arrived, {index} expected")
                 index += len(message.token_ids)
@@ -75,7 +79,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
 class Router:
     def __init__(self, model: str, redis_url: str, *, cluster: str = "default", host: str = "127.0.0.1",
-                 port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5):
+                 port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5,
+                 http_port: int | None = None, metrics_port: int | None = None, http_host: str | None = None):
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
@@ -85,6 +90,10 @@ class Router:
             on_change=lambda view: self.pool.forget({r.address for r in view.values()}))
         self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms)
         self.live: dict[str, RoutedRequest] = {}
+        self.metrics = RouterMetrics(self.registry.all)
+        # OpenAI-compatible API and /metrics over HTTP (router/http_frontends.py); both off when None.
+        self.http = HttpFrontends(self, model, host=host, http_port=http_port, metrics_port=metrics_port,
+                                  http_host=http_host)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -103,10 +112,12 @@ class Router:
         for service in ("", "tandem.v1.Serving"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving %s on %s", self.model.model_id, self.address)
+        await self.http.start()
         return self.address
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.http.stop()
         if self.server:
             await self.server.stop(grace_s)
         await self.pool.close()
@@ -114,9 +125,10 @@ class Router:
 
 
 async def serve(router: Router) -> None:
-    """Run until SIGTERM/SIGINT; prints `ready <address>` once serving."""
+    """Run until SIGTERM/SIGINT; prints `ready <address>` once serving (then ` http=HOST:PORT` and
+    ` metrics=HOST:PORT` for the HTTP listeners that are on)."""
     address = await router.start()
-    print(f"ready {address}", flush=True)
+    print(f"ready {address}{router.http.ready_suffix()}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

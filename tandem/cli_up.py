@@ -15,6 +15,12 @@ def register(sub) -> None:
     up.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="router gRPC port (0: a free one)")
+    up.add_argument("--http-port", type=int, default=None,
+                    help="also serve the OpenAI-compatible API (and /metrics) on this router port (0: a free one)")
+    up.add_argument("--metrics-port", type=int, default=None,
+                    help="Prometheus /metrics: the router on this port, worker i on port+1+i (0: free ports)")
+    up.add_argument("--log-format", default=None, choices=["text", "json"],
+                    help="every process's log format (json: one object per line, with request ids)")
     up.add_argument("--redis", default=None, help="use this Redis instead of starting one (redis://host:port/db)")
     up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
     up.add_argument("--pin-cores", action="store_true", help="put prefill and decode workers on different cores")
@@ -58,7 +64,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = LocalCluster(args.model, prefill=prefill, decode=decode, colocated=args.colocated,
                                redis_url=args.redis, host=args.host, port=args.port, pin_cores=args.pin_cores,
                                worker_args=_worker_args(args), router_args=[], cluster=args.cluster,
-                               log_dir=args.log_dir, inherit_output=args.log_dir is None)
+                               log_dir=args.log_dir, inherit_output=args.log_dir is None,
+                               http_port=args.http_port, metrics_port=args.metrics_port, log_format=args.log_format)
     except ValueError as e:
         print(f"tandem up: error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +73,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         cluster.start()
-        print(f"ready {cluster.address}", flush=True)
+        extra = "".join(f" {k}={v}" for k, v in (("http", cluster.http_address),
+                                                  ("metrics", cluster.metrics_address)) if v)
+        print(f"ready {cluster.address}{extra}", flush=True)
         while True:                                  # until a signal, or a child dies
             for name, proc in cluster.procs.items():
                 if proc.poll() is not None:

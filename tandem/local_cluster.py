@@ -6,6 +6,11 @@
         Client(cluster.address).complete(prompt="Hi", max_tokens=8)
     # every child has exited here, Redis included
 
+With `http_port` the router also serves the OpenAI-compatible API (`cluster.http_address`); with
+`metrics_port` the router and every worker serve /metrics (`cluster.metrics_address`,
+`cluster.worker_metrics[instance_id]`): 0 gives each a free port, P gives the router P and
+worker i port P + 1 + i.
+
 Children die with the thread that started them (PR_SET_PDEATHSIG), so even a SIGKILLed parent
 leaves nothing behind; `stop()` is the orderly path: SIGTERM, a grace period, then SIGKILL.
 """
@@ -59,12 +64,16 @@ class LocalCluster:
                  worker_args: list[str] | None = None, router_args: list[str] | None = None,
                  role_args: dict[str, list[str]] | None = None,
                  cluster: str = "default", log_dir: str | None = None, inherit_output: bool = False,
-                 ready_timeout_s: float = 180.0):
+                 ready_timeout_s: float = 180.0, http_port: int | None = None, metrics_port: int | None = None,
+                 log_format: str | None = None):
         if prefill < 0 or decode < 0 or colocated < 0 or prefill + decode + colocated == 0:
             raise ValueError("a cluster needs at least one worker: give --prefill/--decode or --colocated")
         if (prefill == 0) != (decode == 0):
             raise ValueError("prefill and decode instances come in pairs of pools: give both --prefill and "
                              "--decode (or neither and --colocated)")
+        for flag, value in (("--port", port), ("--http-port", http_port), ("--metrics-port", metrics_port)):
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{flag} {value}: give a port in 0..65535 (0: a free one)")
         self.model, self.host, self.port = model, host, port
         self.specs = plan_workers(prefill, decode, colocated, pin_cores)
         for spec in self.specs:                  # e.g. {"decode": ["--block-size", "32"]}
@@ -74,7 +83,9 @@ class LocalCluster:
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="tandem-cluster-")
         os.makedirs(self.log_dir, exist_ok=True)
         self.inherit_output, self.ready_timeout_s = inherit_output, ready_timeout_s
-        self.address = ""
+        self.http_port, self.metrics_port, self.log_format = http_port, metrics_port, log_format
+        self.address = self.http_address = self.metrics_address = ""
+        self.worker_metrics: dict[str, str] = {}     # instance id → host:port of its /metrics
         self.redis: RedisServer | None = None
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -86,15 +97,26 @@ class LocalCluster:
                 self.redis_url = self.redis.url
             for spec in self.specs:
                 self._spawn(spec.instance_id, self.worker_command(spec))
-            self._spawn("router", [sys.executable, "-m", "router", "--model", self.model, "--redis", self.redis_url,
-                                   "--cluster", self.cluster, "--host", self.host, "--port", str(self.port),
-                                   *self.router_args])
+            self._spawn("router", self.router_command())
             self.address = self._wait_router_address()
             self.wait_instances(len(self.specs))
+            if self.metrics_port is not None:
+                self.worker_metrics = self._wait_worker_metrics()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def router_command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "router", "--model", self.model, "--redis", self.redis_url,
+               "--cluster", self.cluster, "--host", self.host, "--port", str(self.port)]
+        if self.http_port is not None:
+            cmd += ["--http-port", str(self.http_port)]
+        if self.metrics_port is not None:
+            cmd += ["--metrics-port", str(self.metrics_port)]
+        if self.log_format:
+            cmd += ["--log-format", self.log_format]
+        return cmd + self.router_args
 
     def worker_command(self, spec: WorkerSpec) -> list[str]:
         cmd = [sys.executable, "-m", "services.worker", "--role", spec.role, "--model", self.model,
@@ -102,6 +124,11 @@ class LocalCluster:
                "--host", self.host]
         if spec.cores:
             cmd += ["--cpu-cores", ",".join(map(str, spec.cores))]
+        if self.metrics_port is not None:
+            port = self.metrics_port and self.metrics_port + 1 + self.specs.index(spec)
+            cmd += ["--metrics-port", str(port)]
+        if self.log_format:
+            cmd += ["--log-format", self.log_format]
         return cmd + self.worker_args + spec.extra_args
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -123,7 +150,9 @@ class LocalCluster:
                     break
                 continue
             line = proc.stdout.readline().decode()
-            if line.startswith("ready "):
+            if line.startswith("ready "):          # ready ADDRESS [http=HOST:PORT] [metrics=HOST:PORT]
+                extra = dict(word.split("=", 1) for word in line.split()[2:] if "=" in word)
+                self.http_address, self.metrics_address = extra.get("http", ""), extra.get("metrics", "")
                 return line.split()[1]
             if not line and proc.poll() is not None:
                 break
@@ -148,6 +177,29 @@ class LocalCluster:
                     raise ClusterStartError(f"only {len(found)} of {count} instances "
                                             f"registered in time; logs in {self.log_dir}")
                 time.sleep(0.2)
+
+    def _wait_worker_metrics(self) -> dict[str, str]:
+        """Each worker's /metrics address, from its `ready ID ADDRESS metrics=HOST:PORT` line (in its
+        log; with inherit_output only fixed ports are known)."""
+        if self.metrics_port:
+            return {spec.instance_id: f"{self.host}:{self.metrics_port + 1 + i}" for i, spec in enumerate(self.specs)}
+        if self.inherit_output:
+            return {}
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + self.ready_timeout_s
+        while len(found) < len(self.specs):
+            for spec in self.specs:
+                for line in self.log_tail(spec.instance_id, 1 << 20).splitlines():
+                    words = line.split()
+                    if words[:2] == ["ready", spec.instance_id] and words[-1].startswith("metrics="):
+                        found[spec.instance_id] = words[-1].removeprefix("metrics=")
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"workers {sorted(set(s.instance_id for s in self.specs) - set(found))} "
+                                        f"did not report a metrics address; logs in {self.log_dir}")
+            self._check_children()
+            if len(found) < len(self.specs):
+                time.sleep(0.1)
+        return found
 
     def _check_children(self) -> None:
         for name, proc in self.procs.items():

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from services import log_setup
 from services.worker.server import WorkerOptions, serve
 
 
@@ -36,6 +36,9 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--transfer-timeout-s", type=float, default=30.0)
     p.add_argument("--heartbeat-ttl-s", type=float, default=3.0)
     p.add_argument("--grace-s", type=float, default=10.0)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics (and /health) over HTTP on --host at this port (0: a free one)")
+    log_setup.add_arguments(p)
     p.add_argument("--migration-stop-copy-blocks", type=int, default=2,
                    help="live migration pauses the request once at most this many KV blocks remain to copy")
     p.add_argument("--migration-max-stages", type=int, default=8, help="pre-copy stages before a migration gives up")
@@ -43,6 +46,8 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--migration-watermark", type=float, default=0.05,
                    help="fraction of KV blocks a migration destination keeps free")
     a = p.parse_args(argv)
+    if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
+        p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
     try:
         cores = tuple(int(c) for c in a.cpu_cores.split(",") if c.strip())
     except ValueError:
@@ -54,15 +59,15 @@ def parse_args(argv=None) -> WorkerOptions:
         host=a.host, port=a.port, kv_port=a.kv_port, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,
         layer_group=a.layer_group, transfer_timeout_s=a.transfer_timeout_s, heartbeat_ttl_s=a.heartbeat_ttl_s,
-        grace_s=a.grace_s, migration_stop_copy_blocks=a.migration_stop_copy_blocks,
+        grace_s=a.grace_s, metrics_port=a.metrics_port, log_format=a.log_format, log_level=a.log_level,
+        migration_stop_copy_blocks=a.migration_stop_copy_blocks,
         migration_max_stages=a.migration_max_stages, max_migrations=a.max_migrations,
         migration_watermark=a.migration_watermark)
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
     opts = parse_args(argv)
+    log_setup.configure("worker", opts.log_format, opts.log_level, instance=opts.instance_id)
     try:
         asyncio.run(serve(opts))
     except Exception as e:          # a startup error a user can fix: one line, no traceback

@@ -15,11 +15,15 @@ from grpc_health.v1.health import aio as health_aio
 
 from services.engine.config import Role
 from services.engine.engine_thread import EngineThread
+from services.metrics_http import MetricsServer
 from services.proto_convert import ROLE_BY_NAME
 from services.registry import InstancePublisher
 from services.transport import KVLayout, make_receiver, make_sender
+from services.worker import metrics as worker_metrics
 from services.worker.kv_push import PrefillPusher
 from services.worker.migration_out import MigrationConfig
+from services.worker.observed_sender import ObservedSender
+from services.worker.request_context import RequestContextInterceptor
 from services.worker.servicer import WorkerServicer
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
@@ -56,6 +60,9 @@ class WorkerOptions:
     heartbeat_ttl_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     grace_s: float = 10.0
+    metrics_port: int | None = None         # /metrics and /health over HTTP on host:port; 0: a free port; None: off
+    log_format: str = "text"                # text | json (services/log_setup.py); read by __main__
+    log_level: str = "info"
     # live migration (decode and colocated instances)
     migration_stop_copy_blocks: int = 2     # stop-and-copy once at most this many blocks remain
     migration_max_stages: int = 8           # pre-copy stages before a migration gives up
@@ -95,7 +102,9 @@ class Worker:
         cfg = self.engine.config
         self.layout = KVLayout.of(self.engine.runner.kv, cfg.model.model_id)
         self.engine_thread = EngineThread(self.engine, name=f"engine-{self.instance_id}")
-        self.sender = make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s)
+        self.engine_thread.on_step = worker_metrics.step_observer(self.instance_id, opts.role)
+        self.sender = ObservedSender(make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s),
+                                     self.instance_id)
         self.receiver = make_receiver(opts.kv_transport, self.layout, self.engine.runner.kv, host=opts.host,
                                       port=opts.kv_port, timeout_s=opts.transfer_timeout_s)
         self.pusher = None
@@ -109,6 +118,7 @@ class Worker:
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
         self.servicer: WorkerServicer | None = None
+        self.metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -146,9 +156,34 @@ class Worker:
             max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size, kv_transport=self.opts.kv_transport,
             dtype=self.opts.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases else 0)
 
+    def metrics_snapshot(self) -> worker_metrics.WorkerSnapshot:
+        """This worker's state for a /metrics scrape (the load report plus the transport's totals)."""
+        r, sent, received = self.report(), self.sender.stats(), self.receiver.stats()
+        return worker_metrics.WorkerSnapshot(
+            instance=self.instance_id, role=self.opts.role, state=r.state, model=r.model,
+            kv_transport=self.opts.kv_transport, dtype=self.opts.dtype, total_blocks=r.total_blocks,
+            free_blocks=r.free_blocks, reserved_blocks=r.reserved_blocks, running=r.running, waiting=r.waiting,
+            queued_prefill_tokens=r.queued_prefill_tokens, leases=r.leases,
+            kv_sent_bytes=sent.get("bytes_sent", 0), kv_sent_transfers=sent.get("transfers", 0),
+            kv_send_failures=sent.get("failures", 0), kv_send_aborts=sent.get("aborts", 0),
+            kv_received_bytes=received.get("bytes_received", 0),
+            kv_received_transfers=received.get("transfers_committed", 0),
+            kv_receive_refusals=received.get("transfers_refused", 0))
+
+    async def _start_metrics(self) -> None:
+        """Serve /metrics first, so a port clash fails before the worker registers anywhere."""
+        if self.opts.metrics_port is None:
+            return
+        self.metrics_server = MetricsServer(worker_metrics.REGISTRY, self.opts.host, self.opts.metrics_port,
+                                            health=lambda: self.state == "serving")
+        await self.metrics_server.start()
+        worker_metrics.track(self.instance_id, self.metrics_snapshot)
+        log.info("worker %s metrics on http://%s/metrics", self.instance_id, self.metrics_server.address)
+
     async def start(self) -> str:
         opts = self.opts
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        await self._start_metrics()
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RequestContextInterceptor()])
         if opts.redis_url:
             self.publisher = InstancePublisher(opts.redis_url, opts.cluster, self.report, ttl_s=opts.heartbeat_ttl_s,
                                                interval_s=opts.heartbeat_interval_s)
@@ -196,6 +231,9 @@ class Worker:
         self.sender.close()
         self.receiver.close()
         self.engine_thread.shutdown()
+        if self.metrics_server is not None:
+            worker_metrics.untrack(self.instance_id)
+            await self.metrics_server.stop()
         self._stopped.set()
 
     async def wait(self) -> None:
@@ -203,10 +241,12 @@ class Worker:
 
 
 async def serve(opts: WorkerOptions) -> None:
-    """Run a worker until SIGTERM/SIGINT; prints `ready <instance_id> <address>` once serving."""
+    """Run a worker until SIGTERM/SIGINT; prints `ready <instance_id> <address>` once serving, plus
+    ` metrics=<host:port>` when /metrics is on."""
     worker = Worker(opts)
     address = await worker.start()
-    print(f"ready {worker.instance_id} {address}", flush=True)
+    metrics = f" metrics={worker.metrics_server.address}" if worker.metrics_server else ""
+    print(f"ready {worker.instance_id} {address}{metrics}", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))

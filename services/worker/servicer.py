@@ -21,6 +21,7 @@ from services.proto_convert import (FINISH_TO_PROTO, outputs_to_chunk, sampling_
 from services.transport import KVHandshakeError, KVTransportError
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.kv_push import PrefillPusher
+from services.worker import metrics as worker_metrics
 from services.worker.leases import Lease, LeaseState, LeaseTable
 from services.worker.migration_in import MigrationRefused, MigrationTargets
 from services.worker.migration_out import MigrationConfig, MigrationError, MigrationSources
@@ -139,6 +140,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             pass
         if self.publisher is not None:
             await self.publisher.drop_lease(rid)
+        if lease.expired:
+            worker_metrics.lease_expired(self.instance_id)
         log.info("released lease %s: %s", rid, lease.reason)
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context):

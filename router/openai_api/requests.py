@@ -1,0 +1,255 @@
+"""JSON bodies of /v1/completions and /v1/chat/completions → a tandem.v1.GenerateRequest.
+
+Everything is checked here or by the shared validation after it; nothing is silently ignored.
+Supported: `model`, `prompt` (text, token ids, or a one-element list of either) or `messages`,
+`max_tokens` (`max_completion_tokens` in chat), `temperature` (default 1, as OpenAI), `top_p`,
+`seed`, `stop`, `logprobs` (completions: 0..20 alternatives; chat: true with `top_logprobs`),
+`echo` (completions, without logprobs), `stream`, `stream_options.include_usage`, `user`
+(accepted for its purpose: it only identifies the caller); OpenAI's neutral values of
+parameters Tandem does not implement (`n: 1`, `best_of: 1`, penalties 0, empty `logit_bias`, no
+tools, `response_format: {"type": "text"}`, ...). Any other value or unknown field is a 400 that
+names it.
+
+Tandem's extras (extra body fields): `request_id`, `priority` (int, higher first), `slo`
+(`{"ttft_s": s, "tpot_s": s}`), `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`
+(token ids in each choice), `stream_options.continuous_usage_stats` (usage on every chunk),
+`add_generation_prompt` (chat, default true) and `min_tokens`, accepted when it is 0 or
+ignore_eos is set without stops (Tandem has no minimum-length sampling otherwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.openai_api.chat_template import ChatTemplate, ChatTemplateError
+from router.openai_api.errors import ApiError, invalid
+from router.openai_api.fields import (get_bool, get_dict, get_int, get_int_list, get_number, get_str,
+                                      get_str_list)
+from services.engine.config import ModelConfig
+from services.engine.tokenizer import Tokenizer
+from tandem.v1 import serving_pb2
+
+MAX_LOGPROBS = 20
+_INT32 = 2 ** 31 - 1
+
+# Parameters of both endpoints, and per endpoint.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
+           "frequency_penalty", "presence_penalty", "logit_bias",
+           "request_id", "priority", "slo", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids"}
+COMPLETION_PARAMS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+                         "tool_choice", "parallel_tool_calls", "functions", "function_call", "store", "metadata",
+                         "service_tier", "modalities", "add_generation_prompt"}
+
+# Parameters accepted only at OpenAI's neutral value: (is it neutral?, what to do instead).
+_NEUTRAL = {
+    "n": (lambda v: v == 1, "only n=1 is supported; send several requests (different seeds) for more choices"),
+    "best_of": (lambda v: v == 1, "only best_of=1 is supported; send several requests and pick yourself"),
+    "frequency_penalty": (lambda v: v == 0, "penalties are not supported; leave it 0"),
+    "presence_penalty": (lambda v: v == 0, "penalties are not supported; leave it 0"),
+    "logit_bias": (lambda v: v == {}, "logit_bias is not supported; leave it out"),
+    "suffix": (lambda v: v == "", "insertion (suffix) is not supported; leave it out"),
+    "tools": (lambda v: v == [], "tool calling is not supported; leave tools out"),
+    "functions": (lambda v: v == [], "function calling is not supported; leave functions out"),
+    "tool_choice": (lambda v: v == "none", "tool calling is not supported; leave tool_choice out or use \"none\""),
+    "function_call": (lambda v: v == "none", "function calling is not supported; leave it out or use \"none\""),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), "must be true or false (no tools are called)"),
+    "response_format": (lambda v: v == {"type": "text"}, "only {\"type\": \"text\"} is supported (no JSON mode)"),
+    "store": (lambda v: v is False, "stored completions are not supported; leave store out or false"),
+    "metadata": (lambda v: v == {}, "metadata is kept only for stored completions, which are not supported"),
+    "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported; use \"auto\""),
+    "modalities": (lambda v: v == ["text"], "only [\"text\"] output is supported"),
+}
+
+
+@dataclass
+class ParsedRequest:
+    """A checked OpenAI request: the GenerateRequest to dispatch and how to answer it."""
+    kind: str                              # "completion" | "chat"
+    request: serving_pb2.GenerateRequest
+    stream: bool
+    include_usage: bool                    # stream: a final usage chunk
+    continuous_usage: bool                 # stream: usage on every chunk
+    logprobs: int | None                   # alternatives per token; None: no logprobs
+    echo_text: str | None = None           # completions with echo: the prompt's text
+    return_token_ids: bool = False
+    rename: dict | None = None             # shared-validation field → this endpoint's JSON name
+
+
+def parse_completion(body: dict, model: ModelConfig, tokenizer: Tokenizer) -> ParsedRequest:
+    """Raises ApiError (400 naming the field, 404 for an unknown model)."""
+    _check_params(body, COMPLETION_PARAMS, "/v1/completions")
+    req = serving_pb2.GenerateRequest()
+    _prompt(body.get("prompt"), req)
+    logprobs = get_int(body, "logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
+    echo = get_bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise invalid("echo", "echo with logprobs needs the prompt's logprobs, which Tandem does not compute; "
+                              "drop one of them")
+    parsed = _common(body, req, model, logprobs, "completion", max_tokens_default=16)
+    if echo:
+        parsed.echo_text = req.prompt if req.prompt else tokenizer.decode(req.prompt_token_ids)
+    parsed.rename = {"token_ids": "prompt"}
+    return parsed
+
+
+def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate) -> ParsedRequest:
+    """Raises ApiError (400 naming the field, 404 for an unknown model)."""
+    _check_params(body, CHAT_PARAMS, "/v1/chat/completions")
+    messages = _messages(body.get("messages"))
+    try:
+        text = template.render(messages, get_bool(body, "add_generation_prompt", True))
+    except ChatTemplateError as e:
+        raise invalid("messages", str(e)) from None
+    req = serving_pb2.GenerateRequest(prompt_token_ids=tokenizer.encode(text, add_bos=template.add_bos))
+    if "max_completion_tokens" in body and body.get("max_tokens") is not None:
+        if body.get("max_completion_tokens") is not None and body["max_completion_tokens"] != body["max_tokens"]:
+            raise invalid("max_completion_tokens", "differs from max_tokens; send only max_completion_tokens")
+    tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    want_logprobs = get_bool(body, "logprobs", False)
+    top = get_int(body, "top_logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise invalid("top_logprobs", "needs logprobs: true")
+    room = max(1, model.max_position_embeddings - len(req.prompt_token_ids))
+    parsed = _common(body, req, model, (top or 0) if want_logprobs else None, "chat",
+                     max_tokens_default=room, tokens_field=tokens_field)
+    parsed.rename = {"token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs",
+                     "max_tokens": tokens_field}
+    return parsed
+
+
+# ---- shared parts -----------------------------------------------------------------------------
+def _check_params(body: dict, known: set[str], route: str) -> None:
+    for key, value in body.items():
+        if key not in known:
+            raise invalid(key, f"unrecognized request argument for {route}; supported: {', '.join(sorted(known))}")
+        rule = _NEUTRAL.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            raise invalid(key, f"{rule[1]} (got {value!r})")
+    get_str(body, "user", None)
+
+
+def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, logprobs: int | None, kind: str,
+            max_tokens_default: int, tokens_field: str = "max_tokens") -> ParsedRequest:
+    name = get_str(body, "model", None)
+    if name is not None and name != model.model_id:
+        raise ApiError(404, f"model: {name!r} does not exist here; this server serves {model.model_id!r} "
+                            f"(see /v1/models)", param="model", code="model_not_found", outcome="not_found")
+    params = req.params
+    params.max_tokens = get_int(body, tokens_field, max_tokens_default, minimum=1, maximum=_INT32)
+    params.temperature = get_number(body, "temperature", 1.0, minimum=0.0)
+    params.top_p = get_number(body, "top_p", 1.0)
+    top_k = get_int(body, "top_k", 0, minimum=-1, maximum=_INT32)
+    params.top_k = max(0, top_k)                     # -1 (vLLM's "off") is 0 here
+    seed = get_int(body, "seed", None, minimum=0, maximum=2 ** 64 - 1)
+    if seed is not None:
+        params.seed = seed
+    params.stop.extend(get_str_list(body, "stop"))
+    params.stop_token_ids.extend(get_int_list(body, "stop_token_ids"))
+    params.ignore_eos = get_bool(body, "ignore_eos", False)
+    if logprobs is not None:
+        params.logprobs = logprobs
+    _min_tokens(body, params)
+    request_id = get_str(body, "request_id", "")
+    if len(request_id) > 256 or not request_id.isprintable():
+        raise invalid("request_id", "must be at most 256 printable characters")
+    req.request_id = request_id
+    req.priority = get_int(body, "priority", 0, minimum=-_INT32 - 1, maximum=_INT32)
+    _slo(body, req)
+    stream = get_bool(body, "stream", False)
+    options = get_dict(body, "stream_options") or {}
+    if options and not stream:
+        raise invalid("stream_options", "is only allowed with stream: true")
+    for key in options:
+        if key not in ("include_usage", "continuous_usage_stats"):
+            raise invalid(f"stream_options.{key}", "unrecognized; supported: include_usage, continuous_usage_stats")
+    include_usage = get_bool(options, "include_usage", False)
+    continuous = get_bool(options, "continuous_usage_stats", False)
+    return ParsedRequest(kind, req, stream, include_usage or continuous, continuous, logprobs,
+                         return_token_ids=get_bool(body, "return_token_ids", False))
+
+
+def _min_tokens(body: dict, params: serving_pb2.SamplingParams) -> None:
+    min_tokens = get_int(body, "min_tokens", 0, minimum=0)
+    if min_tokens > params.max_tokens:
+        raise invalid("min_tokens", f"{min_tokens} exceeds max_tokens ({params.max_tokens})")
+    if min_tokens and not (params.ignore_eos and not params.stop and not params.stop_token_ids):
+        raise invalid("min_tokens", "is supported only with ignore_eos: true and no stop or stop_token_ids "
+                                    "(which then generate exactly max_tokens); Tandem has no minimum-length sampling")
+
+
+def _slo(body: dict, req: serving_pb2.GenerateRequest) -> None:
+    slo = get_dict(body, "slo")
+    if slo is None:
+        return
+    for key in slo:
+        if key not in ("ttft_s", "tpot_s"):
+            raise invalid(f"slo.{key}", "unrecognized; supported: ttft_s, tpot_s (seconds, 0: no target)")
+    req.slo.ttft_s = get_number(slo, "ttft_s", 0.0, minimum=0.0)
+    req.slo.tpot_s = get_number(slo, "tpot_s", 0.0, minimum=0.0)
+
+
+def _prompt(prompt, req: serving_pb2.GenerateRequest) -> None:
+    """Text, token ids, or a one-element list of either, into req.prompt / req.prompt_token_ids."""
+    if prompt is None:
+        raise invalid("prompt", "is required: a string or a list of token ids")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]                               # a batch of one
+    if isinstance(prompt, str):
+        req.prompt = prompt
+        if not prompt:
+            raise invalid("prompt", "is empty; send at least one character or token")
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise invalid("prompt", "must be a non-empty string or list of token ids")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(not 0 <= t <= _INT32 for t in prompt):
+            raise invalid("prompt", "token ids must be non-negative 32-bit integers")
+        req.prompt_token_ids.extend(prompt)
+        return
+    if all(isinstance(p, (str, list)) for p in prompt):
+        raise invalid("prompt", f"a batch of {len(prompt)} prompts is not supported; send one prompt per request")
+    raise invalid("prompt", "must be a string, a list of token ids, or a list holding one of those")
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _messages(messages) -> list[dict]:
+    """OpenAI chat messages → [{"role", "content", ("name")}] with text content."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "is required: a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(where, "must be an object with role and content")
+        for key, value in m.items():
+            if value is not None and key not in ("role", "content", "name"):
+                raise invalid(f"{where}.{key}", "is not supported (no tool calling); send role, content and "
+                                                "optionally name")
+        role = m.get("role")
+        if role in ("tool", "function"):
+            raise invalid(f"{where}.role", f"{role!r} messages need tool calling, which is not supported")
+        if role not in _ROLES:
+            raise invalid(f"{where}.role", f"must be one of system, developer, user, assistant; got {role!r}")
+        message = {"role": _ROLES[role], "content": _content(m.get("content"), where)}
+        name = get_str(m, "name", None) if "name" in m else None
+        if name:
+            message["name"] = name
+        out.append(message)
+    return out
+
+
+def _content(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise invalid(f"{where}.content[{j}]", f"only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                                                      f"are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise invalid(f"{where}.content", "must be a string or a list of text parts")
