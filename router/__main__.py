@@ -7,6 +7,7 @@ import sys
 
 from router.autoscaler_cli import (AutoscalerSetupError, add_autoscaler_args, autoscaler_settings,
                                     serve_with_autoscaler)
+from router.rescheduler_args import add_rescheduler_args, rescheduler_kwargs
 from router.server import Router, serve
 from services import log_setup
 
@@ -20,6 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one)")
     p.add_argument("--lease-ms", type=int, default=30_000, help="decode reservation lease")
     p.add_argument("--poll-interval-s", type=float, default=0.5, help="how often the registry is read")
+    p.add_argument("--queue-timeout-s", type=float, default=10.0,
+                   help="how long a request waits for KV room when every instance is full (0: refuse at once)")
     p.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models), "
                         "/metrics and /health over HTTP on this port (0: a free one; default: off)")
@@ -27,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve only Prometheus /metrics and /health on this port (0: a free one; default: off)")
     log_setup.add_arguments(p)
+    add_rescheduler_args(p)
     add_autoscaler_args(p)
     a = p.parse_args(argv)
     autoscale = autoscaler_settings(p, a)
@@ -37,8 +41,9 @@ def main(argv=None) -> int:
     from services.engine.config import ModelConfigError
     try:
         router = Router(a.model, a.redis_url, cluster=a.cluster, host=a.host, port=a.port, lease_ms=a.lease_ms,
-                        poll_interval_s=a.poll_interval_s, http_port=a.http_port, metrics_port=a.metrics_port,
-                        http_host=a.http_host)
+                        poll_interval_s=a.poll_interval_s, queue_timeout_s=a.queue_timeout_s, http_port=a.http_port,
+                        metrics_port=a.metrics_port, http_host=a.http_host,
+                        **rescheduler_kwargs(a))
         asyncio.run(serve(router) if autoscale is None else serve_with_autoscaler(router, autoscale, serve))
     except (ModelConfigError, OSError, AutoscalerSetupError) as e:
         print(f"tandem router: {e}", file=sys.stderr)

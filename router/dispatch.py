@@ -60,10 +60,36 @@ class _Holder:
 
 class Dispatcher:
     def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = 30_000,
-                 retries: int = 2, rpc_timeout_s: float = 30.0):
+                 retries: int = 2, rpc_timeout_s: float = 30.0, queue_timeout_s: float = 10.0,
+                 queue_poll_s: float = 0.05):
         self.registry, self.pool, self.lease_ms = registry, pool, lease_ms
         self.retries, self.rpc_timeout_s = retries, rpc_timeout_s
+        self.queue_timeout_s, self.queue_poll_s = queue_timeout_s, queue_poll_s
         self.ledger = InflightLedger()
+        self.demand: dict[str, int] = {}       # request_id → KV blocks it waits for (no instance has room)
+
+    def pending_demand_blocks(self) -> int:
+        """The largest KV need of a request queued for room (the rescheduler de-fragments for it)."""
+        return max(self.demand.values(), default=0)
+
+    async def _place_queued(self, rr: RoutedRequest, role: int, pick, tried: set[str], what: str):
+        """_place, but while every instance is full the request waits (up to queue_timeout_s and
+        its deadline) with its need published as demand, instead of failing at once."""
+        waited_until = time.monotonic() + self.queue_timeout_s
+        try:
+            while True:
+                try:
+                    return self._place(rr, role, pick, tried, what)
+                except RouteError as e:
+                    if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= waited_until \
+                            or self._timeout(rr) <= self.queue_poll_s:
+                        raise
+                    pool = self.registry.instances(role)
+                    self.demand[rr.request_id] = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size)) \
+                        if pool else 0
+                await asyncio.sleep(self.queue_poll_s)
+        finally:
+            self.demand.pop(rr.request_id, None)
 
     def pools(self):
         r = self.registry
@@ -116,7 +142,7 @@ class Dispatcher:
         blocks_tried: set[str] = set()
         last_error = ""
         for _ in range(self.retries + 1):
-            placed = self._place(rr, worker_pb2.ROLE_DECODE, pick_decode, blocks_tried, "decode")
+            placed = await self._place_queued(rr, worker_pb2.ROLE_DECODE, pick_decode, blocks_tried, "decode")
             if placed is None:
                 break
             d, needed = placed
@@ -263,7 +289,7 @@ class Dispatcher:
     async def _colocated(self, rr: RoutedRequest):
         tried: set[str] = set()
         for _ in range(self.retries + 1):
-            placed = self._place(rr, worker_pb2.ROLE_COLOCATED, pick_colocated, tried, "colocated")
+            placed = await self._place_queued(rr, worker_pb2.ROLE_COLOCATED, pick_colocated, tried, "colocated")
             if placed is None:
                 break
             c, needed = placed

@@ -11,14 +11,18 @@ from grpc_health.v1.health import aio as health_aio
 
 from router.dispatch import Dispatcher, RouteError, RoutedRequest
 from router.http_frontends import HttpFrontends
+from router.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
+from router.migration_policy import PolicyConfig
 from router.registry import InstanceRegistry
+from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
 from router.request_validation import build_request
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
 from services.engine.sampling_params import InvalidRequestError
-from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc
+from services.proto_convert import ROLE_NAMES
+from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2
 
 log = logging.getLogger("tandem.router")
 
@@ -76,11 +80,75 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         await self.router.registry.refresh()
         return admin_pb2.ListInstancesResponse(instances=self.router.registry.all())
 
+    async def Migrate(self, request: admin_pb2.AdminMigrateRequest, context):
+        r = self.router
+        if not request.request_id or not request.to_instance_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and to_instance_id are both required")
+        await r.registry.refresh()
+        dst = r.registry.get(request.to_instance_id)
+        if dst is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"to_instance_id: no instance {request.to_instance_id!r}; "
+                                f"see `tandem admin instances`")
+        if dst.role not in MIGRATING_ROLES or dst.state != "serving":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"to_instance_id: {dst.instance_id} is a "
+                                f"{ROLE_NAMES.get(dst.role, '?')} instance in state {dst.state}; migrations go to "
+                                f"serving decode (or colocated) instances")
+        src = await self._holder(request.request_id)
+        if src is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: {request.request_id!r} is not running on any "
+                                f"decode instance (finished, not started, or still in prefill)")
+        if src.instance_id == dst.instance_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{request.request_id!r} already runs on {dst.instance_id}")
+        if src.role != dst.role:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.request_id!r} runs on a "
+                                f"{ROLE_NAMES.get(src.role)} instance; move it to another one of that role")
+        try:
+            return await r.pool.stub(src.address).Migrate(worker_pb2.MigrateRequest(
+                request_id=request.request_id, destination_instance_id=dst.instance_id,
+                destination_address=dst.address, reason="manual"), timeout=context.time_remaining() or 120.0)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), f"{src.instance_id}: {e.details()}")
+
+    async def _holder(self, request_id: str):
+        """The decode/colocated instance the request runs on now (asks each one)."""
+        r = self.router
+        candidates = [x for role in MIGRATING_ROLES for x in r.registry.instances(role, LIVE_STATES)]
+
+        async def has(inst):
+            try:
+                s = await r.pool.stub(inst.address).Stats(worker_pb2.StatsRequest(list_requests=True), timeout=5.0)
+            except grpc.aio.AioRpcError:
+                return False
+            return any(q.request_id == request_id for q in s.requests)
+        found = await asyncio.gather(*(has(x) for x in candidates))
+        return next((x for x, ok in zip(candidates, found) if ok), None)
+
+    async def Drain(self, request: admin_pb2.DrainRequest, context):
+        r = self.router
+        await r.registry.refresh()
+        inst = r.registry.get(request.instance_id)
+        if inst is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {request.instance_id!r}; "
+                                f"see `tandem admin instances`")
+        try:
+            report = await r.pool.stub(inst.address).SetState(
+                worker_pb2.SetStateRequest(state="serving" if request.undo else "draining"), timeout=10.0)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), f"{inst.instance_id}: {e.details()}")
+        await r.registry.refresh()
+        if request.undo or not request.wait:
+            return admin_pb2.DrainResponse(state=report.state, remaining=report.running + report.waiting + report.leases)
+        state, left = await r.rescheduler.drain(inst.instance_id, request.timeout_s or 600.0)
+        return admin_pb2.DrainResponse(state=state, remaining=left)
+
 
 class Router:
     def __init__(self, model: str, redis_url: str, *, cluster: str = "default", host: str = "127.0.0.1",
                  port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5,
-                 http_port: int | None = None, metrics_port: int | None = None, http_host: str | None = None):
+                 reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
+                 queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
+                 http_host: str | None = None):
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
@@ -88,7 +156,12 @@ class Router:
         self.registry = InstanceRegistry(   # channels to instances that left are closed
             redis_url, cluster, poll_interval_s=poll_interval_s,
             on_change=lambda view: self.pool.forget({r.address for r in view.values()}))
-        self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms)
+        self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms, queue_timeout_s=queue_timeout_s)
+        # One router of the cluster reschedules (and autoscales): the holder of the Redis leader lock.
+        self.leader = LeaderLock(redis_url, cluster)
+        self.rescheduler = Rescheduler(self.registry, self.pool, policy, interval_s=reschedule_interval_s,
+                                       leader=self.leader, demand_fn=self.dispatcher.pending_demand_blocks,
+                                       enabled=reschedule)
         self.live: dict[str, RoutedRequest] = {}
         self.metrics = RouterMetrics(self.registry.all)
         # OpenAI-compatible API and /metrics over HTTP (router/http_frontends.py); both off when None.
@@ -100,6 +173,8 @@ class Router:
 
     async def start(self) -> str:
         await self.registry.start()
+        await self.leader.start()
+        self.rescheduler.start()
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(self), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), self.server)
@@ -118,6 +193,8 @@ class Router:
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.http.stop()
+        await self.rescheduler.stop()
+        await self.leader.stop()
         if self.server:
             await self.server.stop(grace_s)
         await self.pool.close()

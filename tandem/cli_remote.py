@@ -1,4 +1,4 @@
-"""`tandem generate` and `tandem admin --addr A instances`: the client SDK on the command line.
+"""`tandem generate` and `tandem admin --addr A instances|migrate|drain`: the client SDK on the command line.
 
 A failed RPC prints `tandem <command>: <STATUS>: <details>` to stderr, never a traceback, and
 exits 2 for INVALID_ARGUMENT, 1 otherwise.
@@ -33,6 +33,17 @@ def register(subparsers) -> None:
     instances = admin_sub.add_parser("instances", help="list the instances and their load")
     instances.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     instances.set_defaults(func=cmd_admin_instances)
+    migrate = admin_sub.add_parser("migrate", help="move a running request to another decode instance")
+    migrate.add_argument("request_id")
+    migrate.add_argument("--to", required=True, dest="to_instance", help="destination instance id")
+    migrate.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the commit")
+    migrate.set_defaults(func=cmd_admin_migrate)
+    drain = admin_sub.add_parser("drain", help="stop new work on a decode instance and migrate its requests away")
+    drain.add_argument("instance_id")
+    drain.add_argument("--wait", action="store_true", help="return once the instance is drained")
+    drain.add_argument("--timeout", type=float, default=600.0, help="with --wait: give up after this many seconds")
+    drain.add_argument("--undo", action="store_true", help="leave draining: the instance serves again")
+    drain.set_defaults(func=cmd_admin_drain)
 
 
 def _token_ids(text: str) -> list[int]:
@@ -93,6 +104,39 @@ def cmd_admin_instances(args) -> int:
     for row in rows:
         print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
     return 0
+
+
+def cmd_admin_migrate(args) -> int:
+    """Exit 0 once the migration committed; 1 (with the reason) if it aborted."""
+    from tandem.client import Client
+    from tandem.errors import TandemError
+
+    try:
+        with Client(args.addr) as client:
+            r = client.migrate(args.request_id, args.to_instance, timeout=args.timeout)
+    except TandemError as e:
+        return _fail("admin migrate", e)
+    if not r.get("committed"):
+        print(f"tandem admin migrate: not committed ({r.get('abort_reason', '?')}): {r.get('message', '')}; "
+              f"the request goes on where it was", file=sys.stderr)
+        return 1
+    print(f"migrated {r['request_id']} to {args.to_instance}: {r.get('stages', 0)} stages, "
+          f"{r.get('blocks_copied', 0)} blocks, downtime {1e3 * r.get('downtime_s', 0.0):.1f} ms")
+    return 0
+
+
+def cmd_admin_drain(args) -> int:
+    """Exit 0 once draining (or, with --wait, drained); 1 if --wait timed out with requests left."""
+    from tandem.client import Client
+    from tandem.errors import TandemError
+
+    try:
+        with Client(args.addr) as client:
+            r = client.drain(args.instance_id, wait=args.wait, timeout_s=args.timeout, undo=args.undo)
+    except TandemError as e:
+        return _fail("admin drain", e)
+    print(f"{args.instance_id}: {r['state']} ({r['remaining']} requests left)")
+    return 1 if args.wait and r["state"] not in ("drained", "gone") else 0
 
 
 def _fail(command: str, e) -> int:

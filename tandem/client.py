@@ -125,6 +125,7 @@ def _fields(msg) -> dict:
 def _instance(report: worker_pb2.LoadReport) -> dict:
     """A LoadReport as a dict: `id` for instance_id, `role` as "prefill" | "decode" | "colocated"."""
     fields = _fields(report)
+    fields.pop("requests", None)          # only Stats(list_requests) fills it; never in a record
     fields["role"] = worker_pb2.Role.Name(report.role).removeprefix("ROLE_").lower()
     return {"id": fields.pop("instance_id"), **fields}
 
@@ -335,8 +336,23 @@ class Client(_ClientBase):
         reply = self._unary(self._admin.ListInstances, admin_pb2.ListInstancesRequest())
         return [_instance(r) for r in reply.instances]
 
-    def _unary(self, method, request):
-        deadline = self._deadline(None)
+    def migrate(self, request_id: str, to_instance_id: str, timeout: float | None = None) -> dict:
+        """Move a running request to another decode instance; returns the outcome as a dict
+        (`committed`, `abort_reason`, `stages`, `downtime_s`, ...) once it committed or aborted."""
+        reply = self._unary(self._admin.Migrate, admin_pb2.AdminMigrateRequest(
+            request_id=request_id, to_instance_id=to_instance_id), timeout)
+        return _fields(reply)
+
+    def drain(self, instance_id: str, *, wait: bool = False, timeout_s: float = 600.0, undo: bool = False) -> dict:
+        """Put a decode instance in draining (its requests migrate away, it takes no new work);
+        with wait, return once it is drained or timeout_s passed. undo: serve again. Returns
+        `state` and `remaining` (requests still there)."""
+        reply = self._unary(self._admin.Drain, admin_pb2.DrainRequest(
+            instance_id=instance_id, wait=wait, timeout_s=timeout_s, undo=undo), timeout_s + 30 if wait else None)
+        return {"state": reply.state, "remaining": reply.remaining}
+
+    def _unary(self, method, request, timeout: float | None = None):
+        deadline = self._deadline(timeout)
         for attempt in itertools.count():
             try:
                 return method(request, timeout=deadline.remaining(), metadata=self._metadata)
@@ -412,8 +428,21 @@ class AsyncClient(_ClientBase):
         reply = await self._unary(self._admin.ListInstances, admin_pb2.ListInstancesRequest())
         return [_instance(r) for r in reply.instances]
 
-    async def _unary(self, method, request):
-        deadline = self._deadline(None)
+    async def migrate(self, request_id: str, to_instance_id: str, timeout: float | None = None) -> dict:
+        """As `Client.migrate`."""
+        reply = await self._unary(self._admin.Migrate, admin_pb2.AdminMigrateRequest(
+            request_id=request_id, to_instance_id=to_instance_id), timeout)
+        return _fields(reply)
+
+    async def drain(self, instance_id: str, *, wait: bool = False, timeout_s: float = 600.0,
+                    undo: bool = False) -> dict:
+        """As `Client.drain`."""
+        reply = await self._unary(self._admin.Drain, admin_pb2.DrainRequest(
+            instance_id=instance_id, wait=wait, timeout_s=timeout_s, undo=undo), timeout_s + 30 if wait else None)
+        return {"state": reply.state, "remaining": reply.remaining}
+
+    async def _unary(self, method, request, timeout: float | None = None):
+        deadline = self._deadline(timeout)
         for attempt in itertools.count():
             try:
                 return await method(request, timeout=deadline.remaining(), metadata=self._metadata)

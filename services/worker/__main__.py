@@ -45,6 +45,8 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--max-migrations", type=int, default=1, help="concurrent migrations out of (and into) this instance")
     p.add_argument("--migration-watermark", type=float, default=0.05,
                    help="fraction of KV blocks a migration destination keeps free")
+    p.add_argument("--migration-lease-ms", type=int, default=10_000,
+                   help="a destination frees a migration reservation the source stops driving after this")
     a = p.parse_args(argv)
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> WorkerOptions:
         grace_s=a.grace_s, metrics_port=a.metrics_port, log_format=a.log_format, log_level=a.log_level,
         migration_stop_copy_blocks=a.migration_stop_copy_blocks,
         migration_max_stages=a.migration_max_stages, max_migrations=a.max_migrations,
-        migration_watermark=a.migration_watermark)
+        migration_watermark=a.migration_watermark, migration_lease_ms=a.migration_lease_ms)
 
 
 def main(argv=None) -> int:

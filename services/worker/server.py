@@ -149,12 +149,12 @@ class Worker:
             instance_id=self.instance_id, role=ROLE_BY_NAME[self.role.name.lower()], address=self.address,
             kv_address=self.receiver.address, state=self.current_state(), model=cfg.model.model_id,
             total_blocks=load.total_blocks, free_blocks=load.free_blocks,
-            reserved_blocks=(leases.reserved_blocks + sv.targets.reserved_blocks) if leases else 0,
+            reserved_blocks=(leases.reserved_blocks + sv.targets.reserved_blocks) if leases is not None else 0,
             running=load.running + load.paused, waiting=load.waiting,
             queued_prefill_tokens=load.queued_prefill_tokens, step_time_ms=load.step_time_ms,
             prefill_tokens_per_s=load.prefill_tokens_per_s, block_size=cfg.cache.block_size,
             max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size, kv_transport=self.opts.kv_transport,
-            dtype=self.opts.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases else 0)
+            dtype=self.opts.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases is not None else 0)
 
     def metrics_snapshot(self) -> worker_metrics.WorkerSnapshot:
         """This worker's state for a /metrics scrape (the load report plus the transport's totals)."""

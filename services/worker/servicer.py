@@ -351,10 +351,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Stats(self, request, context):
         report = self.report_fn()
-        try:
-            report.requests.extend(await self._engine_call(_running_requests))
-        except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
+        if request.list_requests:
+            try:
+                report.requests.extend(await self._engine_call(_running_requests))
+            except EngineDeadError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
         if request.check_integrity:
             def check(engine):
                 try:

@@ -156,10 +156,12 @@ class ReleaseResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("check_integrity",)
+    __slots__ = ("check_integrity", "list_requests")
     CHECK_INTEGRITY_FIELD_NUMBER: _ClassVar[int]
+    LIST_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     check_integrity: bool
-    def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
+    list_requests: bool
+    def __init__(self, check_integrity: _Optional[bool] = ..., list_requests: _Optional[bool] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases", "integrity_error", "high_priority_running", "high_priority_blocks", "head_waiting_blocks", "migrations_in_flight", "requests")
