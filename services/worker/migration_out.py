@@ -160,6 +160,7 @@ class _Run:
         self.kv_address = ""
         self.blocks_copied = 0
         self.paused = False
+        self.recompute = request.recompute
         self.t0 = time.monotonic()
 
     async def execute(self) -> worker_pb2.MigrateResponse:
@@ -167,7 +168,7 @@ class _Run:
         copied = 0                              # KV positions [0, copied) are on the destination
         try:
             snap = self.first
-            while True:                         # pre-copy while the request keeps decoding
+            while not self.recompute:           # pre-copy while the request keeps decoding
                 if not snap.running:
                     break                       # waiting here: nothing to copy, one stage
                 remaining = -(-snap.num_computed_tokens // bs) - copied // bs
@@ -185,7 +186,7 @@ class _Run:
                 raise _Abort("request_finished", f"{self.rid!r} finished before the stop-and-copy")
             self.paused = True
             self._check(snap)
-            await self._copy(snap, copied if snap.running else 0, final=True)
+            await self._copy(snap, copied, final=True)
             t_ack = time.monotonic()
         except _Abort as e:
             return await self._aborted(e)
@@ -218,15 +219,16 @@ class _Run:
         """One stage: make the destination expect it (RPC only when needed), push the blocks written
         since `copied`, commit. Raises _Abort."""
         cfg, bs = self.o.config, self.o.block_size
-        n = snap.num_computed_tokens if snap.running else 0
+        with_kv = snap.running and not self.recompute
+        n = snap.num_computed_tokens if with_kv else 0
         end_block = -(-n // bs)
         if self.stage == 0 or end_block > self.reserved_blocks:
             await self._stage_rpc(snap, n + (0 if final else cfg.margin_blocks * bs))
-        first_block = copied // bs
+        first_block = copied // bs if with_kv else 0
         src = snap.block_table[first_block:end_block]
         meta = {"final": final}
         if final:
-            meta.update(recompute=not snap.running, output_token_ids=snap.output_token_ids,
+            meta.update(recompute=not with_kv, output_token_ids=snap.output_token_ids,
                         output_logprobs=[None if math.isnan(x) else x for x in snap.output_logprobs])
         transfer = None
         try:

@@ -49,6 +49,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         block_size = self.engine.kv.block_size
         self.sources = MigrationSources(engine_thread, sender, self.peers, instance_id, block_size=block_size,
                                         config=migration)
+        self.sources.on_event = self._migration_event
         self.targets = MigrationTargets(engine_thread, receiver, self.leases, block_size=block_size,
                                         max_in_flight=migration.max_in_flight, watermark_blocks=watermark_blocks,
                                         is_open=lambda: self.state_fn() == "serving")
@@ -306,6 +307,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.ReleaseResponse(found=found)
 
     # ---- live migration ----------------------------------------------------------------------
+    def _migration_event(self, event: str, *, reason: str = "", downtime_s: float = 0.0, stages: int = 1) -> None:
+        if event == "started":
+            worker_metrics.migration_started(self.instance_id)
+        elif event == "committed":
+            worker_metrics.migration_committed(self.instance_id, downtime_s, stages)
+        else:
+            worker_metrics.migration_aborted(self.instance_id, reason)
+
     async def Migrate(self, request: worker_pb2.MigrateRequest, context):
         await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Migrate")
         try:

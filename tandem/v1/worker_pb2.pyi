@@ -238,18 +238,20 @@ class RunningRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., priority: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("request_id", "selector", "destination_instance_id", "destination_address", "reason")
+    __slots__ = ("request_id", "selector", "destination_instance_id", "destination_address", "reason", "recompute")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     selector: str
     destination_instance_id: str
     destination_address: str
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., selector: _Optional[str] = ..., destination_instance_id: _Optional[str] = ..., destination_address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    recompute: bool
+    def __init__(self, request_id: _Optional[str] = ..., selector: _Optional[str] = ..., destination_instance_id: _Optional[str] = ..., destination_address: _Optional[str] = ..., reason: _Optional[str] = ..., recompute: _Optional[bool] = ...) -> None: ...
 
 class MigrateResponse(_message.Message):
     __slots__ = ("request_id", "committed", "abort_reason", "message", "stages", "blocks_copied", "downtime_s", "total_s", "next_index")
