@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-goodput clean
+.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput clean
 
 setup: $(STAMP) redis
 
@@ -48,6 +48,10 @@ bench-cluster: setup
 	$(PY) benchmarks/bench_cluster.py
 
 # Goodput of 1P+1D vs 2 colocated (and vLLM's CPU server when installed) on the Azure trace.
+# Live-migration downtime and total time by sequence length, beside a recompute-based move.
+bench-migration: setup
+	$(PY) benchmarks/bench_migration.py
+
 bench-goodput: setup
 	$(PY) -m loadgen.bench_goodput --model small
 
