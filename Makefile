@@ -47,11 +47,11 @@ bench-transfer: setup
 bench-cluster: setup
 	$(PY) benchmarks/bench_cluster.py
 
-# Goodput of 1P+1D vs 2 colocated (and vLLM's CPU server when installed) on the Azure trace.
 # Live-migration downtime and total time by sequence length, beside a recompute-based move.
 bench-migration: setup
 	$(PY) benchmarks/bench_migration.py
 
+# Goodput of 1P+1D vs 2 colocated (and vLLM's CPU server when installed) on the Azure trace.
 bench-goodput: setup
 	$(PY) -m loadgen.bench_goodput --model small
 
