@@ -114,7 +114,7 @@ def configure(component: str, fmt: str = "text", level: str = "info", instance: 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "asyncio"):
+    for noisy in ("aiohttp.access", "asyncio", "grpc._cython.cygrpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -209,7 +209,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, rr, stream, answe
 async def _json_body(request: web.Request) -> dict:
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise invalid(None, "the request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as e:
