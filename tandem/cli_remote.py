@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 
-_INSTANCE_COLUMNS = ("ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING")
+_INSTANCE_COLUMNS = ("ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING", "QUEUED", "STEP_MS",
+                     "LEASES")
 
 
 def register(subparsers) -> None:
@@ -32,6 +33,8 @@ def register(subparsers) -> None:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     instances = admin_sub.add_parser("instances", help="list the instances and their load")
     instances.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    instances.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                           help="live load: print again every SECONDS until Ctrl-C")
     instances.set_defaults(func=cmd_admin_instances)
     migrate = admin_sub.add_parser("migrate", help="move a running request to another decode instance")
     migrate.add_argument("request_id")
@@ -85,25 +88,44 @@ def cmd_generate(args) -> int:
 
 
 def cmd_admin_instances(args) -> int:
-    """Print the instances as a table, or with --json as a JSON list of objects."""
+    """Print the instances and their load (QUEUED: prompt tokens waiting for prefill; STEP_MS: recent
+    mean engine step) as a table, or with --json as a JSON list of objects; with --watch, again
+    every few seconds until Ctrl-C."""
+    import time
+
     from tandem.client import Client
     from tandem.errors import TandemError
 
+    if args.watch is not None and args.watch <= 0:
+        print("tandem admin instances: --watch needs a positive number of seconds", file=sys.stderr)
+        return 2
     try:
         with Client(args.addr) as client:
-            instances = client.list_instances()
+            while True:
+                instances = client.list_instances()
+                if args.json:
+                    print(json.dumps(instances), flush=True)
+                else:
+                    if args.watch is not None:
+                        print(time.strftime("%H:%M:%S"))
+                    _print_instances(instances)
+                if args.watch is None:
+                    return 0
+                time.sleep(args.watch)
     except TandemError as e:
         return _fail("admin instances", e)
-    if args.json:
-        print(json.dumps(instances))
+    except KeyboardInterrupt:
         return 0
+
+
+def _print_instances(instances: list[dict]) -> None:
     rows = [_INSTANCE_COLUMNS] + [
         (i["id"], i["role"], i["state"], i["address"], f"{i['free_blocks']}/{i['total_blocks']}",
-         str(i["running"]), str(i["waiting"])) for i in instances]
+         str(i["running"]), str(i["waiting"]), str(i.get("queued_prefill_tokens", 0)),
+         f"{i.get('step_time_ms', 0.0):.1f}", str(i.get("leases", 0))) for i in instances]
     widths = [max(len(row[c]) for row in rows) for c in range(len(_INSTANCE_COLUMNS))]
     for row in rows:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
-    return 0
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip(), flush=True)
 
 
 def cmd_admin_migrate(args) -> int:

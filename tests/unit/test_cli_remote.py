@@ -77,10 +77,28 @@ def test_generate_argument_errors_exit_2(addr, capsys):
 def test_admin_instances_table(addr, capsys):
     assert main(["admin", "--addr", addr, "instances"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING"]
-    assert lines[1].split() == ["prefill-0", "prefill", "serving", "127.0.0.1:7001", "90/100", "1", "2"]
-    assert lines[2].split() == ["decode-0", "decode", "draining", "127.0.0.1:7002", "150/200", "4", "0"]
+    assert lines[0].split() == ["ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING", "QUEUED",
+                                "STEP_MS", "LEASES"]
+    assert lines[1].split() == ["prefill-0", "prefill", "serving", "127.0.0.1:7001", "90/100", "1", "2", "0", "3.5",
+                                "0"]
+    assert lines[2].split() == ["decode-0", "decode", "draining", "127.0.0.1:7002", "150/200", "4", "0", "0", "0.0",
+                                "0"]
     assert lines[1].index("prefill ") == lines[0].index("ROLE")                     # aligned columns
+
+
+def test_admin_instances_watch_reprints_until_ctrl_c(addr, capsys, monkeypatch):
+    import time
+    naps = []
+
+    def nap(seconds):
+        naps.append(seconds)
+        if len(naps) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(time, "sleep", nap)
+    assert main(["admin", "--addr", addr, "instances", "--watch", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert naps == [0.5, 0.5] and out.count("FREE/TOTAL") == 2
+    assert main(["admin", "--addr", addr, "instances", "--watch", "0"]) == 2
 
 
 def test_admin_instances_json(addr, capsys):
