@@ -72,7 +72,9 @@ def build() -> dict:
     g.timeseries("Requests by outcome", [("sum by (outcome) (rate(tandem_requests_total[$__rate_interval]))",
                                           "{{outcome}}")], "reqps",
                  "finished, aborted, cancelled, or the gRPC status of the error", stack=True)
-    g.timeseries("In flight", [("sum by (api) (tandem_requests_in_flight)", "{{api}}")], "short")
+    g.timeseries("In flight and queued", [("sum by (api) (tandem_requests_in_flight)", "{{api}}"),
+                                          ("sum(tandem_router_queued_requests)", "waiting for KV room")], "short",
+                 "queued: requests the router holds back while every instance is full")
     g.timeseries("Tokens per second", [
         ("sum(rate(tandem_prompt_tokens_total[$__rate_interval]))", "prompt"),
         ("sum(rate(tandem_generation_tokens_total[$__rate_interval]))", "generated")], "short")

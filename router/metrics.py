@@ -46,15 +46,19 @@ _FINISH_NAMES = {serving_pb2.FINISH_REASON_STOP: "stop", serving_pb2.FINISH_REAS
 
 
 class RouterMetrics:
-    """Metrics of one router. `instances()` returns every LoadReport the router knows (any state)."""
+    """Metrics of one router. `instances()` returns every LoadReport the router knows (any state);
+    `queued()`, the requests waiting at the router for KV room on some instance."""
 
-    def __init__(self, instances: Callable[[], Iterable[worker_pb2.LoadReport]]):
+    def __init__(self, instances: Callable[[], Iterable[worker_pb2.LoadReport]],
+                 queued: Callable[[], int] = lambda: 0):
         self.registry = reg = CollectorRegistry()
         ProcessCollector(namespace="tandem_router", registry=reg)
         self.requests = Counter("tandem_requests_total", "Requests by API and outcome", ["api", "outcome"],
                                 registry=reg)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests the router is streaming now", ["api"],
                                registry=reg)
+        Gauge("tandem_router_queued_requests", "Requests waiting at the router for KV room (every instance full)",
+              registry=reg).set_function(queued)
         self.ttft = Histogram("tandem_request_ttft_seconds", "Time to first token, router arrival to first token",
                               ["api"], buckets=TTFT_BUCKETS, registry=reg)
         self.tpot = Histogram("tandem_request_tpot_seconds", "Time per output token after the first (per request)",

@@ -163,7 +163,7 @@ class Router:
                                        leader=self.leader, demand_fn=self.dispatcher.pending_demand_blocks,
                                        enabled=reschedule)
         self.live: dict[str, RoutedRequest] = {}
-        self.metrics = RouterMetrics(self.registry.all)
+        self.metrics = RouterMetrics(self.registry.all, queued=lambda: len(self.dispatcher.demand))
         # OpenAI-compatible API and /metrics over HTTP (router/http_frontends.py); both off when None.
         self.http = HttpFrontends(self, model, host=host, http_port=http_port, metrics_port=metrics_port,
                                   http_host=http_host)

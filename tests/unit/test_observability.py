@@ -232,6 +232,14 @@ def test_cluster_gauges_from_the_registry_view():
     assert sample("tandem_cluster_queued_prefill_tokens", r, role="prefill") == 30
 
 
+def test_router_queue_is_read_at_scrape_time():
+    waiting = {"n": 3}
+    m = RouterMetrics(lambda: [], queued=lambda: waiting["n"])
+    assert sample("tandem_router_queued_requests", m.registry) == 3
+    waiting["n"] = 0
+    assert sample("tandem_router_queued_requests", m.registry) == 0
+
+
 def test_two_routers_in_one_process_keep_separate_counts():
     a, b = RouterMetrics(lambda: []), RouterMetrics(lambda: [])
     a.rejected("grpc", "invalid_argument")
