@@ -96,9 +96,22 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record (it may be replaced after configure)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure(component: str, fmt: str = "text", level: str = "info", instance: str | None = None,
               stream=None) -> None:
-    """Route the root logger to `stream` (stderr) in `fmt`; replaces handlers set before.
+    """Route the root logger to `stream` (default: sys.stderr) in `fmt`. Calling it again replaces
+    the handler an earlier call installed; handlers installed by others stay.
 
     Raises ValueError naming the flag for an unknown format or level.
     """
@@ -106,11 +119,12 @@ def configure(component: str, fmt: str = "text", level: str = "info", instance: 
         raise ValueError(f"--log-format {fmt!r}: use one of {', '.join(FORMATS)}")
     if level.lower() not in LEVELS:
         raise ValueError(f"--log-level {level!r}: use one of {', '.join(LEVELS)}")
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_ContextFilter(component, instance))
+    handler._tandem = True
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if getattr(h, "_tandem", False)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

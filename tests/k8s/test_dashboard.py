@@ -92,3 +92,31 @@ def test_servicemonitor_keeps_the_instance_label():
     values = dict(DASHBOARD_VALUES, metrics={"serviceMonitor": {"enabled": True}})
     sm = next(o for o in _objects(values) if o["kind"] == "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True
+
+
+def test_http_and_metrics_flags_parse_with_the_real_clis(monkeypatch):
+    """With router.http, router.metrics and workers.metrics on, the pods' flags are ones the router
+    and worker processes accept, with the chart's ports."""
+    import router.__main__ as router_main
+    from services.worker.__main__ import parse_args
+    from tests.k8s.test_chart import _container_env, _expand, by_kind_name
+
+    objs = by_kind_name(_objects({"router": {"http": {"enabled": True}, "metrics": {"enabled": True}},
+                                  "workers": {"metrics": {"enabled": True}}}))
+    seen = {}
+
+    def fake_router(model, redis_url, **kw):
+        seen.update(kw)
+        return object()
+
+    async def fake_serve(_router):
+        return None
+
+    monkeypatch.setattr(router_main, "Router", fake_router)
+    monkeypatch.setattr(router_main, "serve", fake_serve)
+    c = objs[("Deployment", "tandem-router")]["spec"]["template"]["spec"]["containers"][0]
+    assert router_main.main(_expand(c["args"], _container_env(objs, c))) == 0
+    assert (seen["http_port"], seen["metrics_port"]) == (8000, 9090)
+    for role in ("prefill", "decode"):
+        w = objs[("Deployment", f"tandem-{role}")]["spec"]["template"]["spec"]["containers"][0]
+        assert parse_args(_expand(w["args"], _container_env(objs, w))).metrics_port == 9091
