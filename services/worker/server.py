@@ -135,6 +135,10 @@ class Worker:
         """Enter (`draining`) or leave (`serving`) draining, and publish it at once."""
         self.state = state
         log.info("worker %s is now %s", self.instance_id, state)
+        # Readiness (service tandem.v1.Worker) follows: a draining pod is the one Kubernetes removes
+        # first on scale-down. Liveness (service "") stays SERVING: draining is not dying.
+        status = health_pb2.HealthCheckResponse.SERVING if state == "serving" else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.ensure_future(self.health.set("tandem.v1.Worker", status))
         if self.publisher:
             asyncio.ensure_future(self.publisher.publish_now())
 

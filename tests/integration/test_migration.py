@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import grpc
 import pytest
 
 from tandem.client import Client
@@ -234,10 +235,24 @@ def test_drain_under_load_moves_every_request(golden, redis_url, tmp_path):
             assert s.result() == expected[i % len(prompts)], s.request_id
             moved += len(s.decode_instances()) > 1
         assert moved >= 1
-        assert decode_reports(c.address)[victim.instance_id].state == "drained"
+        deadline = time.monotonic() + 10      # the record shows it within a heartbeat
+        while decode_reports(c.address)[victim.instance_id].state != "drained":
+            assert time.monotonic() < deadline, "the instance's record never said drained"
+            time.sleep(0.2)
+        assert health(victim.address) == ("SERVING", "NOT_SERVING")     # alive, not ready: removed first
         with Client(c.address) as client:
             assert client.drain(victim.instance_id, undo=True)["state"] == "serving"
+        assert health(victim.address) == ("SERVING", "SERVING")
         assert_no_leaks(c.address)
+
+
+def health(address: str) -> tuple[str, str]:
+    """(liveness, readiness) as the chart's probes see them: services "" and tandem.v1.Worker."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return tuple(health_pb2.HealthCheckResponse.ServingStatus.Name(
+            stub.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status) for svc in ("", "tandem.v1.Worker"))
 
 
 def test_rescheduler_balances_onto_an_instance_that_joins(golden, redis_url, tmp_path):

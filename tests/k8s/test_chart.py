@@ -240,15 +240,14 @@ def test_http_and_metrics_ports_only_when_enabled():
 
 
 def test_drain_hook_only_when_enabled_and_grace_covers_it():
-    objs = by_kind_name(objects())
+    objs = by_kind_name(objects({"decode": {"drainOnStop": False}}))
     spec = objs[("Deployment", "tandem-decode")]["spec"]["template"]["spec"]
     assert "lifecycle" not in spec["containers"][0]
     assert spec["terminationGracePeriodSeconds"] == 15
     objs = by_kind_name(objects({"decode": {"drainOnStop": True, "drainTimeoutSeconds": 300}}))
     spec = objs[("Deployment", "tandem-decode")]["spec"]["template"]["spec"]
     hook = " ".join(spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
-    assert "tandem admin --addr tandem-router:50051 drain \"$POD_NAME\"" in hook
-    assert "timeout 300" in hook
+    assert "tandem admin --addr tandem-router:50051 drain \"$POD_NAME\" --wait --timeout 300" in hook
     assert spec["terminationGracePeriodSeconds"] == 300 + 10 + 5
     prefill = objs[("Deployment", "tandem-prefill")]["spec"]["template"]["spec"]
     assert "lifecycle" not in prefill["containers"][0]

@@ -264,6 +264,7 @@ spec:
           readinessProbe:
             grpc:
               port: {{ $w.grpcPort }}
+              service: tandem.v1.Worker     # NOT_SERVING while draining; liveness uses the overall status
             periodSeconds: 5
             failureThreshold: 2
           livenessProbe:
@@ -276,11 +277,11 @@ spec:
           lifecycle:
             preStop:
               exec:
-                # Needs live migration (router Admin.Drain); see decode.drainOnStop.
+                # Live-migrates every request to other decode instances, then lets the pod stop.
                 command:
                   - sh
                   - -c
-                  - exec timeout {{ $v.drainTimeoutSeconds }} tandem admin --addr {{ include "tandem.routerAddress" $root }} drain "$POD_NAME"
+                  - exec tandem admin --addr {{ include "tandem.routerAddress" $root }} drain "$POD_NAME" --wait --timeout {{ $v.drainTimeoutSeconds }}
           {{- end }}
           resources:
             {{- include "tandem.workerResources" (dict "root" $root "values" $v) | nindent 12 }}
