@@ -326,8 +326,9 @@ class LLMEngine:
         out = RequestOutput(r.request_id, r.output_token_ids[n - num_new:], delta, r.is_finished,
                             r.finish_reason, r.output_logprobs[n - num_new:] if num_new else [],
                             num_prompt_tokens=r.num_prompt_tokens)
-        if num_new and len(r.output_top_logprobs) == n:
-            out.new_top_logprobs = r.output_top_logprobs[n - num_new:]
+        k = len(r.output_top_logprobs)     # tokens adopted from elsewhere have none here: align on the tail
+        if num_new and r.sampling_params.logprobs and k >= num_new:
+            out.new_top_logprobs = r.output_top_logprobs[k - num_new:]
         if not r.is_finished:
             return out
         detok = self._detok.pop(r.request_id, None)

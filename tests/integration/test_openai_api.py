@@ -285,9 +285,6 @@ def test_concurrent_streams_through_the_openai_client(client, chat_model_dir, op
     assert_no_leaks(openai_cluster.address)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap outside the HTTP layer: a decode instance that adopts a request's KV "
-                   "does not emit top logprobs (LLMEngine._output expects one entry per output token, and the "
-                   "first token's came from the prefill instance)")
 def test_top_logprobs_on_every_token_of_a_disaggregated_request(client, chat_model_dir):
     r = client.chat.completions.create(model=model_id(chat_model_dir), messages=CHATS[0], max_tokens=4,
                                        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
