@@ -81,9 +81,10 @@ def instances(router: str) -> dict[str, worker_pb2.LoadReport]:
     return {r.instance_id: r for r in reply.instances if r.role == worker_pb2.ROLE_DECODE}
 
 
-def move(router: str, length: int, recompute: bool, vocab: int, seed: int) -> dict:
+def move(router: str, length: int, recompute: bool, vocab: int, seed: int, max_len: int) -> dict:
+    """`length`: the request's whole length (prompt + output), capped below the context."""
     rng = random.Random(seed)
-    prompt = [rng.randrange(10, vocab - 1) for _ in range(length - MOVE_AT)]
+    prompt = [rng.randrange(10, vocab - 1) for _ in range(min(length, max_len - 1) - MOVE_AT - AFTER)]
     rid = f"{'rc' if recompute else 'kv'}-{length}-{seed}"
     s = TimedStream(router, rid, prompt, MOVE_AT + AFTER)
     s.wait_tokens(MOVE_AT)
@@ -107,6 +108,7 @@ def move(router: str, length: int, recompute: bool, vocab: int, seed: int) -> di
     t_pause = t_call + r.total_s - r.downtime_s
     during = [g for i, g in enumerate(gaps, 1) if t_call < t[i - 1] and t[i] <= t_pause]
     return {"length": length, "method": "recompute" if recompute else "kv", "committed": True,
+            "tokens_at_move": len(prompt) + n,
             "downtime_ms": (stall - normal) * 1e3, "step_ms": normal * 1e3,
             "pause_to_ack_ms": r.downtime_s * 1e3, "total_ms": r.total_s * 1e3, "stages": r.stages,
             "blocks_copied": r.blocks_copied, "precopy_gaps": len(during),
@@ -122,20 +124,20 @@ def main() -> int:
     from services.engine.builder import load_tokenizer
     from services.engine.loader import export_model, resolve_model
     loaded = resolve_model(a.model)
-    vocab = loaded.config.vocab_size
+    vocab, max_len = loaded.config.vocab_size, loaded.config.max_position_embeddings
     model = os.path.join(tempfile.mkdtemp(prefix="tandem-bench-"), a.model)
     export_model(loaded, model, load_tokenizer(loaded))
     lengths = [int(x) for x in a.lengths.split(",")]
     rows = []
     with LocalCluster(model, prefill=1, decode=2, pin_cores=True, worker_args=WORKER_ARGS,
                       router_args=["--no-reschedule"]) as c:
-        move(c.address, 256, False, vocab, 999)                     # warm-up both paths
-        move(c.address, 256, True, vocab, 998)
+        move(c.address, 256, False, vocab, 999, max_len)            # warm-up both paths
+        move(c.address, 256, True, vocab, 998, max_len)
         for length in lengths:
             for rep in range(a.repeats):
                 for recompute in (False, True):
                     # distinct prompts everywhere: a recompute must not find the prompt in a prefix cache
-                    row = move(c.address, length, recompute, vocab, 2 * rep + recompute)
+                    row = move(c.address, length, recompute, vocab, 2 * rep + recompute, max_len)
                     rows.append(row)
                     print(json.dumps({"bench": "migration", **row}), flush=True)
     summary = {}

@@ -273,3 +273,25 @@ def test_rescheduler_balances_onto_an_instance_that_joins(golden, redis_url, tmp
         landed = [s for s in streams if any(inst == "decode-1" for _, inst in s.decode_instances())]
         assert landed, "no request moved to the idle instance"
         assert_no_leaks(c.address)
+
+
+def test_preemption_on_the_source_aborts_the_migration(golden, redis_url, tmp_path):
+    """Two long requests outgrow the source's 60 blocks while the newer one is being pre-copied:
+    the source preempts it, the migration aborts (its copied KV is void), the destination frees its
+    reservation, and both requests still produce HF's tokens (the preempted one recomputes)."""
+    model_dir, prompts, expected = golden
+    args = ENDLESS + ["--num-blocks", "60"]
+    with cluster(model_dir, redis_url, tmp_path, args) as c:
+        reports = decode_reports(c.address)
+        src, dst = reports["decode-0"], reports["decode-1"]
+        set_state(dst, "draining")               # both requests land on the source
+        time.sleep(1.5)
+        old = Stream(c.address, "old", prompts[0], MAX_TOKENS)
+        assert old.reached(1)
+        new = Stream(c.address, "new", prompts[0], MAX_TOKENS)
+        assert new.reached(1)
+        set_state(dst, "serving")
+        result = worker_migrate(src, dst.instance_id, dst.address, "new")
+        assert not result.committed and result.abort_reason == "request_preempted", result
+        assert old.result() == expected[0] and new.result() == expected[0]
+        assert_no_leaks(c.address)
