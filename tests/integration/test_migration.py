@@ -295,3 +295,29 @@ def test_preemption_on_the_source_aborts_the_migration(golden, redis_url, tmp_pa
         assert not result.committed and result.abort_reason == "request_preempted", result
         assert old.result() == expected[0] and new.result() == expected[0]
         assert_no_leaks(c.address)
+
+
+def test_autoscaler_drain_empties_a_real_decode_instance(golden, redis_url, tmp_path):
+    """The autoscaler's drain_instance (router/autoscaler_drain.py) against a real router and
+    workers: the requests move, the instance ends drained, the callable answers True."""
+    import asyncio
+
+    from router.autoscaler_drain import AdminDrain
+
+    model_dir, prompts, expected = golden
+    with cluster(model_dir, redis_url, tmp_path, router_args=[]) as c:
+        streams = [Stream(c.address, f"a-{i}", prompts[i % len(prompts)], MAX_TOKENS) for i in range(6)]
+        for s in streams:
+            assert s.reached(3)
+        victim = holder(c.address, "a-0")
+
+        async def drain():
+            d = AdminDrain(c.address, timeout_s=120)
+            try:
+                return await d(victim.instance_id)
+            finally:
+                await d.close()
+        assert asyncio.run(drain()) is True
+        for i, s in enumerate(streams):
+            assert s.result() == expected[i % len(prompts)]
+        assert_no_leaks(c.address)
