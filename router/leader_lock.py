@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from services.async_tasks import stop_task
 from services.registry import REDIS_DOWN, connect
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,8 @@ class LeaderLock:
         """Stop renewing and, if release, delete the lock when this contender holds it (so another
         takes over at once; with release=False it lapses after ttl_s, as if this process died).
         Never raises; safe to call twice or before start()."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._redis is None:
             return
         if release and self._held:

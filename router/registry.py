@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from google.protobuf import json_format
 
+from services.async_tasks import stop_task
 from services.registry import REDIS_DOWN, connect, decode_report, instance_pattern
 from tandem.v1 import worker_pb2
 
@@ -54,11 +55,8 @@ class InstanceRegistry:
 
     async def stop(self) -> None:
         """Stop polling; the last view stays readable. Safe to call twice or before start()."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._redis is not None:
             with contextlib.suppress(*REDIS_DOWN):
                 await self._redis.aclose()

@@ -13,7 +13,6 @@ admin API and the autoscaler, whether or not this router leads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import grpc
 
 from router.migration_policy import InstanceLoad, MigrationDecision, PolicyConfig, decide
 from router.registry import InstanceRegistry
+from services.async_tasks import stop_task
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2
 
@@ -61,11 +61,8 @@ class Rescheduler:
             self._loop_task = asyncio.create_task(self._loop(), name="rescheduler")
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        await stop_task(self._loop_task)
+        self._loop_task = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from services.async_tasks import stop_task
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,7 @@ class InstancePublisher:
         """Stop the heartbeat and delete the record so the router stops placing here at once.
         Never raises; safe to call twice or before start()."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         async with self._lock:
             self._stopped = True
