@@ -6,7 +6,14 @@ first use, so `import tandem` stays cheap (no grpc, no torch).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+# grpcio >= 1.81 restarts its epoll poller in a forked child; when subprocess.Popen then closes the
+# child's descriptors before exec, that poller hits EBADF and can abort the child (grpc/grpc#43055).
+# Tandem forks only to exec (workers, router, redis-server), so gRPC's fork support stays off. It
+# must be set before gRPC initialises: every launcher imports this package first.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 __version__ = "0.1.0"
 

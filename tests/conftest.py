@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import tandem  # noqa: F401  (first: turns gRPC fork support off before any test starts gRPC)
 import pytest
 import torch
 
