@@ -30,6 +30,7 @@ class RouteError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+        self.blocks_needed = 0          # RESOURCE_EXHAUSTED from placement: the KV blocks that did not fit
 
 
 @dataclasses.dataclass
@@ -84,9 +85,7 @@ class Dispatcher:
                     if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= waited_until \
                             or self._timeout(rr) <= self.queue_poll_s:
                         raise
-                    pool = self.registry.instances(role)
-                    self.demand[rr.request_id] = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size)) \
-                        if pool else 0
+                    self.demand[rr.request_id] = e.blocks_needed
                 await asyncio.sleep(self.queue_poll_s)
         finally:
             self.demand.pop(rr.request_id, None)
@@ -133,8 +132,10 @@ class Dispatcher:
         needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
         chosen = pick(pool, needed, self.ledger)
         if chosen is None:
-            raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"every {what} instance is full ({needed} KV blocks needed); retry later")
+            error = RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"every {what} instance is full ({needed} KV blocks needed); retry later")
+            error.blocks_needed = needed
+            raise error
         return chosen, needed
 
     # ---- disaggregated ----------------------------------------------------------------------

@@ -202,8 +202,8 @@ class EngineThread:
         queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running if r.num_output_tokens == 0)
         kv = engine.kv
         high = [r for r in sched.running if r.priority > 0]
-        head = sched.policy.admission_order(sched.waiting)[:1] if sched.waiting else []
-        head_blocks = kv.blocks_needed(head[0].request_id, head[0].num_tokens + 1) if head else 0
+        head = min(sched.waiting, key=sched.policy.key, default=None)     # the next one admission takes
+        head_blocks = kv.blocks_needed(head.request_id, head.num_tokens + 1) if head else 0
         self.load = EngineLoad(kv.num_blocks, kv.num_free_blocks, len(sched.running), len(sched.waiting),
                                queued, self._step_ms, self._prefill_rate, len(high),
                                sum(len(kv.block_table(r.request_id)) for r in high), head_blocks, len(sched.paused))

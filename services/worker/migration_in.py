@@ -88,10 +88,22 @@ class MigrationTargets:
             return sum(len(m.block_ids) for m in self._migrations.values() if m.state == "pending")
 
     # ---- asyncio loop -----------------------------------------------------------------------
+    async def _shielded(self, coro):
+        """Run `coro` to its end even if the caller (an RPC) is cancelled: a reservation made or
+        freed half-way would otherwise be lost track of. What it leaves pending, its lease frees."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
     async def stage(self, request_id: str, stage: int, num_tokens: int, *, prompt=None, params=None, priority=0,
                     source_instance_id: str = "", lease_ms: int = 10_000) -> int:
         """Reserve (stage 0) or grow the reservation to cover `num_tokens` positions and expect the
         stage's transfer. Returns the blocks reserved. Raises MigrationRefused."""
+        return await self._shielded(self._stage(request_id, stage, num_tokens, prompt, params, priority,
+                                                source_instance_id, lease_ms))
+
+    async def _stage(self, request_id, stage, num_tokens, prompt, params, priority, source_instance_id, lease_ms):
         if stage == 0:
             m = await self._open(request_id, prompt, params, priority, source_instance_id, lease_ms, num_tokens)
         else:
@@ -102,7 +114,8 @@ class MigrationTargets:
                                        f"here (its reservation expired or was cancelled); start again at stage 0")
             if -(-num_tokens // self.block_size) > len(m.block_ids):
                 try:
-                    table = await asyncio.to_thread(self.et.call, lambda e: e.extend_reservation(request_id, num_tokens))
+                    table = await asyncio.to_thread(self.et.call, lambda e: e.extend_reservation(request_id, num_tokens),
+                                                    None)     # no timeout: a call that ran late would be lost
                 except RuntimeError as e:
                     raise MigrationRefused("RESOURCE_EXHAUSTED", "dest_oom", str(e)) from e
                 except (ValueError, EngineDeadError) as e:
@@ -137,7 +150,7 @@ class MigrationTargets:
                                    f"below the {self.watermark_blocks}-block watermark")
             return engine.reserve(request_id, num_tokens)
         try:
-            table = await asyncio.to_thread(self.et.call, reserve)
+            table = await asyncio.to_thread(self.et.call, reserve, None)
         except BaseException as e:
             with self._lock:
                 self._migrations.pop(request_id, None)
@@ -154,6 +167,9 @@ class MigrationTargets:
 
     async def cancel(self, request_id: str, reason: str) -> bool:
         """Free a pending migration's reservation (the source gave up). False if none is pending."""
+        return await self._shielded(self._cancel(request_id, reason))
+
+    async def _cancel(self, request_id: str, reason: str) -> bool:
         with self._lock:
             m = self._migrations.get(request_id)
             if m is None or m.state != "pending":
@@ -200,7 +216,7 @@ class MigrationTargets:
 
     def _expire(self, m: IncomingMigration) -> None:
         if m.state == "pending" and time.monotonic() >= m.deadline:
-            task = m.loop.create_task(self.cancel(m.request_id, "lease expired: the source stopped calling"))
+            task = m.loop.create_task(self._cancel(m.request_id, "lease expired: the source stopped calling"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -83,6 +83,7 @@ class MigrationSources:
         self.block_size, self.config = block_size, config
         self.active: dict[str, str] = {}            # request_id → destination instance
         self.moved: dict[str, Moved] = {}           # request_id → where it went (recent)
+        self._running: set[asyncio.Task] = set()    # the loop holds tasks weakly
         self.on_event: Callable[..., None] = lambda event, **kw: None   # metrics hook
 
     def __len__(self) -> int:
@@ -134,12 +135,19 @@ class MigrationSources:
             raise MigrationError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"request {rid!r} has not produced its first token yet; migrate it later")
         self.active[rid] = request.destination_instance_id
-        run = _Run(self, rid, first, request)
         self.on_event("started", reason=request.reason or "manual")
+        # Shielded: a caller that goes away (Migrate deadline, router stopping) must not leave the
+        # request paused here or half-copied there; the migration commits or aborts on its own.
+        task = asyncio.ensure_future(self._run(_Run(self, rid, first, request)))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return await asyncio.shield(task)
+
+    async def _run(self, run: "_Run") -> worker_pb2.MigrateResponse:
         try:
             return await run.execute()
         finally:
-            del self.active[rid]
+            del self.active[run.rid]
             self._prune()
 
     def _prune(self) -> None:
