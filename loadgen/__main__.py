@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import os
 import sys
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tpot-slo", type=float, help="seconds")
     r.add_argument("--max-concurrency", type=int, help="cap on requests in flight (default: none, open loop)")
     r.add_argument("--request-timeout", type=float, default=600.0)
+    r.add_argument("--warmup", type=int, default=0,
+                   help="send the workload's first N requests one at a time before measuring (not recorded); "
+                        "a failed warm-up request stops the run")
     r.add_argument("--search-goodput", action="store_true",
                    help="bisect over rates for the highest meeting --attainment of both SLOs")
     r.add_argument("--attainment", type=float, default=0.9)
@@ -72,6 +76,12 @@ async def _run(args) -> tuple[dict, list]:
             print(f"loadgen: the target does not state its vocabulary; using {FALLBACK_VOCAB} (--vocab-size)",
                   file=sys.stderr)
             vocab = FALLBACK_VOCAB
+        if args.warmup < 0:
+            raise WorkloadError(f"--warmup must be >= 0, got {args.warmup}")
+        if args.warmup:
+            # Another seed: the same lengths with other tokens, so no prompt of the run is cached by it.
+            warm = build_workload(dataclasses.replace(_config(args, vocab, args.rate), seed=args.seed + 1_000_003))
+            await _warm_up(target, warm, args.warmup)
 
         async def measure(rate):
             workload = build_workload(_config(args, vocab, rate))
@@ -89,6 +99,18 @@ async def _run(args) -> tuple[dict, list]:
         report = rep.build_report(target=target.describe(), workload=workload.describe(), seed=args.seed,
                                   summary=summary, options=options, search=search)
         return report, results
+
+
+async def _warm_up(target, workload, n: int) -> None:
+    """Send the first ``n`` requests of ``workload`` one after another and drop their timings, so
+    one-off costs (first kernels, connection set-up, caches) stay out of the measured runs."""
+    for spec in workload.requests[:n]:
+        try:
+            async for _ in target.stream(workload.prompt(spec), spec.output_tokens):
+                pass
+        except Exception as e:
+            raise WorkloadError(f"warm-up request failed: {e}; is the target serving?") from e
+    print(f"loadgen: warmed up with {min(n, len(workload.requests))} requests", file=sys.stderr)
 
 
 async def _search(args, measure):

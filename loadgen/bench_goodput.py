@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--search-steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=4, help="unrecorded requests sent to each system first")
     p.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--out-dir", default="bench-goodput")
@@ -48,7 +49,7 @@ def _loadgen_run(args, name: str, target: str, extra: list[str] = ()) -> str:
     cmd = [sys.executable, "-m", "loadgen", "run", "--target", target, "--trace", args.trace,
            "--max-requests", str(args.max_requests), "--max-input-tokens", str(args.max_input_tokens),
            "--max-output-tokens", str(args.max_output_tokens), "--rate", str(args.rate), "--seed", str(args.seed),
-           "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo), "--attainment", str(args.attainment),
+           "--warmup", str(args.warmup), "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo), "--attainment", str(args.attainment),
            "--search-goodput", "--search-steps", str(args.search_steps), "--out", out,
            "--csv", os.path.join(args.out_dir, f"{name}.csv"), "--plot", os.path.join(args.out_dir, f"{name}.png"),
            *extra]

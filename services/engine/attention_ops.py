@@ -8,8 +8,9 @@ executable: the `ninja` pip package provides one and is put on PATH here if it i
 
 Env:
   TANDEM_DISABLE_KERNELS=1   never build/load the kernel; always use the reference path.
-  TANDEM_KERNEL_CACHE=DIR    build directory (default ~/.cache/tandem/kernels/<torch version>/<cpu tag>;
-                             the CPU tag keeps -march=native builds from being shared across CPU types).
+  TANDEM_KERNEL_CACHE=DIR    build directory (default ~/.cache/tandem/kernels/<torch version>/<cpu tag>-<checkout>;
+                             the CPU tag keeps -march=native builds from being shared across CPU types,
+                             the checkout tag keeps two checkouts from rebuilding each other's module).
 """
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ def kernel_build_dir() -> Path:
     env = os.environ.get("TANDEM_KERNEL_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "tandem" / "kernels" / torch.__version__ / _cpu_tag()
+    # The checkout's path is part of the key: torch's build.ninja names its sources by absolute
+    # path, so two checkouts sharing one directory would rebuild each other's module every load.
+    here = hashlib.sha1(str(_SOURCES[0].parent).encode()).hexdigest()[:8]
+    return Path.home() / ".cache" / "tandem" / "kernels" / torch.__version__ / f"{_cpu_tag()}-{here}"
 
 
 def _kernels_disabled() -> bool:

@@ -100,6 +100,11 @@ class Worker:
             max_num_seqs=opts.max_num_seqs, role=self.role, num_threads=opts.threads or None,
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len)
         cfg = self.engine.config
+        if cfg.device == "cpu" and self.role != Role.PREFILL:
+            # Build or load the decode-attention kernel now, before serving: built lazily, the first
+            # decode step would stall every request behind a compile (~20-40 s on a fresh cache).
+            from services.engine.attention_ops import load_kernels
+            load_kernels()
         self.layout = KVLayout.of(self.engine.runner.kv, cfg.model.model_id)
         self.engine_thread = EngineThread(self.engine, name=f"engine-{self.instance_id}")
         self.engine_thread.on_step = worker_metrics.step_observer(self.instance_id, opts.role)
