@@ -1,7 +1,10 @@
-"""KV transport: moves a request's KV blocks from a prefill worker to a decode worker.
+"""KV transport: moves a request's KV blocks between workers (prefill→decode, decode→decode).
 
-``make_sender``/``make_receiver`` build a backend by name; only ``tcp`` exists so far (``nccl`` and
-``cuda_ipc`` come later). Importing this package needs nothing GPU.
+``make_sender``/``make_receiver`` take this side's ``--kv-transport`` setting: ``auto``, ``tcp``,
+``nccl`` or ``cuda_ipc``. Every connection shares one control plane (control_plane.py) and runs
+the transport both sides agree on (selection.py: ``auto`` picks cuda_ipc on one GPU, nccl
+between GPUs, tcp otherwise; two different explicit settings are refused at the handshake).
+Importing this package, and any CPU cache, never touches CUDA or imports CuPy.
 """
 from __future__ import annotations
 
@@ -9,29 +12,24 @@ import torch
 
 from .base import (KVHandshakeError, KVLayout, KVReceiver, KVSender, KVTransportError, OutgoingTransfer,
                    TransferStats)
-from .tcp import TcpReceiver, TcpSender
-
-TRANSPORTS = ("tcp",)
+from .control_plane import ControlReceiver, ControlSender
+from .selection import SETTINGS, TRANSPORTS, check_setting
 
 __all__ = ["KVHandshakeError", "KVLayout", "KVReceiver", "KVSender", "KVTransportError", "OutgoingTransfer",
-           "TransferStats", "TRANSPORTS", "make_receiver", "make_sender"]
+           "SETTINGS", "TransferStats", "TRANSPORTS", "make_receiver", "make_sender"]
 
 
-def _check(transport: str) -> None:
-    if transport not in TRANSPORTS:
-        raise ValueError(f"unknown KV transport {transport!r}; known: {', '.join(TRANSPORTS)}")
+def make_sender(setting: str, layout: KVLayout, *, timeout_s: float = 30.0) -> KVSender:
+    """The sending side for this worker's ``--kv-transport`` ``setting``. Raises ValueError for
+    an unknown setting."""
+    check_setting(setting)
+    return ControlSender(layout, timeout_s=timeout_s, setting=setting)
 
 
-def make_sender(transport: str, layout: KVLayout, *, timeout_s: float = 30.0) -> KVSender:
-    """The prefill-side sender of ``transport``. Raises ValueError for an unknown name."""
-    _check(transport)
-    return TcpSender(layout, timeout_s=timeout_s)
-
-
-def make_receiver(transport: str, layout: KVLayout, kv: torch.Tensor, host: str = "127.0.0.1", port: int = 0,
+def make_receiver(setting: str, layout: KVLayout, kv: torch.Tensor, host: str = "127.0.0.1", port: int = 0,
                   *, timeout_s: float = 30.0) -> KVReceiver:
-    """The decode-side receiver of ``transport``, listening on ``host:port`` (0: any free port) and
-    writing into ``kv``. Raises ValueError for an unknown name or a ``kv`` that does not match
+    """The receiving side for ``setting``, listening on ``host:port`` (0: any free port) and
+    writing into ``kv``. Raises ValueError for an unknown setting or a ``kv`` that does not match
     ``layout``; OSError if the address cannot be bound."""
-    _check(transport)
-    return TcpReceiver(layout, kv, host, port, timeout_s=timeout_s)
+    check_setting(setting)
+    return ControlReceiver(layout, kv, host, port, timeout_s=timeout_s, setting=setting)

@@ -1,4 +1,4 @@
-"""Wire format of the tcp KV transport and blocking socket helpers.
+"""Wire format of the KV control plane (every transport's socket) and blocking socket helpers.
 
 Every frame is a fixed 40-byte little-endian header, then ``rid_len`` bytes of request id (UTF-8),
 ``text_len`` bytes of text (JSON or a message) and ``payload_nbytes`` bytes of KV payload::
@@ -7,7 +7,11 @@ Every frame is a fixed 40-byte little-endian header, then ``rid_len`` bytes of r
     | first_index u32 | num_blocks u32 | text_len u32 | num_tokens u64 | payload_nbytes u64
 
 A DATA payload is the concatenation of ``kv[b, layer_start:layer_end]`` for its ``num_blocks``
-blocks, in order. Sockets are in timeout mode, so every send and receive below raises
+blocks, in order; ``payload_nbytes`` counts it whichever way it travels, but only the ``tcp``
+transport sends it on the socket (``nccl`` sends it through NCCL, ``cuda_ipc`` does not send it:
+its text names the sender's block ids). A connection opens with HELLO → HELLO_OK/HELLO_ERR, where
+both sides state their layout and endpoint (selection.py) and the receiver names the transport;
+``nccl`` and ``cuda_ipc`` then exchange SETUP → SETUP_OK/SETUP_ERR. Sockets are in timeout mode, so every send and receive below raises
 ``TimeoutError`` (an ``OSError``) when the peer stalls for longer than the socket's timeout.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import NamedTuple
 
 from .base import KVLayout
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"TK"
 SOCKET_BUFFER_BYTES = 4 << 20
 _IOV_MAX = 1024                     # buffers per sendmsg call (Linux UIO_MAXIOV)
@@ -31,14 +35,17 @@ HEADER_SIZE = _HEADER.size
 
 
 class FrameType(enum.IntEnum):
-    HELLO = 1        # text: {"protocol": int, "layout": KVLayout fields}
-    HELLO_OK = 2
+    HELLO = 1        # text: {"protocol": int, "layout": KVLayout fields, "endpoint": Endpoint fields}
+    HELLO_OK = 2     # text: as HELLO, plus "transport": the transport the receiver chose
     HELLO_ERR = 3    # text: why the receiver refused
     DATA = 4         # rid, first_index, num_blocks, layer_start, layer_end, payload
     COMMIT = 5       # rid, num_tokens, text: meta JSON
     ACK = 6          # rid
     NACK = 7         # rid, text: reason
     ABORT = 8        # rid, text: reason
+    SETUP = 9        # text: the transport's set-up (nccl: unique id; cuda_ipc: the exported cache)
+    SETUP_OK = 10
+    SETUP_ERR = 11   # text: why the receiver could not set the transport up
 
 
 class Header(NamedTuple):
@@ -149,19 +156,32 @@ def recv_frame(sock: socket.socket) -> tuple[Header, str, str]:
     return header, body[:header.rid_len].decode(), body[header.rid_len:].decode()
 
 
-def hello_text(layout: KVLayout) -> str:
-    """Text of a HELLO (sender) or HELLO_OK (receiver): protocol version and layout."""
-    return json.dumps({"protocol": PROTOCOL_VERSION, "layout": dataclasses.asdict(layout)})
+def hello_text(layout: KVLayout, endpoint: dict, transport: str | None = None) -> str:
+    """Text of a HELLO (sender) or HELLO_OK (receiver, with the chosen ``transport``)."""
+    hello = {"protocol": PROTOCOL_VERSION, "layout": dataclasses.asdict(layout), "endpoint": endpoint}
+    if transport is not None:
+        hello["transport"] = transport
+    return json.dumps(hello)
 
 
-def hello_problem(layout: KVLayout, text: str, here: str, there: str) -> str | None:
-    """Why the peer's HELLO text is incompatible with ``layout`` (labelled ``here``), or None.
-    Raises ProtocolError when the text is not a HELLO."""
+def parse_hello(text: str) -> dict:
+    """The HELLO/HELLO_OK fields. Raises ProtocolError when the text is not one."""
     try:
         hello = json.loads(text)
-        if hello["protocol"] != PROTOCOL_VERSION:
-            return (f"protocol version differs: {PROTOCOL_VERSION} {here}, {hello['protocol']} {there}; "
-                    f"run the same Tandem version on both")
+        if not isinstance(hello, dict) or "protocol" not in hello:
+            raise ValueError("no protocol version")
+        return hello
+    except ValueError as e:
+        raise ProtocolError(f"malformed HELLO: {e}") from e
+
+
+def hello_problem(layout: KVLayout, hello: dict, here: str, there: str) -> str | None:
+    """Why the peer's HELLO fields are incompatible with ``layout`` (labelled ``here``), or None.
+    Raises ProtocolError when the fields are malformed."""
+    if hello["protocol"] != PROTOCOL_VERSION:
+        return (f"protocol version differs: {PROTOCOL_VERSION} {here}, {hello['protocol']} {there}; "
+                f"run the same Tandem version on both")
+    try:
         return layout.mismatch(KVLayout(**hello["layout"]), here=here, there=there)
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ProtocolError(f"malformed HELLO: {e}") from e

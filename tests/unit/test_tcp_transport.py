@@ -16,7 +16,7 @@ import torch
 
 from services.transport import (KVHandshakeError, KVLayout, KVTransportError, TRANSPORTS, make_receiver,
                                 make_sender)
-from services.transport.framing import FrameType, encode, recv_frame
+from services.transport.framing import PROTOCOL_VERSION, FrameType, encode, recv_frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,7 +122,7 @@ def test_handshake_refuses_another_protocol_version(pair):
         sock.sendall(encode(FrameType.HELLO, text=hello))
         header, _, text = recv_frame(sock)
     assert header.ftype == FrameType.HELLO_ERR
-    assert "protocol version differs: 1 on the receiver" in text and "99 on the sender" in text
+    assert f"protocol version differs: {PROTOCOL_VERSION} on the receiver" in text and "99 on the sender" in text
 
 
 def test_commit_of_unknown_or_forgotten_request_is_refused(pair):
@@ -149,7 +149,7 @@ def test_on_commit_reason_is_a_nack(pair):
         transfer.commit(16, {}, timeout=10)
     assert receiver.stats() == {"bytes_received": LAYERS * KVLayout.of(src, "tiny").bytes_per_block_layer,
                                 "bytes_discarded": 0,
-                                "transfers_committed": 0, "transfers_refused": 1}
+                                "transfers_committed": 0, "transfers_refused": 1, "connections_tcp": 1}
 
 
 def test_forget_while_data_flows_stops_every_write(pair):
@@ -312,10 +312,10 @@ def test_bad_arguments(pair):
     transfer.abort()
 
 
-def test_unknown_transport_name_lists_the_known_ones():
+def test_unknown_transport_setting_names_the_flag_and_the_known_ones():
     kv = make_kv()
-    with pytest.raises(ValueError, match="tcp"):
+    with pytest.raises(ValueError, match=r"--kv-transport 'rdma' is not one of auto, tcp, nccl, cuda_ipc"):
         make_sender("rdma", KVLayout.of(kv, "m"))
-    with pytest.raises(ValueError, match="known: tcp"):
-        make_receiver("nccl", KVLayout.of(kv, "m"), kv)
-    assert TRANSPORTS == ("tcp",)
+    with pytest.raises(ValueError, match="--kv-transport 'NCCL'"):
+        make_receiver("NCCL", KVLayout.of(kv, "m"), kv)
+    assert TRANSPORTS == ("tcp", "nccl", "cuda_ipc")

@@ -1,11 +1,16 @@
-"""The ``tcp`` KV transport: framed raw sockets, zero-copy on both ends (wire format in framing.py).
+"""The KV control plane: framed sockets shared by every transport (wire format in framing.py).
 
-Sender: one pooled connection per receiver address. ``push`` only queues memoryviews of the
-cache's memory; the connection's writer thread hands them to ``sendmsg`` as they are (no copy),
-and its reader thread matches ACK/NACK frames to committing transfers by request id. Receiver: a
-thread per accepted connection reads frames in order and ``recv_into``s each block straight into
-``kv[dst_block_ids[i], layer_start:layer_end]``; ``on_commit`` callbacks run on a small pool so a
-slow callback does not stall the connection.
+Sender: one pooled connection per receiver address, i.e. per pair of instances. Its HELLO states
+the layout and this side's endpoint; the receiver picks the transport (selection.py) and the
+connection gets the matching payload path (paths.py: ``tcp`` inline and zero-copy, ``nccl``,
+``cuda_ipc``), set up once through a SETUP frame. ``push`` only stages (memoryviews of the cache,
+or a compute-stream marker); the connection's writer thread emits each frame's payload and
+header in push order, and its reader thread matches ACK/NACK frames to committing transfers by
+request id. Receiver: a thread per accepted connection reads frames in order and hands each
+DATA frame to the connection's receive path, which writes ``kv[dst_block_ids[i], l0:l1]``;
+``on_commit`` callbacks run on a small pool so a slow callback does not stall the connection.
+Any failure (socket, path, watchdog) fails the connection and every transfer on it; the next
+``open`` to that address reconnects with a fresh path.
 """
 from __future__ import annotations
 
@@ -23,38 +28,60 @@ import torch
 
 from .base import (KVHandshakeError, KVLayout, KVReceiver, KVSender, KVTransportError, OutgoingTransfer,
                    TransferStats)
-from .framing import (FrameType, Header, ProtocolError, discard, encode, hello_problem, hello_text, recv_buffers,
+from .framing import (FrameType, Header, ProtocolError, encode, hello_problem, hello_text, parse_hello,
                       recv_frame, send_buffers, tune, wait_readable)
+from .paths import ReceivePath, SendPath, TcpReceivePath, TcpSendPath
+from .selection import Endpoint, TransportMismatch, local_endpoint, resolve
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 OnCommit = Callable[[str, int, dict], "str | None"]
 
 
-def _cache_bytes(kv: torch.Tensor, layout: KVLayout) -> memoryview:
-    """A flat uint8 view of the whole cache (shares its memory). Raises ValueError if ``kv`` does
-    not match ``layout`` or is not a contiguous CPU tensor."""
+def _check_kv(kv: torch.Tensor, layout: KVLayout) -> None:
+    """Raises ValueError if ``kv`` does not match ``layout`` or is not contiguous."""
     if KVLayout.of(kv, layout.model_id) != layout:
         raise ValueError(f"kv {tuple(kv.shape)} {kv.dtype} does not match the transport's {layout}")
-    if kv.device.type != "cpu" or not kv.is_contiguous():
-        raise ValueError("the tcp transport needs a contiguous CPU kv tensor")
-    return memoryview(kv.view(-1).view(torch.uint8).numpy())   # bf16 has no numpy dtype: bytes
+    if not kv.is_contiguous():
+        raise ValueError("the KV transport needs a contiguous kv tensor")
 
 
-def _block_slice(layout: KVLayout, block: int, layer_start: int, layer_end: int) -> slice:
-    """Byte range of ``kv[block, layer_start:layer_end]`` in the flat cache."""
-    start = (block * layout.num_layers + layer_start) * layout.bytes_per_block_layer
-    return slice(start, start + (layer_end - layer_start) * layout.bytes_per_block_layer)
+def _send_path(transport: str, kv: torch.Tensor, layout: KVLayout, timeout_s: float, watchdog: Watchdog,
+               on_broken) -> SendPath:
+    if transport == "tcp":
+        return TcpSendPath(kv, layout)
+    if transport == "nccl":
+        from .nccl_path import NcclSendPath          # imports CuPy: only for a pair that chose nccl
+        return NcclSendPath(kv, layout, timeout_s, watchdog, on_broken)
+    from .cuda_ipc import IpcSendPath
+    return IpcSendPath(kv, layout)
+
+
+def _receive_path(transport: str, kv: torch.Tensor, layout: KVLayout, timeout_s: float) -> ReceivePath:
+    if transport == "tcp":
+        return TcpReceivePath(kv, layout)
+    if transport == "nccl":
+        from .nccl_path import NcclReceivePath
+        return NcclReceivePath(kv, layout, timeout_s)
+    from .cuda_ipc import IpcReceivePath
+    return IpcReceivePath(kv, layout)
 
 
 # ---------------------------------------------------------------------------------------- sender
 
-class TcpSender(KVSender):
-    """Prefill side of the tcp transport. Thread-safe."""
+class ControlSender(KVSender):
+    """Prefill (and migration source) side of every transport. Thread-safe.
 
-    def __init__(self, layout: KVLayout, *, timeout_s: float = 30.0):
+    ``setting`` is this side's --kv-transport (auto | tcp | nccl | cuda_ipc); each connection
+    runs the transport its handshake resolved.
+    """
+
+    def __init__(self, layout: KVLayout, *, timeout_s: float = 30.0, setting: str = "tcp"):
         self.layout = layout
         self.timeout_s = timeout_s
+        self.setting = setting
+        self._watchdog: Watchdog | None = None       # started by the first device path that needs one
         self._lock = threading.Lock()
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, threading.Lock] = {}     # one connect at a time per address
@@ -64,8 +91,8 @@ class TcpSender(KVSender):
     def open(self, request_id: str, address: str, kv: torch.Tensor) -> OutgoingTransfer:
         if self._closed:
             raise RuntimeError("open() on a closed KV sender")
-        cache = _cache_bytes(kv, self.layout)
-        transfer = _Transfer(self, self._connection(address), request_id, cache, kv.shape[0])
+        _check_kv(kv, self.layout)
+        transfer = _Transfer(self, self._connection(address, kv), request_id, kv.shape[0])
         transfer.conn.register(transfer)
         return transfer
 
@@ -73,14 +100,24 @@ class TcpSender(KVSender):
         with self._lock:
             self._closed = True
             conns, self._conns = list(self._conns.values()), {}
+            watchdog, self._watchdog = self._watchdog, None
         for conn in conns:
             conn.close("the sender was closed")
+        if watchdog is not None:
+            watchdog.close()
+
+    def watchdog(self) -> Watchdog:
+        """The sender's watchdog thread (started on first use)."""
+        with self._lock:
+            if self._watchdog is None:
+                self._watchdog = Watchdog(name="kv-send-watchdog")
+            return self._watchdog
 
     def stats(self) -> dict:
         with self._lock:
             return dict(self._totals, connections=len(self._conns))
 
-    def _connection(self, address: str) -> "_Connection":
+    def _connection(self, address: str, kv: torch.Tensor) -> "_Connection":
         """The live pooled connection to ``address``, connecting and handshaking if needed."""
         with self._lock:
             connecting = self._connecting.setdefault(address, threading.Lock())
@@ -88,7 +125,7 @@ class TcpSender(KVSender):
             with self._lock:
                 conn = self._conns.get(address)
             if conn is None or conn.error is not None:
-                conn = _Connection(address, self.layout, self.timeout_s, self)
+                conn = _Connection(address, self.layout, self.timeout_s, self, kv)
                 with self._lock:
                     self._conns[address] = conn
             return conn
@@ -107,44 +144,93 @@ class TcpSender(KVSender):
 
 class _Connection:
     """One connection to a receiver: a writer thread drains the frame queue, a reader thread
-    resolves committing transfers on ACK/NACK. Any socket error fails every pending transfer."""
+    resolves committing transfers on ACK/NACK. Any socket or path error fails every pending
+    transfer. ``path`` carries DATA payloads by the transport the handshake chose."""
 
-    def __init__(self, address: str, layout: KVLayout, timeout_s: float, sender: TcpSender):
+    def __init__(self, address: str, layout: KVLayout, timeout_s: float, sender: ControlSender, kv: torch.Tensor):
         self.address = address
         self.error: KVTransportError | None = None       # set once, when the connection fails
         self._sender = sender
         self._lock = threading.Lock()
         self._pending: dict[str, _Transfer] = {}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()   # (transfer | None, buffers, nbytes) | None
-        self.sock = self._connect(layout, timeout_s)
+        # items: (transfer | None, buffers, nbytes, data) | None; data = (staged, header fields) of a DATA frame
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.transport = ""
+        self.path: SendPath | None = None
+        self.sock = self._connect(layout, timeout_s, kv)
         self._writer = threading.Thread(target=self._write_loop, name=f"kv-send {address}", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name=f"kv-ack {address}", daemon=True)
         self._writer.start()
         self._reader.start()
 
-    def _connect(self, layout: KVLayout, timeout_s: float) -> socket.socket:
-        """Connect and handshake: both ends check the other's HELLO."""
+    def _connect(self, layout: KVLayout, timeout_s: float, kv: torch.Tensor) -> socket.socket:
+        """Connect and handshake (both ends check the other's HELLO; the receiver names the
+        transport, which this side re-derives), then set the payload path up."""
         host, _, port = self.address.rpartition(":")
+        ours = local_endpoint(self._sender.setting, kv)
         try:
             sock = socket.create_connection((host, int(port)), timeout=timeout_s)
         except (OSError, ValueError) as e:
             raise KVTransportError(f"cannot connect to the KV receiver at {self.address}: {e}; check that "
                                    f"the decode worker is up and this is its data-plane address") from e
+        there = f"on the receiver ({self.address})"
         try:
             tune(sock, timeout_s)
-            send_buffers(sock, [encode(FrameType.HELLO, text=hello_text(layout))])
+            send_buffers(sock, [encode(FrameType.HELLO, text=hello_text(layout, ours.to_dict()))])
             header, _, text = recv_frame(sock)
             if header.ftype == FrameType.HELLO_OK:
-                text = hello_problem(layout, text, "on the sender", f"on the receiver ({self.address})")
-            elif header.ftype != FrameType.HELLO_ERR:
+                hello = parse_hello(text)
+                problem = hello_problem(layout, hello, "on the sender", there)
+                if problem is None:
+                    problem = self._agree(ours, hello)
+            elif header.ftype == FrameType.HELLO_ERR:
+                problem = text
+            else:
                 raise ProtocolError(f"expected HELLO_OK or HELLO_ERR, got {header.ftype.name}")
-        except OSError as e:
+            if problem is None:
+                self._set_up_path(sock, kv, layout, timeout_s)
+        except KVHandshakeError:
             sock.close()
+            raise
+        except Exception as e:         # socket errors, a malformed reply, a path that failed to set up
+            sock.close()
+            if self.path is not None:
+                self.path.close()
             raise KVTransportError(f"KV handshake with {self.address} failed: {e}") from e
-        if text:
+        if problem:
             sock.close()
-            raise KVHandshakeError(f"KV handshake with the receiver at {self.address} refused: {text}")
+            raise KVHandshakeError(f"KV handshake with the receiver at {self.address} refused: {problem}")
         return sock
+
+    def _agree(self, ours: Endpoint, hello: dict) -> str | None:
+        """Check the receiver's transport choice against ours; None when they agree."""
+        try:
+            theirs = Endpoint.from_dict(hello["endpoint"])
+            self.transport = resolve(ours, theirs)
+        except TransportMismatch as e:
+            return str(e)
+        except (KeyError, ValueError) as e:
+            raise ProtocolError(f"malformed HELLO_OK: {e}") from e
+        if hello.get("transport") != self.transport:
+            return (f"the receiver chose transport {hello.get('transport')!r}, this side {self.transport!r}; "
+                    f"run the same Tandem version on both")
+        return None
+
+    def _set_up_path(self, sock: socket.socket, kv: torch.Tensor, layout: KVLayout, timeout_s: float) -> None:
+        """Build the send path and, when it needs one, run its SETUP exchange."""
+        watchdog = self._sender.watchdog() if self.transport == "nccl" else None
+        self.path = _send_path(self.transport, kv, layout, timeout_s, watchdog,
+                               on_broken=lambda reason: self._fail(reason))
+        offer = self.path.offer()
+        if offer is None:
+            return
+        send_buffers(sock, [encode(FrameType.SETUP, text=offer)])
+        self.path.join(timeout_s)
+        header, _, text = recv_frame(sock)
+        if header.ftype == FrameType.SETUP_ERR:
+            raise ConnectionError(f"the receiver could not set up {self.transport}: {text}")
+        if header.ftype != FrameType.SETUP_OK:
+            raise ProtocolError(f"expected SETUP_OK or SETUP_ERR, got {header.ftype.name}")
 
     def register(self, transfer: "_Transfer") -> None:
         """Track a new transfer. Raises KVTransportError if the connection has just failed,
@@ -164,10 +250,11 @@ class _Connection:
             del self._pending[transfer.request_id]
             return True
 
-    def send(self, transfer: "_Transfer | None", buffers: list, nbytes: int = 0) -> None:
-        """Queue one frame (header and payload buffers). Frames of an aborted ``transfer`` are
+    def send(self, transfer: "_Transfer | None", buffers: list, nbytes: int = 0, data: tuple | None = None) -> None:
+        """Queue one frame: prebuilt ``buffers``, or for a DATA frame ``data`` = (staged, header
+        fields), emitted by the path on the writer thread. Frames of an aborted ``transfer`` are
         dropped unsent; ``transfer=None`` frames are always sent."""
-        self._queue.put((transfer, buffers, nbytes))
+        self._queue.put((transfer, buffers, nbytes, data))
 
     def close(self, reason: str) -> None:
         """Fail pending transfers, close the socket and join both threads."""
@@ -176,15 +263,19 @@ class _Connection:
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            transfer, buffers, nbytes = item
+            transfer, buffers, nbytes, data = item
             if transfer is not None:
                 if transfer.aborted:
                     continue
                 if transfer.t_first is None:
                     transfer.t_first = time.perf_counter()
             try:
+                if data is not None:
+                    staged, fields = data
+                    payload, text = self.path.emit(staged)
+                    buffers = [encode(FrameType.DATA, transfer.request_id, text, **fields), *payload]
                 send_buffers(self.sock, buffers)
-            except OSError as e:
+            except Exception as e:        # socket errors; a device path's CUDA/NCCL error
                 self._fail(f"send failed: {e}")
                 return
             if nbytes:
@@ -208,6 +299,8 @@ class _Connection:
         finally:
             self._writer.join()
             self.sock.close()
+            if self.path is not None:
+                self.path.close()
 
     def _fail(self, reason: str) -> None:
         """Mark the connection dead (once), drop it from the pool, wake both threads and fail
@@ -231,15 +324,13 @@ class _Connection:
 class _Transfer(OutgoingTransfer):
     """One request's frames on a pooled connection."""
 
-    def __init__(self, sender: TcpSender, conn: _Connection, request_id: str, cache: memoryview,
-                 num_blocks: int):
+    def __init__(self, sender: ControlSender, conn: _Connection, request_id: str, num_blocks: int):
         self.request_id = request_id
         self.conn = conn
         self.aborted = False                 # read by the writer: drop this transfer's queued frames
         self.t_first: float | None = None    # set by the writer when it sends this transfer's first frame
         self._sender = sender
         self._layout = sender.layout
-        self._cache = cache                  # flat bytes of the sender's kv
         self._num_blocks = num_blocks
         self._state = "open"                 # open -> committing -> done
         self._done = threading.Event()
@@ -261,13 +352,13 @@ class _Transfer(OutgoingTransfer):
                              f"(blocks 0..{num_blocks - 1})")
         if not src_block_ids:
             return
-        views = [self._cache[_block_slice(self._layout, b, layer_start, layer_end)] for b in src_block_ids]
-        nbytes = len(views) * len(views[0])
-        head = encode(FrameType.DATA, self.request_id, first_index=first_index, num_blocks=len(views),
-                      layer_start=layer_start, layer_end=layer_end, payload_nbytes=nbytes)
+        nbytes = len(src_block_ids) * (layer_end - layer_start) * self._layout.bytes_per_block_layer
+        staged = self.conn.path.stage(list(src_block_ids), layer_start, layer_end)
+        fields = dict(first_index=first_index, num_blocks=len(src_block_ids), layer_start=layer_start,
+                      layer_end=layer_end, payload_nbytes=nbytes)
         self._bytes += nbytes
         self._frames += 1
-        self.conn.send(self, [head, *views], nbytes)
+        self.conn.send(self, [], nbytes, data=(staged, fields))
 
     def commit(self, num_tokens: int, meta: dict, timeout: float) -> TransferStats:
         if self._state != "open":
@@ -321,14 +412,17 @@ class _Expected:
     error: str | None = None     # a bad frame was seen; the commit will be refused with this
 
 
-class TcpReceiver(KVReceiver):
-    """Decode side of the tcp transport: a listening socket, a thread per connection."""
+class ControlReceiver(KVReceiver):
+    """Decode (and migration destination) side of every transport: a listening socket, a thread
+    per connection, each connection with the payload path its handshake chose."""
 
     def __init__(self, layout: KVLayout, kv: torch.Tensor, host: str = "127.0.0.1", port: int = 0, *,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, setting: str = "tcp"):
         self.layout = layout
         self.timeout_s = timeout_s
-        self._cache = _cache_bytes(kv, layout)
+        _check_kv(kv, layout)
+        self._kv = kv
+        self.endpoint = local_endpoint(setting, kv)
         self._num_blocks = kv.shape[0]
         self._lock = threading.Lock()
         self._requests: dict[str, _Expected] = {}
@@ -409,20 +503,21 @@ class TcpReceiver(KVReceiver):
                     log.info("could not send %s for %r: %s", ftype.name, rid, e)
 
         scratch = memoryview(bytearray(1 << 20))
+        path = None
         try:
-            if self._handshake(sock, reply):
-                while True:
-                    wait_readable(sock)
-                    header, rid, text = recv_frame(sock)
-                    if header.ftype == FrameType.DATA:
-                        self._on_data(sock, header, rid, scratch)
-                    elif header.ftype == FrameType.COMMIT:
-                        self._on_commit(rid, header.num_tokens, text, reply)
-                    elif header.ftype == FrameType.ABORT:
-                        self.forget(rid)
-                    else:
-                        raise ProtocolError(f"unexpected {header.ftype.name} frame from a sender")
-        except (OSError, ValueError) as e:     # peer gone, timeout, protocol error, close()
+            path = self._handshake(sock, reply)
+            while path is not None:
+                wait_readable(sock)
+                header, rid, text = recv_frame(sock)
+                if header.ftype == FrameType.DATA:
+                    self._on_data(sock, path, header, rid, text, scratch)
+                elif header.ftype == FrameType.COMMIT:
+                    self._on_commit(rid, header.num_tokens, text, reply)
+                elif header.ftype == FrameType.ABORT:
+                    self.forget(rid)
+                else:
+                    raise ProtocolError(f"unexpected {header.ftype.name} frame from a sender")
+        except Exception as e:     # peer gone, timeout, protocol error, a device path's failure, close()
             if not self._closed:
                 log.info("KV connection to %s closed: %s", self.address, e)
         finally:
@@ -430,34 +525,65 @@ class TcpReceiver(KVReceiver):
                 self._conns.pop(sock, None)
             with send_lock:
                 sock.close()
+            if path is not None:
+                path.close()
 
-    def _handshake(self, sock: socket.socket, reply: Callable) -> bool:
-        """Check the sender's HELLO; answer HELLO_OK (True) or HELLO_ERR (False)."""
+    def _handshake(self, sock: socket.socket, reply: Callable) -> ReceivePath | None:
+        """Check the sender's HELLO and pick the transport; answer HELLO_OK or HELLO_ERR; then set
+        the payload path up (SETUP) when the transport needs it. The path, or None if refused."""
         header, _, text = recv_frame(sock)
         if header.ftype != FrameType.HELLO:
             raise ProtocolError(f"expected HELLO, got {header.ftype.name}")
-        problem = hello_problem(self.layout, text, f"on the receiver ({self.address})", "on the sender")
-        reply(FrameType.HELLO_ERR if problem else FrameType.HELLO_OK, text=problem or hello_text(self.layout))
-        return problem is None
+        hello = parse_hello(text)
+        problem = hello_problem(self.layout, hello, f"on the receiver ({self.address})", "on the sender")
+        transport = None
+        if problem is None:
+            try:
+                transport = resolve(Endpoint.from_dict(hello.get("endpoint") or {}), self.endpoint)
+            except TransportMismatch as e:
+                problem = str(e)
+            except ValueError as e:
+                raise ProtocolError(f"malformed HELLO: {e}") from e
+        if problem:
+            reply(FrameType.HELLO_ERR, text=problem)
+            return None
+        reply(FrameType.HELLO_OK, text=hello_text(self.layout, self.endpoint.to_dict(), transport))
+        path = _receive_path(transport, self._kv, self.layout, self.timeout_s)
+        if transport != "tcp":
+            header, _, text = recv_frame(sock)
+            if header.ftype != FrameType.SETUP:
+                path.close()
+                raise ProtocolError(f"expected SETUP, got {header.ftype.name}")
+            try:
+                path.accept(text)
+            except Exception as e:       # a malformed offer, an NCCL init or IPC mapping that failed
+                path.close()
+                reply(FrameType.SETUP_ERR, text=f"{transport} set-up failed on the receiver: {e}")
+                return None
+            reply(FrameType.SETUP_OK)
+        key = f"connections_{transport}"             # handshakes completed per transport
+        with self._lock:
+            self._stats[key] = self._stats.get(key, 0) + 1
+        return path
 
-    def _on_data(self, sock: socket.socket, header: Header, rid: str, scratch: memoryview) -> None:
+    def _on_data(self, sock: socket.socket, path: ReceivePath, header: Header, rid: str, text: str,
+                 scratch: memoryview) -> None:
         with self._lock:
             entry = self._requests.get(rid)
         nbytes = header.payload_nbytes
         if entry is None:
-            discard(sock, nbytes, scratch)
+            path.receive(sock, header, text, None, scratch)
             self._count(bytes_discarded=nbytes)
             return
         with entry.lock:
             if entry.active and entry.error is None:
                 entry.error = self._check_data(header, entry)
             if not entry.active or entry.error:        # forgotten, or refused at commit anyway
-                discard(sock, nbytes, scratch)
+                path.receive(sock, header, text, None, scratch)
                 self._count(bytes_discarded=nbytes)
                 return
             dst = entry.dst_block_ids[header.first_index:header.first_index + header.num_blocks]
-            recv_buffers(sock, [self._cache[_block_slice(self.layout, b, header.layer_start, header.layer_end)]
-                                for b in dst])
+            path.receive(sock, header, text, dst, scratch)
         self._count(bytes_received=nbytes)
 
     def _check_data(self, h: Header, entry: _Expected) -> str | None:
