@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--search-goodput", action="store_true",
                    help="bisect over rates for the highest meeting --attainment of both SLOs")
     r.add_argument("--attainment", type=float, default=0.9)
-    r.add_argument("--search-steps", type=int, default=5)
+    r.add_argument("--search-steps", type=int, default=5, help="bisection steps once the rate is bracketed")
+    r.add_argument("--bracket-steps", type=int, default=6,
+                   help="doublings (or halvings) of --rate at most while looking for a bracket")
     r.add_argument("--out", required=True, help="report JSON")
     r.add_argument("--csv", help="per-request CSV")
     r.add_argument("--plot", help="PNG of latency CDFs (and with --search-goodput, <name>_search.png)")
@@ -132,14 +134,14 @@ async def _search(args, measure):
     lo, hi = None, None
     if await passes(start):
         lo = start
-        for _ in range(args.search_steps):
+        for _ in range(args.bracket_steps):
             if not await passes(lo * 2):
                 hi = lo * 2
                 break
             lo *= 2
     else:
         hi = start
-        for _ in range(args.search_steps):
+        for _ in range(args.bracket_steps):
             if await passes(hi / 2):
                 lo = hi / 2
                 break

@@ -23,3 +23,8 @@ def test_bench_goodput_tiny(tmp_path):
     compare = (out / "compare.txt").read_text()
     assert compare.startswith("SLOs: TTFT <= 5.0 s, TPOT <= 1.0 s") and "goodput_requests_s" in compare
     assert (out / "compare_goodput.png").exists()
+
+
+def test_bench_goodput_refuses_an_unknown_system(tmp_path, capsys):
+    assert bench_goodput.main(["--systems", "colocated,sglang", "--out-dir", str(tmp_path)]) == 2
+    assert "--systems: unknown ['sglang']" in capsys.readouterr().err

@@ -112,3 +112,15 @@ def test_goodput_search_finds_known_capacity(tmp_path, capacity_sim):
     assert report["summary"]["completed"] == 40
     assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r_search.png").stat().st_size > 0
     assert (tmp_path / "r.csv").read_text().count("\n") == 41
+
+
+def test_goodput_search_that_runs_out_of_bracket_steps_reports_a_lower_bound(tmp_path, capacity_sim):
+    out = tmp_path / "r.json"
+    rc = main(["run", "--target", "sim:one-slot", "--trace", "synthetic:n=20,input=4,output=1",
+               "--arrival", "constant", "--rate", "5", "--ttft-slo", "0.1", "--search-goodput",
+               "--bracket-steps", "1", "--search-steps", "3", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    search = json.loads(out.read_text())["search"]
+    # 5 and 10 req/s are far below the 50 req/s capacity: one doubling, still passing, no bisection
+    assert [p["rate"] for p in search["probes"]] == [5, 10]
+    assert search["best_rate_rps"] == 10 and search["bracketed"] is False
