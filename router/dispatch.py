@@ -2,9 +2,11 @@
 
 Disaggregated path (DESIGN "Request life"): reserve on a decode instance D → open D's Decode
 stream (it waits for the KV) → Prefill on a prefill instance P with D's handle → forward the first
-token from P, then every token from D. Colocated path: one Generate stream on a colocated
-instance. Any exit other than a normal finish (client cancel, deadline, abort, error) sends
-Release to every worker that may hold something for the request.
+token from P, then every token from D. When the KV could not move (P answers with kv_fallback), D is
+asked to Recompute the prompt and first token instead, and its stream goes on as usual. Colocated
+path: one Generate stream on a colocated instance. Any exit other than a normal finish (client
+cancel, deadline, abort, error) sends Release to every worker that may hold something for the
+request.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class RoutedRequest:
     arrival: float                                  # time.monotonic()
     timeout: float | None = None                    # seconds left of the client's deadline
     aborted: bool = False                           # set by the Abort RPC
+    kv_fallback: str = ""                           # why its KV did not move (D recomputed); metrics read it
     calls: list = dataclasses.field(default_factory=list)   # in-flight worker calls, cancelled on abort
 
     def abort(self) -> None:
@@ -211,7 +214,7 @@ class Dispatcher:
                     first.top_logprobs.append(presp.first_top_logprobs)
             breakdown = serving_pb2.TtftBreakdown(
                 queue_s=presp.queue_s, prefill_s=presp.prefill_s, transfer_s=presp.transfer_s,
-                kv_bytes=presp.kv_bytes)
+                kv_bytes=presp.kv_bytes, kv_fallback=presp.kv_fallback)
             if presp.finished:
                 first.finished, first.finish_reason = True, presp.finish_reason
                 first.usage.CopyFrom(serving_pb2.Usage(prompt_tokens=len(rr.prompt_token_ids), completion_tokens=1,
@@ -219,6 +222,8 @@ class Dispatcher:
                 first.ttft_breakdown.CopyFrom(breakdown)
                 yield first            # D still holds the lease: the finally block releases it
                 return
+            if presp.kv_fallback:      # before the first token: a failure here is still safe to retry
+                await self._recompute(rr, d, presp)
             yield first
             async for chunk, moved in self._follow(rr, holder):
                 if d_token is not None:        # D's own report counts the request from now on
@@ -253,6 +258,25 @@ class Dispatcher:
                 self.pool.release_later(holder.address, rr.request_id)
                 if holder.address != d.address:      # D forwards too, but it may be gone
                     self.pool.release_later(d.address, rr.request_id)
+
+    async def _recompute(self, rr: RoutedRequest, d, presp: worker_pb2.PrefillResponse) -> None:
+        """P could not move the KV to D (presp.kv_fallback): D recomputes prompt + first token.
+
+        NOT_FOUND is let through: D's lease is gone because a late KV commit adopted the request and
+        its Decode stream took it (or there was none, and that stream fails with its own error).
+        Anything else fails the request with UNAVAILABLE naming both reasons."""
+        rr.kv_fallback = presp.kv_fallback
+        try:
+            await self.pool.stub(d.address).Recompute(worker_pb2.RecomputeRequest(
+                request_id=rr.request_id, first_token_id=presp.first_token_id, first_logprob=presp.first_logprob,
+                first_top_logprobs=presp.first_top_logprobs), timeout=self._timeout(rr))
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
+                raise asyncio.CancelledError from None
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{presp.kv_fallback}; decode instance {d.instance_id} "
+                             f"could not recompute it either: {e.details()}; retry") from None
 
     async def _follow(self, rr: RoutedRequest, holder: _Holder):
         """(chunk, moved) for every chunk of the holder's stream until the finished one; when the

@@ -13,7 +13,9 @@ the outcome and logs one line when the request ends. Outcomes (label `outcome`):
 (stop or length), `aborted` (the Abort RPC), `cancelled` (the client went away or its deadline
 passed), and for errors the lowercased gRPC status name (`invalid_argument`, `not_found`,
 `already_exists`, `unavailable`, `resource_exhausted`, `deadline_exceeded`, `internal`, ...).
-Label `api`: `grpc` or `openai`. The cluster gauges are read from the registry view at scrape.
+Label `api`: `grpc` or `openai`. `tandem_kv_fallbacks_total` counts the requests whose KV transfer
+failed so that their decode instance was asked to recompute the prompt (RoutedRequest.kv_fallback),
+whatever their outcome. The cluster gauges are read from the registry view at scrape.
 """
 from __future__ import annotations
 
@@ -69,8 +71,11 @@ class RouterMetrics:
                                      ["api"], registry=reg)
         self.generation_tokens = Counter("tandem_generation_tokens_total", "Output tokens sent to clients",
                                          ["api"], registry=reg)
+        self.kv_fallbacks = Counter("tandem_kv_fallbacks_total", "Requests whose KV transfer failed, so that "
+                                    "the decode instance recomputed the prompt instead", ["api"], registry=reg)
         for api in APIS:            # series exist (at 0) before the first request
-            for m in (self.in_flight, self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens):
+            for m in (self.in_flight, self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens,
+                      self.kv_fallbacks):
                 m.labels(api)
             self.requests.labels(api, "finished")
         reg.register(_ClusterCollector(instances))
@@ -114,6 +119,8 @@ class RouterMetrics:
             in_flight.dec()
             end = time.monotonic()
             self.requests.labels(api, outcome).inc()
+            if getattr(rr, "kv_fallback", ""):
+                self.kv_fallbacks.labels(api).inc()
             if outcome == "finished":
                 self.e2e.labels(api).observe(end - rr.arrival)
                 if tokens >= 2:

@@ -26,6 +26,9 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (0: a free one)")
+    p.add_argument("--kv-advertise-address", default=None, metavar="HOST:PORT",
+                   help="KV data-plane address published to other workers (default: the bound --host and "
+                        "--kv-port), e.g. the pod IP when binding 0.0.0.0")
     p.add_argument("--kv-transport", default="tcp")
     p.add_argument("--redis", dest="redis_url", default=None, help="redis://host:port/db for the registry")
     p.add_argument("--cluster", default="default")
@@ -50,6 +53,11 @@ def parse_args(argv=None) -> WorkerOptions:
     a = p.parse_args(argv)
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
+    if a.kv_advertise_address is not None:
+        host, _, port = a.kv_advertise_address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            p.error(f"--kv-advertise-address {a.kv_advertise_address!r}: give HOST:PORT with a port in 1..65535, "
+                    f"e.g. 10.0.0.7:7100")
     try:
         cores = tuple(int(c) for c in a.cpu_cores.split(",") if c.strip())
     except ValueError:
@@ -58,7 +66,8 @@ def parse_args(argv=None) -> WorkerOptions:
         role=a.role, model=a.model, dtype=a.dtype, device=a.device, block_size=a.block_size, num_blocks=a.num_blocks,
         kv_memory_gib=a.kv_memory_gib, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len, threads=a.threads, enable_prefix_caching=not a.no_prefix_caching,
-        host=a.host, port=a.port, kv_port=a.kv_port, kv_transport=a.kv_transport, redis_url=a.redis_url,
+        host=a.host, port=a.port, kv_port=a.kv_port,
+        kv_advertise_address=a.kv_advertise_address, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,
         layer_group=a.layer_group, transfer_timeout_s=a.transfer_timeout_s, heartbeat_ttl_s=a.heartbeat_ttl_s,
         grace_s=a.grace_s, metrics_port=a.metrics_port, log_format=a.log_format, log_level=a.log_level,

@@ -1,10 +1,12 @@
 """Decode-side reservations: blocks held for a request whose KV is on its way.
 
-A lease goes PENDING → ADOPTED (the KV committed; the request decodes) or PENDING → RELEASED
-(deadline passed, prefill failed, request cancelled). A released lease has had its blocks freed
-and the KV receiver told to forget the request, so nothing writes into those blocks again. The
-commit runs on a KV receiver thread and the rest on the asyncio loop; one lock orders them, so a
-lease is adopted or released, never both.
+A lease goes PENDING → ADOPTED (the KV committed, or the router asked to recompute it because
+the KV transfer failed; the request decodes) or PENDING → RELEASED (deadline passed, prefill
+failed, request cancelled). A released lease has had its blocks freed and the KV receiver told to
+forget the request, so nothing writes into those blocks again; so has a lease adopted by recompute
+(the engine frees its reservation and recomputes into blocks of its own).
+The commit runs on a KV receiver thread, a recompute on a worker thread and the rest on the asyncio
+loop; one lock orders them, so a lease is adopted or released exactly once, never both.
 """
 from __future__ import annotations
 
@@ -43,16 +45,27 @@ class Lease:
     timer: asyncio.TimerHandle | None = None
 
 
+class LeaseNotFound(LookupError):
+    """Recompute: no lease for the request here (never reserved, or already claimed by Decode)."""
+
+
+class LeaseReleased(RuntimeError):
+    """Recompute: the lease was released (expired, cancelled) before the request could be adopted."""
+
+
 class LeaseTable:
     """The worker's live leases.
 
-    adopt_fn(lease, meta) starts decoding (EngineThread.adopt) and returns the stream; it runs
-    under the lock on the receiver thread. release_fn(lease) frees the blocks and makes the
-    receiver forget the request; it runs on the asyncio loop after the state flipped.
+    adopt_fn(lease, meta, recompute) starts decoding (EngineThread.adopt) and returns the stream;
+    it runs under the lock (on the receiver thread for a commit, with recompute=False). meta holds
+    first_token_id and first_logprob (None when not asked). release_fn(lease) frees the blocks and
+    makes the receiver forget the request; it runs on the asyncio loop after the state flipped.
+    forget_fn(request_id) makes the receiver forget the request (KVReceiver.forget: blocking).
     """
 
-    def __init__(self, adopt_fn: Callable[[Lease, dict], object], release_fn: Callable[[Lease], "asyncio.Future"]):
-        self._adopt_fn, self._release_fn = adopt_fn, release_fn
+    def __init__(self, adopt_fn: Callable[[Lease, dict, bool], object],
+                 release_fn: Callable[[Lease], "asyncio.Future"], forget_fn: Callable[[str], None]):
+        self._adopt_fn, self._release_fn, self._forget_fn = adopt_fn, release_fn, forget_fn
         self._expiring: set[asyncio.Task] = set()
         self.attach_timeout_s = 30.0     # an adopted request nobody decodes for is aborted after this
         self._leases: dict[str, Lease] = {}
@@ -89,13 +102,45 @@ class LeaseTable:
             if num_tokens != len(lease.prompt_token_ids):
                 return f"KV covers {num_tokens} tokens but the reservation is for {len(lease.prompt_token_ids)}"
             try:
-                lease.stream = self._adopt_fn(lease, meta)
+                lease.stream = self._adopt_fn(lease, meta, False)
             except Exception as e:            # the engine stopped: refuse, the release path frees
                 return f"could not start decoding: {e}"
             lease.state, lease.committed_at = LeaseState.ADOPTED, time.monotonic()
             lease.output_token_ids = [int(meta["first_token_id"])]
         lease.loop.call_soon_threadsafe(self._adopted, lease)
         return None
+
+    def recompute(self, request_id: str, meta: dict) -> bool:
+        """The KV of a pending lease will not come (its transfer failed): adopt the request without
+        it. The receiver forgets the request first, so no byte lands in its blocks afterwards; then
+        the engine frees the reservation and queues the request to recompute prompt + first token
+        (meta: first_token_id, first_logprob as in commit). Blocking: call off the asyncio loop
+        (forget waits for a frame being written, bounded by the receive timeout).
+
+        Returns True when this call adopted the request, False when it was adopted already (a late
+        KV commit won the race, or a repeated call): both leave it decoding, once. Raises
+        LeaseNotFound when there is no lease for it here, LeaseReleased when it was released, and
+        whatever adopt_fn raises (the engine stopped; the lease stays pending and the release path
+        frees it).
+        """
+        # Outside the lock: forget may wait for a frame being written, and the asyncio loop takes
+        # this lock. A commit already past the receiver races for the lock below; either wins once.
+        self._forget_fn(request_id)
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None:
+                raise LeaseNotFound(f"request {request_id!r} has no reservation on this instance (never reserved, "
+                                    f"or its Decode stream took it already); Reserve first")
+            if lease.state == LeaseState.ADOPTED:
+                return False
+            if lease.state == LeaseState.RELEASED:
+                raise LeaseReleased(f"the reservation for request {request_id!r} was released ({lease.reason}); "
+                                    f"dispatch the request again")
+            lease.stream = self._adopt_fn(lease, meta, True)
+            lease.state, lease.committed_at = LeaseState.ADOPTED, time.monotonic()
+            lease.output_token_ids = [int(meta["first_token_id"])]
+        lease.loop.call_soon_threadsafe(self._adopted, lease)
+        return True
 
     def add_adopted(self, lease: Lease) -> None:
         """Track a request that started decoding by another path (a committed migration) so that

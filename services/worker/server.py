@@ -49,6 +49,7 @@ class WorkerOptions:
     host: str = "127.0.0.1"
     port: int = 0                           # 0: a free port
     kv_port: int = 0
+    kv_advertise_address: str | None = None # data-plane HOST:PORT peers are told to use; None: the bound one
     kv_transport: str = "tcp"
     redis_url: str | None = None
     cluster: str = "default"
@@ -112,6 +113,8 @@ class Worker:
                                      self.instance_id)
         self.receiver = make_receiver(opts.kv_transport, self.layout, self.engine.runner.kv, host=opts.host,
                                       port=opts.kv_port, timeout_s=opts.transfer_timeout_s)
+        # What peers are told (LoadReport.kv_address, KVHandle.address): e.g. the pod IP when bound to 0.0.0.0.
+        self.kv_address = opts.kv_advertise_address or self.receiver.address
         self.pusher = None
         if self.role == Role.PREFILL:
             self.pusher = PrefillPusher(self.engine.kv.block_table, cfg.cache.block_size, cfg.model.num_layers,
@@ -156,7 +159,7 @@ class Worker:
             head_waiting_blocks=load.head_waiting_blocks,
             migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
             instance_id=self.instance_id, role=ROLE_BY_NAME[self.role.name.lower()], address=self.address,
-            kv_address=self.receiver.address, state=self.current_state(), model=cfg.model.model_id,
+            kv_address=self.kv_address, state=self.current_state(), model=cfg.model.model_id,
             total_blocks=load.total_blocks, free_blocks=load.free_blocks,
             reserved_blocks=(leases.reserved_blocks + sv.targets.reserved_blocks) if leases is not None else 0,
             running=load.running + load.paused, waiting=load.waiting,
@@ -203,7 +206,7 @@ class Worker:
             migration=MigrationConfig(stop_copy_blocks=opts.migration_stop_copy_blocks,
                                       max_stages=opts.migration_max_stages, max_in_flight=opts.max_migrations,
                                       lease_ms=opts.migration_lease_ms, transfer_timeout_s=opts.transfer_timeout_s),
-            watermark_blocks=int(opts.migration_watermark * self.engine.kv.num_blocks))
+            watermark_blocks=int(opts.migration_watermark * self.engine.kv.num_blocks), kv_address=self.kv_address)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.server.add_insecure_port(f"{opts.host}:{opts.port}")
@@ -216,8 +219,9 @@ class Worker:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.publisher:
             await self.publisher.start()
-        log.info("worker %s (%s) serving on %s, KV on %s", self.instance_id, opts.role, self.address,
-                 self.receiver.address)
+        advertised = "" if self.kv_address == self.receiver.address else f" (advertised as {self.kv_address})"
+        log.info("worker %s (%s) serving on %s, KV on %s%s", self.instance_id, opts.role, self.address,
+                 self.receiver.address, advertised)
         return self.address
 
     async def stop(self) -> None:

@@ -22,7 +22,7 @@ from services.transport import KVHandshakeError, KVTransportError
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.kv_push import PrefillPusher
 from services.worker import metrics as worker_metrics
-from services.worker.leases import Lease, LeaseState, LeaseTable
+from services.worker.leases import Lease, LeaseNotFound, LeaseReleased, LeaseState, LeaseTable
 from services.worker.migration_in import MigrationRefused, MigrationTargets
 from services.worker.migration_out import MigrationConfig, MigrationError, MigrationSources
 from services.worker_pool import WorkerPool
@@ -35,15 +35,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine_thread: EngineThread, *, role: Role, sender, receiver, pusher: PrefillPusher | None,
                  lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
                  publisher=None, migration: MigrationConfig | None = None, watermark_blocks: int = 0,
-                 state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None):
+                 state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None,
+                 kv_address: str | None = None):
+        """kv_address: the data-plane address published to peers (KVHandle.address, migration
+        stages); default the receiver's bound address."""
         self.et, self.engine = engine_thread, engine_thread.engine
         self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
+        self.kv_address = kv_address or receiver.address
         self.lease_ms, self.transfer_timeout_s = lease_ms, transfer_timeout_s
         self.report_fn, self.publisher = report_fn, publisher
         self.instance_id, self.kv_transport = instance_id, kv_transport
         self.state_fn, self.set_state_fn = state_fn, set_state_fn
-        self.leases = LeaseTable(self._adopt, self._release_lease)
+        self.leases = LeaseTable(self._adopt, self._release_lease, receiver.forget)
         self._prefills: dict[str, AsyncRequestStream] = {}
+        self._decoding: set[str] = set()      # requests whose Decode stream claimed their lease
         migration = migration or MigrationConfig(transfer_timeout_s=transfer_timeout_s)
         self.peers = WorkerPool()          # channels to other workers (migration destinations)
         block_size = self.engine.kv.block_size
@@ -110,7 +115,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         b = self.engine.kv.block_size
         return worker_pb2.ReserveResponse(handle=worker_pb2.KVHandle(
             instance_id=self.instance_id, transport=self.kv_transport,
-            address=self.receiver.address, request_id=rid, num_blocks=len(block_ids), block_size=b,
+            address=self.kv_address, request_id=rid, num_blocks=len(block_ids), block_size=b,
             lease_deadline_unix_ms=deadline_ms))
 
     async def _reserve_tracked(self, rid: str, prompt: list[int], params, priority: int, lease_ms: int) -> Lease:
@@ -125,12 +130,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not task.cancelled() and task.exception() is None:
             asyncio.ensure_future(self.leases.release(task.result().request_id, "the Reserve call was cancelled"))
 
-    def _adopt(self, lease: Lease, meta: dict):
-        """Receiver thread: the KV is complete; start decoding right away (stream buffers tokens)."""
+    def _adopt(self, lease: Lease, meta: dict, recompute: bool):
+        """Start decoding right away (the stream buffers tokens): on the receiver thread once the KV
+        is complete, or (recompute=True) without KV: the engine recomputes prompt + first token."""
         logprob = meta.get("first_logprob")
         return self.et.adopt(lease.request_id, lease.prompt_token_ids, [int(meta["first_token_id"])], lease.params,
                              lease.priority, [float("nan") if logprob is None else float(logprob)],
-                             stream_cls=AsyncRequestStream.factory(lease.loop))
+                             stream_cls=AsyncRequestStream.factory(lease.loop), recompute=recompute)
 
     async def _release_lease(self, lease: Lease) -> None:
         rid = lease.request_id
@@ -160,6 +166,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if claimed is None:
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was already claimed or abandoned")
             stream = claimed.stream
+            self._decoding.add(rid)
             if self.publisher is not None:
                 await self.publisher.drop_lease(rid)
             first = True
@@ -173,6 +180,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     yield _from_index(chunk, request.start_index)
         finally:
             if stream is not None:
+                self._decoding.discard(rid)
                 stream.cancel()                       # no-op once finished
             elif lease.state == LeaseState.PENDING:     # cancelled while waiting for the KV
                 await self.leases.release(rid, "the decode stream was cancelled")
@@ -181,8 +189,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if late is not None:
                     late.stream.cancel()
 
+    async def Recompute(self, request: worker_pb2.RecomputeRequest, context):
+        """The KV of a reserved request will not come (PrefillResponse.kv_fallback): decode it anyway,
+        recomputing prompt + first token here. The waiting Decode stream then goes on from index 1.
+        OK also when the request decodes already (a late KV commit adopted it first)."""
+        await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Recompute")
+        rid = request.request_id
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty; pass the id given to Reserve")
+        logprob = request.first_logprob
+        meta = {"first_token_id": request.first_token_id, "first_logprob": None if math.isnan(logprob) else logprob}
+        try:
+            adopted = await asyncio.to_thread(self.leases.recompute, rid, meta)
+        except LeaseNotFound as e:
+            if rid in self._decoding:                 # a late KV commit won, and Decode claimed it
+                return worker_pb2.RecomputeResponse()
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except LeaseReleased as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (ValueError, EngineDeadError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rid!r}: could not start decoding: {e}")
+        log.info("request %s: %s", rid, "adopted by recompute (its KV transfer failed)" if adopted
+                 else "recompute asked, but its KV had committed already")
+        return worker_pb2.RecomputeResponse()
+
     # ---- prefill side ------------------------------------------------------------------------
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+        """Compute the prompt while pushing its KV to the destination, commit, return the first token.
+
+        A transport failure (KVTransportError: the destination unreachable, a push or the commit
+        failing) does not fail the RPC: the prefill runs to its first token anyway, the transfer is
+        aborted, and the response says why in kv_fallback; the router then asks the destination to
+        Recompute. A layout mismatch (KVHandshakeError) is FAILED_PRECONDITION: configs must agree.
+        """
         await self._require_role(context, Role.PREFILL, what="Prefill")
         req, dest = request.request, request.destination
         rid = req.request_id
@@ -194,6 +233,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination.address: is empty; Reserve on a decode "
                                 "instance first and pass its handle")
         arrival = time.monotonic()
+        transfer, fallback = None, ""         # fallback: why the KV will not reach the destination
         opening = asyncio.ensure_future(asyncio.to_thread(self.sender.open, dest.request_id or rid, dest.address,
                                                           self.engine.runner.kv))
         try:
@@ -203,10 +243,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise
         except KVHandshakeError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except KVTransportError as e:
-            await context.abort(grpc.StatusCode.ABORTED, f"cannot reach decode instance {dest.instance_id} "
-                                f"at {dest.address}: {e}")
-        self.pusher.register(rid, transfer)
+        except KVTransportError as e:       # prefill anyway: the destination recomputes
+            fallback = f"cannot reach decode instance {dest.instance_id} at {dest.address}: {e}"
+        if transfer is not None:
+            self.pusher.register(rid, transfer)
         stream = None
         committed = False
         try:
@@ -235,16 +275,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 first_text="".join(o.new_text for o in outputs), num_cached_tokens=out.num_cached_tokens)
             if out.top_logprobs:
                 resp.first_top_logprobs.CopyFrom(top_logprobs_to_proto(out.top_logprobs[0]))
-            self.pusher.unregister(rid)
+            push_error = self.pusher.unregister(rid)
+            if push_error and not fallback:
+                fallback = f"KV push to decode instance {dest.instance_id} failed: {push_error}"
             if out.finish_reason == FinishReason.HANDOFF:
-                meta = {"first_token_id": out.token_ids[0],
-                        "first_logprob": None if math.isnan(resp.first_logprob) else resp.first_logprob}
-                try:
-                    stats = await asyncio.to_thread(transfer.commit, len(prompt), meta, self.transfer_timeout_s)
-                except KVTransportError as e:
-                    await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to {dest.instance_id} failed: {e}")
-                committed = True
-                resp.kv_bytes, resp.transfer_s = stats.bytes, time.monotonic() - sampled
+                if not fallback:
+                    meta = {"first_token_id": out.token_ids[0],
+                            "first_logprob": None if math.isnan(resp.first_logprob) else resp.first_logprob}
+                    try:
+                        stats = await asyncio.to_thread(transfer.commit, len(prompt), meta, self.transfer_timeout_s)
+                        committed = True
+                        resp.kv_bytes = stats.bytes
+                    except KVTransportError as e:
+                        fallback = f"KV commit to decode instance {dest.instance_id} failed: {e}"
+                resp.transfer_s = time.monotonic() - sampled
+                if fallback:
+                    resp.kv_fallback = fallback
+                    log.warning("request %s: %s; the decode instance will recompute it", rid, fallback)
             else:
                 resp.finished = True
                 resp.finish_reason = FINISH_TO_PROTO[out.finish_reason]
@@ -254,8 +301,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             self.pusher.unregister(rid)
             self._prefills.pop(rid, None)
-            if not committed:
-                transfer.abort("prefill did not complete")
+            if transfer is not None and not committed:
+                transfer.abort(fallback or "prefill did not complete")
             if stream is not None:
                 stream.cancel()
             try:       # blocks stay only as prefix cache; a no-op if the request is still queued
@@ -340,7 +387,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                               lease_ms=request.lease_ms or 10_000)
         except MigrationRefused as e:
             await context.abort(grpc.StatusCode[e.code], str(e))
-        return worker_pb2.MigrationStageResponse(kv_address=self.receiver.address, num_blocks=blocks)
+        return worker_pb2.MigrationStageResponse(kv_address=self.kv_address, num_blocks=blocks)
 
     async def CancelMigration(self, request: worker_pb2.CancelMigrationRequest, context):
         found = await self.targets.cancel(request.request_id, request.reason or "cancelled by the source")

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import serving_pb2 as tandem_dot_v1_dot_serving__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x17tandem/v1/serving.proto\"\x94\x01\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\"\x9f\x01\n\x08KVHandle\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1e\n\x16lease_deadline_unix_ms\x18\x07 \x01(\x03\"M\n\x0eReserveRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.tandem.v1.WorkerRequest\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"6\n\x0fReserveResponse\x12#\n\x06handle\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"e\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.tandem.v1.WorkerRequest\x12(\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"\xaf\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x32\n\x12\x66irst_top_logprobs\x18\x03 \x01(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x12\n\nfirst_text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x0f\n\x07queue_s\x18\x08 \x01(\x01\x12\x11\n\tprefill_s\x18\t \x01(\x01\x12\x12\n\ntransfer_s\x18\n \x01(\x01\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x04\"8\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\"\xb3\x02\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\x12\x16\n\x0e\x66irst_decode_s\x18\n \x01(\x01\x12%\n\x08migrated\x18\x0b \x01(\x0b\x32\x13.tandem.v1.Migrated\"D\n\x08Migrated\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nnext_index\x18\x03 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\">\n\x0cStatsRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\x12\x15\n\rlist_requests\x18\x02 \x01(\x08\"\x87\x05\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\r\x12\x17\n\x0freserved_blocks\x18\t \x01(\r\x12\x0f\n\x07running\x18\n \x01(\r\x12\x0f\n\x07waiting\x18\x0b \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\x12\x14\n\x0cstep_time_ms\x18\r \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x0e \x01(\x01\x12\x12\n\nblock_size\x18\x0f \x01(\r\x12\x15\n\rmax_model_len\x18\x10 \x01(\r\x12\x12\n\nvocab_size\x18\x11 \x01(\r\x12\x14\n\x0ckv_transport\x18\x12 \x01(\t\x12\r\n\x05\x64type\x18\x13 \x01(\t\x12\x17\n\x0fupdated_unix_ms\x18\x14 \x01(\x03\x12\x0e\n\x06leases\x18\x15 \x01(\r\x12\x17\n\x0fintegrity_error\x18\x16 \x01(\t\x12\x1d\n\x15high_priority_running\x18\x17 \x01(\r\x12\x1c\n\x14high_priority_blocks\x18\x18 \x01(\r\x12\x1b\n\x13head_waiting_blocks\x18\x19 \x01(\r\x12\x1c\n\x14migrations_in_flight\x18\x1a \x01(\r\x12+\n\x08requests\x18\x1b \x03(\x0b\x32\x19.tandem.v1.RunningRequest\"\x8a\x01\n\x0eRunningRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\x08\"\x97\x01\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65stination_address\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\trecompute\x18\x06 \x01(\x08\"\xbf\x01\n\x0fMigrateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06stages\x18\x05 \x01(\r\x12\x15\n\rblocks_copied\x18\x06 \x01(\r\x12\x12\n\ndowntime_s\x18\x07 \x01(\x01\x12\x0f\n\x07total_s\x18\x08 \x01(\x01\x12\x12\n\nnext_index\x18\t \x01(\r\"\xa7\x01\n\x15MigrationStageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12)\n\x07request\x18\x04 \x01(\x0b\x32\x18.tandem.v1.WorkerRequest\x12\x1a\n\x12source_instance_id\x18\x05 \x01(\t\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"@\n\x16MigrationStageResponse\x12\x12\n\nkv_address\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"<\n\x16\x43\x61ncelMigrationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0fSetStateRequest\x12\r\n\x05state\x18\x01 \x01(\t*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_COLOCATED\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03\x32\xad\x05\n\x06Worker\x12@\n\x07Reserve\x12\x19.tandem.v1.ReserveRequest\x1a\x1a.tandem.v1.ReserveResponse\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12;\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x15.tandem.v1.TokenChunk0\x01\x12=\n\x08Generate\x12\x18.tandem.v1.WorkerRequest\x1a\x15.tandem.v1.TokenChunk0\x01\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12\x37\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x15.tandem.v1.LoadReport\x12@\n\x07Migrate\x12\x19.tandem.v1.MigrateRequest\x1a\x1a.tandem.v1.MigrateResponse\x12U\n\x0eMigrationStage\x12 .tandem.v1.MigrationStageRequest\x1a!.tandem.v1.MigrationStageResponse\x12P\n\x0f\x43\x61ncelMigration\x12!.tandem.v1.CancelMigrationRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12=\n\x08SetState\x12\x1a.tandem.v1.SetStateRequest\x1a\x15.tandem.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x17tandem/v1/serving.proto\"\x94\x01\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\"\x9f\x01\n\x08KVHandle\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1e\n\x16lease_deadline_unix_ms\x18\x07 \x01(\x03\"M\n\x0eReserveRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.tandem.v1.WorkerRequest\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"6\n\x0fReserveResponse\x12#\n\x06handle\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"e\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.tandem.v1.WorkerRequest\x12(\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"\xc4\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x32\n\x12\x66irst_top_logprobs\x18\x03 \x01(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x12\n\nfirst_text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x0f\n\x07queue_s\x18\x08 \x01(\x01\x12\x11\n\tprefill_s\x18\t \x01(\x01\x12\x12\n\ntransfer_s\x18\n \x01(\x01\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x04\x12\x13\n\x0bkv_fallback\x18\x0c \x01(\t\"\x89\x01\n\x10RecomputeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x32\n\x12\x66irst_top_logprobs\x18\x04 \x01(\x0b\x32\x16.tandem.v1.TopLogprobs\"\x13\n\x11RecomputeResponse\"8\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\"\xb3\x02\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\x12\x16\n\x0e\x66irst_decode_s\x18\n \x01(\x01\x12%\n\x08migrated\x18\x0b \x01(\x0b\x32\x13.tandem.v1.Migrated\"D\n\x08Migrated\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nnext_index\x18\x03 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\">\n\x0cStatsRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\x12\x15\n\rlist_requests\x18\x02 \x01(\x08\"\x87\x05\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\r\x12\x17\n\x0freserved_blocks\x18\t \x01(\r\x12\x0f\n\x07running\x18\n \x01(\r\x12\x0f\n\x07waiting\x18\x0b \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\x12\x14\n\x0cstep_time_ms\x18\r \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x0e \x01(\x01\x12\x12\n\nblock_size\x18\x0f \x01(\r\x12\x15\n\rmax_model_len\x18\x10 \x01(\r\x12\x12\n\nvocab_size\x18\x11 \x01(\r\x12\x14\n\x0ckv_transport\x18\x12 \x01(\t\x12\r\n\x05\x64type\x18\x13 \x01(\t\x12\x17\n\x0fupdated_unix_ms\x18\x14 \x01(\x03\x12\x0e\n\x06leases\x18\x15 \x01(\r\x12\x17\n\x0fintegrity_error\x18\x16 \x01(\t\x12\x1d\n\x15high_priority_running\x18\x17 \x01(\r\x12\x1c\n\x14high_priority_blocks\x18\x18 \x01(\r\x12\x1b\n\x13head_waiting_blocks\x18\x19 \x01(\r\x12\x1c\n\x14migrations_in_flight\x18\x1a \x01(\r\x12+\n\x08requests\x18\x1b \x03(\x0b\x32\x19.tandem.v1.RunningRequest\"\x8a\x01\n\x0eRunningRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\x08\"\x97\x01\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65stination_address\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\trecompute\x18\x06 \x01(\x08\"\xbf\x01\n\x0fMigrateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06stages\x18\x05 \x01(\r\x12\x15\n\rblocks_copied\x18\x06 \x01(\r\x12\x12\n\ndowntime_s\x18\x07 \x01(\x01\x12\x0f\n\x07total_s\x18\x08 \x01(\x01\x12\x12\n\nnext_index\x18\t \x01(\r\"\xa7\x01\n\x15MigrationStageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12)\n\x07request\x18\x04 \x01(\x0b\x32\x18.tandem.v1.WorkerRequest\x12\x1a\n\x12source_instance_id\x18\x05 \x01(\t\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"@\n\x16MigrationStageResponse\x12\x12\n\nkv_address\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"<\n\x16\x43\x61ncelMigrationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0fSetStateRequest\x12\r\n\x05state\x18\x01 \x01(\t*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_COLOCATED\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03\x32\xf5\x05\n\x06Worker\x12@\n\x07Reserve\x12\x19.tandem.v1.ReserveRequest\x1a\x1a.tandem.v1.ReserveResponse\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12;\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x15.tandem.v1.TokenChunk0\x01\x12\x46\n\tRecompute\x12\x1b.tandem.v1.RecomputeRequest\x1a\x1c.tandem.v1.RecomputeResponse\x12=\n\x08Generate\x12\x18.tandem.v1.WorkerRequest\x1a\x15.tandem.v1.TokenChunk0\x01\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12\x37\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x15.tandem.v1.LoadReport\x12@\n\x07Migrate\x12\x19.tandem.v1.MigrateRequest\x1a\x1a.tandem.v1.MigrateResponse\x12U\n\x0eMigrationStage\x12 .tandem.v1.MigrationStageRequest\x1a!.tandem.v1.MigrationStageResponse\x12P\n\x0f\x43\x61ncelMigration\x12!.tandem.v1.CancelMigrationRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12=\n\x08SetState\x12\x1a.tandem.v1.SetStateRequest\x1a\x15.tandem.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2964
-  _globals['_ROLE']._serialized_end=3047
+  _globals['_ROLE']._serialized_start=3146
+  _globals['_ROLE']._serialized_end=3229
   _globals['_WORKERREQUEST']._serialized_start=63
   _globals['_WORKERREQUEST']._serialized_end=211
   _globals['_KVHANDLE']._serialized_start=214
@@ -45,35 +45,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=510
   _globals['_PREFILLREQUEST']._serialized_end=611
   _globals['_PREFILLRESPONSE']._serialized_start=614
-  _globals['_PREFILLRESPONSE']._serialized_end=917
-  _globals['_DECODEREQUEST']._serialized_start=919
-  _globals['_DECODEREQUEST']._serialized_end=975
-  _globals['_TOKENCHUNK']._serialized_start=978
-  _globals['_TOKENCHUNK']._serialized_end=1285
-  _globals['_MIGRATED']._serialized_start=1287
-  _globals['_MIGRATED']._serialized_end=1355
-  _globals['_RELEASEREQUEST']._serialized_start=1357
-  _globals['_RELEASEREQUEST']._serialized_end=1393
-  _globals['_RELEASERESPONSE']._serialized_start=1395
-  _globals['_RELEASERESPONSE']._serialized_end=1427
-  _globals['_STATSREQUEST']._serialized_start=1429
-  _globals['_STATSREQUEST']._serialized_end=1491
-  _globals['_LOADREPORT']._serialized_start=1494
-  _globals['_LOADREPORT']._serialized_end=2141
-  _globals['_RUNNINGREQUEST']._serialized_start=2144
-  _globals['_RUNNINGREQUEST']._serialized_end=2282
-  _globals['_MIGRATEREQUEST']._serialized_start=2285
-  _globals['_MIGRATEREQUEST']._serialized_end=2436
-  _globals['_MIGRATERESPONSE']._serialized_start=2439
-  _globals['_MIGRATERESPONSE']._serialized_end=2630
-  _globals['_MIGRATIONSTAGEREQUEST']._serialized_start=2633
-  _globals['_MIGRATIONSTAGEREQUEST']._serialized_end=2800
-  _globals['_MIGRATIONSTAGERESPONSE']._serialized_start=2802
-  _globals['_MIGRATIONSTAGERESPONSE']._serialized_end=2866
-  _globals['_CANCELMIGRATIONREQUEST']._serialized_start=2868
-  _globals['_CANCELMIGRATIONREQUEST']._serialized_end=2928
-  _globals['_SETSTATEREQUEST']._serialized_start=2930
-  _globals['_SETSTATEREQUEST']._serialized_end=2962
-  _globals['_WORKER']._serialized_start=3050
-  _globals['_WORKER']._serialized_end=3735
+  _globals['_PREFILLRESPONSE']._serialized_end=938
+  _globals['_RECOMPUTEREQUEST']._serialized_start=941
+  _globals['_RECOMPUTEREQUEST']._serialized_end=1078
+  _globals['_RECOMPUTERESPONSE']._serialized_start=1080
+  _globals['_RECOMPUTERESPONSE']._serialized_end=1099
+  _globals['_DECODEREQUEST']._serialized_start=1101
+  _globals['_DECODEREQUEST']._serialized_end=1157
+  _globals['_TOKENCHUNK']._serialized_start=1160
+  _globals['_TOKENCHUNK']._serialized_end=1467
+  _globals['_MIGRATED']._serialized_start=1469
+  _globals['_MIGRATED']._serialized_end=1537
+  _globals['_RELEASEREQUEST']._serialized_start=1539
+  _globals['_RELEASEREQUEST']._serialized_end=1575
+  _globals['_RELEASERESPONSE']._serialized_start=1577
+  _globals['_RELEASERESPONSE']._serialized_end=1609
+  _globals['_STATSREQUEST']._serialized_start=1611
+  _globals['_STATSREQUEST']._serialized_end=1673
+  _globals['_LOADREPORT']._serialized_start=1676
+  _globals['_LOADREPORT']._serialized_end=2323
+  _globals['_RUNNINGREQUEST']._serialized_start=2326
+  _globals['_RUNNINGREQUEST']._serialized_end=2464
+  _globals['_MIGRATEREQUEST']._serialized_start=2467
+  _globals['_MIGRATEREQUEST']._serialized_end=2618
+  _globals['_MIGRATERESPONSE']._serialized_start=2621
+  _globals['_MIGRATERESPONSE']._serialized_end=2812
+  _globals['_MIGRATIONSTAGEREQUEST']._serialized_start=2815
+  _globals['_MIGRATIONSTAGEREQUEST']._serialized_end=2982
+  _globals['_MIGRATIONSTAGERESPONSE']._serialized_start=2984
+  _globals['_MIGRATIONSTAGERESPONSE']._serialized_end=3048
+  _globals['_CANCELMIGRATIONREQUEST']._serialized_start=3050
+  _globals['_CANCELMIGRATIONREQUEST']._serialized_end=3110
+  _globals['_SETSTATEREQUEST']._serialized_start=3112
+  _globals['_SETSTATEREQUEST']._serialized_end=3144
+  _globals['_WORKER']._serialized_start=3232
+  _globals['_WORKER']._serialized_end=3989
 # @@protoc_insertion_point(module_scope)

@@ -74,7 +74,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., destination: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "first_top_logprobs", "first_text", "finished", "finish_reason", "num_cached_tokens", "queue_s", "prefill_s", "transfer_s", "kv_bytes")
+    __slots__ = ("first_token_id", "first_logprob", "first_top_logprobs", "first_text", "finished", "finish_reason", "num_cached_tokens", "queue_s", "prefill_s", "transfer_s", "kv_bytes", "kv_fallback")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class PrefillResponse(_message.Message):
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: float
     first_top_logprobs: _serving_pb2.TopLogprobs
@@ -97,7 +98,24 @@ class PrefillResponse(_message.Message):
     prefill_s: float
     transfer_s: float
     kv_bytes: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[_serving_pb2.TopLogprobs, _Mapping]] = ..., first_text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    kv_fallback: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[_serving_pb2.TopLogprobs, _Mapping]] = ..., first_text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., kv_fallback: _Optional[str] = ...) -> None: ...
+
+class RecomputeRequest(_message.Message):
+    __slots__ = ("request_id", "first_token_id", "first_logprob", "first_top_logprobs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    first_token_id: int
+    first_logprob: float
+    first_top_logprobs: _serving_pb2.TopLogprobs
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[_serving_pb2.TopLogprobs, _Mapping]] = ...) -> None: ...
+
+class RecomputeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "start_index")

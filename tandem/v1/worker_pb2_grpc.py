@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Recompute = channel.unary_unary(
+                '/tandem.v1.Worker/Recompute',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.RecomputeRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.RecomputeResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/tandem.v1.Worker/Generate',
                 request_serializer=tandem_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
@@ -105,7 +110,16 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Decode(self, request, context):
-        """Decode side: stream the tokens of a reserved request once its KV is committed.
+        """Decode side: stream the tokens of a reserved request once its KV is committed (or recomputed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recompute(self, request, context):
+        """Decode side: the KV of a reserved request will not come (PrefillResponse.kv_fallback); adopt it
+        by recomputing prompt + first token. OK too when a late KV commit adopted it already.
+        NOT_FOUND: no reservation; FAILED_PRECONDITION: the reservation was released (expired, cancelled).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +190,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.TokenChunk.SerializeToString,
+            ),
+            'Recompute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recompute,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.RecomputeRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.RecomputeResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -294,6 +313,33 @@ class Worker:
             '/tandem.v1.Worker/Decode',
             tandem_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recompute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/Recompute',
+            tandem_dot_v1_dot_worker__pb2.RecomputeRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.RecomputeResponse.FromString,
             options,
             channel_credentials,
             insecure,
