@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from services import log_setup
+from services.transport.selection import SETTINGS
 from services.worker.server import WorkerOptions, serve
 
 
@@ -29,7 +30,9 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--kv-advertise-address", default=None, metavar="HOST:PORT",
                    help="KV data-plane address published to other workers (default: the bound --host and "
                         "--kv-port), e.g. the pod IP when binding 0.0.0.0")
-    p.add_argument("--kv-transport", default="tcp")
+    p.add_argument("--kv-transport", default="auto", choices=SETTINGS,
+                   help="KV data plane: auto (cuda_ipc on one GPU, nccl between GPUs, tcp otherwise) or one of them; "
+                        "both ends of a transfer must agree")
     p.add_argument("--redis", dest="redis_url", default=None, help="redis://host:port/db for the registry")
     p.add_argument("--cluster", default="default")
     p.add_argument("--instance-id", default=None)

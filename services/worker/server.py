@@ -50,7 +50,7 @@ class WorkerOptions:
     port: int = 0                           # 0: a free port
     kv_port: int = 0
     kv_advertise_address: str | None = None # data-plane HOST:PORT peers are told to use; None: the bound one
-    kv_transport: str = "tcp"
+    kv_transport: str = "auto"             # auto | tcp | nccl | cuda_ipc (services/transport/selection.py)
     redis_url: str | None = None
     cluster: str = "default"
     instance_id: str | None = None
