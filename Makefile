@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput clean
+.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu clean
 
 setup: $(STAMP) redis
 
@@ -54,6 +54,14 @@ bench-migration: setup
 # Goodput of 1P+1D vs 2 colocated (and vLLM's CPU server when installed) on the Azure trace.
 bench-goodput: setup
 	$(PY) -m loadgen.bench_goodput --model small
+
+# On a CUDA GPU: KV transfer (nccl / NcclLink / cuda_ipc) beside a device-to-device copy, engine decode
+# throughput at batch 1/16/64, 1P+1D TTFT breakdown. Needs a CUDA build of torch 2.13 in $(VENV) (setup
+# pins the CPU wheel); installs CuPy/NCCL (.[gpu]) when nvidia-smi sees a GPU. Without a GPU it prints
+# {"skipped": ...} and exits 0.
+bench-gpu: setup
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q -e '.[gpu]'; fi
+	$(PY) benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -12,7 +12,7 @@ from tandem import cli_remote, cli_up
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (CUDA when a GPU is visible)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU), cpu or cuda[:N]")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-memory-gib", type=float, default=2.0, help="KV cache budget")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")

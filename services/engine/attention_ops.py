@@ -1,4 +1,9 @@
-"""CPU attention ops: the fused paged decode-attention kernel and its pure-torch reference.
+"""Paged decode attention: the fused CPU kernel, a gathered SDPA path for CUDA, and the reference.
+
+Which one runs is keyed on the query's device type (`decode_attention_backend`): CPU tensors go to
+the C++ kernel (bfloat16/float32) or the reference; tensors on any other device (CUDA) go to
+`paged_decode_attention_gathered`, plain torch ops that never synchronise with the host. The C++
+kernel never sees a CUDA tensor, and there is no CUDA build step.
 
 The kernel (csrc/paged_attention.cpp) is JIT-built with torch.utils.cpp_extension on first use
 and cached on disk. Measured first build on the 2-core Zen 5 dev box (gcc 12, ninja): ~22 s,
@@ -25,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,17 @@ def load_kernels() -> ModuleType | None:
         return _module
 
 
+def decode_attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Which decode-attention path serves tensors of `device` and `dtype` (no kernel is loaded):
+
+    "cpu_kernel" (CPU, bfloat16/float32: the C++ kernel when it builds, else the reference),
+    "reference" (CPU, other dtypes) or "gathered_sdpa" (any other device: CUDA).
+    """
+    if device.type != "cpu":
+        return "gathered_sdpa"
+    return "cpu_kernel" if dtype in (torch.bfloat16, torch.float32) else "reference"
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -119,20 +136,22 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per row over its paged K/V.
 
     q: [B, H, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D] (dim 0 may be strided, dims 1..3
     contiguous); block_tables: int [B, max_blocks]; seq_lens: int [B] (tokens incl. the current one).
-    Returns [B, H, D] in q's dtype.
+    max_len: max(seq_lens) as a host int; required off the CPU (reading it from the device would
+    synchronise every layer), ignored on the CPU. Returns [B, H, D] in q's dtype.
     """
+    backend = decode_attention_backend(q.device, q.dtype)
+    if backend == "gathered_sdpa":
+        if max_len is None:
+            raise ValueError("paged_decode_attention on a non-CPU device needs max_len (a host int)")
+        return paged_decode_attention_gathered(q, k_cache, v_cache, block_tables, seq_lens, scale, max_len)
     mod = None
-    if (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float32)
-        and k_cache.dtype == q.dtype
-        and v_cache.dtype == q.dtype
-    ):
+    if backend == "cpu_kernel" and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype:
         mod = load_kernels()
     if mod is None:
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -146,6 +165,43 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     mod.paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, float(scale))
     return out
+
+
+def paged_decode_attention_gathered(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_len: int,
+) -> torch.Tensor:
+    """Device-agnostic paged decode attention without host syncs (the CUDA path).
+
+    Gathers each row's first ceil(max_len / block_size) blocks into a padded [B, Hkv, L, D] copy in
+    the cache dtype and runs SDPA with a key-padding mask; the G = H / Hkv query heads that share a
+    KV head are SDPA's G query positions (GQA without repeating K/V).
+
+    Preconditions (the runner guarantees them): every entry of block_tables[:, :ceil(max_len /
+    block_size)] is a valid block index (padding may point at any block, it is masked), every
+    seq_len is in [1, max_len], and cache slots hold finite values (a masked NaN would still leak
+    through SDPA's P @ V; the reference path tolerates garbage, this one does not).
+    Shapes as paged_decode_attention; block_tables/seq_lens on q's device, any integer dtype.
+    """
+    B, H, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    G = H // Hkv
+    nblk = -(-max_len // bs)
+    flat = block_tables[:, :nblk].reshape(-1).long()                                  # [B * nblk]
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:                                  # -> [B, Hkv, L, D]
+        return cache.index_select(0, flat).view(B, nblk * bs, Hkv, D)[:, :max_len].transpose(1, 2)
+
+    k, v = gather(k_cache), gather(v_cache)
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens.long()[:, None]   # [B, L]
+    qg = q.reshape(B, Hkv, G, D)                                                       # [B, Hkv, G, D]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(B, H, D)                                                       # [B, H, D]
 
 
 def paged_decode_attention_reference(

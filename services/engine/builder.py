@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from services.engine.config import CacheConfig, EngineConfig, ModelConfigError, Role, SchedulerConfig
+from services.engine.device import resolve_device  # noqa: F401  (re-exported: callers resolve names here)
 from services.engine.engine import LLMEngine
 from services.engine.loader import LoadedModel, resolve_model
 from services.engine.tokenizer import Tokenizer
@@ -18,19 +19,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ModelConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def resolve_device(name: str) -> str:
-    """'auto' → 'cuda' when a GPU is visible, else 'cpu'. Never initialises CUDA for 'cpu'."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModelConfigError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu")
-        return name
-    if name != "cpu":
-        raise ModelConfigError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
-    return name
 
 
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
@@ -46,7 +34,13 @@ def build_engine(model: str, *, dtype: str = "float32", device: str = "cpu", blo
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  role: Role = Role.COLOCATED, policy: str = "fcfs", num_threads: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 loaded: LoadedModel | None = None) -> LLMEngine:
+                 loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None) -> LLMEngine:
+    """An engine for `model` (a named model or an HF directory) on `device` ("auto", "cpu", "cuda[:N]").
+
+    KV cache size: num_blocks, else on CUDA gpu_memory_utilization (a share of the GPU, as vLLM's),
+    else kv_memory_gib. Raises ModelConfigError (a message saying what to change) for a bad model,
+    dtype, device or size.
+    """
     loaded = loaded or resolve_model(model)
     model_cfg = loaded.config
     if max_model_len is not None:
@@ -60,6 +54,7 @@ def build_engine(model: str, *, dtype: str = "float32", device: str = "cpu", blo
         model=model_cfg,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           memory_budget_bytes=int(kv_memory_gib * (1 << 30)),
+                          gpu_memory_utilization=gpu_memory_utilization,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, policy=policy),

@@ -126,10 +126,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """KV cache sizing. num_blocks wins over memory_budget_bytes when both are set."""
+    """KV cache sizing. num_blocks wins; then, on CUDA, gpu_memory_utilization; then memory_budget_bytes."""
     block_size: int = 16
     num_blocks: int | None = None
     memory_budget_bytes: int = 2 << 30
+    gpu_memory_utilization: float | None = None   # CUDA only: this instance's share of the GPU (device.plan_num_blocks)
     enable_prefix_caching: bool = True
 
 
@@ -161,6 +162,7 @@ class EngineConfig:
         return 2 * m.num_layers * self.cache.block_size * m.kv_size * torch.empty((), dtype=self.dtype).element_size()
 
     def resolve_num_blocks(self) -> int:
+        """num_blocks, else as many blocks as memory_budget_bytes holds (at least one)."""
         if self.cache.num_blocks is not None:
             return self.cache.num_blocks
         return max(1, self.cache.memory_budget_bytes // self.kv_bytes_per_block())

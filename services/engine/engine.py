@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.config import EngineConfig, Role
+from services.engine.device import plan_num_blocks, torch_device
 from services.engine.kv_cache import KVCacheManager
 from services.engine.loader import LoadedModel
 from services.engine.request import FinishReason, Request, RequestStatus
@@ -80,7 +81,7 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config, self.tokenizer = config, tokenizer
-        num_blocks = config.resolve_num_blocks()
+        num_blocks = plan_num_blocks(config, torch_device(config.device))
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
         self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table)
@@ -132,7 +133,7 @@ class LLMEngine:
         table = self.kv.block_table(request_id)
         if not table:
             raise KeyError(f"request {request_id!r} holds no KV blocks on this instance")
-        return self.runner.kv[torch.tensor(table)]
+        return self.runner.kv[torch.tensor(table, device=self.runner.device)]
 
     def release(self, request_id: str) -> None:
         """Free a handed-off request's blocks (after the transfer). Safe no-op if not held."""
@@ -207,9 +208,9 @@ class LLMEngine:
         """Adopt a request whose prompt was computed elsewhere, copying its KV in one go.
 
         kv_blocks: [n, layers, 2, block_size, kv_heads, head_dim] holding positions
-        [0, len(prompt_token_ids)) (what export_kv returns). output_token_ids: tokens already
-        sampled (at least the first). Raises InvalidRequestError for bad input and
-        RuntimeError when blocks are short (nothing is kept then).
+        [0, len(prompt_token_ids)) (what export_kv returns; any device and dtype: it is copied
+        over). output_token_ids: tokens already sampled (at least the first). Raises
+        InvalidRequestError for bad input and RuntimeError when blocks are short (nothing is kept then).
         """
         self.validate(prompt_token_ids, params)
         if not output_token_ids:
@@ -222,7 +223,8 @@ class LLMEngine:
                                       f"instance's layout {expected}; both sides must share model and block size")
         table = self.reserve(request_id, n_computed)
         try:
-            self.runner.kv[torch.tensor(table)] = kv_blocks.to(self.runner.kv.dtype)
+            kv = self.runner.kv
+            kv[torch.tensor(table, device=kv.device)] = kv_blocks.to(device=kv.device, dtype=kv.dtype)
         except BaseException:
             self.kv.free(request_id)
             raise

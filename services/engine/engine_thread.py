@@ -166,6 +166,7 @@ class EngineThread:
     # ---- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            self.engine.runner.bind_thread()     # the engine's GPU is this thread's current CUDA device
             while True:
                 block = not self.engine.has_schedulable()
                 if not self._drain_inbox(block):

@@ -30,20 +30,17 @@ class PrefillSeq:
 
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs besides the activations. Decode rows come first."""
+    """Everything attention needs besides the activations. Decode rows come first.
+
+    Every tensor lives where the model runs (the runner builds them on the host and moves them).
+    """
     slot_blocks: torch.Tensor        # [T] int64: block id each new token's K/V goes to
     slot_offsets: torch.Tensor       # [T] int64: offset inside that block
     num_decode: int                  # rows [0, num_decode) are single-token decodes
-    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int32
-    decode_seq_lens: torch.Tensor      # [num_decode] int32, context incl. the current token
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int32 on CPU (the kernel's), int64 elsewhere
+    decode_seq_lens: torch.Tensor      # [num_decode] int32 / int64 likewise: context incl. the current token
     prefills: list[PrefillSeq]
-
-    def to(self, device) -> "AttentionMetadata":
-        """A copy with every tensor on `device` (built on the host, used where the model runs)."""
-        return AttentionMetadata(
-            self.slot_blocks.to(device), self.slot_offsets.to(device), self.num_decode,
-            self.decode_block_tables.to(device), self.decode_seq_lens.to(device),
-            [PrefillSeq(p.q_start, p.q_len, p.ctx_len, p.block_ids.to(device)) for p in self.prefills])
+    decode_max_len: int = 0          # max(decode_seq_lens) as a host int (0 without decodes)
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +82,8 @@ class DecoderLayer(nn.Module):
         nd = meta.num_decode
         if nd:
             attn[:nd] = attention_ops.paged_decode_attention(
-                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale)
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale,
+                meta.decode_max_len)
         for p in meta.prefills:
             attn[p.q_start:p.q_start + p.q_len] = self._prefill_attention(
                 q[p.q_start:p.q_start + p.q_len], k[p.q_start:p.q_start + p.q_len],

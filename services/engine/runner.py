@@ -1,8 +1,17 @@
-"""Turns a SchedulerOutput into tensors, runs the model, samples. The first place tensors appear."""
+"""Turns a SchedulerOutput into tensors, runs the model, samples. The first place tensors appear.
+
+A step's inputs are built on the host. On the CPU the model reads them where they are; on CUDA
+they are packed into one pinned int64 buffer, moved with a single non_blocking copy and split on
+the GPU (`place_inputs`), so building the next batch never waits for the GPU and a step makes one
+host→device copy. The only intended host sync of a step is the sampler reading its tokens back.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
+from services.engine import device as devices
 from services.engine.config import EngineConfig
 from services.engine.loader import LoadedModel
 from services.engine.model import AttentionMetadata, LlamaModel, PrefillSeq
@@ -10,35 +19,85 @@ from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
+@dataclass
+class StepInputs:
+    """One step's model inputs (rows: decodes first, then each prefill chunk's tokens)."""
+    input_ids: torch.Tensor        # [T] int64
+    positions: torch.Tensor        # [T] int64
+    logits_indices: torch.Tensor   # [S] int64: rows whose next-token logits are sampled
+    meta: AttentionMetadata
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in the fixed order pack_inputs/unpack_inputs use."""
+        m = self.meta
+        return [self.input_ids, self.positions, self.logits_indices, m.slot_blocks, m.slot_offsets,
+                m.decode_block_tables, m.decode_seq_lens] + [p.block_ids for p in m.prefills]
+
+
+def pack_inputs(inputs: StepInputs) -> tuple[torch.Tensor, list[torch.Size]]:
+    """All of a step's host tensors as one flat int64 tensor, plus each tensor's shape."""
+    parts = inputs.tensors()
+    return torch.cat([t.reshape(-1).to(torch.int64) for t in parts]), [t.shape for t in parts]
+
+
+def unpack_inputs(flat: torch.Tensor, shapes: list[torch.Size], like: StepInputs) -> StepInputs:
+    """Inverse of pack_inputs on `flat`'s device: views of `flat` (int64) in `like`'s structure."""
+    views = [v.view(shape) for v, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
+    ids, pos, logits_idx, sb, so, bt, sl = views[:7]
+    m = like.meta
+    prefills = [PrefillSeq(p.q_start, p.q_len, p.ctx_len, b) for p, b in zip(m.prefills, views[7:])]
+    return StepInputs(ids, pos, logits_idx, AttentionMetadata(sb, so, m.num_decode, bt, sl, prefills, m.decode_max_len))
+
+
+def place_inputs(inputs: StepInputs, device: torch.device) -> StepInputs:
+    """`inputs` where the model runs: unchanged on the CPU; elsewhere one pinned, non_blocking copy.
+
+    The pinned buffer comes from torch's caching host allocator, which keeps it from reuse until
+    the copy has completed, so the host may build the next step at once.
+    """
+    if device.type == "cpu":
+        return inputs
+    flat, shapes = pack_inputs(inputs)
+    return unpack_inputs(flat.pin_memory().to(device, non_blocking=True), shapes, inputs)
+
+
 class ModelRunner:
     """Owns the model weights and the KV tensor; block ids come from the scheduler's KVCacheManager."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel, num_blocks: int, block_tables):
-        """block_tables: callable request_id → list of block ids (KVCacheManager.block_table)."""
+        """block_tables: callable request_id → list of block ids (KVCacheManager.block_table).
+
+        Weights are created directly in the engine dtype on the engine device (the HF float32
+        tensors are converted while copied in: the same rounding as converting afterwards).
+        Raises ModelConfigError when the dtype cannot run on the device (sizes were checked by
+        device.plan_num_blocks).
+        """
         self.config = config
+        self.device = devices.torch_device(config.device)
+        devices.check_dtype(self.device, config.dtype)
         self.block_size = config.cache.block_size
         self.block_tables = block_tables
         m = config.model
         with torch.device("meta"):
             model = LlamaModel(m)
-        model = model.to_empty(device=config.device)
+        model = model.to(config.dtype).to_empty(device=self.device)
         model.load_hf_weights(loaded.tensors)
         if m.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        self.model = model.to(config.dtype).eval()
-        self.model.init_rotary(config.device)
+        self.model = model.eval()
+        self.model.init_rotary(self.device)
         # kv: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
         self.kv = torch.zeros(num_blocks, m.num_layers, 2, self.block_size, m.num_kv_heads, m.head_dim,
-                              dtype=config.dtype, device=config.device)
+                              dtype=config.dtype, device=self.device)
         self.sampler = Sampler()
 
-    def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
-        """Run one step. Returns the chunks that produced a token (row order) and their samples.
+    def bind_thread(self) -> None:
+        """Call on the thread that will run steps (the engine thread): makes the engine's GPU its
+        current CUDA device. No-op on CPU."""
+        devices.bind_thread(self.device)
 
-        on_layer_done(layer_index) runs after each layer has written this step's K/V (chunk
-        counters still hold the values from before the step: a chunk covers positions
-        [request.num_computed_tokens, + num_new_tokens)).
-        """
+    def build_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """The step's model inputs on the host (CPU tensors), rows in SchedulerOutput order."""
         ids, positions, slot_blocks, slot_offsets = [], [], [], []
         for chunk in out.decodes:
             r = chunk.request
@@ -50,7 +109,7 @@ class ModelRunner:
             slot_blocks.append(table[pos // self.block_size])
             slot_offsets.append(pos % self.block_size)
         nd = len(out.decodes)
-        ids_t = torch.tensor(ids, dtype=torch.long)
+        ids_t = torch.tensor(ids, dtype=torch.long)                  # [nd]
         pos_t = torch.tensor(positions, dtype=torch.long)
         sb_t = torch.tensor(slot_blocks, dtype=torch.long)
         so_t = torch.tensor(slot_offsets, dtype=torch.long)
@@ -70,7 +129,7 @@ class ModelRunner:
                 sampling_rows.append(q_start + n - 1)
             q_start += n
         if parts:
-            ids_t = torch.cat([ids_t] + [x[0] for x in parts])
+            ids_t = torch.cat([ids_t] + [x[0] for x in parts])      # [T]
             pos_t = torch.cat([pos_t] + [x[1] for x in parts])
             sb_t = torch.cat([sb_t] + [x[2] for x in parts])
             so_t = torch.cat([so_t] + [x[3] for x in parts])
@@ -79,12 +138,22 @@ class ModelRunner:
                           dtype=torch.int32).view(nd, max_blocks)       # [num_decode, max_blocks]
         meta = AttentionMetadata(
             slot_blocks=sb_t, slot_offsets=so_t, num_decode=nd, decode_block_tables=bt,
-            decode_seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32), prefills=prefills)
-        dev = self.config.device
-        if dev != "cpu":
-            meta = meta.to(dev)
-        logits = self.model(ids_t.to(dev), pos_t.to(dev), self.kv, meta,
-                            torch.tensor(sampling_rows, dtype=torch.long, device=dev), on_layer_done)
+            decode_seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32), prefills=prefills,
+            decode_max_len=max(positions) + 1 if nd else 0)
+        return StepInputs(ids_t, pos_t, torch.tensor(sampling_rows, dtype=torch.long), meta)
+
+    def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
+        """Run one step. Returns the chunks that produced a token (row order) and their samples.
+
+        on_layer_done(layer_index) runs after each layer has written this step's K/V (chunk
+        counters still hold the values from before the step: a chunk covers positions
+        [request.num_computed_tokens, + num_new_tokens)). On CUDA it runs when the layer's work
+        has been queued on the current stream, not when it has finished: a reader of `kv` on
+        another stream must wait for an event recorded on the current stream at that moment.
+        """
+        inputs = place_inputs(self.build_inputs(out), self.device)
+        logits = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, inputs.logits_indices,
+                            on_layer_done)                             # [S, vocab]
         sampled_chunks = out.decodes + [c for c in out.prefills if c.samples]
         if not sampled_chunks:
             return [], None
