@@ -32,6 +32,9 @@ def register(sub) -> None:
     up.add_argument("--max-num-seqs", type=int, default=None)
     up.add_argument("--max-model-len", type=int, default=None)
     up.add_argument("--lease-ms", type=int, default=None)
+    up.add_argument("--device", default=None, help="workers' device: auto (default), cpu or cuda[:N]")
+    up.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "nccl", "cuda_ipc"],
+                    help="workers' KV data plane (default auto: cuda_ipc on one GPU, nccl between GPUs, tcp otherwise)")
     up.add_argument("--log-dir", default=None, help="write each child's log here instead of this terminal")
     up.set_defaults(func=cmd_up)
 
@@ -39,7 +42,7 @@ def register(sub) -> None:
 def _worker_args(args) -> list[str]:
     out = ["--dtype", args.dtype]
     for flag in ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
-                 "max_model_len", "lease_ms"):
+                 "max_model_len", "lease_ms", "device", "kv_transport"):
         value = getattr(args, flag)
         if value is not None:
             out += ["--" + flag.replace("_", "-"), str(value)]

@@ -86,9 +86,9 @@ class IpcReceivePath(ReceivePath):
             peer = import_cache(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"malformed cuda_ipc SETUP: {e}") from e
-        if peer.shape != self.kv.shape or peer.dtype != self.kv.dtype:
-            raise ValueError(f"the sender's cache {tuple(peer.shape)} {peer.dtype} does not match this one "
-                             f"{tuple(self.kv.shape)} {self.kv.dtype}")
+        if peer.shape[1:] != self.kv.shape[1:] or peer.dtype != self.kv.dtype:    # block counts may differ
+            raise ValueError(f"the sender's blocks {tuple(peer.shape[1:])} {peer.dtype} do not match this side's "
+                             f"{tuple(self.kv.shape[1:])} {self.kv.dtype}")
         self.peer = peer
 
     def receive(self, sock, header, text, dst_block_ids, scratch):
@@ -98,8 +98,9 @@ class IpcReceivePath(ReceivePath):
             src = [int(b) for b in json.loads(text)["src"]]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"a cuda_ipc DATA frame has no block ids: {e}") from e
-        if len(src) != len(dst_block_ids):
-            raise ValueError(f"a cuda_ipc DATA frame names {len(src)} blocks for {len(dst_block_ids)}")
+        if len(src) != len(dst_block_ids) or any(not 0 <= b < self.peer.shape[0] for b in src):
+            raise ValueError(f"a cuda_ipc DATA frame names blocks {src} for {len(dst_block_ids)} blocks "
+                             f"(the sender has {self.peer.shape[0]})")
         l0, l1 = header.layer_start, header.layer_end
         with torch.cuda.stream(self.stream):
             scatter_blocks(self.kv, dst_block_ids, l0, l1, gather_blocks(self.peer, src, l0, l1))

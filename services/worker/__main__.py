@@ -15,7 +15,9 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
     p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU), cpu or cuda[:N]")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="on CUDA without --num-blocks: size the KV cache to this share of the GPU (e.g. 0.9)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (overrides --kv-memory-gib)")
     p.add_argument("--kv-memory-gib", type=float, default=1.0)
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> WorkerOptions:
     a = p.parse_args(argv)
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
+        p.error(f"--gpu-memory-utilization {a.gpu_memory_utilization}: give a share in (0, 1], e.g. 0.9")
     if a.kv_advertise_address is not None:
         host, _, port = a.kv_advertise_address.rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -66,7 +70,8 @@ def parse_args(argv=None) -> WorkerOptions:
     except ValueError:
         p.error(f"--cpu-cores {a.cpu_cores!r}: give comma-separated core numbers, e.g. 0,1")
     return WorkerOptions(
-        role=a.role, model=a.model, dtype=a.dtype, device=a.device, block_size=a.block_size, num_blocks=a.num_blocks,
+        role=a.role, model=a.model, dtype=a.dtype, device=a.device, gpu_memory_utilization=a.gpu_memory_utilization,
+        block_size=a.block_size, num_blocks=a.num_blocks,
         kv_memory_gib=a.kv_memory_gib, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len, threads=a.threads, enable_prefix_caching=not a.no_prefix_caching,
         host=a.host, port=a.port, kv_port=a.kv_port,

@@ -37,7 +37,8 @@ class WorkerOptions:
     role: str = "colocated"                 # prefill | decode | colocated
     model: str = "tiny"
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"                    # auto: CUDA when a GPU is visible (never initialises CUDA otherwise)
+    gpu_memory_utilization: float | None = None   # CUDA KV sizing as a share of the GPU (see build_engine)
     block_size: int = 16
     num_blocks: int | None = None
     kv_memory_gib: float = 1.0
@@ -99,7 +100,8 @@ class Worker:
             opts.model, dtype=opts.dtype, device=opts.device, block_size=opts.block_size, num_blocks=opts.num_blocks,
             kv_memory_gib=opts.kv_memory_gib, max_num_batched_tokens=opts.max_num_batched_tokens,
             max_num_seqs=opts.max_num_seqs, role=self.role, num_threads=opts.threads or None,
-            enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len)
+            enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
+            gpu_memory_utilization=opts.gpu_memory_utilization)
         cfg = self.engine.config
         if cfg.device == "cpu" and self.role != Role.PREFILL:
             # Build or load the decode-attention kernel now, before serving: built lazily, the first
