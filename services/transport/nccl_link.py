@@ -63,7 +63,7 @@ class NcclLink:
     @staticmethod
     def new_unique_id() -> bytes:
         """A fresh NCCL unique id (128 bytes) for rank 0 to hand to its peers."""
-        return bytes(b & 0xFF for b in _nccl().get_unique_id())
+        return bytes(_nccl().get_unique_id())          # CuPy >= 14 returns bytes
 
     def __init__(self, unique_id: bytes, nranks: int, rank: int, device: torch.device | str,
                  init_timeout_s: float = 60.0):
@@ -77,11 +77,10 @@ class NcclLink:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(self.device)
         self._uint8 = nccl.NCCL_UINT8
-        uid = tuple(b - 256 if b > 127 else b for b in unique_id)
 
         def init():
             with cupy.cuda.Device(index):
-                return nccl.NcclCommunicator(nranks, uid, rank)
+                return nccl.NcclCommunicator(nranks, bytes(unique_id), rank)
         self._comm = _run_with_timeout(init, init_timeout_s, f"NCCL init (rank {rank} of {nranks})")
         self._deferred: list | None = None        # scatters to run after the current group
         self._lock = threading.Lock()
