@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import asyncio
 import os
 import sys
@@ -62,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args, vocab: int, rate: float | None) -> WorkloadConfig:
+def _config(args, vocab: int, rate: float | None, prompt_salt: int = 0) -> WorkloadConfig:
     return WorkloadConfig(trace=args.trace, max_requests=args.max_requests, sample=args.sample, arrival=args.arrival,
                           rate=rate, time_scale=args.time_scale, cv=args.cv, max_input_tokens=args.max_input_tokens,
                           max_output_tokens=args.max_output_tokens, length_mode=args.length_mode,
-                          block_tokens=args.block_tokens, vocab_size=vocab, seed=args.seed)
+                          block_tokens=args.block_tokens, vocab_size=vocab, seed=args.seed, prompt_salt=prompt_salt)
 
 
 async def _run(args) -> tuple[dict, list]:
@@ -85,8 +86,12 @@ async def _run(args) -> tuple[dict, list]:
             warm = build_workload(dataclasses.replace(_config(args, vocab, args.rate), seed=args.seed + 1_000_003))
             await _warm_up(target, warm, args.warmup)
 
+        probes = itertools.count()
+
         async def measure(rate):
-            workload = build_workload(_config(args, vocab, rate))
+            # every probe after the first gets fresh prompt tokens: no probe is served from the
+            # prefix cache an earlier one filled
+            workload = build_workload(_config(args, vocab, rate, prompt_salt=next(probes)))
             results, wall = await run(workload, target, max_concurrency=args.max_concurrency,
                                       progress=not args.no_progress)
             return workload, results, summarize(results, args.ttft_slo, args.tpot_slo, wall)

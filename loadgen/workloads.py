@@ -75,6 +75,9 @@ class WorkloadConfig:
     block_tokens: int = MOONCAKE_BLOCK_TOKENS   # tokens per Mooncake hash block in our prompts
     vocab_size: int = 32000
     seed: int = 0
+    # Changes the prompts' tokens only (same lengths, same schedule). A goodput search gives every
+    # probe its own salt: re-sent prompts would be served from the prefix cache of the last probe.
+    prompt_salt: int = 0
 
 
 @dataclass
@@ -87,7 +90,8 @@ class Workload:
 
     def prompt(self, spec: RequestSpec) -> list[int]:
         """The prompt token ids of `spec`: its hash blocks (shared across requests), then ids of its own."""
-        return make_prompt(spec, self.config.seed, self.config.vocab_size, self.config.block_tokens)
+        return make_prompt(spec, self.config.seed, self.config.vocab_size, self.config.block_tokens,
+                           self.config.prompt_salt)
 
     def describe(self) -> dict:
         """A JSON-able description for reports."""
@@ -111,19 +115,19 @@ def _stats(xs) -> dict | None:
             "p99": float(np.percentile(a, 99)), "max": int(a.max())}
 
 
-def make_prompt(spec: RequestSpec, seed: int, vocab_size: int, block_tokens: int) -> list[int]:
+def make_prompt(spec: RequestSpec, seed: int, vocab_size: int, block_tokens: int, salt: int = 0) -> list[int]:
     if vocab_size <= TOKEN_LOW:
         raise ValueError(f"vocab size must be > {TOKEN_LOW}, got {vocab_size}")
     ids: list[int] = []
     for h in spec.hash_ids:
         if len(ids) >= spec.input_tokens:
             break
-        rng = np.random.default_rng([seed, _BLOCK_TAG, h])
+        rng = np.random.default_rng([seed, _BLOCK_TAG, h] + ([salt] if salt else []))
         ids.extend(rng.integers(TOKEN_LOW, vocab_size, size=block_tokens).tolist())
     del ids[spec.input_tokens:]
     rest = spec.input_tokens - len(ids)
     if rest > 0:
-        rng = np.random.default_rng([seed, _PROMPT_TAG, spec.row])
+        rng = np.random.default_rng([seed, _PROMPT_TAG, spec.row] + ([salt] if salt else []))
         ids.extend(rng.integers(TOKEN_LOW, vocab_size, size=rest).tolist())
     return ids
 

@@ -124,3 +124,24 @@ def test_goodput_search_that_runs_out_of_bracket_steps_reports_a_lower_bound(tmp
     # 5 and 10 req/s are far below the 50 req/s capacity: one doubling, still passing, no bisection
     assert [p["rate"] for p in search["probes"]] == [5, 10]
     assert search["best_rate_rps"] == 10 and search["bracketed"] is False
+
+
+def test_goodput_search_probes_never_resend_a_prompt(tmp_path):
+    """Each probe gets fresh prompt tokens (same lengths): a re-sent prompt would hit the prefix
+    cache the previous probe filled and make later, faster probes look cheap."""
+    made = []
+
+    def factory(config):
+        made.append(FakeTarget(first_s=0.001, vocab=500))
+        return made[-1]
+    targets.register_simulator(factory)
+    try:
+        rc = main(["run", "--target", "sim:x", "--trace", "synthetic:n=6,input=12,output=1", "--arrival", "constant",
+                   "--rate", "50", "--ttft-slo", "1", "--search-goodput", "--bracket-steps", "2", "--search-steps", "0",
+                   "--no-progress", "--out", str(tmp_path / "r.json")])
+    finally:
+        targets.unregister_simulator()
+    assert rc == 0
+    prompts = [tuple(p) for p in made[0].prompts]
+    assert len(prompts) == 18 and len(set(prompts)) == 18                 # 3 probes × 6 requests, all distinct
+    assert sorted(len(p) for p in prompts[:6]) == sorted(len(p) for p in prompts[6:12])

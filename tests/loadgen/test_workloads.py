@@ -1,6 +1,7 @@
 """Workloads: the real shared traces, determinism, Mooncake prefix sharing, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -133,3 +134,12 @@ def test_bad_input_is_named(tmp_path):
         build_workload(WorkloadConfig(trace=str(tmp_path / "nope.csv")))
     with pytest.raises(WorkloadError, match="missing field 'output_length'"):
         build_workload(WorkloadConfig(trace=_mooncake(tmp_path, [{"timestamp": 0, "input_length": 3}])))
+
+
+def test_prompt_salt_changes_tokens_only():
+    base = WorkloadConfig(trace="synthetic:n=5,input=20,output=3", rate=4.0, vocab_size=300, seed=2)
+    plain, salted = build_workload(base), build_workload(dataclasses.replace(base, prompt_salt=3))
+    assert [(r.arrival_s, r.input_tokens, r.output_tokens) for r in plain.requests] == \
+           [(r.arrival_s, r.input_tokens, r.output_tokens) for r in salted.requests]
+    assert all(plain.prompt(a) != salted.prompt(b) for a, b in zip(plain.requests, salted.requests))
+    assert [plain.prompt(r) for r in plain.requests] == [build_workload(base).prompt(r) for r in plain.requests]
