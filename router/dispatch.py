@@ -156,6 +156,12 @@ class Dispatcher:
                     worker_pb2.ReserveRequest(request=rr.worker_request, lease_ms=self.lease_ms),
                     timeout=self._timeout(rr))
                 return d, resp.handle, token
+            except asyncio.CancelledError:
+                # The client went away while Reserve was in flight: D may have reserved already (its
+                # answer lost with the call), and nothing else knows to free it before the lease expires.
+                self.ledger.remove(token)
+                self.pool.release_later(d.address, rr.request_id)
+                raise
             except grpc.aio.AioRpcError as e:
                 self.ledger.remove(token)
                 if e.code() not in RETRY_CODES:
