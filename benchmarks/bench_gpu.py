@@ -48,13 +48,8 @@ def gpu_skip_reason() -> str | None:
 
 
 def nccl_skip_reason() -> str | None:
-    try:
-        from cupy.cuda import nccl
-    except ImportError as e:
-        return f"needs cupy with NCCL (pip install .[gpu]): {e}"
-    if not getattr(nccl, "available", True):
-        return "needs cupy with NCCL (pip install .[gpu]): CuPy cannot load libnccl"
-    return None
+    from services.transport.selection import nccl_problem      # imports CuPy: only once a GPU was seen
+    return nccl_problem()
 
 
 # ---- 1. KV transfer --------------------------------------------------------------------------------

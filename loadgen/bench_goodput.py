@@ -28,11 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadgen.bench_goodput", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="small")
     p.add_argument("--trace", default=TRACE)
-    p.add_argument("--max-requests", type=int, default=60)
+    p.add_argument("--max-requests", type=int, default=200,
+                   help="requests per probe; short probes only measure how big a burst a fast system absorbs")
     p.add_argument("--max-input-tokens", type=int, default=512,
                    help="clip prompts (a 512-token prefill takes ~0.2 s on one core here: room under the TTFT SLO)")
     p.add_argument("--max-output-tokens", type=int, default=128)
-    p.add_argument("--rate", type=float, default=1.0, help="starting rate of the search (req/s)")
+    p.add_argument("--rate", type=float, default=2.0, help="starting rate of the search (req/s)")
     p.add_argument("--ttft-slo", type=float, default=2.0,
                    help="seconds; a 512-token prefill alone takes 0.2-0.4 s on one shared core here")
     p.add_argument("--tpot-slo", type=float, default=0.1)

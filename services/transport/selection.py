@@ -74,15 +74,23 @@ def host_id() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def nccl_problem() -> str | None:
+    """Why CuPy's NCCL binding cannot be used here, or None when it can. Imports CuPy: only ask
+    for CUDA caches (and in GPU tests/benchmarks), never on a CPU host's path."""
+    if importlib.util.find_spec("cupy") is None:
+        return "needs cupy with NCCL (pip install .[gpu])"
+    try:
+        from cupy.cuda import nccl
+    except Exception as e:       # ImportError, or a CUDA library missing at load time
+        return f"needs cupy with NCCL (pip install .[gpu]): {e}"
+    if not getattr(nccl, "available", True):
+        return "needs cupy with NCCL (pip install .[gpu]): CuPy cannot load libnccl"
+    return None
+
+
 def nccl_available() -> bool:
     """CuPy's NCCL binding imports (only asked for CUDA caches: never imports CuPy on CPU hosts)."""
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        from cupy.cuda import nccl  # noqa: F401
-        return bool(nccl.available) if hasattr(nccl, "available") else True
-    except Exception:       # ImportError, or a CUDA/NCCL library missing at load time
-        return False
+    return nccl_problem() is None
 
 
 def gpu_uuid(device: torch.device) -> str:

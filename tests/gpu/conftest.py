@@ -7,12 +7,12 @@ CuPy on a machine without a GPU (torch.cuda.is_available() and importlib's find_
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from services.transport.selection import nccl_problem
 from tests.redis_fixtures import redis_server, redis_url  # noqa: F401  (pytest fixtures for the cluster tests)
 
 HERE = Path(__file__).resolve().parent
@@ -30,19 +30,6 @@ def cuda_skip_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def nccl_skip_reason() -> str | None:
-    if importlib.util.find_spec("cupy") is None:
-        return "needs cupy with NCCL (pip install .[gpu])"
-    try:
-        from cupy.cuda import nccl
-    except ImportError as e:
-        return f"needs cupy with NCCL (pip install .[gpu]): {e}"
-    if not getattr(nccl, "available", True):
-        return "needs cupy with NCCL (pip install .[gpu]): CuPy cannot load libnccl"
-    return None
-
-
 def multi_gpu_skip_reason() -> str | None:
     n = torch.cuda.device_count()
     return None if n >= 2 else f"needs two CUDA GPUs (torch.cuda.device_count() is {n})"
@@ -56,6 +43,6 @@ def pytest_collection_modifyitems(config, items):
         if reason is None and item.get_closest_marker("multi_gpu"):
             reason = multi_gpu_skip_reason()
         if reason is None and item.get_closest_marker("nccl"):
-            reason = nccl_skip_reason()
+            reason = nccl_problem()
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
