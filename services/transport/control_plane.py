@@ -544,11 +544,16 @@ class ControlReceiver(KVReceiver):
                 problem = str(e)
             except ValueError as e:
                 raise ProtocolError(f"malformed HELLO: {e}") from e
+        path = None
+        if problem is None:
+            try:       # before HELLO_OK: a path this side cannot build is a refusal the sender can read
+                path = _receive_path(transport, self._kv, self.layout, self.timeout_s)
+            except Exception as e:
+                problem = f"the receiver cannot run {transport}: {e}"
         if problem:
             reply(FrameType.HELLO_ERR, text=problem)
             return None
         reply(FrameType.HELLO_OK, text=hello_text(self.layout, self.endpoint.to_dict(), transport))
-        path = _receive_path(transport, self._kv, self.layout, self.timeout_s)
         if transport != "tcp":
             header, _, text = recv_frame(sock)
             if header.ftype != FrameType.SETUP:

@@ -147,3 +147,23 @@ def test_sender_refuses_a_receiver_that_names_another_transport():
         sender.close()
         thread.join(10)
         listener.close()
+
+
+def test_a_receive_path_the_receiver_cannot_build_is_refused_at_the_handshake(monkeypatch):
+    """E.g. a CUDA stream that cannot be created: HELLO_ERR with the reason, not an accepted
+    handshake followed by a dropped connection."""
+    from services.transport import control_plane
+
+    def broken(*args):
+        raise RuntimeError("no CUDA stream could be created")
+    monkeypatch.setattr(control_plane, "_receive_path", broken)
+    kv = _kv()
+    layout = KVLayout.of(kv, "tiny")
+    receiver = make_receiver("auto", layout, kv, timeout_s=10)
+    sender = make_sender("auto", layout, timeout_s=10)
+    try:
+        with pytest.raises(KVHandshakeError, match="the receiver cannot run tcp: no CUDA stream could be created"):
+            sender.open("r", receiver.address, kv)
+    finally:
+        sender.close()
+        receiver.close()
