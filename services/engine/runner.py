@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 
 from services.engine import device as devices
 from services.engine.config import EngineConfig
+from services.engine.linear import prepack_linears, prepack_supported
 from services.engine.loader import LoadedModel
 from services.engine.model import AttentionMetadata, LlamaModel, PrefillSeq
 from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +89,11 @@ class ModelRunner:
         model.load_hf_weights(loaded.tensors)
         if m.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
+        packable, why_not = prepack_supported(self.device, config.dtype)
+        if packable:
+            log.info("linear weights pre-packed for oneDNN (%d layers, %s)", prepack_linears(model), config.dtype)
+        else:
+            log.info("linear weights used as loaded: %s", why_not)
         self.model = model.eval()
         self.model.init_rotary(self.device)
         # kv: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
