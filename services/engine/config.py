@@ -141,6 +141,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048      # token budget per step (decode + prefill chunks)
     long_prefill_token_threshold: int = 0   # 0: a single prompt may take the whole budget
     policy: str = "fcfs"
+    # Prefill tokens a step may add beside running decodes (Sarathi-style chunking that bounds the
+    # decodes' inter-token time); 0: no cap beyond max_num_batched_tokens. Changeable at run time.
+    mixed_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -59,15 +59,19 @@ class MigrationSnapshot:
 
 
 def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
-                    max_model_len: int, max_tokens_limit: int | None = None) -> None:
+                    max_model_len: int, max_tokens_limit: int | None = None, *, ints: bool = False) -> None:
     """The checks any component can make without a KV pool (the router makes them too).
 
+    ints=True: the ids are known to be ints (a protobuf repeated int32), so their range is checked
+    with min() and max() instead of one Python-level test per id.
     Raises InvalidRequestError naming the field a user must fix.
     """
     params.validate(vocab_size, max_tokens_limit)
     if not prompt_token_ids:
         raise InvalidRequestError("prompt", "is empty; send at least one token or character")
-    bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    bad = None
+    if not ints or min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequestError("token_ids", f"id {bad!r} is outside the vocabulary [0, {vocab_size})")
     if len(prompt_token_ids) >= max_model_len:
@@ -84,6 +88,7 @@ class LLMEngine:
         num_blocks = plan_num_blocks(config, torch_device(config.device))
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
+        self.role = config.scheduler.role      # what new work it takes; set_role changes it at run time
         self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._cached: dict[str, int] = {}
@@ -94,10 +99,12 @@ class LLMEngine:
         self.last_step_decodes = 0
 
     # ---- requests ---------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequestError naming the field a user must fix; no-op for a valid request."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, *, ints: bool = False) -> None:
+        """Raise InvalidRequestError naming the field a user must fix; no-op for a valid request.
+        ints: as in validate_prompt."""
         c = self.config
-        validate_prompt(prompt_token_ids, params, c.model.vocab_size, c.max_model_len, c.max_tokens_limit)
+        validate_prompt(prompt_token_ids, params, c.model.vocab_size, c.max_model_len, c.max_tokens_limit,
+                        ints=ints)
         needed_blocks = -(-min(len(prompt_token_ids) + params.max_tokens, c.max_model_len) // self.kv.block_size)
         if needed_blocks > self.kv.num_blocks:
             raise InvalidRequestError(
@@ -106,18 +113,24 @@ class LLMEngine:
 
     def validate_new_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """validate() plus what only a fresh prompt needs: an instance that computes prompts."""
-        if self.config.scheduler.role == Role.DECODE:
+        if self.role == Role.DECODE:
             raise InvalidRequestError("prompt", "this instance is decode-only: send prompts to a prefill or "
                                       "colocated instance, or hand KV over with import_request")
         self.validate(prompt_token_ids, params)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id)."""
-        self.validate_new_request(prompt_token_ids, params)
+                    request_id: str | None = None, priority: int = 0, validated: bool = False, handoff: bool | None = None) -> str:
+        """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id).
+
+        handoff: the request leaves after its first token with HANDOFF, its KV kept for a transfer
+        (None: as the instance's role says: prefill instances hand off, others decode on).
+        """
+        if not validated:          # validated=True: the caller did (EngineThread.submit)
+            self.validate_new_request(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, list(prompt_token_ids), params,
-                          eos_token_ids=self.config.model.eos_token_ids, priority=priority)
+                          eos_token_ids=self.config.model.eos_token_ids, priority=priority,
+                          handoff=self.role == Role.PREFILL if handoff is None else handoff)
         self.scheduler.add(request)
         if params.detokenize:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
@@ -235,6 +248,16 @@ class LLMEngine:
         """Finish a request now and free its blocks. Safe no-op for unknown or finished ids."""
         request = self.scheduler.finish(request_id, FinishReason.ABORT)
         return None if request is None else self._output(request, 0, "")
+
+    def set_role(self, role: Role, mixed_prefill_tokens: int | None = None) -> None:
+        """Change what new work this engine takes; requests it holds run on unchanged (a prefill
+        still hands off, a decode keeps decoding). mixed_prefill_tokens, when given, becomes the
+        cap on prompt tokens per step beside decodes (0: none)."""
+        self.role = role
+        if mixed_prefill_tokens is not None:
+            if mixed_prefill_tokens < 0:
+                raise ValueError(f"mixed_prefill_tokens must be >= 0, got {mixed_prefill_tokens}")
+            self.scheduler.mixed_prefill_tokens = mixed_prefill_tokens
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -7,6 +7,7 @@ engine on its next loop turn. Errors inside a step fail every live stream instea
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from services.engine.request import FinishReason
 from services.engine.sampling_params import SamplingParams
 
 _CLOSE = object()
+log = logging.getLogger("tandem.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -93,16 +95,19 @@ class EngineThread:
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str | None = None, priority: int = 0,
-               stream_cls: type[RequestStream] | None = None) -> RequestStream:
+               stream_cls: type[RequestStream] | None = None, validated: bool = False,
+               handoff: bool | None = None) -> RequestStream:
         """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine.
+        handoff: as LLMEngine.add_request (None: the engine's role decides).
 
         A refusal only the engine thread can see (e.g. an id still held by a handed-off request)
         is raised from the stream's iterator as ValueError; other streams are unaffected.
         """
-        self.engine.validate_new_request(prompt_token_ids, params)
+        if not validated:        # validated=True: the caller checked (a worker, after the router)
+            self.engine.validate_new_request(prompt_token_ids, params)
         stream = self._new_stream(request_id or f"req-{next(self._ids)}", stream_cls)
         request_id = stream.request_id
-        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority)))
+        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority, handoff)))
         return stream
 
     def adopt(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
@@ -149,14 +154,23 @@ class EngineThread:
         queue.Empty when fn did not run within `timeout`, and whatever fn raised.
         """
         done: queue.Queue = queue.Queue(maxsize=1)
-        with self._lock:         # the loop drains pending calls after setting _stopped under this lock
-            if self._stopped.is_set():
-                raise EngineDeadError("the engine thread has stopped")
-            self._inbox.put(("call", (fn, done)))
+        self.call_soon(fn, lambda ok, value: done.put((ok, value)))
         ok, value = done.get(timeout=timeout)
         if not ok:
             raise value
         return value
+
+    def call_soon(self, fn, on_done=None) -> None:
+        """Queue fn(engine) to run on the engine thread between steps; do not wait for it.
+
+        on_done(ok, result or exception) runs on the engine thread right after fn, or with
+        EngineDeadError when the thread stops first; it must be quick and must not raise. Without
+        on_done an exception of fn is logged. Raises EngineDeadError at once when the thread has
+        stopped."""
+        with self._lock:         # the loop drains pending calls after setting _stopped under this lock
+            if self._stopped.is_set():
+                raise EngineDeadError("the engine thread has stopped")
+            self._inbox.put(("call", (fn, on_done or _log_failure)))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; live streams end with EngineDeadError. Idempotent."""
@@ -216,7 +230,7 @@ class EngineThread:
             except queue.Empty:
                 return
             if kind == "call":
-                arg[1].put((False, EngineDeadError("the engine thread has stopped")))
+                arg[1](False, EngineDeadError("the engine thread has stopped"))
 
     def _drain_inbox(self, block: bool) -> bool:
         while True:
@@ -228,9 +242,10 @@ class EngineThread:
             if kind == "stop":
                 return False
             if kind == "add":
-                ids, params, request_id, priority = arg
+                ids, params, request_id, priority, handoff = arg
                 try:
-                    self.engine.add_request(ids, params, request_id=request_id, priority=priority)
+                    self.engine.add_request(ids, params, request_id=request_id, priority=priority, validated=True,
+                                            handoff=handoff)
                 except ValueError as e:          # refuse this request only; the engine lives on
                     with self._lock:
                         stream = self._streams.pop(request_id, None)
@@ -252,9 +267,11 @@ class EngineThread:
             elif kind == "call":
                 fn, done = arg
                 try:
-                    done.put((True, fn(self.engine)))
+                    result = fn(self.engine)
                 except Exception as e:
-                    done.put((False, e))
+                    done(False, e)
+                else:
+                    done(True, result)
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
@@ -263,6 +280,11 @@ class EngineThread:
                 self._streams.pop(out.request_id, None)
         if stream is not None:
             stream._put(out)
+
+
+def _log_failure(ok: bool, value) -> None:
+    if not ok and not isinstance(value, EngineDeadError):
+        log.error("an engine call failed: %r", value)
 
 
 def is_aborted(out: RequestOutput) -> bool:

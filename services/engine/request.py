@@ -40,6 +40,7 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     first_scheduled_time: float | None = None    # time.monotonic() when its first chunk ran
+    handoff: bool = False      # prefill only: leaves with HANDOFF after its first token (its KV moves on)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.engine.config import Role, SchedulerConfig
+from services.engine.config import SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
 from services.engine.policy import make_policy
 from services.engine.request import FinishReason, Request, RequestStatus
@@ -51,6 +51,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.paused: dict[str, tuple[Request, RequestStatus]] = {}   # id → (request, status to resume to)
         self.requests: dict[str, Request] = {}
+        self.mixed_prefill_tokens = config.mixed_prefill_tokens   # see SchedulerConfig; set at run time too
 
     # ---- queue management -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -130,7 +131,8 @@ class Scheduler:
                 break
             if request.request_id not in self.requests or request.status != RequestStatus.RUNNING:
                 continue       # preempted earlier in this loop
-            n = self._tokens_wanted(request, budget)
+            decode = self._is_decode(request)
+            n = self._tokens_wanted(request, budget if decode else self._prefill_budget(out, budget))
             if n <= 0:
                 continue
             if not self._reserve_or_preempt(request, n, out, scheduled):
@@ -139,8 +141,16 @@ class Scheduler:
             scheduled.add(request.request_id)
             budget -= n
         if not out.preempted:
-            budget = self._admit_waiting(out, budget)
+            budget = self._admit_waiting(out, self._prefill_budget(out, budget))
         return out
+
+    def _prefill_budget(self, out: SchedulerOutput, budget: int) -> int:
+        """Tokens prompt chunks may still take this step: all of `budget`, or beside decodes at
+        most mixed_prefill_tokens in all (Sarathi-style: the decodes' step stays short)."""
+        if not (self.mixed_prefill_tokens and out.decodes):
+            return budget
+        used = sum(c.num_new_tokens for c in out.prefills)
+        return min(budget, max(0, self.mixed_prefill_tokens - used))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         for request in self.policy.admission_order(self.waiting):
@@ -163,7 +173,7 @@ class Scheduler:
 
     def _tokens_wanted(self, request: Request, budget: int) -> int:
         n = request.num_tokens - request.num_computed_tokens
-        if self.config.role == Role.PREFILL and request.num_output_tokens > 0:
+        if request.handoff and request.num_output_tokens > 0:
             return 0
         if n > 1 and self.config.long_prefill_token_threshold:
             n = min(n, self.config.long_prefill_token_threshold)
@@ -225,6 +235,6 @@ class Scheduler:
             return FinishReason.STOP
         if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
-        if self.config.role == Role.PREFILL:
+        if request.handoff:
             return FinishReason.HANDOFF
         return None

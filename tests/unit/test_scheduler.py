@@ -34,12 +34,13 @@ def make():
         kv.check_integrity()
 
 
-def req(rid: str, n_prompt: int, arrival: float, *, max_tokens=16, base=None, priority=0, **params) -> Request:
+def req(rid: str, n_prompt: int, arrival: float, *, max_tokens=16, base=None, priority=0, handoff=False,
+        **params) -> Request:
     """A request whose prompt is n_prompt distinct ids (distinct across request ids unless `base` is shared)."""
     base = next(_bases) if base is None else base
     return Request(rid, [base + i for i in range(n_prompt)],
                    SamplingParams(max_tokens=max_tokens, **params),
-                   eos_token_ids=(EOS,), priority=priority, arrival_time=arrival)
+                   eos_token_ids=(EOS,), priority=priority, arrival_time=arrival, handoff=handoff)
 
 
 def step(sched: Scheduler, tokens: dict[str, int] | None = None):
@@ -285,9 +286,9 @@ def test_unknown_policy_is_rejected(make):
 
 
 # ---------------------------------------------------------------- roles and stops
-def test_prefill_role_hands_off_after_first_token(make):
-    s = make(budget=6, role=Role.PREFILL)
-    a = req("a", 10, 0.0, max_tokens=16)
+def test_handoff_request_leaves_after_first_token(make):
+    s = make(budget=6)
+    a = req("a", 10, 0.0, max_tokens=16, handoff=True)
     s.add(a)
     _, finished, _ = step(s)
     assert finished == [] and a.num_computed_tokens == 6
@@ -300,10 +301,10 @@ def test_prefill_role_hands_off_after_first_token(make):
     assert s.kv.num_used_blocks == 0
 
 
-def test_prefill_role_still_reports_eos_and_length(make):
-    s = make(role=Role.PREFILL)
-    s.add(req("eos", 4, 0.0, max_tokens=16))
-    s.add(req("len", 4, 1.0, max_tokens=1))
+def test_handoff_request_still_reports_eos_and_length(make):
+    s = make()
+    s.add(req("eos", 4, 0.0, max_tokens=16, handoff=True))
+    s.add(req("len", 4, 1.0, max_tokens=1, handoff=True))
     _, finished, _ = step(s, {"eos": EOS, "len": 7})
     assert {r.request_id: r.finish_reason for r in finished} == {"eos": FinishReason.STOP,
                                                                   "len": FinishReason.LENGTH}
@@ -404,3 +405,39 @@ def test_prefix_cache_off_recomputes_everything(make):
     step(s)
     s.add(req("second", 40, 1.0, base=500, max_tokens=1))
     assert step(s)[2]["prefills"] == [("second", 40)]
+
+
+def test_handoff_and_decoding_requests_share_an_instance(make):
+    """An instance serving both roles: a hand-off request leaves after its first token while a
+    request submitted to decode here goes on."""
+    s = make()
+    s.add(req("p", 4, 0.0, max_tokens=16, handoff=True))
+    s.add(req("c", 4, 1.0, max_tokens=16))
+    _, finished, _ = step(s, {"p": 5, "c": 6})
+    assert [r.request_id for r in finished] == ["p"] and finished[0].finish_reason == FinishReason.HANDOFF
+    _, finished, shape = step(s, {"c": 7})
+    assert shape["decodes"] == [("c", 1)] and finished == []
+    s.kv.free("p")
+
+
+def test_mixed_prefill_tokens_caps_prompt_chunks_beside_decodes(make):
+    s = make(budget=64)
+    s.mixed_prefill_tokens = 5
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s, {"d": 5})                               # d decodes from now on
+    s.add(req("a", 12, 1.0))
+    _, _, shape = step(s, {"d": 6})
+    assert shape["decodes"] == [("d", 1)] and shape["prefills"] == [("a", 5)]
+    _, _, shape = step(s, {"d": 7})
+    assert shape["prefills"] == [("a", 5)]          # a running prompt is capped too
+    s.mixed_prefill_tokens = 0
+    _, _, shape = step(s, {"d": 8, "a": 9})
+    assert shape["prefills"] == [("a", 2)]
+
+
+def test_mixed_prefill_cap_does_not_apply_without_decodes(make):
+    s = make(budget=64)
+    s.mixed_prefill_tokens = 5
+    s.add(req("a", 12, 0.0))
+    _, _, shape = step(s, {"a": 1})
+    assert shape["prefills"] == [("a", 12)]
