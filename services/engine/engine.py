@@ -119,7 +119,8 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None, priority: int = 0, validated: bool = False, handoff: bool | None = None) -> str:
+                    request_id: str | None = None, priority: int = 0, validated: bool = False,
+                    handoff: bool | None = None) -> str:
         """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id).
 
         handoff: the request leaves after its first token with HANDOFF, its KV kept for a transfer

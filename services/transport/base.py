@@ -152,8 +152,9 @@ class KVReceiver(ABC):
                on_commit: Callable[[str, int, dict], str | None]) -> None:
         """Accept ``request_id``: its logical block ``i`` lands in physical ``dst_block_ids[i]``.
 
-        Call before the sender pushes; frames of requests not expected (or forgotten) are read and
-        discarded. ``on_commit(request_id, num_tokens, meta)`` runs on a receiver thread once every
+        Frames of requests not expected (or forgotten) are read and discarded, except those of a
+        transfer the sender opened just before: the receiver holds them until this call, for a
+        bounded time (see ControlReceiver), so a reservation may race the sender's first push. ``on_commit(request_id, num_tokens, meta)`` runs on a receiver thread once every
         byte of the request is in ``kv``; it returns None to ACK or a reason string to NACK. After
         a commit (ACK or NACK) the request is forgotten. Raises ValueError for a block id out of
         range or a request id already expected.

@@ -9,6 +9,10 @@ header in push order, and its reader thread matches ACK/NACK frames to committin
 request id. Receiver: a thread per accepted connection reads frames in order and hands each
 DATA frame to the connection's receive path, which writes ``kv[dst_block_ids[i], l0:l1]``;
 ``on_commit`` callbacks run on a small pool so a slow callback does not stall the connection.
+A transfer may open before the receiver expects it (the decode instance reserves while the
+prefill instance already computes): its OPEN frame announces it, and the connection holds its
+first DATA or COMMIT frame until ``expect`` lands, up to ``open_wait_s`` after the OPEN; then the
+transfer is refused (NACK), so the sender falls back at once instead of committing partial KV.
 Any failure (socket, path, watchdog) fails the connection and every transfer on it; the next
 ``open`` to that address reconnects with a fresh path.
 """
@@ -21,6 +25,7 @@ import queue
 import socket
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -94,6 +99,7 @@ class ControlSender(KVSender):
         _check_kv(kv, self.layout)
         transfer = _Transfer(self, self._connection(address, kv), request_id, kv.shape[0])
         transfer.conn.register(transfer)
+        transfer.conn.send(transfer, [encode(FrameType.OPEN, request_id)])
         return transfer
 
     def close(self) -> None:
@@ -267,7 +273,7 @@ class _Connection:
             if transfer is not None:
                 if transfer.aborted:
                     continue
-                if transfer.t_first is None:
+                if transfer.t_first is None and data is not None:
                     transfer.t_first = time.perf_counter()
             try:
                 if data is not None:
@@ -328,7 +334,7 @@ class _Transfer(OutgoingTransfer):
         self.request_id = request_id
         self.conn = conn
         self.aborted = False                 # read by the writer: drop this transfer's queued frames
-        self.t_first: float | None = None    # set by the writer when it sends this transfer's first frame
+        self.t_first: float | None = None    # set by the writer when it sends this transfer's first DATA frame
         self._sender = sender
         self._layout = sender.layout
         self._num_blocks = num_blocks
@@ -376,7 +382,7 @@ class _Transfer(OutgoingTransfer):
         if self._error is not None:
             self._sender._count(failures=1)
             raise self._error
-        window = self._t_ack - self.t_first
+        window = self._t_ack - (self.t_first or self._t_ack)
         self._sender._count(transfers=1, window_s_total=window)
         return TransferStats(self.request_id, self._bytes, window, self._frames)
 
@@ -412,20 +418,38 @@ class _Expected:
     error: str | None = None     # a bad frame was seen; the commit will be refused with this
 
 
+_REMEMBERED = 4096      # request ids kept in each of the receiver's bounded "recently" tables
+
+
+def _remember(table: OrderedDict, request_id: str, value) -> None:
+    table[request_id] = value
+    table.move_to_end(request_id)
+    if len(table) > _REMEMBERED:
+        table.popitem(last=False)
+
+
 class ControlReceiver(KVReceiver):
     """Decode (and migration destination) side of every transport: a listening socket, a thread
-    per connection, each connection with the payload path its handshake chose."""
+    per connection, each connection with the payload path its handshake chose.
+
+    ``open_wait_s`` (default: the smaller of timeout_s and 5 s) bounds how long a transfer that
+    opened before its ``expect`` may hold its connection's frames (module docstring)."""
 
     def __init__(self, layout: KVLayout, kv: torch.Tensor, host: str = "127.0.0.1", port: int = 0, *,
-                 timeout_s: float = 30.0, setting: str = "tcp"):
+                 timeout_s: float = 30.0, setting: str = "tcp", open_wait_s: float | None = None):
         self.layout = layout
         self.timeout_s = timeout_s
+        self.open_wait_s = min(timeout_s, 5.0) if open_wait_s is None else open_wait_s
         _check_kv(kv, layout)
         self._kv = kv
         self.endpoint = local_endpoint(setting, kv)
         self._num_blocks = kv.shape[0]
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)     # notified by expect, forget and close
         self._requests: dict[str, _Expected] = {}
+        self._announced: dict[str, float] = {}         # opened, not expected yet → monotonic deadline
+        self._forgotten: OrderedDict[str, None] = OrderedDict()   # recently forgotten
+        self._missed: OrderedDict[str, str] = OrderedDict()       # frames discarded before expect: why
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._closed = False
         self._stats = {"bytes_received": 0, "bytes_discarded": 0, "transfers_committed": 0,
@@ -443,11 +467,22 @@ class ControlReceiver(KVReceiver):
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} is already expected")
-            self._requests[request_id] = _Expected(list(dst_block_ids), on_commit)
+            entry = _Expected(list(dst_block_ids), on_commit)
+            self._forgotten.pop(request_id, None)
+            self._announced.pop(request_id, None)
+            missed = self._missed.pop(request_id, None)
+            if missed is not None:          # its first frames were discarded: the commit must fail
+                entry.error = f"{missed}; part of its KV was discarded"
+            self._requests[request_id] = entry
+            self._arrived.notify_all()
 
     def forget(self, request_id: str) -> None:
         with self._lock:
             entry = self._requests.pop(request_id, None)
+            _remember(self._forgotten, request_id, None)       # an OPEN arriving later is refused
+            if self._announced.pop(request_id, None) is not None:
+                _remember(self._missed, request_id, f"request {request_id!r} was forgotten before it was expected")
+            self._arrived.notify_all()
         if entry is not None:
             with entry.lock:          # waits for a frame being written
                 entry.active = False
@@ -462,6 +497,7 @@ class ControlReceiver(KVReceiver):
                 return
             self._closed = True
             conns = dict(self._conns)
+            self._arrived.notify_all()
         _shutdown(self._listener)     # wakes accept()
         self._acceptor.join()
         self._listener.close()
@@ -510,9 +546,11 @@ class ControlReceiver(KVReceiver):
                 wait_readable(sock)
                 header, rid, text = recv_frame(sock)
                 if header.ftype == FrameType.DATA:
-                    self._on_data(sock, path, header, rid, text, scratch)
+                    self._on_data(sock, path, header, rid, text, scratch, reply)
                 elif header.ftype == FrameType.COMMIT:
                     self._on_commit(rid, header.num_tokens, text, reply)
+                elif header.ftype == FrameType.OPEN:
+                    self._on_open(rid, reply)
                 elif header.ftype == FrameType.ABORT:
                     self.forget(rid)
                 else:
@@ -571,10 +609,53 @@ class ControlReceiver(KVReceiver):
             self._stats[key] = self._stats.get(key, 0) + 1
         return path
 
-    def _on_data(self, sock: socket.socket, path: ReceivePath, header: Header, rid: str, text: str,
-                 scratch: memoryview) -> None:
+    def _on_open(self, rid: str, reply: Callable) -> None:
+        """A transfer starts. Expected already: nothing to do. Forgotten (released before its
+        transfer opened): refuse it now. Otherwise announce it: its first DATA or COMMIT frame
+        waits for ``expect`` (see _expected)."""
+        with self._lock:
+            if rid in self._requests:
+                return
+            if rid not in self._forgotten:
+                now = time.monotonic()
+                if len(self._announced) >= _REMEMBERED:      # senders that vanished after OPEN
+                    self._announced = {k: d for k, d in self._announced.items() if d > now}
+                self._announced[rid] = now + self.open_wait_s
+                return
+            reason = (f"unknown request {rid!r} at {self.address}: forgotten (lease expired, cancelled) before its "
+                      f"KV transfer opened")
+            _remember(self._missed, rid, reason)
+        self._count(transfers_refused=1)
+        reply(FrameType.NACK, rid, reason)
+
+    def _expected(self, rid: str, reply: Callable) -> tuple[_Expected | None, bool]:
+        """(the entry frames of ``rid`` go to or None to discard them, whether this call refused
+        the transfer). An announced transfer waits for its ``expect`` until its deadline; past it,
+        it is refused (NACK) and remembered as missed, so that a late ``expect`` cannot commit KV
+        whose first frames were dropped."""
         with self._lock:
             entry = self._requests.get(rid)
+            if entry is not None or rid not in self._announced:
+                return entry, False
+            deadline = self._announced[rid]
+            while rid in self._announced and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._arrived.wait(left)
+            entry = self._requests.get(rid)
+            if entry is not None or self._announced.pop(rid, None) is None:
+                return entry, False
+            reason = (f"no reservation for request {rid!r} at {self.address} within {self.open_wait_s:g} s of "
+                      f"its KV transfer opening")
+            _remember(self._missed, rid, reason)
+        self._count(transfers_refused=1)
+        reply(FrameType.NACK, rid, reason)
+        return None, True
+
+    def _on_data(self, sock: socket.socket, path: ReceivePath, header: Header, rid: str, text: str,
+                 scratch: memoryview, reply: Callable) -> None:
+        entry, _ = self._expected(rid, reply)
         nbytes = header.payload_nbytes
         if entry is None:
             path.receive(sock, header, text, None, scratch)
@@ -605,10 +686,16 @@ class ControlReceiver(KVReceiver):
     def _on_commit(self, rid: str, num_tokens: int, text: str, reply: Callable) -> None:
         """Every earlier frame of ``rid`` is applied (frames are read in order): run on_commit off
         the connection's thread and answer ACK/NACK."""
+        _, refused = self._expected(rid, reply)
         with self._lock:
             entry = self._requests.pop(rid, None)
         if entry is None:
-            self._count(transfers_refused=1)
+            if refused:
+                return
+            with self._lock:
+                counted = rid in self._missed        # refused at its OPEN already
+            if not counted:
+                self._count(transfers_refused=1)
             reply(FrameType.NACK, rid, f"unknown request {rid!r} at {self.address}: never expected, "
                                        f"forgotten (lease expired, cancelled) or aborted")
             return

@@ -11,8 +11,9 @@ blocks, in order; ``payload_nbytes`` counts it whichever way it travels, but onl
 transport sends it on the socket (``nccl`` sends it through NCCL, ``cuda_ipc`` does not send it:
 its text names the sender's block ids). A connection opens with HELLO → HELLO_OK/HELLO_ERR, where
 both sides state their layout and endpoint (selection.py) and the receiver names the transport;
-``nccl`` and ``cuda_ipc`` then exchange SETUP → SETUP_OK/SETUP_ERR. Sockets are in timeout mode, so every send and receive below raises
-``TimeoutError`` (an ``OSError``) when the peer stalls for longer than the socket's timeout.
+``nccl`` and ``cuda_ipc`` then exchange SETUP → SETUP_OK/SETUP_ERR. Each transfer then sends OPEN(rid),
+its DATA frames, and COMMIT (answered ACK or NACK) or ABORT. Sockets are in timeout mode, so every
+send and receive below raises ``TimeoutError`` (an ``OSError``) when the peer stalls for longer than the socket's timeout.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 from .base import KVLayout
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"TK"
 SOCKET_BUFFER_BYTES = 4 << 20
 _IOV_MAX = 1024                     # buffers per sendmsg call (Linux UIO_MAXIOV)
@@ -46,6 +47,7 @@ class FrameType(enum.IntEnum):
     SETUP = 9        # text: the transport's set-up (nccl: unique id; cuda_ipc: the exported cache)
     SETUP_OK = 10
     SETUP_ERR = 11   # text: why the receiver could not set the transport up
+    OPEN = 12        # rid: a transfer starts; its reservation may still be on its way (see ControlReceiver)
 
 
 class Header(NamedTuple):

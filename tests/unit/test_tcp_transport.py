@@ -127,7 +127,8 @@ def test_handshake_refuses_another_protocol_version(pair):
 
 def test_commit_of_unknown_or_forgotten_request_is_refused(pair):
     src, _, sender, receiver = pair()
-    with pytest.raises(KVTransportError, match="unknown request 'never'"):
+    receiver.open_wait_s = 0.2                  # an opened transfer waits this long for its expect()
+    with pytest.raises(KVTransportError, match="no reservation for request 'never'.* within 0.2 s"):
         sender.open("never", receiver.address, src).commit(1, {}, timeout=10)
 
     receiver.expect("gone", [0], ack([]))
@@ -138,6 +139,53 @@ def test_commit_of_unknown_or_forgotten_request_is_refused(pair):
         transfer.commit(1, {}, timeout=10)
     assert receiver.stats()["transfers_refused"] == 2
     assert sender.stats()["failures"] == 2
+
+
+def test_a_transfer_may_open_and_push_before_the_receiver_expects_it(pair):
+    """The decode instance reserves while the prefill instance computes: the receiver holds the
+    first frames of an opened transfer until expect() lands, then applies them all."""
+    src, dst, sender, receiver = pair()
+    transfer = sender.open("early", receiver.address, src)
+    transfer.push([1, 2], 0, 0, LAYERS)
+    transfer.push([3], 2, 0, 2)
+    commits = []
+    expecting = threading.Timer(0.2, receiver.expect, args=("early", [7, 8, 9], ack(commits)))
+    expecting.start()
+    transfer.push([3], 2, 2, LAYERS)
+    stats = transfer.commit(40, {"first_token_id": 5}, timeout=10)
+    expecting.join()
+    assert commits == [("early", 40, {"first_token_id": 5})] and stats.bytes > 0
+    assert torch.equal(dst[[7, 8, 9]], src[[1, 2, 3]])
+    assert receiver.stats()["bytes_discarded"] == 0
+
+
+def test_an_opened_transfer_whose_expect_comes_too_late_is_refused_and_stays_refused(pair):
+    src, dst, sender, receiver = pair()
+    receiver.open_wait_s = 0.2
+    transfer = sender.open("late", receiver.address, src)
+    transfer.push([1], 0, 0, LAYERS)         # held, then discarded once the wait runs out
+    with pytest.raises(KVTransportError, match="no reservation for request 'late'"):
+        transfer.commit(16, {}, timeout=10)
+    receiver.expect("late", [4], ack([]))      # too late: a second sender must not commit into it
+    again = sender.open("late", receiver.address, src)
+    again.push([2], 0, 0, LAYERS)
+    with pytest.raises(KVTransportError, match="part of its KV was discarded"):
+        again.commit(16, {}, timeout=10)
+    assert torch.count_nonzero(dst[4]) == 0 or not torch.equal(dst[4], src[1])
+
+
+def test_a_transfer_opening_after_its_request_was_forgotten_is_refused_at_once(pair):
+    src, _, sender, receiver = pair()
+    receiver.open_wait_s = 60.0                # a refusal must not wait for it
+    receiver.forget("cancelled")               # e.g. the decode stream was cancelled first
+    transfer = sender.open("cancelled", receiver.address, src)
+    with pytest.raises(KVTransportError, match="unknown request .cancelled.*before its KV transfer opened"):
+        transfer.commit(16, {}, timeout=10)
+    receiver.expect("other", [0], ack(commits := []))    # the connection serves on at once
+    later = sender.open("other", receiver.address, src)
+    later.push([5], 0, 0, LAYERS)
+    later.commit(3, {}, timeout=10)
+    assert commits == [("other", 3, {})]
 
 
 def test_on_commit_reason_is_a_nack(pair):
