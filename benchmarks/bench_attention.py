@@ -1,8 +1,11 @@
-"""Paged decode attention: fused CPU kernel vs pure-torch reference (ms per call).
+"""Paged decode attention: fused CPU kernel variants vs pure-torch reference (ms per call).
 
 Usage: python benchmarks/bench_attention.py [--batch 64] [--context 384] [--iters 20]
        python benchmarks/bench_attention.py --suite [--iters 50] [--no-reference]
-Prints one JSON line per (config, impl, threads) with the median and min over --iters calls.
+       python benchmarks/bench_attention.py --variant avx2,scalar     (default: every variant this CPU runs)
+Prints one JSON line per (config, impl, threads) with the median and min over --iters calls; kernel
+lines carry "simd" (the variant: avx512_bf16, avx512, avx2, scalar) and the speedup over the reference.
+--variant default times the variant the engine would load (attention_ops.load_kernels()).
 --suite runs the standard decode configs (see SUITE) instead of the single one given by flags.
 The cache is a strided view of a [num_blocks, num_layers, 2, block_size, Hkv, D] tensor, as in
 the engine. The machine may be shared: prefer the min, and repeat runs before trusting a median.
@@ -70,6 +73,8 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--suite", action="store_true", help="run the SUITE configs")
     ap.add_argument("--no-reference", action="store_true", help="time only the kernel")
+    ap.add_argument("--variant", default="all",
+                    help="kernel variants to time: 'all' (every one this CPU runs), 'default', or a comma list")
     args = ap.parse_args()
     if args.suite:
         for batch, context, heads, kv_heads, dtype, threads in SUITE:
@@ -79,37 +84,59 @@ def main():
         run_config(args)
 
 
+def kernel_variants(spec: str) -> dict[str, object]:
+    """{simd name: module} for --variant; a variant that fails to build is reported and left out."""
+    if spec == "default":
+        mod = attention_ops.load_kernels()
+        return {mod.simd: mod} if mod is not None else {}
+    names = attention_ops.available_variants() if spec == "all" else spec.split(",")
+    mods = {}
+    for name in names:
+        mod = attention_ops.load_kernels(name)
+        if mod is None:
+            print(json.dumps({"simd": name, "error": attention_ops._loader.error(name) or "kernels disabled"}))
+        else:
+            mods[name] = mod
+    return mods
+
+
 def run_config(args):
     dtype = getattr(torch, args.dtype)
     q, kc, vc, bt, sl = make_inputs(args.batch, args.context, args.heads, args.kv_heads, args.head_dim,
                                     args.block_size, args.num_layers, dtype)
     scale = args.head_dim ** -0.5
-    mod = attention_ops.load_kernels()
     base = dict(batch=args.batch, context=args.context, heads=args.heads, kv_heads=args.kv_heads,
                 head_dim=args.head_dim, block_size=args.block_size, dtype=args.dtype)
-    if mod is not None:
-        err = (attention_ops.paged_decode_attention(q, kc, vc, bt, sl, scale).float()
-               - attention_ops.paged_decode_attention_reference(q, kc, vc, bt, sl, scale).float()).abs().max()
-        base["max_abs_err"] = float(err)
+    ref_out = attention_ops.paged_decode_attention_reference(q, kc, vc, bt, sl, scale).float()
+
+    def kernel_fn(mod):  # what paged_decode_attention does on the CPU, output allocation included
+        def call():
+            out = torch.empty_like(q)
+            mod.paged_decode_attention(out, q, kc, vc, bt, sl, scale)
+            return out
+        return call
+
+    impls = {} if args.no_reference else {
+        "reference": (lambda: attention_ops.paged_decode_attention_reference(q, kc, vc, bt, sl, scale), {})}
+    for name, mod in kernel_variants(args.variant).items():
+        err = float((kernel_fn(mod)().float() - ref_out).abs().max())
+        impls[f"kernel:{name}"] = (kernel_fn(mod), {"simd": name, "max_abs_err": err})
     kv_bytes = 2 * args.batch * args.context * args.kv_heads * args.head_dim * q.element_size()
     old_threads = torch.get_num_threads()
     try:
         for nt in (int(x) for x in args.threads.split(",")):
             torch.set_num_threads(nt)
-            impls = {}
-            if not args.no_reference:
-                impls["reference"] = lambda: attention_ops.paged_decode_attention_reference(q, kc, vc, bt, sl, scale)
-            if mod is not None:  # the public entry point (includes output allocation)
-                impls["kernel"] = lambda: attention_ops.paged_decode_attention(q, kc, vc, bt, sl, scale)
-            res = {}
-            for name, fn in impls.items():
+            ref_ms = None
+            for name, (fn, extra) in impls.items():
                 med, best = time_ms(fn, args.iters)
-                res[name] = med
-                print(json.dumps({**base, "impl": name, "threads": nt, "ms_median": round(med, 3),
-                                  "ms_min": round(best, 3), "kv_GBps": round(kv_bytes / med / 1e6, 1),
-                                  "kv_GBps_best": round(kv_bytes / best / 1e6, 1)}))
-            if "kernel" in res and "reference" in res:
-                print(json.dumps({**base, "threads": nt, "speedup": round(res["reference"] / res["kernel"], 1)}))
+                line = {**base, "impl": name.split(":")[0], **extra, "threads": nt, "ms_median": round(med, 3),
+                        "ms_min": round(best, 3), "kv_GBps": round(kv_bytes / med / 1e6, 1),
+                        "kv_GBps_best": round(kv_bytes / best / 1e6, 1)}
+                if name == "reference":
+                    ref_ms = med
+                elif ref_ms is not None:
+                    line["speedup"] = round(ref_ms / med, 1)
+                print(json.dumps(line), flush=True)
     finally:
         torch.set_num_threads(old_threads)
 

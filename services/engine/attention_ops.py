@@ -5,29 +5,39 @@ the C++ kernel (bfloat16/float32) or the reference; tensors on any other device 
 `paged_decode_attention_gathered`, plain torch ops that never synchronise with the host. The C++
 kernel never sees a CUDA tensor, and there is no CUDA build step.
 
-The kernel (csrc/paged_attention.cpp) is JIT-built with torch.utils.cpp_extension on first use
-and cached on disk. Measured first build on the 2-core Zen 5 dev box (gcc 12, ninja): ~22 s,
-almost all of it parsing torch/extension.h; later processes load the cached .so in ~0.1 s
-(torch only rebuilds when the source or flags change). torch's JIT loader requires the `ninja`
+The kernel (csrc/paged_attention.cpp) is JIT-built with torch.utils.cpp_extension on first use, as
+one module per ISA variant (`VARIANTS`, best first) compiled with that variant's explicit flags
+(never -march=native), and cached on disk. At load time `choose_variant` picks the best variant the
+CPU's flags allow and logs it; a variant that fails to build is logged (variant and compiler error)
+and the next one is tried, ending at the pure-torch reference path. `load_kernels(variant)` loads
+one named variant (tests, the benchmark). The `scalar` variant is portable reference-quality C++
+for CPUs without AVX2 + FMA (or not x86); choosing it logs a warning.
+
+First build per variant on the 2-core dev box (gcc 12, ninja): ~20 s, almost all of it parsing
+torch/extension.h; later processes load the cached .so in ~0.1 s (torch only rebuilds when the
+source or flags change; ninja tracks the csrc/*.h headers). torch's JIT loader requires the `ninja`
 executable: the `ninja` pip package provides one and is put on PATH here if it isn't already.
 
 Env:
   TANDEM_DISABLE_KERNELS=1   never build/load the kernel; always use the reference path.
-  TANDEM_KERNEL_CACHE=DIR    build directory (default ~/.cache/tandem/kernels/<torch version>/<cpu tag>-<checkout>;
-                             the CPU tag keeps -march=native builds from being shared across CPU types,
-                             the checkout tag keeps two checkouts from rebuilding each other's module).
+  TANDEM_KERNEL_CACHE=DIR    build directory root; each variant builds in DIR/<variant> (default
+                             ~/.cache/tandem/kernels/<torch version>/<checkout>/<variant>; the
+                             checkout tag keeps two checkouts from rebuilding each other's module).
+                             Explicit ISA flags make a cached build valid on every CPU that has them,
+                             so DIR may be shared across hosts.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,36 +48,71 @@ _EXT_NAME = "tandem_cpu_kernels"
 _SOURCES = [Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"]
 # -fopenmp is required: at::parallel_for is a header template that only runs in parallel when the
 # extension itself is compiled with OpenMP (it then shares torch's bundled libgomp.so.1 thread pool).
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_failed = False  # build failed once: don't retry (and don't warn again) in this process
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One build of the kernel: the CPU flags it needs (/proc/cpuinfo names) and its ISA cflags.
+
+    The module built from it reports `simd == name` (the C++ picks its vector path from the flags).
+    """
+
+    name: str
+    needs: frozenset[str]
+    cflags: tuple[str, ...]
 
 
-def _cpu_tag() -> str:
-    """Short fingerprint of the host CPU's ISA flags (a -march=native build is only valid there)."""
-    flags = ""
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx2", "fma")
+VARIANTS: tuple[KernelVariant, ...] = (  # best first
+    KernelVariant("avx512_bf16", frozenset(_AVX512 + ("avx512_bf16",)),
+                  ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma")),
+    KernelVariant("avx512", frozenset(_AVX512), ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma")),
+    KernelVariant("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma")),
+    KernelVariant("scalar", frozenset(), ()),
+)
+_BY_NAME = {v.name: v for v in VARIANTS}
+# torch.backends.cpu.get_cpu_capability() -> flags, for hosts without /proc/cpuinfo. torch's
+# "AVX512" does not say whether AVX512-BF16 is there, so it maps to the plain avx512 variant.
+_TORCH_CAPABILITY_FLAGS = {"AVX512": frozenset(_AVX512), "AVX2": frozenset({"avx2", "fma"})}
+
+
+def runnable_variants(flags: frozenset[str] | set[str]) -> list[KernelVariant]:
+    """The variants a CPU with `flags` can run, best first (always ends with scalar)."""
+    return [v for v in VARIANTS if v.needs <= flags]
+
+
+def choose_variant(flags: frozenset[str] | set[str]) -> str:
+    """Name of the best variant a CPU with `flags` (/proc/cpuinfo names) can run."""
+    return runnable_variants(flags)[0].name
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's ISA flags: /proc/cpuinfo's `flags` line, else mapped from torch's CPU capability."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # very old torch
+        capability = "DEFAULT"
+    return _TORCH_CAPABILITY_FLAGS.get(capability, frozenset())
 
 
-def kernel_build_dir() -> Path:
+def kernel_build_dir(variant: str) -> Path:
+    """Where `variant` is built and cached (one directory per variant: torch's build.ninja is per dir)."""
     env = os.environ.get("TANDEM_KERNEL_CACHE")
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser() / variant
     # The checkout's path is part of the key: torch's build.ninja names its sources by absolute
     # path, so two checkouts sharing one directory would rebuild each other's module every load.
     here = hashlib.sha1(str(_SOURCES[0].parent).encode()).hexdigest()[:8]
-    return Path.home() / ".cache" / "tandem" / "kernels" / torch.__version__ / f"{_cpu_tag()}-{here}"
+    return Path.home() / ".cache" / "tandem" / "kernels" / torch.__version__ / here / variant
 
 
 def _kernels_disabled() -> bool:
@@ -84,38 +129,145 @@ def _ensure_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def load_kernels() -> ModuleType | None:
-    """Build (first time) and load the CPU kernel module; None if disabled or the build fails."""
-    global _module, _failed
+def build_variant(variant: KernelVariant) -> ModuleType:
+    """Build (first time) and load one variant's module. Raises on any failure (no compiler, no
+    ninja, compile error, a module whose `simd` is not the variant's name)."""
+    from torch.utils.cpp_extension import load
+
+    _ensure_ninja_on_path()
+    build_dir = kernel_build_dir(variant.name)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    mod = load(
+        name=f"{_EXT_NAME}_{variant.name}",
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=[*_CFLAGS, *variant.cflags],
+        extra_ldflags=_LDFLAGS,
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+    simd = getattr(mod, "simd", None)
+    if simd != variant.name:
+        raise RuntimeError(f"the module built with {' '.join(variant.cflags) or 'no ISA flags'} reports "
+                           f"simd={simd!r}, not {variant.name!r} (did the compiler ignore the flags?)")
+    log.info("loaded %s_%s from %s in %.1fs", _EXT_NAME, variant.name, build_dir, time.perf_counter() - t0)
+    return mod
+
+
+def _error_summary(e: BaseException, limit: int = 800) -> str:
+    """One line naming why a build failed: the exception's first line plus the compiler's error lines
+    (torch's message is the whole ninja log, command lines included)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    errors = [line for line in lines[1:] if "error" in line.lower()][:3]
+    return f"{type(e).__name__}: " + " | ".join([lines[0][:200], *errors])[:limit]
+
+
+class KernelLoader:
+    """Builds and caches one module per variant, and picks this process's default variant once.
+
+    `build` and `flags` are injectable so tests can exercise the choice and the fallbacks without
+    a compiler. Thread-safe; a variant that failed to build is not retried (nor warned about
+    again) by the same loader.
+    """
+
+    def __init__(self, flags: frozenset[str] | None = None,
+                 build: Callable[[KernelVariant], ModuleType] = build_variant) -> None:
+        self._flags = flags
+        self._build = build
+        self._lock = threading.Lock()
+        self._modules: dict[str, ModuleType] = {}
+        self._errors: dict[str, str] = {}
+        self._default: str | None = None  # chosen variant's name, "reference" if none built
+
+    @property
+    def flags(self) -> frozenset[str]:
+        if self._flags is None:
+            self._flags = cpu_flags()
+        return self._flags
+
+    def runnable(self) -> list[str]:
+        """Names of the variants this CPU can run, best first."""
+        return [v.name for v in runnable_variants(self.flags)]
+
+    def error(self, variant: str) -> str | None:
+        """Why `variant` failed to build in this loader (None: it did not fail, or was not tried)."""
+        return self._errors.get(variant)
+
+    def load(self, variant: str | None = None) -> ModuleType | None:
+        """The module of `variant` (default: the best one that builds); None if it failed to build.
+
+        Raises ValueError for an unknown variant name or one this CPU cannot run (its code would
+        die of SIGILL). The default choice is made once and logged with the reason; a failed build
+        is logged as a warning naming the variant and the compiler error.
+        """
+        if variant is None:
+            return self._load_default()
+        v = _BY_NAME.get(variant)
+        if v is None:
+            raise ValueError(f"unknown kernel variant {variant!r}; known: {', '.join(_BY_NAME)}")
+        missing = v.needs - self.flags
+        if missing:
+            raise ValueError(f"this CPU cannot run kernel variant {variant!r}: it lacks {' '.join(sorted(missing))}")
+        with self._lock:
+            return self._build_once(v)
+
+    def _build_once(self, v: KernelVariant) -> ModuleType | None:
+        if v.name in self._modules:
+            return self._modules[v.name]
+        if v.name in self._errors:
+            return None
+        try:
+            mod = self._build(v)
+        except Exception as e:  # no compiler, no ninja, compile error, wrong simd, ...
+            self._errors[v.name] = _error_summary(e)
+            log.warning("CPU attention kernel variant %s failed to build: %s", v.name, self._errors[v.name])
+            log.debug("full build error for variant %s: %s", v.name, e)
+            return None
+        self._modules[v.name] = mod
+        return mod
+
+    def _load_default(self) -> ModuleType | None:
+        with self._lock:
+            if self._default is not None:
+                return self._modules.get(self._default)
+            candidates = runnable_variants(self.flags)
+            best = candidates[0]
+            for v in candidates:
+                mod = self._build_once(v)
+                if mod is None:
+                    continue
+                self._default = v.name
+                if v is not best:
+                    log.warning("CPU attention kernel: variant %s, not this CPU's best (%s), which failed to "
+                                "build (see above): decode attention is slower than it could be", v.name, best.name)
+                elif v.name == "scalar":
+                    log.warning("CPU attention kernel: variant scalar, the slow portable path: this CPU lacks "
+                                "avx2/fma (flags seen: %s)", " ".join(sorted(self.flags & {"avx", "avx2", "fma"})) or "none")
+                else:
+                    log.info("CPU attention kernel: variant %s (the best this CPU runs: it has %s)",
+                             v.name, " ".join(sorted(v.needs)))
+                return mod
+            self._default = "reference"
+            log.warning("CPU attention kernels unavailable (every variant failed to build: %s), using the "
+                        "pure-torch reference path", ", ".join(v.name for v in candidates))
+            return None
+
+
+_loader = KernelLoader()
+
+
+def load_kernels(variant: str | None = None) -> ModuleType | None:
+    """The CPU kernel module: by default the best variant this CPU runs that builds (chosen once per
+    process), else the named one. None if TANDEM_DISABLE_KERNELS is set or the build(s) failed (the
+    callers then use the reference path). Raises ValueError for a variant this CPU cannot run."""
     if _kernels_disabled():
         return None
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load
+    return _loader.load(variant)
 
-            _ensure_ninja_on_path()
-            build_dir = kernel_build_dir()
-            build_dir.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            _module = load(
-                name=_EXT_NAME,
-                sources=[str(s) for s in _SOURCES],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=_LDFLAGS,
-                build_directory=str(build_dir),
-                verbose=False,
-            )
-            log.info("loaded %s (%s) from %s in %.1fs", _EXT_NAME, getattr(_module, "simd", "?"),
-                     build_dir, time.perf_counter() - t0)
-        except Exception as e:  # no compiler, no ninja, compile error, ...
-            _failed = True
-            log.warning("CPU attention kernels unavailable, using the pure-torch path: %s", e)
-            return None
-        return _module
+
+def available_variants() -> list[str]:
+    """Names of the kernel variants this CPU can run, best first (built or not)."""
+    return _loader.runnable()
 
 
 def decode_attention_backend(device: torch.device, dtype: torch.dtype) -> str:

@@ -1,13 +1,18 @@
-"""Paged decode attention: C++ kernel vs pure-torch reference vs a naive per-row loop."""
+"""Paged decode attention: C++ kernel (every ISA variant this host runs) vs pure-torch reference vs
+a naive per-row loop; the variant chooser and the build-failure fallbacks."""
 from __future__ import annotations
 
+import logging
 import math
+import random
+import types
 
 import pytest
 import torch
 
 from services.engine import attention_ops
-from services.engine.attention_ops import paged_decode_attention_reference
+from services.engine.attention_ops import (VARIANTS, KernelLoader, KernelVariant, choose_variant,
+                                           paged_decode_attention_reference, runnable_variants)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -256,3 +261,230 @@ def test_kernel_bf16_dot_tails(kernels, head_dim):
     scale = head_dim ** -0.5
     ref = paged_decode_attention_reference(*args, scale)
     assert_close(run_kernel(kernels.paged_decode_attention, *args, scale), ref, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- every variant
+# Each variant module is built once per session (load_kernels caches it per process): ~20 s each
+# on a fresh kernel cache.
+
+
+@pytest.fixture(scope="module", params=[v.name for v in VARIANTS])
+def variant(request):
+    """(name, module) for each variant this host runs; a runnable variant that fails to build fails."""
+    name = request.param
+    if name not in attention_ops.available_variants():
+        pytest.skip(f"this CPU cannot run the {name} kernel variant")
+    if attention_ops.load_kernels() is None:
+        pytest.skip("CPU attention kernels unavailable (TANDEM_DISABLE_KERNELS set or no compiler; see log)")
+    mod = attention_ops.load_kernels(name)
+    if mod is None:
+        pytest.fail(f"kernel variant {name} failed to build: {attention_ops._loader.error(name)}")
+    return name, mod
+
+
+def test_variant_module_reports_its_simd(variant):
+    name, mod = variant
+    assert mod.simd == name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_variant_matches_reference_random_shapes(variant, dtype, block_size, group):
+    # Random batch / lengths (zeros, single tokens, block-exact and ragged), kv heads and head dims;
+    # caches are strided views with NaN/inf garbage past seq_len and in padding block-table entries.
+    _, mod = variant
+    rng = random.Random(f"{block_size}-{group}-{dtype}")
+    for trial in range(3):
+        seq_lens = [rng.choice([0, 1, block_size, block_size + 1, rng.randint(1, 6 * block_size)])
+                    for _ in range(rng.randint(1, 6))]
+        seq_lens[rng.randrange(len(seq_lens))] = rng.randint(2, 8 * block_size) | 1  # never a multiple
+        kv_heads = rng.choice([1, 2, 3])
+        head_dim = rng.choice([64, 128, 32, 80, 40])
+        args = make_case(seq_lens, heads=kv_heads * group, kv_heads=kv_heads, head_dim=head_dim,
+                         block_size=block_size, dtype=dtype, seed=rng.randrange(1 << 30))
+        scale = head_dim ** -0.5
+        ref = paged_decode_attention_reference(*args, scale)
+        out = run_kernel(mod.paged_decode_attention, *args, scale)
+        assert out.dtype == dtype and torch.isfinite(out).all(), (trial, seq_lens, kv_heads, head_dim)
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [8, 24, 33, 48, 96, 160, 256])
+def test_variant_head_dim_tails(variant, dtype, head_dim):
+    # Tails of every vector width: 8-, 16- and 32-element chunks, and an odd head dim.
+    _, mod = variant
+    args = make_case([1, 15, 16, 47], heads=6, kv_heads=2, head_dim=head_dim, block_size=16, dtype=dtype,
+                     seed=head_dim)
+    scale = head_dim ** -0.5
+    assert_close(run_kernel(mod.paged_decode_attention, *args, scale),
+                 paged_decode_attention_reference(*args, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variant_long_context_peaked_softmax(variant, dtype):
+    # Large logits (|s| ~ 100s) stress the max subtraction and exp's range clamp; block size 24.
+    _, mod = variant
+    args = make_case([1000, 517, 24], heads=8, kv_heads=2, head_dim=64, block_size=24, dtype=dtype,
+                     q_scale=30.0, seed=7)
+    ref = paged_decode_attention_reference(*args, 0.125)
+    assert_close(run_kernel(mod.paged_decode_attention, *args, 0.125), ref, dtype)
+
+
+def test_variant_zero_length_rows_and_thread_invariance(variant):
+    _, mod = variant
+    args = make_case([0, 9, 0, 16, 33, 1, 70, 2], heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel(mod.paged_decode_attention, *args, 0.125)
+        torch.set_num_threads(2)
+        two = run_kernel(mod.paged_decode_attention, *args, 0.125)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    assert torch.equal(one[0].float(), torch.zeros(8, 64)) and torch.equal(one[2].float(), torch.zeros(8, 64))
+    assert_close(one, paged_decode_attention_reference(*args, 0.125), torch.bfloat16)
+
+
+def test_variant_validates_input(variant):
+    _, mod = variant
+    q, k, v, bt, sl = make_case([3, 20], heads=4, kv_heads=2, head_dim=64)
+    bad = bt.clone()
+    bad[1, 0] = k.shape[0]
+    with pytest.raises(RuntimeError, match=r"block_tables\[1, 0\].*out of range"):
+        mod.paged_decode_attention(torch.empty_like(q), q, k, v, bad, sl, 0.1)
+
+
+# --------------------------------------------------------------------------- choosing a variant
+
+ZEN4 = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni"
+ICELAKE = "sse4_2 avx f16c fma avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512vbmi"
+KNL = "sse4_2 avx f16c fma avx2 avx512f avx512cd avx512er avx512pf"  # AVX-512F without BW/VL
+ZEN2 = "sse4_2 avx f16c fma avx2 bmi2"
+AVX2_NO_FMA = "sse4_2 avx avx2"
+SANDY_BRIDGE = "sse4_2 avx"
+ARM = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (ZEN4, "avx512_bf16"),
+    (ICELAKE, "avx512"),
+    (KNL, "avx2"),
+    (ZEN2, "avx2"),
+    (AVX2_NO_FMA, "scalar"),
+    (SANDY_BRIDGE, "scalar"),
+    (ARM, "scalar"),
+    ("", "scalar"),
+])
+def test_choose_variant(flags, expected):
+    assert choose_variant(frozenset(flags.split())) == expected
+
+
+def test_runnable_variants_best_first():
+    assert [v.name for v in runnable_variants(frozenset(ZEN4.split()))] == ["avx512_bf16", "avx512", "avx2", "scalar"]
+    assert [v.name for v in runnable_variants(frozenset(ZEN2.split()))] == ["avx2", "scalar"]
+    assert [v.name for v in runnable_variants(frozenset())] == ["scalar"]
+
+
+def test_cpu_flags_fall_back_to_torch_capability(monkeypatch):
+    def no_cpuinfo(*a, **k):
+        raise OSError("no /proc here")
+    monkeypatch.setattr("builtins.open", no_cpuinfo)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert choose_variant(attention_ops.cpu_flags()) == "avx2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert choose_variant(attention_ops.cpu_flags()) == "avx512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert choose_variant(attention_ops.cpu_flags()) == "scalar"
+
+
+def test_kernel_build_dirs_separate_variants(monkeypatch, tmp_path):
+    monkeypatch.setenv("TANDEM_KERNEL_CACHE", str(tmp_path))
+    dirs = {attention_ops.kernel_build_dir(v.name) for v in VARIANTS}
+    assert len(dirs) == len(VARIANTS) and all(d.parent == tmp_path for d in dirs)
+    monkeypatch.delenv("TANDEM_KERNEL_CACHE")
+    assert len({attention_ops.kernel_build_dir(v.name) for v in VARIANTS}) == len(VARIANTS)
+
+
+# --------------------------------------------------------------------------- build failures
+
+COMPILE_ERROR = ("Error building extension 'tandem_cpu_kernels_avx512_bf16': [1/2] c++ -MMD -mavx512bf16 ...\n"
+                 "FAILED: paged_attention.o\n"
+                 "c++: error: unrecognized command-line option '-mavx512bf16'\n"
+                 "ninja: build stopped: subcommand failed.")
+
+
+class FakeBuild:
+    """Stands in for build_variant: fails the named variants, returns a stub module for the others."""
+
+    def __init__(self, failing):
+        self.failing, self.calls = set(failing), []
+
+    def __call__(self, v: KernelVariant):
+        self.calls.append(v.name)
+        if v.name in self.failing:
+            raise RuntimeError(COMPILE_ERROR)
+        return types.SimpleNamespace(simd=v.name)
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_build_failure_falls_back_to_next_variant_and_says_why(caplog):
+    build = FakeBuild(failing={"avx512_bf16"})
+    loader = KernelLoader(flags=frozenset(ZEN4.split()), build=build)
+    with caplog.at_level(logging.INFO, logger="services.engine.attention_ops"):
+        mod = loader.load()
+    assert mod.simd == "avx512"
+    warned = warnings_of(caplog)
+    assert any("avx512_bf16 failed to build" in w and "unrecognized command-line option" in w for w in warned)
+    assert any("variant avx512, not this CPU's best (avx512_bf16)" in w for w in warned)
+    assert "unrecognized command-line option" in loader.error("avx512_bf16")
+    assert loader.load() is mod and loader.load("avx512_bf16") is None
+    assert build.calls == ["avx512_bf16", "avx512"]  # a failed build is not retried
+
+
+def test_every_build_failing_falls_back_to_reference(monkeypatch, caplog):
+    loader = KernelLoader(flags=frozenset(ZEN2.split()), build=FakeBuild(failing={"avx2", "scalar"}))
+    monkeypatch.setattr(attention_ops, "_loader", loader)
+    monkeypatch.delenv("TANDEM_DISABLE_KERNELS", raising=False)
+    args = make_case([3, 20], heads=4, kv_heads=2, head_dim=16)
+    with caplog.at_level(logging.WARNING, logger="services.engine.attention_ops"):
+        out = attention_ops.paged_decode_attention(*args, 0.25)
+    assert torch.equal(out, paged_decode_attention_reference(*args, 0.25))
+    warned = warnings_of(caplog)
+    assert any("avx2 failed to build" in w for w in warned) and any("scalar failed to build" in w for w in warned)
+    assert any("reference path" in w for w in warned)
+
+
+def test_scalar_choice_is_a_warning_not_silent(caplog):
+    loader = KernelLoader(flags=frozenset(SANDY_BRIDGE.split()), build=FakeBuild(failing=()))
+    with caplog.at_level(logging.WARNING, logger="services.engine.attention_ops"):
+        assert loader.load().simd == "scalar"
+    assert any("slow portable path" in w for w in warnings_of(caplog))
+
+
+def test_loading_a_variant_the_cpu_cannot_run_raises():
+    loader = KernelLoader(flags=frozenset(ZEN2.split()), build=FakeBuild(failing=()))
+    with pytest.raises(ValueError, match="lacks avx512"):
+        loader.load("avx512")
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        loader.load("neon")
+    assert loader.load("avx2").simd == "avx2"
+
+
+def test_real_compile_failure_is_a_clear_error(monkeypatch, tmp_path, caplog):
+    # A real torch/ninja/g++ build with a flag the compiler rejects: a one-line warning naming the
+    # variant and the compiler's error, then the fallback; no traceback escapes.
+    monkeypatch.setenv("TANDEM_KERNEL_CACHE", str(tmp_path))
+    broken = KernelVariant("scalar", frozenset(), ("-mtandem-no-such-isa",))
+    loader = KernelLoader(flags=frozenset(), build=lambda v: attention_ops.build_variant(broken))
+    with caplog.at_level(logging.WARNING, logger="services.engine.attention_ops"):
+        assert loader.load() is None
+    err = loader.error("scalar")
+    assert err.startswith("RuntimeError: ") and "\n" not in err
+    assert "tandem-no-such-isa" in err and "error" in err.lower()
+    assert any("scalar failed to build" in w for w in warnings_of(caplog))

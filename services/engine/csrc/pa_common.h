@@ -1,0 +1,44 @@
+// Tandem paged decode attention: what every variant shares (parameters, bf16 <-> float).
+// Private to paged_attention.cpp (one translation unit per variant module), hence the
+// anonymous namespace.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+using bf16_bits = uint16_t;
+
+inline float bf16_to_float(bf16_bits h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round-to-nearest-even, NaN kept quiet (same as torch's conversion).
+inline bf16_bits float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_bits>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16_bits>(u >> 16);
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16_bits x) { return bf16_to_float(x); }
+inline void store_out(float* p, float x) { *p = x; }
+inline void store_out(bf16_bits* p, float x) { *p = float_to_bf16(x); }
+
+struct Params {
+  int64_t B, H, Hkv, G, D, block_size, max_blocks;
+  int64_t k_stride0, v_stride0;  // elements between consecutive blocks
+  int64_t row_stride;            // elements between consecutive tokens in a block (Hkv * D)
+  int64_t bt_stride0;            // elements between block_tables rows
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  float scale;
+};
+
+}  // namespace
