@@ -92,7 +92,11 @@ def kernel_variants(spec: str) -> dict[str, object]:
     names = attention_ops.available_variants() if spec == "all" else spec.split(",")
     mods = {}
     for name in names:
-        mod = attention_ops.load_kernels(name)
+        try:
+            mod = attention_ops.load_kernels(name)
+        except ValueError as e:  # unknown, or this CPU cannot run it
+            print(json.dumps({"simd": name, "error": str(e)}))
+            continue
         if mod is None:
             print(json.dumps({"simd": name, "error": attention_ops._loader.error(name) or "kernels disabled"}))
         else:
