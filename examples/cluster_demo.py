@@ -30,7 +30,7 @@ def main() -> int:
     t0 = time.monotonic()
     print(f"starting 1 prefill + 1 decode workers of {a.model!r} (pinned to separate cores), Redis and the router...",
           flush=True)
-    with LocalCluster(a.model, prefill=1, decode=1, pin_cores=True, worker_args=["--dtype", "bfloat16"]) as cluster:
+    with LocalCluster(a.model, prefill=1, decode=1, pin_cores=True) as cluster:      # --dtype auto
         print(f"ready {cluster.address} after {time.monotonic() - t0:.1f}s; logs in {cluster.log_dir}\n", flush=True)
         with Client(cluster.address) as client:
             for i, prompt in enumerate(prompts):

@@ -6,12 +6,13 @@ import contextlib
 import json
 import sys
 
+from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from tandem import cli_remote, cli_up
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU), cpu or cuda[:N]")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-memory-gib", type=float, default=2.0, help="KV cache budget")
@@ -34,6 +35,7 @@ def cmd_run(args) -> int:
     with (open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout)) as out:
         stats = run_offline(engine, prompts, params, out)
     engine.check_integrity()
+    stats["dtype"] = str(engine.config.dtype).removeprefix("torch.")     # what --dtype (auto) resolved to
     print(json.dumps(stats), file=sys.stderr)
     return 0
 

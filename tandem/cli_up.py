@@ -6,6 +6,8 @@ import signal
 import sys
 import time
 
+from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
+
 
 def register(sub) -> None:
     up = sub.add_parser("up", help="run a local cluster (Redis, router, workers) in the foreground")
@@ -24,7 +26,7 @@ def register(sub) -> None:
     up.add_argument("--redis", default=None, help="use this Redis instead of starting one (redis://host:port/db)")
     up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
     up.add_argument("--pin-cores", action="store_true", help="put prefill and decode workers on different cores")
-    up.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     up.add_argument("--block-size", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None)
     up.add_argument("--kv-memory-gib", type=float, default=None)

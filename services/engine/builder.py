@@ -1,24 +1,35 @@
 """Builds an engine from a model name or directory plus a few user-facing knobs."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
 import torch
 
+from services.engine import dtype_policy
 from services.engine.config import CacheConfig, EngineConfig, ModelConfigError, Role, SchedulerConfig
-from services.engine.device import resolve_device  # noqa: F401  (re-exported: callers resolve names here)
+from services.engine.device import resolve_device, torch_device  # resolve_device re-exported: callers use it here
 from services.engine.engine import LLMEngine
 from services.engine.loader import LoadedModel, resolve_model
 from services.engine.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+
+DTYPES = {name: getattr(torch, name) for name in dtype_policy.CONCRETE_DTYPES}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ModelConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def resolve_engine_dtype(requested: str, device: str) -> torch.dtype:
+    """`requested` ("auto" or a name) on the resolved `device`, logged with the reason; an explicit
+    dtype the device runs far slower than another is logged as a warning naming the faster one.
+    Raises ModelConfigError for an unknown name or a dtype the device cannot run."""
+    caps = dtype_policy.detect_capabilities(torch_device(device))
+    choice = dtype_policy.resolve_dtype(requested, caps)
+    log.info("dtype %s (--dtype %s on %s): %s", choice.dtype, requested, device, choice.reason)
+    warning = dtype_policy.slower_dtype_warning(requested, caps)
+    if warning:
+        log.warning("%s", warning)
+    return DTYPES[choice.dtype]
 
 
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
@@ -29,7 +40,7 @@ def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     return Tokenizer.byte_level(cfg.vocab_size)
 
 
-def build_engine(model: str, *, dtype: str = "float32", device: str = "cpu", block_size: int = 16,
+def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                  num_blocks: int | None = None, kv_memory_gib: float = 2.0,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  role: Role = Role.COLOCATED, policy: str = "fcfs", num_threads: int | None = None,
@@ -37,10 +48,14 @@ def build_engine(model: str, *, dtype: str = "float32", device: str = "cpu", blo
                  loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None) -> LLMEngine:
     """An engine for `model` (a named model or an HF directory) on `device` ("auto", "cpu", "cuda[:N]").
 
-    KV cache size: num_blocks, else on CUDA gpu_memory_utilization (a share of the GPU, as vLLM's),
+    dtype: "auto" (dtype_policy: bfloat16 where the device has native bfloat16 matmul, else float16
+    on older GPUs or float32) or float32, bfloat16, float16. KV cache size: num_blocks, else on CUDA
+    gpu_memory_utilization (a share of the GPU, as vLLM's),
     else kv_memory_gib. Raises ModelConfigError (a message saying what to change) for a bad model,
     dtype, device or size.
     """
+    device = resolve_device(device)
+    torch_dtype = resolve_engine_dtype(dtype, device)       # before loading: a bad dtype fails fast
     loaded = loaded or resolve_model(model)
     model_cfg = loaded.config
     if max_model_len is not None:
@@ -58,5 +73,5 @@ def build_engine(model: str, *, dtype: str = "float32", device: str = "cpu", blo
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, policy=policy),
-        device=resolve_device(device), dtype=parse_dtype(dtype), num_threads=num_threads)
+        device=device, dtype=torch_dtype, num_threads=num_threads)
     return LLMEngine(config, loaded, load_tokenizer(loaded))

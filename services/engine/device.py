@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from services.engine import dtype_policy
 from services.engine.config import EngineConfig, ModelConfigError
 
 GIB = 1 << 30
@@ -50,13 +51,12 @@ def torch_device(name: str) -> torch.device:
 def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a dtype the device cannot run (ModelConfigError saying what to use instead).
 
-    bfloat16 needs a GPU with native support (compute capability 8.0+, Ampere or newer). float16
-    runs on both CPU (the reference attention path; slow) and CUDA.
+    The rule is dtype_policy.dtype_problem: bfloat16 needs a GPU with native support (compute
+    capability 8.0+, Ampere or newer); float16 is refused on a CPU (no native float16 matmul).
     """
-    if (device.type == "cuda" and dtype == torch.bfloat16
-            and not torch.cuda.is_bf16_supported(including_emulation=False)):
-        name = torch.cuda.get_device_name(device)
-        raise ModelConfigError(f"{name} ({device}) has no native bfloat16; use --dtype float16 (or float32)")
+    problem = dtype_policy.dtype_problem(str(dtype).removeprefix("torch."), dtype_policy.detect_capabilities(device))
+    if problem:
+        raise ModelConfigError(problem)
 
 
 def bind_thread(device: torch.device) -> None:

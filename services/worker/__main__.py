@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from services import log_setup
+from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.transport.selection import SETTINGS
 from services.worker.server import WorkerOptions, serve
 
@@ -14,7 +15,7 @@ def parse_args(argv=None) -> WorkerOptions:
     p = argparse.ArgumentParser(prog="python -m services.worker", description="A Tandem worker")
     p.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
     p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU), cpu or cuda[:N]")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="on CUDA without --num-blocks: size the KV cache to this share of the GPU (e.g. 0.9)")

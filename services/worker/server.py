@@ -36,7 +36,7 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_m
 class WorkerOptions:
     role: str = "colocated"                 # prefill | decode | colocated
     model: str = "tiny"
-    dtype: str = "float32"
+    dtype: str = "auto"                     # auto | float32 | bfloat16 | float16 (dtype_policy)
     device: str = "auto"                    # auto: CUDA when a GPU is visible (never initialises CUDA otherwise)
     gpu_memory_utilization: float | None = None   # CUDA KV sizing as a share of the GPU (see build_engine)
     block_size: int = 16
@@ -103,6 +103,7 @@ class Worker:
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
             gpu_memory_utilization=opts.gpu_memory_utilization)
         cfg = self.engine.config
+        self.dtype = str(cfg.dtype).removeprefix("torch.")    # resolved (never "auto"): reports, metrics
         if cfg.device == "cpu" and self.role != Role.PREFILL:
             # Build or load the decode-attention kernel now, before serving: built lazily, the first
             # decode step would stall every request behind a compile (~20-40 s on a fresh cache).
@@ -168,14 +169,14 @@ class Worker:
             queued_prefill_tokens=load.queued_prefill_tokens, step_time_ms=load.step_time_ms,
             prefill_tokens_per_s=load.prefill_tokens_per_s, block_size=cfg.cache.block_size,
             max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size, kv_transport=self.opts.kv_transport,
-            dtype=self.opts.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases is not None else 0)
+            dtype=self.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases is not None else 0)
 
     def metrics_snapshot(self) -> worker_metrics.WorkerSnapshot:
         """This worker's state for a /metrics scrape (the load report plus the transport's totals)."""
         r, sent, received = self.report(), self.sender.stats(), self.receiver.stats()
         return worker_metrics.WorkerSnapshot(
             instance=self.instance_id, role=self.opts.role, state=r.state, model=r.model,
-            kv_transport=self.opts.kv_transport, dtype=self.opts.dtype, total_blocks=r.total_blocks,
+            kv_transport=self.opts.kv_transport, dtype=self.dtype, total_blocks=r.total_blocks,
             free_blocks=r.free_blocks, reserved_blocks=r.reserved_blocks, running=r.running, waiting=r.waiting,
             queued_prefill_tokens=r.queued_prefill_tokens, leases=r.leases,
             kv_sent_bytes=sent.get("bytes_sent", 0), kv_sent_transfers=sent.get("transfers", 0),

@@ -38,7 +38,7 @@ def tiny_golden(export_named):
 @pytest.mark.parametrize("block_size,budget", [(16, 2048), (16, 50), (8, 37), (8, 300)])
 def test_tiny_matches_hf(tiny_golden, block_size, budget):
     d, prompts, golden = tiny_golden
-    engine = build_engine(d, block_size=block_size, max_num_batched_tokens=budget, num_blocks=400)
+    engine = build_engine(d, dtype="float32", block_size=block_size, max_num_batched_tokens=budget, num_blocks=400)
     assert_matches_hf(engine, prompts, golden)
 
 
@@ -47,7 +47,7 @@ def test_small_matches_hf(export_named):
     prompts = random_prompts(PROMPT_LENGTHS, 32000, seed=2)
     golden = hf_greedy(d, prompts, MAX_NEW)
     for block_size, budget in [(16, 100), (8, 2048)]:
-        engine = build_engine(d, block_size=block_size, max_num_batched_tokens=budget, num_blocks=200)
+        engine = build_engine(d, dtype="float32", block_size=block_size, max_num_batched_tokens=budget, num_blocks=200)
         assert_matches_hf(engine, prompts, golden)
 
 
@@ -68,7 +68,7 @@ def test_transformers_written_gqa_llama3_rope(tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=True)
     prompts = random_prompts(PROMPT_LENGTHS, 700, seed=3)
     golden = hf_greedy(str(tmp_path), prompts, MAX_NEW)
-    engine = build_engine(str(tmp_path), block_size=16, max_num_batched_tokens=64, num_blocks=300)
+    engine = build_engine(str(tmp_path), dtype="float32", block_size=16, max_num_batched_tokens=64, num_blocks=300)
     assert engine.config.model.num_kv_heads == 2 and engine.config.model.rope_scaling
     assert_matches_hf(engine, prompts, golden)
 
@@ -86,5 +86,5 @@ def test_tied_embeddings(tmp_path, export_named):
     model.save_pretrained(tmp_path, safe_serialization=True)
     assert json.load(open(os.path.join(tmp_path, "config.json")))["tie_word_embeddings"] is True
     prompts = random_prompts([3, 20, 40], 300, seed=4)
-    engine = build_engine(str(tmp_path), block_size=8, max_num_batched_tokens=24, num_blocks=100)
+    engine = build_engine(str(tmp_path), dtype="float32", block_size=8, max_num_batched_tokens=24, num_blocks=100)
     assert_matches_hf(engine, prompts, hf_greedy(str(tmp_path), prompts, MAX_NEW))

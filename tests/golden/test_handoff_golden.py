@@ -19,8 +19,9 @@ def test_prefill_to_decode_handoff_matches_hf(export_named, block_size, budget):
     d = export_named("tiny")
     prompts = random_prompts(LENGTHS, 512, seed=21)
     golden = hf_greedy(d, prompts, 20)
-    p_engine = build_engine(d, role=Role.PREFILL, block_size=block_size, max_num_batched_tokens=budget, num_blocks=200)
-    d_engine = build_engine(d, role=Role.DECODE, block_size=block_size, num_blocks=200)
+    p_engine = build_engine(d, dtype="float32", role=Role.PREFILL, block_size=block_size,
+                            max_num_batched_tokens=budget, num_blocks=200)
+    d_engine = build_engine(d, dtype="float32", role=Role.DECODE, block_size=block_size, num_blocks=200)
     params = SamplingParams(max_tokens=20)
     firsts = p_engine.generate(prompts, params)
     for i, (out, prompt) in enumerate(zip(firsts, prompts)):
@@ -42,10 +43,10 @@ def test_prefill_to_decode_handoff_matches_hf(export_named, block_size, budget):
 
 def test_decode_role_refuses_prompts_and_mismatched_kv(export_named):
     d = export_named("tiny")
-    d_engine = build_engine(d, role=Role.DECODE, block_size=16, num_blocks=50)
+    d_engine = build_engine(d, dtype="float32", role=Role.DECODE, block_size=16, num_blocks=50)
     with pytest.raises(InvalidRequestError, match="decode-only"):
         d_engine.add_request([5, 6, 7], SamplingParams())
-    p_engine = build_engine(d, role=Role.PREFILL, block_size=8, num_blocks=50)
+    p_engine = build_engine(d, dtype="float32", role=Role.PREFILL, block_size=8, num_blocks=50)
     out = p_engine.generate([[5] * 20], SamplingParams(max_tokens=4))[0]
     kv = p_engine.export_kv(out.request_id)
     with pytest.raises(InvalidRequestError) as e:

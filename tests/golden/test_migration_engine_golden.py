@@ -42,8 +42,8 @@ def copy_blocks(src, dst, src_table, dst_table, first: int, end: int) -> None:
 @pytest.mark.parametrize("move_at", [1, 9, MAX_TOKENS - 2])
 def test_precopy_then_stop_and_copy_matches_hf(golden, move_at):
     d, prompts, expected = golden
-    a = build_engine(d, role=Role.COLOCATED, block_size=8, num_blocks=200)
-    b = build_engine(d, role=Role.DECODE, block_size=8, num_blocks=200)
+    a = build_engine(d, dtype="float32", role=Role.COLOCATED, block_size=8, num_blocks=200)
+    b = build_engine(d, dtype="float32", role=Role.DECODE, block_size=8, num_blocks=200)
     params = SamplingParams(max_tokens=MAX_TOKENS)
     ids = [a.add_request(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)]
     live = a.scheduler.requests
@@ -79,8 +79,8 @@ def test_precopy_then_stop_and_copy_matches_hf(golden, move_at):
 
 def test_resumed_and_recomputed_moves_match_hf(golden):
     d, prompts, expected = golden
-    a = build_engine(d, role=Role.COLOCATED, block_size=8, num_blocks=200)
-    b = build_engine(d, role=Role.DECODE, block_size=8, num_blocks=200)
+    a = build_engine(d, dtype="float32", role=Role.COLOCATED, block_size=8, num_blocks=200)
+    b = build_engine(d, dtype="float32", role=Role.DECODE, block_size=8, num_blocks=200)
     params = SamplingParams(max_tokens=MAX_TOKENS)
     a.add_request(prompts[2], params, request_id="resumed")
     a.add_request(prompts[1], params, request_id="recomputed")

@@ -18,7 +18,7 @@ from tandem.local_cluster import LocalCluster
 # A ChatML-like template with BOS, as real models ship them (rendered by transformers in the golden test).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-WORKER_ARGS = ["--num-blocks", "400", "--max-num-batched-tokens", "64", "--log-level", "debug"]
+WORKER_ARGS = ["--dtype", "float32", "--num-blocks", "400", "--max-num-batched-tokens", "64", "--log-level", "debug"]
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(600)
 LENGTHS = [1, 5, 16, 17, 40, 100, 200, 333]
 MAX_TOKENS = 12
 # small per-step budget: long prompts are prefilled in several chunks, each pushed layer group by layer group
-WORKER_ARGS = ["--max-num-batched-tokens", "64", "--num-blocks", "400", "--layer-group", "1"]
+WORKER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "64", "--num-blocks", "400", "--layer-group", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 
 LENGTHS = [40, 300]               # 300 tokens: five prefill chunks, each pushed layer by layer
 MAX_TOKENS = 10
-WORKER_ARGS = ["--max-num-batched-tokens", "64", "--num-blocks", "200", "--layer-group", "1"]
+WORKER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "64", "--num-blocks", "200", "--layer-group", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(600)
 
 MAX_TOKENS = 300
 LENGTHS = [310, 40, 150, 17]
-WORKER_ARGS = ["--num-blocks", "600", "--max-num-batched-tokens", "512"]
+WORKER_ARGS = ["--dtype", "float32", "--num-blocks", "600", "--max-num-batched-tokens", "512"]
 NO_RESCHEDULE = ["--no-reschedule"]
 
 
