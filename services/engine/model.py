@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine import attention_ops
+from services.engine import attention_ops, fused_ops
 from services.engine.config import ModelConfig
-from services.engine.rope import RotaryEmbedding, apply_rotary
+from services.engine.rope import RotaryEmbedding
 
 
 @dataclass
@@ -50,8 +50,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF (normalise in float32, cast back, then scale), fused by torch.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Same arithmetic as HF (normalise in float32, cast back, then scale).
+        return fused_ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """residual += delta in place, then this norm of it (one pass on the CPU)."""
+        return fused_ops.add_rms_norm(residual, delta, self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -66,13 +70,16 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, kv, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, rotary: fused_ops.Rotary, kv: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """x: [T, hidden], the residual stream, which this layer updates IN PLACE and returns."""
         cfg = self.cfg
         t = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x))                       # [T, q + 2kv]
         qk, v = qkv.split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
-        # q and k are adjacent heads of one tensor: rotate them in a single pass.
-        qk = apply_rotary(qk.view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        # q and k are adjacent heads of one tensor: rotate them in a single pass, in place.
+        qk = qk.view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)        # [T, H + Hkv, D]
+        rotary.rotate_(qk)
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)              # [T, H, D], [T, Hkv, D]
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)                           # [T, Hkv, D]
         k_cache, v_cache = kv[:, self.layer_idx, 0], kv[:, self.layer_idx, 1]   # [NB, bs, Hkv, D]
@@ -88,9 +95,8 @@ class DecoderLayer(nn.Module):
             attn[p.q_start:p.q_start + p.q_len] = self._prefill_attention(
                 q[p.q_start:p.q_start + p.q_len], k[p.q_start:p.q_start + p.q_len],
                 v[p.q_start:p.q_start + p.q_len], k_cache, v_cache, p)
-        x = x + self.o_proj(attn.view(t, cfg.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        h = self.post_attention_layernorm.add_forward(x, self.o_proj(attn.view(t, cfg.q_size)))
+        return x.add_(self.down_proj(fused_ops.silu_mul(self.gate_up_proj(h))))
 
     def _prefill_attention(self, q, k_new, v_new, k_cache, v_cache, p: PrefillSeq) -> torch.Tensor:
         """q: [q_len, H, D] → [q_len, H, D]; attends causally to the request's whole context."""
@@ -132,10 +138,10 @@ class LlamaModel(nn.Module):
         on_layer_done(i), when given, runs after layer i wrote its K/V into `kv` (the prefill side
         streams KV to the decode side from there while later layers compute).
         """
-        x = self.embed_tokens(input_ids)                                     # [T, hidden]
-        cos, sin = self.rotary.tables(positions, x.dtype)
+        x = self.embed_tokens(input_ids)                                     # [T, hidden], updated in place
+        rotary = fused_ops.Rotary(positions, self.rotary.cos, self.rotary.sin)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, meta)
+            x = layer(x, rotary, kv, meta)
             if on_layer_done is not None:
                 on_layer_done(i)
         x = self.norm(x[logits_indices])

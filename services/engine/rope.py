@@ -38,13 +38,3 @@ class RotaryEmbedding:
         freqs = torch.outer(positions, inverse_frequencies(cfg))        # [P, D/2]
         self.cos = freqs.cos().to(device)                               # [P, D/2] float32
         self.sin = freqs.sin().to(device)
-
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, 1, D/2] in `dtype` for positions [T]."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D] rotated in halves (HF's rotate_half convention); cos/sin: [T, 1, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -32,6 +32,7 @@ def make(tiny):
         kw.setdefault("block_size", 8)
         kw.setdefault("num_blocks", 256)
         kw.setdefault("max_num_batched_tokens", 64)
+        kw.setdefault("dtype", "float32")       # exact comparisons between runs (auto may pick bf16)
         e = build_engine("tiny", loaded=tiny, **kw)
         engines.append(e)
         return e

@@ -194,7 +194,10 @@ void paged_decode_attention_scalar(at::Tensor out, at::Tensor q, at::Tensor k_ca
   check_and_run(out, q, k_cache, v_cache, block_tables, seq_lens, scale, /*force_scalar=*/true);
 }
 
+void register_fused_ops(pybind11::module& m);   // fused_ops.cpp: the decoder's elementwise ops
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_fused_ops(m);
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention (writes out); see paged_attention.cpp for layouts",
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),

@@ -1,0 +1,193 @@
+// Tandem: fused elementwise ops of the Llama decoder for the CPU.
+//
+// At serving batch sizes a decode step's RMSNorms, residual adds, RoPE and SiLU-mul are a few
+// hundred to a few thousand elements each: torch spends more time dispatching their 4-6 ops each
+// than computing them. Each function here is one pass over its rows, with the rounding of the
+// unfused torch code it replaces (so greedy tokens do not move):
+//   rms_norm      out = w * to_dtype(x_f32 * rsqrt(mean(x_f32^2) + eps))         (HF LlamaRMSNorm)
+//   add_rms_norm  residual = to_dtype(residual + delta); out = rms_norm(residual)
+//   silu_mul      out = to_dtype(to_dtype(silu(g)) * u) for gate_up = [g | u]
+//   rope_         x1, x2 halves of each head: x1' = r(r(x1 c) - r(x2 s)), x2' = r(r(x2 c) + r(x1 s)),
+//                 c, s = to_dtype(cos/sin table[position]); r = to_dtype   (HF rotate_half)
+// Shapes: rows are dim 0 (T tokens); every row is contiguous in its last dim; row strides may be
+// anything (views of a fused qkv / gate_up projection). dtype float32 or bfloat16; out has x's dtype.
+// Rows run in parallel (at::parallel_for) only when there are enough of them to pay for it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kRowsPerTask = 16;   // below this many rows a step runs on the calling thread
+
+template <typename T>
+inline float f32(T x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }   // float: identity; BFloat16: RNE
+
+// Sum of squares in kLanes independent partial sums combined pairwise: the compiler vectorises
+// it (a single running sum it may not reorder), and its rounding error grows like torch's
+// vectorised reduction, not like a sequential sum's.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+float sum_squares(const T* x, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = f32(x[i + j]);
+      lane[j] += v * v;
+    }
+  for (int64_t j = 0; i < n; ++i, ++j) {
+    const float v = f32(x[i]);
+    lane[j] += v * v;
+  }
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) lane[j] += lane[j + width];
+  return lane[0];
+}
+
+template <typename T>
+void rms_norm_row(T* out, const T* x, const T* w, int64_t n, float eps) {
+  const float ss = sum_squares(x, n);
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = round_to<T>(f32(w[i]) * f32(round_to<T>(f32(x[i]) * inv)));
+}
+
+template <typename F>
+void for_rows(int64_t rows, const F& fn) {
+  if (rows < 2 * kRowsPerTask) {
+    fn(0, rows);
+  } else {
+    at::parallel_for(0, rows, kRowsPerTask, fn);
+  }
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 2 && t.stride(-1) == 1, name, " must be [rows, ...] with a contiguous last dim");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.stride(-1) == 1 && out.scalar_type() == x.scalar_type(), "out like x");
+  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(-1) && w.scalar_type() == x.scalar_type(), "w: [hidden]");
+  const int64_t rows = x.size(0), n = x.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t xs = x.stride(0), os = out.stride(0);
+    for_rows(rows, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) rms_norm_row(op + r * os, xp + r * xs, wp, n, static_cast<float>(eps));
+    });
+  });
+}
+
+void add_rms_norm(torch::Tensor out, torch::Tensor residual, torch::Tensor delta, torch::Tensor w, double eps) {
+  check_rows(residual, "residual");
+  TORCH_CHECK(delta.sizes() == residual.sizes() && delta.stride(-1) == 1 &&
+              delta.scalar_type() == residual.scalar_type(), "delta like residual");
+  TORCH_CHECK(out.sizes() == residual.sizes() && out.stride(-1) == 1 &&
+              out.scalar_type() == residual.scalar_type(), "out like residual");
+  TORCH_CHECK(w.is_contiguous() && w.numel() == residual.size(-1) && w.scalar_type() == residual.scalar_type(),
+              "w: [hidden]");
+  const int64_t rows = residual.size(0), n = residual.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, residual.scalar_type(), "add_rms_norm", [&] {
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* dp = delta.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t rs = residual.stride(0), ds = delta.stride(0), os = out.stride(0);
+    for_rows(rows, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* row = rp + r * rs;
+        const scalar_t* d = dp + r * ds;
+        for (int64_t i = 0; i < n; ++i) row[i] = round_to<scalar_t>(f32(row[i]) + f32(d[i]));
+        rms_norm_row(op + r * os, row, wp, n, static_cast<float>(eps));
+      }
+    });
+  });
+}
+
+void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(-1) / 2;
+  TORCH_CHECK(gate_up.size(-1) == 2 * n, "gate_up: last dim must be even ([gate | up])");
+  TORCH_CHECK(out.size(0) == rows && out.size(-1) == n && out.stride(-1) == 1 &&
+              out.scalar_type() == gate_up.scalar_type(), "out: [rows, gate_up.size(-1) / 2] like gate_up");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* gp = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t gs = gate_up.stride(0), os = out.stride(0);
+    for_rows(rows, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* g = gp + r * gs;
+        const scalar_t* u = g + n;
+        scalar_t* o = op + r * os;
+        for (int64_t i = 0; i < n; ++i) {
+          const float x = f32(g[i]);
+          const scalar_t s = round_to<scalar_t>(x / (1.0f + std::exp(-x)));
+          o[i] = round_to<scalar_t>(f32(s) * f32(u[i]));
+        }
+      }
+    });
+  });
+}
+
+// x: [T, heads, D] rotated in place (head and row strides arbitrary, D contiguous);
+// positions: int64 [T]; cos, sin: float32 [max_positions, D/2].
+void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [T, heads, D] with a contiguous last dim");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == x.size(0),
+              "positions: int64 [T]");
+  const int64_t T = x.size(0), H = x.size(1), half = x.size(2) / 2;
+  TORCH_CHECK(x.size(2) == 2 * half, "head_dim must be even");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.dim() == 2 && cos.size(1) == half &&
+              sin.sizes() == cos.sizes() && sin.is_contiguous() && sin.scalar_type() == at::kFloat,
+              "cos, sin: float32 [max_positions, head_dim / 2]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t max_pos = cos.size(0);
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "position ", pos[t], " out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rope_", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    const int64_t ts = x.stride(0), hs = x.stride(1);
+    for_rows(T, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const float* ct = cp + pos[t] * half;
+        const float* st = sp + pos[t] * half;
+        for (int64_t h = 0; h < H; ++h) {
+          scalar_t* x1 = xp + t * ts + h * hs;
+          scalar_t* x2 = x1 + half;
+          for (int64_t i = 0; i < half; ++i) {
+            const float c = f32(round_to<scalar_t>(ct[i])), s = f32(round_to<scalar_t>(st[i]));
+            const float a = f32(x1[i]), bb = f32(x2[i]);
+            const float y1 = f32(round_to<scalar_t>(f32(round_to<scalar_t>(a * c)) - f32(round_to<scalar_t>(bb * s))));
+            const float y2 = f32(round_to<scalar_t>(f32(round_to<scalar_t>(bb * c)) + f32(round_to<scalar_t>(a * s))));
+            x1[i] = round_to<scalar_t>(y1);
+            x2[i] = round_to<scalar_t>(y2);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void register_fused_ops(pybind11::module& m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * w (HF rounding)", release());
+  m.def("add_rms_norm", &add_rms_norm, "residual += delta (in place); out = RMSNorm(residual) * w", release());
+  m.def("silu_mul", &silu_mul, "out = silu(gate) * up for gate_up = [gate | up]", release());
+  m.def("rope_", &rope_, "rotate [T, heads, D] in place by positions (HF rotate_half)", release());
+}

@@ -1,0 +1,72 @@
+"""The fused CPU elementwise ops equal the torch ops they replace (bf16: bit for bit)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine import attention_ops, fused_ops
+from services.engine.loader import resolve_model
+from services.engine.rope import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(attention_ops.load_kernels() is None, reason="CPU kernel module unavailable")
+
+
+@pytest.fixture
+def unfused(monkeypatch):
+    """Run a fused_ops function down its torch path."""
+    def call(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(fused_ops, "_kernels", lambda x: None)
+            return fn(*args)
+    return call
+
+
+def _close(a, b, dtype):
+    if dtype == torch.bfloat16:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_norms_match_torch(unfused, dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 200, generator=g).to(dtype)
+    w = (torch.rand(200, generator=g) + 0.5).to(dtype)
+    _close(fused_ops.rms_norm(x, w, 1e-5), unfused(fused_ops.rms_norm, x, w, 1e-5), dtype)
+    delta = torch.randn(rows, 200, generator=g).to(dtype)
+    r1, r2 = x.clone(), x.clone()
+    out1 = fused_ops.add_rms_norm(r1, delta, w, 1e-5)
+    out2 = unfused(fused_ops.add_rms_norm, r2, delta, w, 1e-5)
+    assert torch.equal(r1, r2)                         # the residual add rounds the same way
+    _close(out1, out2, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_silu_mul_matches_torch(unfused, dtype, rows):
+    gate_up = (torch.randn(rows, 2 * 96) * 4).to(dtype)
+    _close(fused_ops.silu_mul(gate_up), unfused(fused_ops.silu_mul, gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_rope_matches_torch_on_strided_heads(unfused, dtype, rows):
+    cfg = resolve_model("tiny").config
+    rope = RotaryEmbedding(cfg)
+    positions = torch.randint(0, cfg.max_position_embeddings, (rows,))
+    heads, d = 6, cfg.head_dim
+    qkv = torch.randn(rows, (heads + 2) * d).to(dtype)           # a fused projection: rows are strided
+    a, b = qkv.clone(), qkv.clone()
+    fused_ops.Rotary(positions, rope.cos, rope.sin).rotate_(a[:, :heads * d].view(rows, heads, d))
+    unfused(fused_ops.Rotary(positions, rope.cos, rope.sin).rotate_, b[:, :heads * d].view(rows, heads, d))
+    _close(a, b, dtype)
+    assert torch.equal(a[:, heads * d:], qkv[:, heads * d:])      # nothing beyond the rotated heads moved
+
+
+def test_rope_refuses_positions_past_the_table():
+    rope = RotaryEmbedding(resolve_model("tiny").config)
+    x = torch.randn(1, 2, rope.cos.shape[1] * 2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        fused_ops.Rotary(torch.tensor([rope.cos.shape[0]]), rope.cos, rope.sin).rotate_(x)
