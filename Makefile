@@ -36,6 +36,9 @@ test: setup
 proto: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem/v1/*.proto
 
+# Engine speed beside vLLM's CPU build (same dtype and threads, one run): offline throughput, decode
+# ms/token at batch 1/8/32 (512-token contexts), prefill latency of 128/512/2048 tokens, the decode
+# floor (weights over measured bandwidth), the host line; ends with one JSON line of ratios.
 bench-engine: setup
 	$(PY) benchmarks/bench_engine.py
 
@@ -51,9 +54,12 @@ bench-cluster: setup
 bench-migration: setup
 	$(PY) benchmarks/bench_migration.py
 
-# Goodput of 1P+1D vs 2 colocated (and vLLM's CPU server when installed) on the Azure trace.
+# Goodput (req/s at >= 90% meeting TTFT and TPOT SLOs) of Tandem fixed 1P+1D, adaptive and colocated x2
+# and of vLLM's CPU server, under tight (3x) and relaxed (10x) SLOs scaled from this host's unloaded vLLM
+# latencies; ~25 min on 2 cores. TRACE=FILE: any trace loadgen reads (default: Azure 2023 conversations).
+# Results in bench-goodput/; the last line printed is one JSON object.
 bench-goodput: setup
-	$(PY) -m loadgen.bench_goodput --model small
+	$(PY) -m loadgen.bench_goodput --model small $(if $(TRACE),--trace "$(TRACE)")
 
 # On a CUDA GPU: KV transfer (nccl / NcclLink / cuda_ipc) beside a device-to-device copy, engine decode
 # throughput at batch 1/16/64, 1P+1D TTFT breakdown. Needs a CUDA build of torch 2.13 in $(VENV) (setup
