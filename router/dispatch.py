@@ -1,16 +1,23 @@
 """Carries one request through the cluster and turns worker messages into client messages.
 
-Disaggregated path (DESIGN "Request life"): reserve on a decode instance D → open D's Decode
-stream (it waits for the KV) → Prefill on a prefill instance P with D's handle → forward the first
-token from P, then every token from D. When the KV could not move (P answers with kv_fallback), D is
-asked to Recompute the prompt and first token instead, and its stream goes on as usual. Colocated
-path: one Generate stream on a colocated instance. Any exit other than a normal finish (client
-cancel, deadline, abort, error) sends Release to every worker that may hold something for the
-request.
+Disaggregated path (DESIGN "Request life"), one round trip before the prefill: placement picks a
+decode instance D and a prefill instance P from their last load reports, then the router starts
+D's Decode stream (carrying the request: D reserves its blocks there and says so in the stream's
+initial metadata) and P's Prefill (carrying D's KV address from its report) at the same time,
+awaiting neither first. P computes at once and pushes KV to D as its layers finish; D's receiver
+holds the pushes until the reservation lands. The first token comes from P's answer, every later
+one from D's stream. If D refuses before that (RESOURCE_EXHAUSTED: it is full, its report was
+stale; UNAVAILABLE: draining), P's call is cancelled and the request is placed again: a full D is
+passed over until a newer report of it arrives, and while every D is full the request waits
+(queue_timeout_s). When the KV could not move (P answers with kv_fallback), D is asked to Recompute
+the prompt and first token instead, and its stream goes on as usual. Colocated path: one Generate
+stream on a colocated instance. Any exit other than a normal finish (client cancel, deadline,
+abort, error) sends Release to every worker that may hold something for the request.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +31,15 @@ from services.engine.sampling_params import SamplingParams
 from tandem.v1 import serving_pb2, worker_pb2
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RESERVED_KEY = "tandem-reserved"       # a decode instance's Decode initial metadata once it reserved
+
+
+class _DecodeRefused(Exception):
+    """The decode instance refused the request before its first token (RETRY_CODES): place it again."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
 
 
 class RouteError(Exception):
@@ -45,6 +61,7 @@ class RoutedRequest:
     timeout: float | None = None                    # seconds left of the client's deadline
     aborted: bool = False                           # set by the Abort RPC
     kv_fallback: str = ""                           # why its KV did not move (D recomputed); metrics read it
+    dispatched: float | None = None                 # time.monotonic() when its first worker call started
     calls: list = dataclasses.field(default_factory=list)   # in-flight worker calls, cancelled on abort
 
     def abort(self) -> None:
@@ -76,14 +93,15 @@ class Dispatcher:
         """The largest KV need of a request queued for room (the rescheduler de-fragments for it)."""
         return max(self.demand.values(), default=0)
 
-    async def _place_queued(self, rr: RoutedRequest, role: int, pick, tried: set[str], what: str):
+    async def _place_queued(self, rr: RoutedRequest, role: int, pick, tried: set[str], what: str,
+                            full: dict[str, int] | None = None):
         """_place, but while every instance is full the request waits (up to queue_timeout_s and
         its deadline) with its need published as demand, instead of failing at once."""
         waited_until = time.monotonic() + self.queue_timeout_s
         try:
             while True:
                 try:
-                    return self._place(rr, role, pick, tried, what)
+                    return self._place(rr, role, pick, tried, what, full)
                 except RouteError as e:
                     if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= waited_until \
                             or self._timeout(rr) <= self.queue_poll_s:
@@ -106,8 +124,9 @@ class Dispatcher:
             stream = self._colocated(rr)
         else:
             raise RouteError(grpc.StatusCode.UNAVAILABLE, self._missing_message(prefill, decode))
-        async for message in stream:
-            yield message
+        async with contextlib.aclosing(stream):         # its clean-up runs now when we are closed
+            async for message in stream:
+                yield message
 
     @staticmethod
     def _missing_message(prefill, decode) -> str:
@@ -126,14 +145,19 @@ class Dispatcher:
     def _stream_timeout(self, rr: RoutedRequest) -> float | None:
         return None if rr.timeout is None else self._timeout(rr)
 
-    def _place(self, rr: RoutedRequest, role: int, pick, tried: set[str], what: str):
+    def _place(self, rr: RoutedRequest, role: int, pick, tried: set[str], what: str,
+               full: dict[str, int] | None = None):
         """(instance, KV blocks the prompt needs) chosen by `pick` among serving instances of `role`
-        not tried yet; None when none is left. RESOURCE_EXHAUSTED when none has room."""
+        not tried yet; None when none is left. RESOURCE_EXHAUSTED when none has room, counting as
+        full those in `full` (instance → updated_unix_ms of the report under which it refused)
+        until a newer report of theirs arrives."""
         pool = [i for i in self.registry.instances(role) if i.instance_id not in tried]
         if not pool:
             return None
         needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
-        chosen = pick(pool, needed, self.ledger)
+        if full:
+            pool = [i for i in pool if full.get(i.instance_id) != i.updated_unix_ms]
+        chosen = pick(pool, needed, self.ledger) if pool else None
         if chosen is None:
             error = RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"every {what} instance is full ({needed} KV blocks needed); retry later")
@@ -142,75 +166,50 @@ class Dispatcher:
         return chosen, needed
 
     # ---- disaggregated ----------------------------------------------------------------------
-    async def _reserve(self, rr: RoutedRequest):
-        blocks_tried: set[str] = set()
+    async def _disaggregated(self, rr: RoutedRequest):
+        full: dict[str, int] = {}       # decode instances that refused for room → their report then
+        tried: set[str] = set()         # decode instances that refused otherwise (draining, unreachable)
         last_error = ""
         for _ in range(self.retries + 1):
-            placed = await self._place_queued(rr, worker_pb2.ROLE_DECODE, pick_decode, blocks_tried, "decode")
+            placed = await self._place_queued(rr, worker_pb2.ROLE_DECODE, pick_decode, tried, "decode", full)
             if placed is None:
                 break
             d, needed = placed
-            token = self.ledger.add(d.instance_id, blocks=needed, running=1)
             try:
-                resp = await self.pool.stub(d.address).Reserve(
-                    worker_pb2.ReserveRequest(request=rr.worker_request, lease_ms=self.lease_ms),
-                    timeout=self._timeout(rr))
-                return d, resp.handle, token
-            except asyncio.CancelledError:
-                # The client went away while Reserve was in flight: D may have reserved already (its
-                # answer lost with the call), and nothing else knows to free it before the lease expires.
-                self.ledger.remove(token)
-                self.pool.release_later(d.address, rr.request_id)
-                raise
-            except grpc.aio.AioRpcError as e:
-                self.ledger.remove(token)
-                if e.code() not in RETRY_CODES:
-                    raise RouteError(e.code(), e.details()) from None
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                async with contextlib.aclosing(self._via(rr, d, needed)) as stream:
+                    async for message in stream:
+                        yield message
+                return
+            except _DecodeRefused as e:            # raised before any message: safe to place again
+                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    full[d.instance_id] = d.updated_unix_ms
+                else:
                     self.registry.mark_unreachable(d.instance_id)
-                blocks_tried.add(d.instance_id)
-                last_error = f"{d.instance_id}: {e.details()}"
+                    tried.add(d.instance_id)
+                last_error = f"{d.instance_id}: {e.details}"
         raise RouteError(grpc.StatusCode.UNAVAILABLE, f"no decode instance could take the request ({last_error}); retry")
 
-    async def _prefill(self, rr: RoutedRequest, handle: worker_pb2.KVHandle):
-        tried: set[str] = set()
-        last_error = ""
-        for _ in range(self.retries + 1):
-            prefills = [p for p in self.registry.instances(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
-            p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger)
-            if p is None:
-                break
-            token = self.ledger.add(p.instance_id, prompt_tokens=len(rr.prompt_token_ids))
-            call = self.pool.stub(p.address).Prefill(
-                worker_pb2.PrefillRequest(request=rr.worker_request, destination=handle), timeout=self._timeout(rr))
-            rr.calls.append(call)
-            try:
-                return p, await call
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
-                    raise asyncio.CancelledError from None
-                self.pool.release_later(p.address, rr.request_id)
-                if e.code() == grpc.StatusCode.ABORTED:       # P is fine; the way to D failed
-                    raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{e.details()}; retry") from None
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise RouteError(e.code(), e.details()) from None
-                self.registry.mark_unreachable(p.instance_id)
-                tried.add(p.instance_id)
-                last_error = f"{p.instance_id}: {e.details()}"
-            finally:
-                rr.calls.remove(call)
-                self.ledger.remove(token)
-        raise RouteError(grpc.StatusCode.UNAVAILABLE, f"no prefill instance could take the request ({last_error}); retry")
-
-    async def _disaggregated(self, rr: RoutedRequest):
-        d, handle, d_token = await self._reserve(rr)
+    async def _via(self, rr: RoutedRequest, d, needed: int):
+        """The request through decode instance d (and a prefill instance _prefill picks): D's Decode
+        stream and P's Prefill start together. Raises _DecodeRefused, before yielding anything,
+        when D refuses to reserve."""
+        rr.dispatched = rr.dispatched or time.monotonic()
+        d_token = self.ledger.add(d.instance_id, blocks=needed, running=1)
         decode_call = self.pool.stub(d.address).Decode(
-            worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1), timeout=self._stream_timeout(rr))
+            worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1, request=rr.worker_request,
+                                     lease_ms=self.lease_ms), timeout=self._stream_timeout(rr))
         rr.calls.append(decode_call)
+        reserved = asyncio.ensure_future(_reservation(decode_call))
         holder = _Holder(d.address, d.instance_id, decode_call)
-        finished = False
+        finished = refused = False
         try:
-            p, presp = await self._prefill(rr, handle)
+            try:
+                p, presp = await self._prefill(rr, d, reserved)
+                if presp.kv_fallback and not presp.finished:      # Recompute needs D's reservation
+                    _check_reservation(rr, d, await reserved)
+            except _DecodeRefused:
+                refused = True
+                raise
             first = serving_pb2.GenerateResponse(
                 request_id=rr.request_id, index=0, token_ids=[presp.first_token_id], text=presp.first_text,
                 prefill_instance=p.instance_id, decode_instance=d.instance_id)
@@ -221,15 +220,16 @@ class Dispatcher:
             breakdown = serving_pb2.TtftBreakdown(
                 queue_s=presp.queue_s, prefill_s=presp.prefill_s, transfer_s=presp.transfer_s,
                 kv_bytes=presp.kv_bytes, kv_fallback=presp.kv_fallback)
+            if presp.kv_fallback and not presp.finished:    # before the first token: still safe to retry
+                await self._recompute(rr, d, presp)
+            _time_first_token(rr, breakdown)
             if presp.finished:
                 first.finished, first.finish_reason = True, presp.finish_reason
                 first.usage.CopyFrom(serving_pb2.Usage(prompt_tokens=len(rr.prompt_token_ids), completion_tokens=1,
                                                        cached_prompt_tokens=presp.num_cached_tokens))
                 first.ttft_breakdown.CopyFrom(breakdown)
-                yield first            # D still holds the lease: the finally block releases it
+                yield first            # D may hold a lease: the finally block releases it
                 return
-            if presp.kv_fallback:      # before the first token: a failure here is still safe to retry
-                await self._recompute(rr, d, presp)
             yield first
             async for chunk, moved in self._follow(rr, holder):
                 if d_token is not None:        # D's own report counts the request from now on
@@ -256,14 +256,63 @@ class Dispatcher:
                 self.registry.mark_unreachable(holder.instance_id)
             raise RouteError(e.code(), f"decode instance {holder.instance_id}: {e.details()}") from None
         finally:
+            reserved.cancel()
             if d_token is not None:
                 self.ledger.remove(d_token)
             rr.calls.remove(holder.call)
             if not finished:
                 holder.call.cancel()
-                self.pool.release_later(holder.address, rr.request_id)
+                if not refused:                      # a refusing D holds nothing for the request
+                    self.pool.release_later(holder.address, rr.request_id)
                 if holder.address != d.address:      # D forwards too, but it may be gone
                     self.pool.release_later(d.address, rr.request_id)
+
+    async def _prefill(self, rr: RoutedRequest, d, reserved: asyncio.Future):
+        """(P, its PrefillResponse) from a prefill instance P, the KV going to d, whose reservation
+        `reserved` races the prefill: if d refuses first, P's call is cancelled (_check_reservation
+        raises). A P that is unreachable is marked so and another one tried."""
+        handle = worker_pb2.KVHandle(instance_id=d.instance_id, transport=d.kv_transport, address=d.kv_address,
+                                     request_id=rr.request_id, block_size=d.block_size)
+        tried: set[str] = set()
+        last_error = ""
+        for _ in range(self.retries + 1):
+            prefills = [p for p in self.registry.instances(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
+            p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger)
+            if p is None:
+                break
+            token = self.ledger.add(p.instance_id, prompt_tokens=len(rr.prompt_token_ids))
+            call = self.pool.stub(p.address).Prefill(
+                worker_pb2.PrefillRequest(request=rr.worker_request, destination=handle), timeout=self._timeout(rr))
+            rr.calls.append(call)
+            answer = asyncio.ensure_future(call)
+            try:
+                if not reserved.done():
+                    await asyncio.wait((answer, reserved), return_when=asyncio.FIRST_COMPLETED)
+                if not answer.done():                  # D answered first
+                    try:
+                        _check_reservation(rr, d, reserved.result())
+                    except BaseException:
+                        answer.cancel()
+                        raise
+                return p, await answer
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
+                    raise asyncio.CancelledError from None
+                self.pool.release_later(p.address, rr.request_id)
+                if e.code() == grpc.StatusCode.ABORTED:       # P is fine; the way to D failed
+                    raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{e.details()}; retry") from None
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise RouteError(e.code(), e.details()) from None
+                self.registry.mark_unreachable(p.instance_id)
+                tried.add(p.instance_id)
+                last_error = f"{p.instance_id}: {e.details()}"
+            finally:
+                rr.calls.remove(call)
+                self.ledger.remove(token)
+        raise RouteError(grpc.StatusCode.UNAVAILABLE, f"no prefill instance could take the request ({last_error}); retry")
 
     async def _recompute(self, rr: RoutedRequest, d, presp: worker_pb2.PrefillResponse) -> None:
         """P could not move the KV to D (presp.kv_fallback): D recomputes prompt + first token.
@@ -367,6 +416,38 @@ class Dispatcher:
                     if holder.address != c.address:
                         self.pool.release_later(c.address, rr.request_id)
         raise RouteError(grpc.StatusCode.UNAVAILABLE, "no colocated instance could take the request; retry")
+
+
+async def _reservation(call) -> tuple[grpc.StatusCode, str] | None:
+    """None once the Decode stream `call` says its instance reserved (its initial metadata came);
+    (code, details) when the stream ended first: the instance refused, or the call was cancelled."""
+    await call.initial_metadata()
+    if not call.done():
+        return None
+    code = await call.code()
+    return None if code == grpc.StatusCode.OK else (code, await call.details())
+
+
+def _check_reservation(rr: RoutedRequest, d, refusal: tuple[grpc.StatusCode, str] | None) -> None:
+    """Raise what a refused reservation on d means for the request: _DecodeRefused (place it again),
+    CancelledError (aborted), RouteError (a refusal no retry fixes). A no-op for None."""
+    if refusal is None:
+        return
+    code, details = refusal
+    if code == grpc.StatusCode.CANCELLED and rr.aborted:
+        raise asyncio.CancelledError
+    if code in RETRY_CODES:
+        raise _DecodeRefused(code, details)
+    raise RouteError(code, f"decode instance {d.instance_id}: {details}")
+
+
+def _time_first_token(rr: RoutedRequest, breakdown: serving_pb2.TtftBreakdown) -> None:
+    """Fill the router's parts of the TTFT breakdown as the first token leaves for the client."""
+    now = time.monotonic()
+    breakdown.ttft_s = now - rr.arrival
+    breakdown.router_queue_s = (rr.dispatched or now) - rr.arrival
+    breakdown.path_s = max(0.0, breakdown.ttft_s - breakdown.router_queue_s - breakdown.queue_s
+                           - breakdown.prefill_s - breakdown.transfer_s)
 
 
 def _from_chunk(request_id: str, chunk: worker_pb2.TokenChunk) -> serving_pb2.GenerateResponse:

@@ -1,6 +1,11 @@
-"""Turns a client's GenerateRequest into a RoutedRequest, or an InvalidRequestError naming the field."""
+"""Turns a client's GenerateRequest into a RoutedRequest, or an InvalidRequestError naming the field.
+
+The one place a request is validated: workers trust what the router sends them and re-check only
+what is cheap (services/worker/servicer.py).
+"""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -13,8 +18,18 @@ from services.proto_convert import sampling_params_from_proto
 from tandem.v1 import serving_pb2, worker_pb2
 
 
+async def build_request_async(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenizer: Tokenizer,
+                              timeout: float | None) -> RoutedRequest:
+    """build_request, with a text prompt tokenized (and the request validated) on a worker thread,
+    not on the event loop every stream shares. Arrival is now, before the tokenizer runs."""
+    arrival = time.monotonic()
+    if req.prompt:
+        return await asyncio.to_thread(build_request, req, model, tokenizer, timeout, arrival)
+    return build_request(req, model, tokenizer, timeout, arrival)
+
+
 def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenizer: Tokenizer,
-                  timeout: float | None) -> RoutedRequest:
+                  timeout: float | None, arrival: float | None = None) -> RoutedRequest:
     if req.model and req.model != model.model_id:
         raise InvalidRequestError("model", f"unknown model {req.model!r}; this cluster serves {model.model_id!r} "
                                   "(see ListModels), or leave it empty")
@@ -35,4 +50,4 @@ def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenize
     request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
     wr = worker_pb2.WorkerRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=req.params,
                                   priority=req.priority)
-    return RoutedRequest(request_id, prompt_ids, params, wr, time.monotonic(), timeout)
+    return RoutedRequest(request_id, prompt_ids, params, wr, arrival or time.monotonic(), timeout)

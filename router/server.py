@@ -16,7 +16,7 @@ from router.metrics import RouterMetrics
 from router.migration_policy import PolicyConfig
 from router.registry import InstanceRegistry
 from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
-from router.request_validation import build_request
+from router.request_validation import build_request_async
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
@@ -34,7 +34,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     async def Generate(self, request, context):
         r = self.router
         try:
-            rr = build_request(request, r.model, r.tokenizer, context.time_remaining())
+            rr = await build_request_async(request, r.model, r.tokenizer, context.time_remaining())
         except InvalidRequestError as e:
             r.metrics.rejected("grpc", "invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

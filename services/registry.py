@@ -1,9 +1,12 @@
-"""A worker's presence in Redis: its LoadReport under a heartbeat TTL, and its lease records.
+"""A worker's presence in Redis: its LoadReport under a heartbeat TTL.
 
-Keys (shared with the router, which reads them in router/registry.py):
+Key (shared with the router, which reads it in router/registry.py):
 
     tandem:{cluster}:instance:{instance_id}              LoadReport as JSON, expires after ttl_s
-    tandem:{cluster}:lease:{instance_id}:{request_id}    LeaseRecord as JSON, expires at deadline
+
+A worker's reservations are in its LoadReport (`leases`, `reserved_blocks`), which the router reads
+(placement, draining); there is no record per lease: nothing read it, and writing and deleting one
+sat on the path of every request.
 
 Records are JSON with proto field names and enum names, so `redis-cli GET` shows them readably.
 For the worker Redis is advisory: its engine owns blocks and leases, Redis only advertises them.
@@ -14,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -43,10 +44,6 @@ def instance_pattern(cluster: str) -> str:
     return instance_key(cluster, "*")
 
 
-def lease_key(cluster: str, instance_id: str, request_id: str) -> str:
-    return f"tandem:{cluster}:lease:{instance_id}:{request_id}"
-
-
 def encode_report(report: worker_pb2.LoadReport) -> str:
     """One-line JSON with every field (zeros included), proto field names and enum names."""
     return json_format.MessageToJson(report, preserving_proto_field_name=True, indent=None,
@@ -57,22 +54,6 @@ def decode_report(data: str | bytes) -> worker_pb2.LoadReport:
     """Inverse of encode_report; unknown fields (from a newer worker) are ignored.
     Raises json_format.ParseError on a malformed record."""
     return json_format.Parse(data, worker_pb2.LoadReport(), ignore_unknown_fields=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class LeaseRecord:
-    """What Redis holds for one reservation: blocks held on instance_id until deadline_unix_ms."""
-    instance_id: str
-    request_id: str
-    num_blocks: int
-    deadline_unix_ms: int
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, data: str | bytes) -> "LeaseRecord":
-        return cls(**json.loads(data))
 
 
 def connect(redis_url: str, timeout_s: float) -> aioredis.Redis:
@@ -178,34 +159,3 @@ class InstancePublisher:
         with contextlib.suppress(*REDIS_DOWN):
             await self._redis.aclose()
         self._redis, self.registered = None, False
-
-    async def record_lease(self, request_id: str, num_blocks: int, deadline_unix_ms: int) -> bool:
-        """Advertise a reservation until its deadline (the record expires then by itself).
-        True if Redis took it. Requires start()."""
-        record = LeaseRecord(self._started_id(), request_id, num_blocks, deadline_unix_ms)
-        key = lease_key(self.cluster, record.instance_id, request_id)
-        try:
-            await self._redis.set(key, record.to_json(),
-                                  px=max(1, deadline_unix_ms - now_unix_ms()))
-        except REDIS_DOWN as e:
-            log.warning("instance %s: cannot record lease %s in Redis (%s)",
-                        record.instance_id, request_id, e)
-            return False
-        return True
-
-    async def drop_lease(self, request_id: str) -> bool:
-        """Delete a lease record (committed or released). True if Redis answered, whether or not
-        the record still existed. Requires start()."""
-        key = lease_key(self.cluster, self._started_id(), request_id)
-        try:
-            await self._redis.delete(key)
-        except REDIS_DOWN as e:
-            log.warning("instance %s: cannot drop lease %s in Redis (%s); it expires at its "
-                        "deadline", self.instance_id, request_id, e)
-            return False
-        return True
-
-    def _started_id(self) -> str:
-        if self._redis is None:
-            raise RuntimeError("InstancePublisher: call start() first (or it was stopped)")
-        return self.instance_id

@@ -25,7 +25,7 @@ from router.openai_api.chat_template import ChatTemplate
 from router.openai_api.errors import ApiError, from_invalid_request, from_status, invalid
 from router.openai_api.requests import ParsedRequest, parse_chat, parse_completion
 from router.openai_api.responses import Answer, TokenTexts
-from router.request_validation import build_request
+from router.request_validation import build_request_async
 from services.engine.sampling_params import InvalidRequestError
 from services.metrics_http import metrics_response
 
@@ -92,14 +92,14 @@ class OpenAIApi:
         r = self.router
         try:
             body = await _json_body(request)
-            if kind == "chat":
-                parsed = parse_chat(body, r.model, r.tokenizer, self.template)
+            if kind == "chat":      # renders and tokenizes: off the event loop
+                parsed = await asyncio.to_thread(parse_chat, body, r.model, r.tokenizer, self.template)
             else:
                 parsed = parse_completion(body, r.model, r.tokenizer)
             if not parsed.request.request_id:
                 parsed.request.request_id = request.headers.get("X-Request-Id", "")[:256]
             try:
-                rr = build_request(parsed.request, r.model, r.tokenizer, None)
+                rr = await build_request_async(parsed.request, r.model, r.tokenizer, None)
             except InvalidRequestError as e:
                 raise from_invalid_request(e, parsed.rename or {}) from None
             if rr.request_id in r.live:

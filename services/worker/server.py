@@ -205,7 +205,7 @@ class Worker:
         self.servicer = WorkerServicer(
             self.engine_thread, role=self.role, sender=self.sender, receiver=self.receiver, pusher=self.pusher,
             lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report, instance_id=self.instance_id, kv_transport=opts.kv_transport,
-            publisher=self.publisher, state_fn=self.current_state, set_state_fn=self.set_state,
+            state_fn=self.current_state, set_state_fn=self.set_state,
             migration=MigrationConfig(stop_copy_blocks=opts.migration_stop_copy_blocks,
                                       max_stages=opts.migration_max_stages, max_in_flight=opts.max_migrations,
                                       lease_ms=opts.migration_lease_ms, transfer_timeout_s=opts.transfer_timeout_s),

@@ -1,6 +1,13 @@
 """The tandem.v1.Worker servicer: a thin asyncio layer over the engine thread, the lease table
 and the KV transport. Every RPC maps user-fixable errors to INVALID_ARGUMENT naming the field,
 and every exit path (finish, cancel, error, timeout) gives back what the request held.
+
+A request's path (DESIGN "Request life"): the router starts Decode (with the request: this decode
+instance reserves) and Prefill (with the decode instance's KV address) at the same time. Prefill
+submits the prompt to the engine at once and opens the KV transfer beside it; its pushes wait in
+the pusher until the transfer is open, and the decode instance's receiver holds the transfer's
+frames until the reservation lands. Requests come validated by the router: workers re-check only
+what is cheap and would crash the engine (ids out of the vocabulary, lengths, their own capacity).
 """
 from __future__ import annotations
 
@@ -29,12 +36,13 @@ from services.worker_pool import WorkerPool
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
+RESERVED_KEY = "tandem-reserved"       # Decode's initial metadata once it reserved: the block count
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine_thread: EngineThread, *, role: Role, sender, receiver, pusher: PrefillPusher | None,
                  lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
-                 publisher=None, migration: MigrationConfig | None = None, watermark_blocks: int = 0,
+                 migration: MigrationConfig | None = None, watermark_blocks: int = 0,
                  state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None,
                  kv_address: str | None = None):
         """kv_address: the data-plane address published to peers (KVHandle.address, migration
@@ -43,7 +51,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
         self.kv_address = kv_address or receiver.address
         self.lease_ms, self.transfer_timeout_s = lease_ms, transfer_timeout_s
-        self.report_fn, self.publisher = report_fn, publisher
+        self.report_fn = report_fn
         self.instance_id, self.kv_transport = instance_id, kv_transport
         self.state_fn, self.set_state_fn = state_fn, set_state_fn
         self.leases = LeaseTable(self._adopt, self._release_lease, receiver.forget)
@@ -64,13 +72,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return asyncio.get_running_loop()
 
     async def _engine_call(self, fn):
-        return await asyncio.to_thread(self.et.call, fn)
+        """fn(engine) on the engine thread, between steps; its result (or exception) here. The
+        engine thread settles the future itself: no worker thread in between. If the caller is
+        cancelled, fn still runs."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.et.call_soon(fn, lambda ok, value: loop.call_soon_threadsafe(_settle, future, ok, value))
+        return await future
+
+    def _release_soon(self, rid: str) -> None:
+        """Free what the engine still holds for rid (a handed-off prompt's blocks stay as prefix
+        cache), without waiting: queued now, so it runs before anything sent later under the same
+        id, but the caller's answer does not wait for the engine step to end. Failures are logged."""
+        try:
+            self.et.call_soon(lambda e: e.release(rid))
+        except EngineDeadError:
+            pass
 
     def _request_fields(self, req: worker_pb2.WorkerRequest):
-        """(prompt ids, engine SamplingParams) validated against this engine; raises InvalidRequestError."""
+        """(prompt ids, engine SamplingParams) of a request the router validated, checked again only
+        cheaply (ids in range by min/max, lengths, this instance's capacity): a malformed one is
+        refused instead of crashing the engine. Raises InvalidRequestError."""
         params = sampling_params_from_proto(req.params)
         prompt = list(req.prompt_token_ids)
-        self.engine.validate(prompt, params)
+        self.engine.validate(prompt, params, ints=True)
         return prompt, params
 
     async def _require_role(self, context, *roles: Role, what: str):
@@ -82,41 +107,48 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ---- decode side: Reserve, Decode ----------------------------------------------------------
     async def Reserve(self, request: worker_pb2.ReserveRequest, context):
         await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Reserve")
-        if self.state_fn() != "serving":
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {self.instance_id} is {self.state_fn()} and "
-                                f"takes no new requests; place the request on another instance")
-        req = request.request
-        rid = req.request_id
-        if not rid:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request.request_id: is empty; set a unique id")
-        try:
-            prompt, params = self._request_fields(req)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         lease_ms = request.lease_ms or self.lease_ms
-        # Shielded: if this RPC is cancelled mid-way, the reservation still lands in the lease
-        # table and is released from there, instead of holding blocks nobody tracks.
-        task = asyncio.ensure_future(self._reserve_tracked(rid, prompt, params, req.priority, lease_ms))
-        try:
-            lease = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_if_reserved)
-            raise
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-        except RuntimeError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another instance")
-        except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
-        block_ids = lease.block_ids
-        deadline_ms = int(time.time() * 1e3) + lease_ms
-        if self.publisher is not None:
-            asyncio.ensure_future(self.publisher.record_lease(rid, len(block_ids), deadline_ms))
-        b = self.engine.kv.block_size
+        lease = await self._reserve(request.request, lease_ms, context)
         return worker_pb2.ReserveResponse(handle=worker_pb2.KVHandle(
             instance_id=self.instance_id, transport=self.kv_transport,
-            address=self.kv_address, request_id=rid, num_blocks=len(block_ids), block_size=b,
-            lease_deadline_unix_ms=deadline_ms))
+            address=self.kv_address, request_id=lease.request_id, num_blocks=len(lease.block_ids),
+            block_size=self.engine.kv.block_size, lease_deadline_unix_ms=int(time.time() * 1e3) + lease_ms))
+
+    async def _reserve(self, req: worker_pb2.WorkerRequest, lease_ms: int, context) -> Lease:
+        """Reserve blocks for req's prompt under a lease of lease_ms (Reserve; Decode with a request).
+        A refusal aborts the RPC: UNAVAILABLE (not serving), INVALID_ARGUMENT, ALREADY_EXISTS,
+        RESOURCE_EXHAUSTED (no room); except for ALREADY_EXISTS the receiver forgets the id, so a
+        KV transfer that opened for it already is refused at once instead of waiting."""
+        rid = req.request_id
+        code = message = None
+        if self.state_fn() != "serving":
+            code, message = grpc.StatusCode.UNAVAILABLE, (f"instance {self.instance_id} is {self.state_fn()} and "
+                                                          f"takes no new requests; place the request on another instance")
+        elif not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request.request_id: is empty; set a unique id")
+        else:
+            try:
+                prompt, params = self._request_fields(req)
+            except InvalidRequestError as e:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        if code is None:
+            # Shielded: if this RPC is cancelled mid-way, the reservation still lands in the lease
+            # table and is released from there, instead of holding blocks nobody tracks.
+            task = asyncio.ensure_future(self._reserve_tracked(rid, prompt, params, req.priority, lease_ms))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(self._release_if_reserved)
+                raise
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            except EngineDeadError as e:
+                code, message = grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}"
+            except RuntimeError as e:
+                code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another instance"
+        if rid:
+            self.receiver.forget(rid)       # non-blocking here: nothing of rid is being written
+        await context.abort(code, message)
 
     async def _reserve_tracked(self, rid: str, prompt: list[int], params, priority: int, lease_ms: int) -> Lease:
         """Reserve blocks and register the lease (deadline armed, receiver expecting the KV)."""
@@ -145,8 +177,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._engine_call(lambda e: e.release(rid))
         except EngineDeadError:
             pass
-        if self.publisher is not None:
-            await self.publisher.drop_lease(rid)
         if lease.expired:
             worker_metrics.lease_expired(self.instance_id)
         log.info("released lease %s: %s", rid, lease.reason)
@@ -154,10 +184,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
         rid = request.request_id
         lease = self.leases.get(rid)
+        reserved_here = lease is None and request.HasField("request")
+        if reserved_here:
+            await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Decode with a request")
+            if request.request.request_id not in ("", rid):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request.request_id {request.request.request_id!r}"
+                                    f" differs from request_id {rid!r}; send one id")
+            req = worker_pb2.WorkerRequest()
+            req.CopyFrom(request.request)
+            req.request_id = rid
+            lease = await self._reserve(req, request.lease_ms or self.lease_ms, context)
         if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} has no reservation here; Reserve first")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} has no reservation here; Reserve first "
+                                f"or send the request with Decode")
         stream = None
         try:
+            if reserved_here:          # tells the router the blocks are held, long before any token
+                await context.send_initial_metadata(((RESERVED_KEY, str(len(lease.block_ids))),))
             await lease.settled.wait()
             if lease.state != LeaseState.ADOPTED:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if lease.expired else grpc.StatusCode.ABORTED
@@ -167,8 +210,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was already claimed or abandoned")
             stream = claimed.stream
             self._decoding.add(rid)
-            if self.publisher is not None:
-                await self.publisher.drop_lease(rid)
             first = True
             async for chunk in _token_chunks(stream, len(claimed.output_token_ids),
                                              claimed.params.logprobs is not None, context, self.sources.moved_to):
@@ -217,10 +258,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
         """Compute the prompt while pushing its KV to the destination, commit, return the first token.
 
-        A transport failure (KVTransportError: the destination unreachable, a push or the commit
-        failing) does not fail the RPC: the prefill runs to its first token anyway, the transfer is
-        aborted, and the response says why in kv_fallback; the router then asks the destination to
-        Recompute. A layout mismatch (KVHandshakeError) is FAILED_PRECONDITION: configs must agree.
+        The prompt goes to the engine at once; the transfer opens beside it (the pusher holds the
+        first layers' pushes until it is open). A transport failure (KVTransportError: the
+        destination unreachable, a push or the commit failing) does not fail the RPC: the prefill
+        runs to its first token anyway, the transfer is aborted, and the response says why in
+        kv_fallback; the router then asks the destination to Recompute. A layout mismatch
+        (KVHandshakeError) is FAILED_PRECONDITION: configs must agree. The prompt's blocks are freed
+        after the answer left (see _release_soon).
         """
         await self._require_role(context, Role.PREFILL, what="Prefill")
         req, dest = request.request, request.destination
@@ -230,35 +274,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not dest.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination.address: is empty; Reserve on a decode "
-                                "instance first and pass its handle")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "destination.address: is empty; give the decode "
+                                "instance's KV data-plane address (its LoadReport.kv_address)")
         arrival = time.monotonic()
         transfer, fallback = None, ""         # fallback: why the KV will not reach the destination
-        opening = asyncio.ensure_future(asyncio.to_thread(self.sender.open, dest.request_id or rid, dest.address,
-                                                          self.engine.runner.kv))
-        try:
-            transfer = await asyncio.shield(opening)
-        except asyncio.CancelledError:        # abort the transfer once it exists, so the sender forgets it
-            opening.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().abort("cancelled"))
-            raise
-        except KVHandshakeError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except KVTransportError as e:       # prefill anyway: the destination recomputes
-            fallback = f"cannot reach decode instance {dest.instance_id} at {dest.address}: {e}"
-        if transfer is not None:
-            self.pusher.register(rid, transfer)
         stream = None
         committed = False
+        self.pusher.register(rid)             # pushes wait for the transfer (attach below)
         try:
             try:
                 stream = self.et.submit(prompt, params, rid, req.priority,
-                                        stream_cls=AsyncRequestStream.factory(self._loop()))
-            except InvalidRequestError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                                        stream_cls=AsyncRequestStream.factory(self._loop()), validated=True)
             except (ValueError, EngineDeadError) as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS if isinstance(e, ValueError)
                                     else grpc.StatusCode.UNAVAILABLE, str(e))
             self._prefills[rid] = stream
+            transfer, fallback = await self._open_transfer(rid, dest, context)
             outputs = []
             while not (outputs and outputs[-1].finished):
                 try:
@@ -305,10 +336,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 transfer.abort(fallback or "prefill did not complete")
             if stream is not None:
                 stream.cancel()
-            try:       # blocks stay only as prefix cache; a no-op if the request is still queued
-                await self._engine_call(lambda e: e.release(rid))
-            except EngineDeadError:
-                pass
+            self._release_soon(rid)        # blocks stay only as prefix cache; a no-op if still queued
+
+    async def _open_transfer(self, rid: str, dest: worker_pb2.KVHandle, context):
+        """(transfer or None, fallback reason) for the KV of rid, opened off the event loop while the
+        engine computes; the pusher gets it (or the reason it could not open). A cancelled caller
+        leaves the transfer aborted once it exists, so the sender forgets it."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self.sender.open, dest.request_id or rid, dest.address,
+                                                          self.engine.runner.kv))
+        try:
+            transfer = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().abort("cancelled"))
+            raise
+        except KVHandshakeError as e:
+            self.pusher.attach(rid, error=str(e))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except KVTransportError as e:       # prefill anyway: the destination recomputes
+            fallback = f"cannot reach decode instance {dest.instance_id} at {dest.address}: {e}"
+            self.pusher.attach(rid, error=fallback)
+            return None, fallback
+        self.pusher.attach(rid, transfer)
+        return transfer, ""
 
     # ---- colocated ------------------------------------------------------------------------------
     async def Generate(self, request: worker_pb2.WorkerRequest, context):
@@ -316,7 +365,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             prompt, params = self._request_fields(request)
             stream = self.et.submit(prompt, params, request.request_id or None, request.priority,
-                                    stream_cls=AsyncRequestStream.factory(self._loop()))
+                                    stream_cls=AsyncRequestStream.factory(self._loop()), validated=True)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:
@@ -424,6 +473,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             except EngineDeadError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
         return report
+
+
+def _settle(future: asyncio.Future, ok: bool, value) -> None:
+    if future.done():              # its awaiter was cancelled
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 async def _token_chunks(stream: AsyncRequestStream, index: int, want_logprobs: bool, context, moved=None):

@@ -85,20 +85,26 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class TtftBreakdown(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "kv_bytes", "kv_fallback")
+    __slots__ = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "kv_bytes", "kv_fallback", "router_queue_s", "path_s", "ttft_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     FIRST_DECODE_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PATH_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     transfer_s: float
     first_decode_s: float
     kv_bytes: int
     kv_fallback: str
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., kv_fallback: _Optional[str] = ...) -> None: ...
+    router_queue_s: float
+    path_s: float
+    ttft_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., kv_fallback: _Optional[str] = ..., router_queue_s: _Optional[float] = ..., path_s: _Optional[float] = ..., ttft_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "index", "token_ids", "text", "logprobs", "top_logprobs", "finished", "finish_reason", "usage", "ttft_breakdown", "prefill_instance", "decode_instance")

@@ -118,12 +118,16 @@ class RecomputeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "start_index")
+    __slots__ = ("request_id", "start_index", "request", "lease_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start_index: int
-    def __init__(self, request_id: _Optional[str] = ..., start_index: _Optional[int] = ...) -> None: ...
+    request: WorkerRequest
+    lease_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., start_index: _Optional[int] = ..., request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("index", "token_ids", "text", "logprobs", "top_logprobs", "finished", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "first_decode_s", "migrated")

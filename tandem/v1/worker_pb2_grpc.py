@@ -95,22 +95,26 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reserve(self, request, context):
-        """Decode side: reserve blocks for the prompt under a lease. RESOURCE_EXHAUSTED when full.
+        """Decode side: reserve blocks for the prompt under a lease. RESOURCE_EXHAUSTED when full. The router
+        does not call it (Decode with `request` reserves in the same call); kept for tools and tests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
-        """Prefill side: compute the prompt, push KV to the destination layer group by layer group,
-        return the first token once the destination acknowledged every byte.
+        """Prefill side: compute the prompt at once while opening the KV transfer to the destination (whose
+        reservation may still be on its way: its receiver holds the transfer's frames until it lands),
+        push KV layer group by layer group, return the first token once the destination acknowledged
+        every byte. Freeing the prompt's blocks here happens after the answer leaves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Decode(self, request, context):
-        """Decode side: stream the tokens of a reserved request once its KV is committed (or recomputed).
+        """Decode side: stream the tokens of a request once its KV is committed (or recomputed); with
+        DecodeRequest.request, reserve for it first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

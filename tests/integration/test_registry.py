@@ -1,4 +1,4 @@
-"""Instance registry against a real redis-server: publish, watch, expire, leases, outages."""
+"""Instance registry against a real redis-server: publish, watch, expire, outages."""
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +14,7 @@ import pytest
 import redis
 
 from router.registry import InstanceRegistry
-from services.registry import (InstancePublisher, LeaseRecord, instance_key, lease_key,
-                               now_unix_ms)
+from services.registry import InstancePublisher, instance_key, now_unix_ms
 from tandem.redis_server import RedisServer, RedisServerError
 from tandem.v1 import worker_pb2
 
@@ -202,35 +201,6 @@ def test_malformed_record_is_skipped(redis_url):
         assert [r.instance_id for r in reg.all()] == ["d3"]
         await reg.stop()
         await pub.stop()
-    asyncio.run(main())
-
-
-def test_lease_records_expire_at_their_deadline(redis_url):
-    async def main():
-        pub = InstancePublisher(redis_url, CLUSTER, lambda: report("d4"), ttl_s=30, interval_s=10)
-        with pytest.raises(RuntimeError, match="start"):
-            await pub.record_lease("r0", 1, now_unix_ms() + 1000)
-        await pub.start()
-        client = redis.Redis.from_url(redis_url)
-        try:
-            deadline = now_unix_ms() + 500
-            assert await pub.record_lease("r1", 3, deadline)
-            assert await pub.record_lease("r2", 2, now_unix_ms() + 60_000)
-            key = lease_key(CLUSTER, "d4", "r1")
-            assert LeaseRecord.from_json(client.get(key)) == LeaseRecord("d4", "r1", 3, deadline)
-            assert 0 < client.pttl(key) <= 500
-            await wait_until(lambda: client.get(key) is None, "the lease record expired")
-            assert now_unix_ms() >= deadline - 5   # Redis expiry precision is about 1 ms
-
-            assert await pub.drop_lease("r2")
-            assert client.get(lease_key(CLUSTER, "d4", "r2")) is None
-            assert await pub.drop_lease("r2")                          # already gone: fine
-            assert await pub.record_lease("late", 1, now_unix_ms() - 10)   # past deadline
-            await wait_until(lambda: client.get(lease_key(CLUSTER, "d4", "late")) is None,
-                             "a lease recorded after its deadline is gone")
-        finally:
-            client.close()
-            await pub.stop()
     asyncio.run(main())
 
 
