@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 QUANTILES = (50, 90, 99)
+# Per-request server facts a target may report (a Tandem router's TTFT breakdown: queue at the
+# prefill instance, prefill compute, the KV transfer's non-overlapped tail, the decode side's first
+# step; empty for servers that report none). The CSV always has these columns, then any others.
+INFO_COLUMNS = ("queue_s", "prefill_s", "transfer_s", "first_decode_s", "kv_bytes", "prefill_instance",
+                "decode_instance")
 
 
 @dataclass
@@ -31,6 +36,7 @@ class RequestResult:
     events: list[tuple[float, int]] = field(default_factory=list)   # (arrival offset, tokens)
     end_s: float | None = None
     error: str | None = None
+    info: dict = field(default_factory=dict)   # what the server reported (see INFO_COLUMNS)
 
     @property
     def ok(self) -> bool:
@@ -77,7 +83,9 @@ class RequestResult:
         return {"index": self.index, "scheduled_s": self.scheduled_s, "sent_s": self.sent_s,
                 "input_tokens": self.input_tokens, "max_tokens": self.max_tokens,
                 "output_tokens": self.output_tokens, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s,
-                "e2e_s": self.e2e_s, "itl_max_s": max(self.itl_s, default=None), "error": self.error or ""}
+                "e2e_s": self.e2e_s, "itl_max_s": max(self.itl_s, default=None), "error": self.error or "",
+                **{k: self.info.get(k) for k in INFO_COLUMNS},
+                **{k: v for k, v in sorted(self.info.items()) if k not in INFO_COLUMNS}}
 
 
 def stats(values) -> dict | None:

@@ -39,12 +39,17 @@ def write_json(report: dict, path: str) -> None:
 
 
 def write_csv(results: list[RequestResult], path: str) -> None:
-    rows = [r.row() for r in results]
-    fields = list(rows[0]) if rows else list(RequestResult(0, 0.0).row())
+    write_rows([r.row() for r in results] or [dict.fromkeys(RequestResult(0, 0.0).row())], path, header_only=not results)
+
+
+def write_rows(rows: list[dict], path: str, header_only: bool = False) -> None:
+    """A CSV of `rows` whose columns are the union of their keys, in first-seen order (missing: empty)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        if not header_only:
+            writer.writerows(rows)
 
 
 def _pyplot():

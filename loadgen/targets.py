@@ -102,11 +102,15 @@ class GrpcTarget:
             return None
         return models[0]["vocab_size"] if models else None
 
-    async def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
+    async def stream(self, prompt: list[int], max_tokens: int, info: dict | None = None) -> AsyncIterator[int]:
+        """`info`, when given, receives the router's TTFT breakdown (queue_s, prefill_s, transfer_s,
+        first_decode_s, kv_bytes, …) and the prefill/decode instance ids of a disaggregated request."""
         from tandem.errors import TandemError
         try:
             async for chunk in self._client.generate(token_ids=prompt, max_tokens=max_tokens, ignore_eos=True,
                                                      timeout=self.timeout_s):
+                if info is not None:
+                    _note(info, chunk)
                 if chunk.token_ids:
                     yield len(chunk.token_ids)
                 if chunk.finished and chunk.finish_reason == "abort":
@@ -116,6 +120,16 @@ class GrpcTarget:
 
     def describe(self) -> dict:
         return {"kind": "grpc", "url": self.url}
+
+
+def _note(info: dict, chunk) -> None:
+    if chunk.prefill_instance:
+        info["prefill_instance"] = chunk.prefill_instance
+    if chunk.decode_instance:
+        info["decode_instance"] = chunk.decode_instance
+    for k, v in (chunk.ttft_breakdown or {}).items():
+        if v or k not in info:          # proto3 zeros are "not reported": keep an earlier value
+            info[k] = v
 
 
 # ------------------------------------------------------------------------------- OpenAI over HTTP
@@ -210,7 +224,8 @@ class OpenAITarget:
             return True
         return False
 
-    async def stream(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
+    async def stream(self, prompt: list[int], max_tokens: int, info: dict | None = None) -> AsyncIterator[int]:
+        """`info` is accepted for the runner's sake; an OpenAI server reports nothing per request."""
         import aiohttp
         if self.model is None and not self._asked_models:
             await self.vocab_size()          # discovers the model id

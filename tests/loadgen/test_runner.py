@@ -10,7 +10,7 @@ import pytest
 from loadgen import targets
 from loadgen.__main__ import main
 from loadgen.metrics import summarize
-from loadgen.runner import run
+from loadgen.runner import STOPPED, run, run_sequential
 from loadgen.workloads import WorkloadConfig, build_workload
 
 from .fakes import FakeTarget
@@ -145,3 +145,64 @@ def test_goodput_search_probes_never_resend_a_prompt(tmp_path):
     prompts = [tuple(p) for p in made[0].prompts]
     assert len(prompts) == 18 and len(set(prompts)) == 18                 # 3 probes × 6 requests, all distinct
     assert sorted(len(p) for p in prompts[:6]) == sorted(len(p) for p in prompts[6:12])
+
+
+def test_stop_ends_the_run_cancels_what_is_in_flight_and_marks_it():
+    wl = _workload(6, rate=1000.0, output=3)
+    target = FakeTarget(hold_until_sends=100)            # nothing is ever answered
+    calls = []
+
+    def stop(results, now):
+        calls.append(sum(r.sent_s is not None for r in results))
+        return calls[-1] == 6                            # once everything was sent
+
+    results, _, sends, ends = _run(wl, target, stop=stop)
+    assert len(sends) == 6 and ends == []
+    assert all(r.error == STOPPED and r.end_s is not None and not r.ok for r in results)
+    assert summarize(results)["failed"] == 6
+
+
+def test_stop_that_never_fires_changes_nothing():
+    wl = _workload(4, rate=1000.0, output=2)
+    results, *_ = _run(wl, FakeTarget(), stop=lambda results, now: False)
+    assert all(r.ok and r.output_tokens == 2 for r in results)
+
+
+class InfoTarget(FakeTarget):
+    async def stream(self, prompt, max_tokens, info=None):
+        info["prefill_s"] = 0.25
+        async for n in super().stream(prompt, max_tokens):
+            yield n
+
+
+def test_run_sequential_one_at_a_time_with_what_the_target_reports():
+    wl = _workload(3, rate=1000.0, output=2)
+    target = InfoTarget(first_s=0.01)
+
+    async def go():
+        return await run_sequential(wl, target)
+    results = asyncio.run(go())
+    assert [r.output_tokens for r in results] == [2, 2, 2]
+    assert all(r.scheduled_s == 0.0 and r.ttft_s > 0 for r in results)       # each timed from its own send
+    assert all(target.sends[i + 1] >= target.ends[i] for i in range(2))
+    assert results[0].info == {"prefill_s": 0.25} and results[0].row()["prefill_s"] == 0.25
+
+
+def test_grpc_target_notes_the_ttft_breakdown_and_instances():
+    from types import SimpleNamespace
+
+    from loadgen.targets import _note
+    info: dict = {}
+    _note(info, SimpleNamespace(prefill_instance="prefill-0", decode_instance="decode-0", ttft_breakdown=None))
+    _note(info, SimpleNamespace(prefill_instance="", decode_instance="", ttft_breakdown={
+        "queue_s": 0.001, "prefill_s": 0.17, "transfer_s": 0.0, "first_decode_s": 0.02, "kv_bytes": 6553600}))
+    assert info == {"prefill_instance": "prefill-0", "decode_instance": "decode-0", "queue_s": 0.001,
+                    "prefill_s": 0.17, "transfer_s": 0.0, "first_decode_s": 0.02, "kv_bytes": 6553600}
+
+
+def test_a_stop_rule_that_raises_ends_the_run_with_its_error():
+    def stop(results, now):
+        raise RuntimeError("bad rule")
+
+    with pytest.raises(RuntimeError, match="bad rule"):
+        _run(_workload(3, rate=1000.0), FakeTarget(hold_until_sends=100), stop=stop)
