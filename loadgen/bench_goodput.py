@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -286,18 +285,8 @@ def _reference(system: str, unloaded: tuple[float, float], run_: Run, note: str 
 def _host() -> dict:
     """benchmarks/host_info.py's host line (CPU model, torch's CPU capability, cores, ISA features),
     plus the load average before this run started anything: others' work skews every figure."""
-    try:
-        from benchmarks.host_info import host_line
-        host = host_line()
-    except ImportError:
-        import torch
-        from loadgen.bench_systems import cpu_flags
-        model = platform.processor()
-        if os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-        host = {"cpu": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-                "features": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}
+    from benchmarks.host_info import host_line
+    host = host_line()
     host["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     return host
 

@@ -10,7 +10,7 @@
 - `vllm`: vLLM's CPU OpenAI server (its venv from ../shared/peers) on an exported copy of the model,
   both cores.
 
-Every system runs the same dtype: `host_dtype()`, what Tandem's `--dtype auto` picks on this host.
+Every system runs the same dtype: `host_dtype()`, what Tandem's `--dtype auto` picks on this host
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1},
                  "adaptive": {"prefill": 1, "decode": 1, "pools": "adaptive"},
                  "colocated": {"prefill": 0, "decode": 0, "colocated": 2}}
 PEERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 class Unavailable(Exception):
@@ -57,31 +56,9 @@ class Handle:
 
 # ------------------------------------------------------------------------------------------- dtype
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and ":" in line:
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def auto_dtype_for(flags: set[str]) -> str:
-    """bfloat16 where the CPU computes it natively (avx512_bf16 or amx_bf16), else float32: the rule of
-    services/engine/dtype_policy.py, for checkouts without it."""
-    return "bfloat16" if flags & set(BF16_FLAGS) else "float32"
-
-
 def host_dtype() -> tuple[str, str]:
-    """(dtype, why): what Tandem's `--dtype auto` resolves to on this host's CPU."""
-    try:
-        from services.engine.dtype_policy import AUTO, detect_capabilities, resolve_dtype
-    except ImportError:            # a checkout from before `--dtype auto`: its rule, on the CPU flags
-        flags = cpu_flags()
-        found = [f for f in BF16_FLAGS if f in flags]
-        return auto_dtype_for(flags), f"CPU flag {found[0]}" if found else f"no {' / '.join(BF16_FLAGS)} flag"
+    """(dtype, why): what Tandem's `--dtype auto` resolves to on this host's CPU (dtype_policy.py)."""
+    from services.engine.dtype_policy import AUTO, detect_capabilities, resolve_dtype
     choice = resolve_dtype(AUTO, detect_capabilities("cpu"))
     return choice.dtype, f"--dtype auto: {choice.reason}"
 

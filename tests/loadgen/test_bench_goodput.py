@@ -92,12 +92,10 @@ def test_refuses_an_unknown_system(tmp_path, capsys):
     assert "--systems: unknown ['sglang']" in capsys.readouterr().err
 
 
-def test_dtype_rule_and_adaptive_detection():
-    assert bench_systems.auto_dtype_for({"avx2", "avx512f", "avx512_bf16"}) == "bfloat16"
-    assert bench_systems.auto_dtype_for({"avx2", "amx_bf16"}) == "bfloat16"
-    assert bench_systems.auto_dtype_for({"avx2", "avx512f"}) == "float32"
+def test_host_dtype_is_tandems_auto_and_adaptive_detection():
+    from services.engine.dtype_policy import auto_dtype
     dtype, why = bench_systems.host_dtype()
-    assert dtype in ("bfloat16", "float32") and why
+    assert dtype == auto_dtype("cpu") and why.startswith("--dtype auto: ")
     why_not = bench_systems.adaptive_support()
     assert why_not is None or "pools" in why_not
 
