@@ -10,7 +10,7 @@
 - `vllm`: vLLM's CPU OpenAI server (its venv from ../shared/peers) on an exported copy of the model,
   both cores.
 
-Every system runs the same dtype: `host_dtype()`, what Tandem's `--dtype auto` picks on this host
+Every system runs the same dtype: `host_dtype()`, what Tandem's `--dtype auto` picks on this host.
 """
 from __future__ import annotations
 
