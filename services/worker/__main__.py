@@ -44,6 +44,9 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--layer-group", type=int, default=2, help="layers per KV push during prefill")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0)
     p.add_argument("--heartbeat-ttl-s", type=float, default=3.0)
+    p.add_argument("--heartbeat-interval-s", type=float, default=1.0,
+                   help="how often the load report is published (also at once on a state change, and when a "
+                        "reservation was refused for room); below --heartbeat-ttl-s")
     p.add_argument("--grace-s", type=float, default=10.0)
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics (and /health) over HTTP on --host at this port (0: a free one)")
@@ -79,7 +82,8 @@ def parse_args(argv=None) -> WorkerOptions:
         kv_advertise_address=a.kv_advertise_address, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,
         layer_group=a.layer_group, transfer_timeout_s=a.transfer_timeout_s, heartbeat_ttl_s=a.heartbeat_ttl_s,
-        grace_s=a.grace_s, metrics_port=a.metrics_port, log_format=a.log_format, log_level=a.log_level,
+        heartbeat_interval_s=a.heartbeat_interval_s, grace_s=a.grace_s, metrics_port=a.metrics_port,
+        log_format=a.log_format, log_level=a.log_level,
         migration_stop_copy_blocks=a.migration_stop_copy_blocks,
         migration_max_stages=a.migration_max_stages, max_migrations=a.max_migrations,
         migration_watermark=a.migration_watermark, migration_lease_ms=a.migration_lease_ms)

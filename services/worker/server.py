@@ -126,6 +126,7 @@ class Worker:
         self.state = "starting"
         self.address = ""
         self.publisher = None
+        self._publishing: asyncio.Future | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
         self.servicer: WorkerServicer | None = None
@@ -152,6 +153,13 @@ class Worker:
         asyncio.ensure_future(self.health.set("tandem.v1.Worker", status))
         if self.publisher:
             asyncio.ensure_future(self.publisher.publish_now())
+
+    def _publish_soon(self) -> None:
+        """Publish the load report now, off the caller's path (a reservation was refused for room:
+        routers placed by an older report). One at a time; a no-op without Redis."""
+        if self.publisher is None or (self._publishing is not None and not self._publishing.done()):
+            return
+        self._publishing = asyncio.ensure_future(self.publisher.publish_now())
 
     def report(self) -> worker_pb2.LoadReport:
         load, cfg = self.engine_thread.load, self.engine.config
@@ -205,7 +213,7 @@ class Worker:
         self.servicer = WorkerServicer(
             self.engine_thread, role=self.role, sender=self.sender, receiver=self.receiver, pusher=self.pusher,
             lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report, instance_id=self.instance_id, kv_transport=opts.kv_transport,
-            state_fn=self.current_state, set_state_fn=self.set_state,
+            state_fn=self.current_state, set_state_fn=self.set_state, on_full=self._publish_soon,
             migration=MigrationConfig(stop_copy_blocks=opts.migration_stop_copy_blocks,
                                       max_stages=opts.migration_max_stages, max_in_flight=opts.max_migrations,
                                       lease_ms=opts.migration_lease_ms, transfer_timeout_s=opts.transfer_timeout_s),

@@ -44,7 +44,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                  lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
                  migration: MigrationConfig | None = None, watermark_blocks: int = 0,
                  state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None,
-                 kv_address: str | None = None):
+                 kv_address: str | None = None, on_full: Callable[[], None] = lambda: None):
         """kv_address: the data-plane address published to peers (KVHandle.address, migration
         stages); default the receiver's bound address."""
         self.et, self.engine = engine_thread, engine_thread.engine
@@ -54,6 +54,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.report_fn = report_fn
         self.instance_id, self.kv_transport = instance_id, kv_transport
         self.state_fn, self.set_state_fn = state_fn, set_state_fn
+        self.on_full = on_full          # a reservation was refused for room: publish a fresh load report
         self.leases = LeaseTable(self._adopt, self._release_lease, receiver.forget)
         self._prefills: dict[str, AsyncRequestStream] = {}
         self._decoding: set[str] = set()      # requests whose Decode stream claimed their lease
@@ -146,6 +147,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 code, message = grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}"
             except RuntimeError as e:
                 code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or on another instance"
+                self.on_full()             # the router placed it from an older report of this instance
         if rid:
             self.receiver.forget(rid)       # non-blocking here: nothing of rid is being written
         await context.abort(code, message)

@@ -2,6 +2,7 @@
 a killed worker, a layout mismatch, bad input. After each, nothing is held anywhere."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -43,6 +44,19 @@ def test_cancel_at_any_moment_leaks_nothing(cluster, delay_s):
     lands while queued, prefilling, transferring or decoding."""
     prompt = random_prompts([1500], 512, seed=int(delay_s * 1000))[0]
     channel, call = _stream(cluster.address, prompt, 200)
+    time.sleep(delay_s)
+    call.cancel()
+    channel.close()
+    assert_no_leaks(cluster.address)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.001, 0.002, 0.004, 0.008, 0.016])
+def test_cancel_at_each_moment_of_a_short_request_leaks_nothing(cluster, delay_s):
+    """A 16-token prompt's whole path takes milliseconds: D reserving inside its Decode while P
+    starts the prefill, P's transfer opening (its first frames held at D until the reservation
+    lands), the commit, the first token, the decode. Cancels this far apart land in each of them."""
+    prompt = random_prompts([16], 512, seed=100 + int(delay_s * 1000))[0]
+    channel, call = _stream(cluster.address, prompt, 50)
     time.sleep(delay_s)
     call.cancel()
     channel.close()
@@ -154,6 +168,41 @@ def test_concurrent_cancels_and_completions_leak_nothing(cluster):
         t.join()
     assert not errors
     assert_no_leaks(cluster.address)
+
+
+def test_a_full_decode_instance_refuses_at_once_and_the_request_queues_for_room(export_named, redis_url,
+                                                                                tmp_path):
+    """The router places from load reports; here D's is stale on purpose (heartbeat every 30 s)
+    while a direct Reserve holds most of D's blocks. The request's Decode on D is refused at once
+    (RESOURCE_EXHAUSTED, no waiting for the prefill), D publishes a fresh report, and the router,
+    seeing D full, queues the request instead of failing it. Once the blocks are free (and D's
+    report says so) the request is placed again and runs to its end; nothing leaks."""
+    from tests.integration.http_helpers import scrape, value
+    args = ["--num-blocks", "64", "--heartbeat-interval-s", "30", "--heartbeat-ttl-s", "60"]
+    with LocalCluster(export_named("tiny"), prefill=1, decode=1, redis_url=redis_url, log_dir=str(tmp_path),
+                      worker_args=args, metrics_port=0) as c:
+        decode = next(i for i in instances(c.address) if i.role == worker_pb2.ROLE_DECODE)
+        with grpc.insecure_channel(decode.address) as ch:
+            stub = worker_pb2_grpc.WorkerStub(ch)
+            hog = worker_pb2.WorkerRequest(request_id="hog", prompt_token_ids=[7] * 960,
+                                           params=serving_pb2.SamplingParams(max_tokens=1))
+            stub.Reserve(worker_pb2.ReserveRequest(request=hog, lease_ms=120_000), timeout=10)   # 60 of 64 blocks
+            result = {}
+            prompt = random_prompts([100], 512, seed=41)[0]                                     # needs 7
+            runner = threading.Thread(target=lambda: result.update(out=generate(c.address, prompt, 8)))
+            runner.start()
+            deadline = time.monotonic() + 30
+            while value(scrape(c.metrics_address), "tandem_router_queued_requests") != 1:
+                assert time.monotonic() < deadline and runner.is_alive(), f"never queued: {result}"
+                time.sleep(0.05)
+            stub.Release(worker_pb2.ReleaseRequest(request_id="hog"), timeout=10)
+            stub.SetState(worker_pb2.SetStateRequest(state="serving"), timeout=10)     # publishes the report
+            runner.join(60)
+        tokens, messages = result["out"]
+        assert len(tokens) == 8 and messages[0].decode_instance == decode.instance_id
+        with open(os.path.join(c.log_dir, f"{decode.instance_id}.log")) as f:
+            assert "Decode RESOURCE_EXHAUSTED" in f.read()
+        assert_no_leaks(c.address)
 
 
 def test_killed_decode_worker_leaves_placement(export_named, redis_url, tmp_path):
