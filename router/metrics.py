@@ -71,6 +71,9 @@ class RouterMetrics:
                                      ["api"], registry=reg)
         self.generation_tokens = Counter("tandem_generation_tokens_total", "Output tokens sent to clients",
                                          ["api"], registry=reg)
+        self.role_switches = Counter("tandem_role_switches_total", "Role switches of adaptive pools applied by "
+                                     "this router (colocated = prefill and decode)", ["from_role", "to_role"],
+                                     registry=reg)
         self.kv_fallbacks = Counter("tandem_kv_fallbacks_total", "Requests whose KV transfer failed, so that "
                                     "the decode instance recomputed the prompt instead", ["api"], registry=reg)
         for api in APIS:            # series exist (at 0) before the first request

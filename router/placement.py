@@ -105,17 +105,23 @@ def freeness(r: LoadReport, extra_running: int = 0, extra_blocks: int = 0) -> fl
     return (r.free_blocks - extra_blocks) / max(1, r.running + r.waiting + extra_running)
 
 
-def predicted_ttft_s(r: LoadReport, prompt_tokens: int, inflight: InflightLedger) -> float:
+def predicted_ttft_s(r: LoadReport, prompt_tokens: int, inflight: InflightLedger, rate: float = 0.0) -> float:
     """Seconds until this prompt's first token on r: every prompt token ahead of it (queued on
-    the instance and in flight to it) plus its own, at r's measured prefill rate (or
-    DEFAULT_PREFILL_TOKENS_PER_S while r reports none)."""
-    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    the instance and in flight to it) plus its own, at `rate` tokens/s when given, else r's
+    measured prefill rate (or DEFAULT_PREFILL_TOKENS_PER_S while r reports none)."""
+    rate = rate or (r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S)
     ahead = r.queued_prefill_tokens + inflight.for_instance(r.instance_id).prompt_tokens
     return (ahead + prompt_tokens) / rate
 
 
+def serves(r: LoadReport, role: int) -> bool:
+    """r takes `role`'s work now: it is in that role, or it is a switched instance (adaptive
+    pools: COLOCATED now) whose home role is `role`."""
+    return r.role == role or (r.role == worker_pb2.ROLE_COLOCATED and r.home_role == role)
+
+
 def _serving(reports: Iterable[LoadReport], role: int) -> list[LoadReport]:
-    return [r for r in reports if r.role == role and r.state == "serving"]
+    return [r for r in reports if serves(r, role) and r.state == "serving"]
 
 
 def _pick_by_freeness(reports: Iterable[LoadReport], role: int, blocks_needed: int,
@@ -133,8 +139,8 @@ def _pick_by_freeness(reports: Iterable[LoadReport], role: int, blocks_needed: i
 
 def pick_decode(reports: Iterable[LoadReport], blocks_needed: int,
                 inflight: InflightLedger) -> LoadReport | None:
-    """The serving DECODE instance with the highest freeness among those with at least
-    blocks_needed free blocks after in-flight reservations; None if none has room."""
+    """The serving decode-capable instance (`serves` DECODE) with the highest freeness among those
+    with at least blocks_needed free blocks after in-flight reservations; None if none has room."""
     return _pick_by_freeness(reports, worker_pb2.ROLE_DECODE, blocks_needed, inflight)
 
 
@@ -147,7 +153,55 @@ def pick_colocated(reports: Iterable[LoadReport], blocks_needed: int,
 
 def pick_prefill(reports: Iterable[LoadReport], prompt_tokens: int,
                  inflight: InflightLedger) -> LoadReport | None:
-    """The serving PREFILL instance with the least predicted TTFT; None if there is none."""
+    """The serving prefill-capable instance (`serves` PREFILL) with the least predicted TTFT; None
+    if there is none."""
     candidates = _serving(reports, worker_pb2.ROLE_PREFILL)
     return min(candidates, default=None,
                key=lambda r: (predicted_ttft_s(r, prompt_tokens, inflight), r.instance_id))
+
+
+def pick_whole_request(reports: Iterable[LoadReport], prompt_tokens: int, blocks_needed: int,
+                       inflight: InflightLedger) -> LoadReport | None:
+    """Adaptive pools: the switched instance (current role COLOCATED, home PREFILL or DECODE) that
+    should serve this request whole — prefill and decode — instead of a prefill → decode pair;
+    None to disaggregate.
+
+    A switched home-decode instance takes it when its predicted TTFT beats every prefill
+    instance's (it has the KV room; its prefill rate is what its step cap lets through). A switched
+    home-prefill instance takes it when its decodes are lighter than every decode instance's
+    (fewer running requests), so decode load moves to it. Ties disaggregate.
+    """
+    reports = [r for r in reports if r.state == "serving"]
+    switched = [r for r in reports if r.role == worker_pb2.ROLE_COLOCATED
+                and r.home_role in (worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE)
+                and r.free_blocks - inflight.for_instance(r.instance_id).blocks >= blocks_needed]
+    if not switched:
+        return None
+    prefills = [r for r in reports if r.role == worker_pb2.ROLE_PREFILL]
+    decodes = [r for r in reports if r.role == worker_pb2.ROLE_DECODE]
+    best_p = min((predicted_ttft_s(r, prompt_tokens, inflight) for r in prefills), default=float("inf"))
+    best_d = min((r.running + inflight.for_instance(r.instance_id).running for r in decodes), default=None)
+    chosen, chosen_key = None, None
+    for r in switched:
+        if r.home_role == worker_pb2.ROLE_DECODE:
+            ttft = predicted_ttft_s(r, prompt_tokens, inflight, rate=mixed_prefill_rate(r))
+            if ttft >= best_p:
+                continue
+            key = (ttft, r.instance_id)
+        else:
+            running = r.running + inflight.for_instance(r.instance_id).running
+            if best_d is not None and running >= best_d:
+                continue
+            key = (predicted_ttft_s(r, prompt_tokens, inflight), r.instance_id)
+        if chosen_key is None or key < chosen_key:
+            chosen, chosen_key = r, key
+    return chosen
+
+
+def mixed_prefill_rate(r: LoadReport) -> float:
+    """Prompt tokens per second an instance that caps prefill beside decodes gets through: its
+    measured rate, or at most one cap per step while it has decodes running."""
+    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    if r.mixed_prefill_tokens and r.running and r.step_time_ms > 0:
+        rate = min(rate, r.mixed_prefill_tokens / (r.step_time_ms / 1e3))
+    return rate

@@ -126,6 +126,14 @@ class InstanceRegistry:
                 and (role is None or r.role == role)
                 and (states is None or r.state in states)]
 
+    def observe(self, report: LoadReport) -> None:
+        """Take a report fresher than the polled record of its instance (a worker's answer, e.g.
+        to SetRole): placement sees it before the next poll. Ignored when older than the view's,
+        or for an instance the view does not hold (its record is the registry's to add)."""
+        current = self._view.get(report.instance_id)
+        if current is not None and report.updated_unix_ms >= current.updated_unix_ms:
+            self._view[report.instance_id] = report
+
     def get(self, instance_id: str) -> LoadReport | None:
         """The instance's latest record, unreachable or not; None if it has none."""
         return self._view.get(instance_id)

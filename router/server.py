@@ -14,8 +14,11 @@ from router.http_frontends import HttpFrontends
 from router.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
 from router.migration_policy import PolicyConfig
+from router.pools_args import DEFAULT_POOLS
 from router.registry import InstanceRegistry
 from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
+from router.role_policy import RolePolicyConfig
+from router.role_switcher import RoleSwitcher
 from router.request_validation import build_request_async
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
@@ -148,7 +151,7 @@ class Router:
                  port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5,
                  reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
                  queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
-                 http_host: str | None = None):
+                 http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None):
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
@@ -164,6 +167,10 @@ class Router:
                                        enabled=reschedule)
         self.live: dict[str, RoutedRequest] = {}
         self.metrics = RouterMetrics(self.registry.all, queued=lambda: len(self.dispatcher.demand))
+        self.pools = pools
+        self.roles = RoleSwitcher(self.registry, self.pool, role_policy or RolePolicyConfig(), leader=self.leader,
+                                  enabled=pools == "adaptive",
+                                  on_switch=lambda old, new: self.metrics.role_switches.labels(old, new).inc())
         # OpenAI-compatible API and /metrics over HTTP (router/http_frontends.py); both off when None.
         self.http = HttpFrontends(self, model, host=host, http_port=http_port, metrics_port=metrics_port,
                                   http_host=http_host)
@@ -175,6 +182,7 @@ class Router:
         await self.registry.start()
         await self.leader.start()
         self.rescheduler.start()
+        self.roles.start()
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(self), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), self.server)
@@ -194,6 +202,7 @@ class Router:
         await self.health.enter_graceful_shutdown()
         await self.http.stop()
         await self.rescheduler.stop()
+        await self.roles.stop()
         await self.leader.stop()
         if self.server:
             await self.server.stop(grace_s)

@@ -10,7 +10,7 @@ import json
 import sys
 
 _INSTANCE_COLUMNS = ("ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING", "QUEUED", "STEP_MS",
-                     "LEASES")
+                     "LEASES", "SWITCHES")
 
 
 def register(subparsers) -> None:
@@ -120,12 +120,19 @@ def cmd_admin_instances(args) -> int:
 
 def _print_instances(instances: list[dict]) -> None:
     rows = [_INSTANCE_COLUMNS] + [
-        (i["id"], i["role"], i["state"], i["address"], f"{i['free_blocks']}/{i['total_blocks']}",
+        (i["id"], _role_cell(i), i["state"], i["address"], f"{i['free_blocks']}/{i['total_blocks']}",
          str(i["running"]), str(i["waiting"]), str(i.get("queued_prefill_tokens", 0)),
-         f"{i.get('step_time_ms', 0.0):.1f}", str(i.get("leases", 0))) for i in instances]
+         f"{i.get('step_time_ms', 0.0):.1f}", str(i.get("leases", 0)), str(i.get("role_switches", 0)))
+        for i in instances]
     widths = [max(len(row[c]) for row in rows) for c in range(len(_INSTANCE_COLUMNS))]
     for row in rows:
         print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip(), flush=True)
+
+
+def _role_cell(i: dict) -> str:
+    """The role, and where it differs the home role: `colocated (home decode)` for a switched instance."""
+    home = i.get("home_role")
+    return i["role"] if not home or home == i["role"] else f"{i['role']} (home {home})"
 
 
 def cmd_admin_migrate(args) -> int:

@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 
+from router.pools_args import DEFAULT_POOLS, POOL_MODES
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 
 
@@ -26,6 +27,9 @@ def register(sub) -> None:
     up.add_argument("--redis", default=None, help="use this Redis instead of starting one (redis://host:port/db)")
     up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
     up.add_argument("--pin-cores", action="store_true", help="put prefill and decode workers on different cores")
+    up.add_argument("--pools", default=DEFAULT_POOLS, choices=POOL_MODES,
+                    help="adaptive (default): the router switches instances between prefill, decode and both from "
+                         "measured queues and the SLOs; fixed: roles never change")
     up.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     up.add_argument("--block-size", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None)
@@ -70,7 +74,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                                redis_url=args.redis, host=args.host, port=args.port, pin_cores=args.pin_cores,
                                worker_args=_worker_args(args), router_args=[], cluster=args.cluster,
                                log_dir=args.log_dir, inherit_output=args.log_dir is None,
-                               http_port=args.http_port, metrics_port=args.metrics_port, log_format=args.log_format)
+                               http_port=args.http_port, metrics_port=args.metrics_port, log_format=args.log_format,
+                               pools=args.pools)
     except ValueError as e:
         print(f"tandem up: error: {e}", file=sys.stderr)
         return 2

@@ -123,10 +123,14 @@ def _fields(msg) -> dict:
 
 
 def _instance(report: worker_pb2.LoadReport) -> dict:
-    """A LoadReport as a dict: `id` for instance_id, `role` as "prefill" | "decode" | "colocated"."""
+    """A LoadReport as a dict: `id` for instance_id, `role` and `home_role` as "prefill" | "decode" |
+    "colocated" (adaptive pools: an instance switched to serve both phases is "colocated" now and
+    at home in its start role)."""
     fields = _fields(report)
     fields.pop("requests", None)          # only Stats(list_requests) fills it; never in a record
     fields["role"] = worker_pb2.Role.Name(report.role).removeprefix("ROLE_").lower()
+    if report.home_role != worker_pb2.ROLE_UNSPECIFIED:
+        fields["home_role"] = worker_pb2.Role.Name(report.home_role).removeprefix("ROLE_").lower()
     return {"id": fields.pop("instance_id"), **fields}
 
 

@@ -16,7 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from services.engine.config import Role
 from services.engine.engine_thread import EngineThread
 from services.metrics_http import MetricsServer
-from services.proto_convert import ROLE_BY_NAME
+from services.proto_convert import PROTO_ROLES
 from services.registry import InstancePublisher
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker import metrics as worker_metrics
@@ -104,9 +104,10 @@ class Worker:
             gpu_memory_utilization=opts.gpu_memory_utilization)
         cfg = self.engine.config
         self.dtype = str(cfg.dtype).removeprefix("torch.")    # resolved (never "auto"): reports, metrics
-        if cfg.device == "cpu" and self.role != Role.PREFILL:
-            # Build or load the decode-attention kernel now, before serving: built lazily, the first
-            # decode step would stall every request behind a compile (~20-40 s on a fresh cache).
+        if cfg.device == "cpu":
+            # Build or load the CPU kernels (decode attention, fused elementwise ops) now, before
+            # serving: built lazily, the first step would stall every request behind a compile
+            # (~20-40 s on a fresh cache). Every role needs them (the fused ops serve prefill too).
             from services.engine.attention_ops import load_kernels
             load_kernels()
         self.layout = KVLayout.of(self.engine.runner.kv, cfg.model.model_id)
@@ -161,6 +162,10 @@ class Worker:
             return
         self._publishing = asyncio.ensure_future(self.publisher.publish_now())
 
+    def _publish_now(self) -> None:
+        if self.publisher:
+            asyncio.ensure_future(self.publisher.publish_now())
+
     def report(self) -> worker_pb2.LoadReport:
         load, cfg = self.engine_thread.load, self.engine.config
         leases = self.servicer.leases if self.servicer else None
@@ -169,7 +174,9 @@ class Worker:
             high_priority_running=load.high_priority_running, high_priority_blocks=load.high_priority_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
-            instance_id=self.instance_id, role=ROLE_BY_NAME[self.role.name.lower()], address=self.address,
+            instance_id=self.instance_id, role=PROTO_ROLES[sv.role if sv else self.role], home_role=PROTO_ROLES[self.role],
+            mixed_prefill_tokens=sv.mixed_prefill_tokens if sv else 0, role_switches=sv.role_switches if sv else 0,
+            address=self.address,
             kv_address=self.kv_address, state=self.current_state(), model=cfg.model.model_id,
             total_blocks=load.total_blocks, free_blocks=load.free_blocks,
             reserved_blocks=(leases.reserved_blocks + sv.targets.reserved_blocks) if leases is not None else 0,
@@ -213,7 +220,7 @@ class Worker:
         self.servicer = WorkerServicer(
             self.engine_thread, role=self.role, sender=self.sender, receiver=self.receiver, pusher=self.pusher,
             lease_ms=opts.lease_ms, transfer_timeout_s=opts.transfer_timeout_s, report_fn=self.report, instance_id=self.instance_id, kv_transport=opts.kv_transport,
-            state_fn=self.current_state, set_state_fn=self.set_state, on_full=self._publish_soon,
+            state_fn=self.current_state, set_state_fn=self.set_state, on_role_change=self._publish_now, on_full=self._publish_soon,
             migration=MigrationConfig(stop_copy_blocks=opts.migration_stop_copy_blocks,
                                       max_stages=opts.migration_max_stages, max_in_flight=opts.max_migrations,
                                       lease_ms=opts.migration_lease_ms, transfer_timeout_s=opts.transfer_timeout_s),

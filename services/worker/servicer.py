@@ -23,7 +23,7 @@ from services.engine.config import Role
 from services.engine.engine_thread import EngineDeadError, EngineThread
 from services.engine.request import FinishReason
 from services.engine.sampling_params import InvalidRequestError
-from services.proto_convert import (FINISH_TO_PROTO, outputs_to_chunk, sampling_params_from_proto,
+from services.proto_convert import (ENGINE_ROLES, FINISH_TO_PROTO, outputs_to_chunk, sampling_params_from_proto,
                                     top_logprobs_to_proto)
 from services.transport import KVHandshakeError, KVTransportError
 from services.worker.async_stream import AsyncRequestStream
@@ -44,11 +44,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                  lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
                  migration: MigrationConfig | None = None, watermark_blocks: int = 0,
                  state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None,
-                 kv_address: str | None = None, on_full: Callable[[], None] = lambda: None):
+                 kv_address: str | None = None, on_role_change: Callable[[], None] = lambda: None,
+                 on_full: Callable[[], None] = lambda: None):
         """kv_address: the data-plane address published to peers (KVHandle.address, migration
-        stages); default the receiver's bound address."""
+        stages); default the receiver's bound address. `role` is the home role; SetRole changes
+        `self.role` (what new work is taken) and then calls on_role_change (publish the record)."""
         self.et, self.engine = engine_thread, engine_thread.engine
         self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
+        self.home_role, self.on_role_change = role, on_role_change
+        self.mixed_prefill_tokens, self.role_switches = engine_thread.engine.scheduler.mixed_prefill_tokens, 0
         self.kv_address = kv_address or receiver.address
         self.lease_ms, self.transfer_timeout_s = lease_ms, transfer_timeout_s
         self.report_fn = report_fn
@@ -268,7 +272,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         (KVHandshakeError) is FAILED_PRECONDITION: configs must agree. The prompt's blocks are freed
         after the answer left (see _release_soon).
         """
-        await self._require_role(context, Role.PREFILL, what="Prefill")
+        if self.home_role != Role.PREFILL:      # a switched prefill instance (both) still prefills for others
+            await self._require_role(context, Role.PREFILL, what="Prefill")
         req, dest = request.request, request.destination
         rid = req.request_id
         try:
@@ -285,7 +290,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.pusher.register(rid)             # pushes wait for the transfer (attach below)
         try:
             try:
-                stream = self.et.submit(prompt, params, rid, req.priority,
+                stream = self.et.submit(prompt, params, rid, req.priority, handoff=True,
                                         stream_cls=AsyncRequestStream.factory(self._loop()), validated=True)
             except (ValueError, EngineDeadError) as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS if isinstance(e, ValueError)
@@ -366,7 +371,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         await self._require_role(context, Role.COLOCATED, what="Generate")
         try:
             prompt, params = self._request_fields(request)
-            stream = self.et.submit(prompt, params, request.request_id or None, request.priority,
+            stream = self.et.submit(prompt, params, request.request_id or None, request.priority, handoff=False,
                                     stream_cls=AsyncRequestStream.factory(self._loop()), validated=True)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -448,12 +453,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.state not in ("draining", "serving"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"state: {request.state!r} is not draining or serving")
-        if request.state == "draining" and self.role == Role.PREFILL:
+        if request.state == "draining" and self.home_role == Role.PREFILL:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "only decode and colocated instances drain "
                                 "by migration; stop a prefill instance directly (its requests are short)")
         if self.set_state_fn is None or self.state_fn() not in ("serving", "draining", "drained"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance is {self.state_fn()}")
         self.set_state_fn(request.state)
+        return self.report_fn()
+
+    async def SetRole(self, request: worker_pb2.SetRoleRequest, context):
+        """Adaptive pools: serve `role` from now on (see worker.proto). The engine's role and step
+        cap change in one engine call, then this servicer's role and the published record."""
+        allowed = {Role.PREFILL: (Role.PREFILL, Role.COLOCATED), Role.DECODE: (Role.DECODE, Role.COLOCATED),
+                   Role.COLOCATED: (Role.COLOCATED,)}[self.home_role]
+        role = ENGINE_ROLES.get(request.role)
+        if role not in allowed:
+            names = " or ".join(r.name.lower() for r in allowed)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role: a {self.home_role.name.lower()} instance "
+                                f"switches to {names} only")
+        if self.state_fn() != "serving":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance {self.instance_id} is "
+                                f"{self.state_fn()}; roles change only while serving (undo the drain first)")
+        cap = request.mixed_prefill_tokens
+        try:
+            await self._engine_call(lambda e: e.set_role(role, cap))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
+        old, self.role, self.mixed_prefill_tokens = self.role, role, cap
+        self.role_switches += 1
+        log.info("role %s -> %s (home %s; prompt tokens per step beside decodes: %s): %s", old.name.lower(),
+                 role.name.lower(), self.home_role.name.lower(), cap or "no cap", request.reason or "SetRole")
+        self.on_role_change()
         return self.report_fn()
 
     async def Stats(self, request, context):

@@ -89,6 +89,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.SetStateRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/tandem.v1.Worker/SetRole',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -177,6 +182,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Adaptive pools: change what this instance serves (FAILED_PRECONDITION while draining or
+        stopping; INVALID_ARGUMENT for a role the instance's home role cannot switch to).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +246,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'SetState': grpc.unary_unary_rpc_method_handler(
                     servicer.SetState,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.SetStateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.SetRoleRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
             ),
     }
@@ -532,6 +550,33 @@ class Worker:
             target,
             '/tandem.v1.Worker/SetState',
             tandem_dot_v1_dot_worker__pb2.SetStateRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/SetRole',
+            tandem_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.LoadReport.FromString,
             options,
             channel_credentials,

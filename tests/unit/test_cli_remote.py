@@ -78,11 +78,11 @@ def test_admin_instances_table(addr, capsys):
     assert main(["admin", "--addr", addr, "instances"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING", "QUEUED",
-                                "STEP_MS", "LEASES"]
+                                "STEP_MS", "LEASES", "SWITCHES"]
     assert lines[1].split() == ["prefill-0", "prefill", "serving", "127.0.0.1:7001", "90/100", "1", "2", "0", "3.5",
-                                "0"]
+                                "0", "0"]
     assert lines[2].split() == ["decode-0", "decode", "draining", "127.0.0.1:7002", "150/200", "4", "0", "0", "0.0",
-                                "0"]
+                                "0", "0"]
     assert lines[1].index("prefill ") == lines[0].index("ROLE")                     # aligned columns
 
 
