@@ -13,9 +13,10 @@ measured loads and the SLOs (Llumnix's role switching; "semi-PD"):
 Rules, for instances in state "serving" whose last switch is at least `dwell_s` old:
 1. A home-decode instance in DECODE switches to BOTH under prefill pressure when it has decode
    headroom (step time < `headroom` × TPOT SLO, free blocks above `min_free_fraction`).
-   Its mixed_prefill_tokens is the prompt tokens its steps can add and still end within
-   `tpot_target` × TPOT SLO: (tpot_target × SLO − step time) × its prefill rate, clamped to
-   [min_mixed_tokens, max_mixed_tokens].
+   Its mixed_prefill_tokens is the prompt tokens a step may add: the TPOT room its decodes have,
+   (tpot_target × SLO − step time), at its prefill rate, times `amortize_steps` — TPOT is a mean
+   over a request's tokens, so one longer step spreads over many tokens of every running
+   request — clamped to [min_mixed_tokens, max_mixed_tokens].
 2. A home-prefill instance in PREFILL switches to BOTH under decode pressure when it has no
    prefill pressure itself (its own wait < `idle_wait` × TTFT SLO): it then decodes what it
    prefills, which takes load off the decode pool.
@@ -46,7 +47,8 @@ class RolePolicyConfig:
     idle_wait: float = 0.05           # × TTFT SLO: a prefill queue this short is idle
     decode_pressure: float = 0.85     # × TPOT SLO of step time
     headroom: float = 0.6             # × TPOT SLO of step time: room to take prefill chunks
-    tpot_target: float = 0.8          # × TPOT SLO: what a mixed step may take
+    tpot_target: float = 0.8          # × TPOT SLO: what decodes may average beside prefill chunks
+    amortize_steps: int = 8           # a chunk may use this many steps' TPOT room at once
     min_free_fraction: float = 0.1
     min_mixed_tokens: int = 16
     max_mixed_tokens: int = 512
@@ -76,10 +78,10 @@ def _decode_pressed(r: LoadReport, c: RolePolicyConfig) -> bool:
 
 
 def mixed_tokens(r: LoadReport, c: RolePolicyConfig) -> int:
-    """Prompt tokens per step r can add beside its decodes and stay within tpot_target × SLO."""
+    """Prompt tokens per step r can add beside its decodes (rule 1 of the module docstring)."""
     rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
     room_s = c.tpot_target * c.tpot_slo_s - (r.step_time_ms / 1e3 if r.running else 0.0)
-    return int(min(c.max_mixed_tokens, max(c.min_mixed_tokens, room_s * rate)))
+    return int(min(c.max_mixed_tokens, max(c.min_mixed_tokens, room_s * rate * c.amortize_steps)))
 
 
 def decide(loads: Iterable[LoadReport], home: Mapping[str, int], last_switch: Mapping[str, float],

@@ -21,8 +21,9 @@ def test_steady_cluster_switches_nothing():
 def test_prefill_pressure_moves_decode_instance_with_headroom_to_both():
     d = decide([load("p", PREFILL, queued=1000), load("d", DECODE, step_ms=10.0)], HOME, {}, 100.0, C)
     assert d.instance_id == "d" and d.role == BOTH
-    # room: 0.8 * 50 ms - 10 ms = 30 ms at 2000 tok/s = 60 tokens a step
-    assert d.mixed_prefill_tokens == 60 == mixed_tokens(load("d", DECODE, step_ms=10.0), C)
+    # room: 0.8 * 50 ms - 10 ms = 30 ms at 2000 tok/s = 60 tokens, over 8 steps: 480 tokens a step
+    assert d.mixed_prefill_tokens == 480 == mixed_tokens(load("d", DECODE, step_ms=10.0), C)
+    assert mixed_tokens(load("d", DECODE, step_ms=39.5), C) == 16       # 0.5 ms of room: the floor
 
 
 def test_prefill_pressure_without_decode_headroom_switches_nothing():
@@ -70,4 +71,4 @@ def test_draining_and_unknown_instances_are_never_switched():
 
 def test_unmeasured_rate_falls_back_to_the_placement_default():
     d = decide([load("p", PREFILL, queued=5000, rate=0.0), load("d", DECODE, rate=0.0)], HOME, {}, 100.0, C)
-    assert d.role == BOTH and d.mixed_prefill_tokens == 30     # 30 ms at 1000 tok/s
+    assert d.role == BOTH and d.mixed_prefill_tokens == 240    # 30 ms at 1000 tok/s, over 8 steps
