@@ -43,6 +43,17 @@ class AttentionMetadata:
     decode_max_len: int = 0          # max(decode_seq_lens) as a host int (0 without decodes)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] = [gate | up] → silu(gate) * up: [T, I].
+
+    torch's two ops, not fused_ops.silu_mul: torch's SiLU is vectorised (its exp included) and
+    the C++ kernel's exp is scalar; measured on `small` bf16, one Zen 4 thread, torch was faster at
+    every row count: 5.5 vs 10.5 us at 1 row, 38 vs 205 us at 32, 0.54 vs 3.3 ms at 512; same bits.
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -58,6 +69,15 @@ class RMSNorm(nn.Module):
         return fused_ops.add_rms_norm(residual, delta, self.weight, self.eps)
 
 
+@dataclass
+class StepTensors:
+    """What every layer of one step shares, built once per step by LlamaModel.forward."""
+    rotary: fused_ops.Rotary
+    kv_rows: torch.Tensor      # [num_blocks * num_layers * 2 * block_size, Hkv * D]: a view of the KV tensor
+    slot_rows: torch.Tensor    # [num_layers, 2, T] int64: the kv_rows row of each new token's K (0) and V (1)
+    meta: AttentionMetadata
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -70,33 +90,45 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rotary: fused_ops.Rotary, kv: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """x: [T, hidden], the residual stream, which this layer updates IN PLACE and returns."""
-        cfg = self.cfg
+    def forward(self, x: torch.Tensor, h: torch.Tensor, step: StepTensors, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, next_norm: RMSNorm | None) -> torch.Tensor | None:
+        """x: [T, hidden], the residual stream, which this layer updates IN PLACE; h: this layer's
+        input_layernorm(x). Returns next_norm(x) as updated (the next layer's h: the residual add and
+        the norm are one pass), or None when next_norm is None (x is still updated).
+
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], this layer's views of the KV tensor.
+        """
+        cfg, meta = self.cfg, step.meta
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))                       # [T, q + 2kv]
-        qk, v = qkv.split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
+        qkv = self.qkv_proj(h)                                                   # [T, q + 2kv]
         # q and k are adjacent heads of one tensor: rotate them in a single pass, in place.
-        qk = qk.view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)        # [T, H + Hkv, D]
-        rotary.rotate_(qk)
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)              # [T, H, D], [T, Hkv, D]
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)                           # [T, Hkv, D]
-        k_cache, v_cache = kv[:, self.layer_idx, 0], kv[:, self.layer_idx, 1]   # [NB, bs, Hkv, D]
-        k_cache[meta.slot_blocks, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, meta.slot_offsets] = v
-        attn = torch.empty_like(q)                                               # [T, H, D]
+        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        step.rotary.rotate_(qk)                                                  # [T, H + Hkv, D]
+        q = qk[:, :cfg.num_heads]                                                # [T, H, D]
+        # K and V of every new token in one write: rows [2, T] of the KV tensor's [*, Hkv * D] view.
+        step.kv_rows.index_put_((step.slot_rows[self.layer_idx],),
+                                qkv[:, cfg.q_size:].view(t, 2, cfg.kv_size).transpose(0, 1))
         nd = meta.num_decode
-        if nd:
-            attn[:nd] = attention_ops.paged_decode_attention(
-                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale,
-                meta.decode_max_len)
-        for p in meta.prefills:
-            attn[p.q_start:p.q_start + p.q_len] = self._prefill_attention(
-                q[p.q_start:p.q_start + p.q_len], k[p.q_start:p.q_start + p.q_len],
-                v[p.q_start:p.q_start + p.q_len], k_cache, v_cache, p)
+        if nd == t:                    # decodes only: the kernel's output is the attention output
+            attn = attention_ops.paged_decode_attention(
+                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale, meta.decode_max_len)
+        else:
+            attn = torch.empty_like(q)                                           # [T, H, D]
+            if nd:
+                attn[:nd] = attention_ops.paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale,
+                    meta.decode_max_len)
+            k = qk[:, cfg.num_heads:]                                            # [T, Hkv, D]
+            v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+            for p in meta.prefills:
+                rows = slice(p.q_start, p.q_start + p.q_len)
+                attn[rows] = self._prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, p)
         h = self.post_attention_layernorm.add_forward(x, self.o_proj(attn.view(t, cfg.q_size)))
-        return x.add_(self.down_proj(fused_ops.silu_mul(self.gate_up_proj(h))))
+        mlp = self.down_proj(silu_mul(self.gate_up_proj(h)))
+        if next_norm is None:
+            x.add_(mlp)
+            return None
+        return next_norm.add_forward(x, mlp)
 
     def _prefill_attention(self, q, k_new, v_new, k_cache, v_cache, p: PrefillSeq) -> torch.Tensor:
         """q: [q_len, H, D] → [q_len, H, D]; attends causally to the request's whole context."""
@@ -126,6 +158,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary: RotaryEmbedding | None = None
+        self._kv_views: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def init_rotary(self, device) -> None:
         self.rotary = RotaryEmbedding(self.cfg, device)
@@ -135,17 +168,39 @@ class LlamaModel(nn.Module):
                 meta: AttentionMetadata, logits_indices: torch.Tensor, on_layer_done=None) -> torch.Tensor:
         """input_ids, positions: [T] → logits [len(logits_indices), vocab] in the model dtype.
 
+        kv: the contiguous [num_blocks, num_layers, 2, block_size, Hkv, D] KV tensor (written).
         on_layer_done(i), when given, runs after layer i wrote its K/V into `kv` (the prefill side
         streams KV to the decode side from there while later layers compute).
         """
+        step = StepTensors(fused_ops.Rotary(positions, self.rotary.cos, self.rotary.sin),
+                           kv.view(-1, self.cfg.kv_size), self._slot_rows(kv, meta), meta)
+        caches = self._layer_caches(kv)
+        # Rows sampled = every row (a step of decodes only): the last layer's residual add carries
+        # the final norm too, and no row is gathered.
+        all_rows = logits_indices.shape[0] == input_ids.shape[0]
         x = self.embed_tokens(input_ids)                                     # [T, hidden], updated in place
-        rotary = fused_ops.Rotary(positions, self.rotary.cos, self.rotary.sin)
+        h = self.layers[0].input_layernorm(x)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, rotary, kv, meta)
+            next_norm = self.layers[i + 1].input_layernorm if i < last else (self.norm if all_rows else None)
+            h = layer(x, h, step, *caches[i], next_norm)
             if on_layer_done is not None:
                 on_layer_done(i)
-        x = self.norm(x[logits_indices])
-        return self.lm_head(x)
+        if not all_rows:
+            h = self.norm(x[logits_indices])
+        return self.lm_head(h)
+
+    def _slot_rows(self, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """[num_layers, 2, T] int64: the row of kv.view(-1, Hkv * D) each new token's K and V go to."""
+        nb, nl, two, bs = kv.shape[:4]
+        layer_kv = torch.arange(nl * two, device=kv.device).view(nl, two, 1) * bs          # [L, 2, 1]
+        return layer_kv + (meta.slot_blocks * (nl * two * bs) + meta.slot_offsets)           # [L, 2, T]
+
+    def _layer_caches(self, kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (k_cache, v_cache) views [num_blocks, block_size, Hkv, D] of kv, made once per KV tensor."""
+        if self._kv_views is None or self._kv_views[0] is not kv:
+            self._kv_views = (kv, [(kv[:, i, 0], kv[:, i, 1]) for i in range(len(self.layers))])
+        return self._kv_views[1]
 
     def load_hf_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...) into fused weights."""

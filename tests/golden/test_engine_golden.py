@@ -42,6 +42,35 @@ def test_tiny_matches_hf(tiny_golden, block_size, budget):
     assert_matches_hf(engine, prompts, golden)
 
 
+def test_decode_steps_of_every_batch_size_match_hf(tiny_golden):
+    """Staggered max_tokens: the decode-only steps (the decode path: no prefill row, every row
+    sampled) shrink one request at a time from 8 to 1, and each request's tokens are HF's cut at
+    its own max_tokens."""
+    from services.engine.sampling_params import SamplingParams
+
+    d, prompts, golden = tiny_golden
+    engine = build_engine(d, dtype="float32", block_size=16, max_num_batched_tokens=2048, num_blocks=400)
+    decode_batches = []
+
+    def spy(module, args):
+        ids, _, _, meta, _ = args[:5]
+        if meta.num_decode == ids.shape[0]:
+            decode_batches.append(meta.num_decode)
+
+    hook = engine.runner.model.register_forward_pre_hook(spy)
+    params = [SamplingParams(max_tokens=3 * (i + 1), logprobs=0) for i in range(len(prompts))]
+    try:
+        outs = engine.generate(prompts, params)
+    finally:
+        hook.remove()
+    for i, (o, (ref_ids, ref_logps), p) in enumerate(zip(outs, golden, params)):
+        assert o.token_ids == ref_ids[:p.max_tokens], f"prompt {i}"
+        assert o.logprobs == pytest.approx(ref_logps[:p.max_tokens], abs=2e-3), f"prompt {i} logprobs"
+    sizes = set(decode_batches)      # a request that meets EOS early leaves a size out
+    assert {1, len(prompts)} <= sizes and len(sizes) >= len(prompts) - 2, sorted(sizes)
+    engine.check_integrity()
+
+
 def test_small_matches_hf(export_named):
     d = export_named("small")
     prompts = random_prompts(PROMPT_LENGTHS, 32000, seed=2)
