@@ -16,6 +16,7 @@ from torch import nn
 
 from services.engine import attention_ops, fused_ops
 from services.engine.config import ModelConfig
+from services.engine.prefill_attention import prefill_attention
 from services.engine.rope import RotaryEmbedding
 
 
@@ -133,18 +134,11 @@ class DecoderLayer(nn.Module):
     def _prefill_attention(self, q, k_new, v_new, k_cache, v_cache, p: PrefillSeq) -> torch.Tensor:
         """q: [q_len, H, D] → [q_len, H, D]; attends causally to the request's whole context."""
         if p.ctx_len == p.q_len:       # nothing cached before this chunk: use the new K/V directly
-            k, v, mask, causal = k_new, v_new, None, True
+            k, v = k_new, v_new
         else:
             k = k_cache.index_select(0, p.block_ids).flatten(0, 1)[:p.ctx_len]   # [ctx, Hkv, D]
             v = v_cache.index_select(0, p.block_ids).flatten(0, 1)[:p.ctx_len]
-            q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=q.device)
-            mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= q_pos[:, None]   # [q_len, ctx]
-            causal = False
-        # 4-D inputs: torch's CPU flash kernel takes them; 3-D ones fall back to the math path.
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
-            is_causal=causal, scale=self.scale, enable_gqa=True)                 # [1, H, q_len, D]
-        return out[0].transpose(0, 1)
+        return prefill_attention(q, k, v, self.scale)
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,65 @@
+"""The tiled causal prefill attention equals SDPA with an explicit causal mask."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine import prefill_attention as pa
+
+torch.set_num_threads(1)
+
+
+def reference(q, k, v, scale):
+    """float32 SDPA: query i (position ctx - q_len + i) sees keys 0 .. its position."""
+    q_len, ctx = q.shape[0], k.shape[0]
+    mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - q_len, ctx)[:, None]
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k.float().transpose(0, 1)[None],
+                                         v.float().transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def qkv(q_len, ctx, heads, kv_heads, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(q_len, heads, d, generator=g), torch.randn(ctx, kv_heads, d, generator=g),
+            torch.randn(ctx, kv_heads, d, generator=g))
+
+
+# whole prompts and chunks after a cached prefix; tiles split mid-chunk; GQA 8/2 and 6/3; one query
+@pytest.mark.parametrize("q_len,ctx,heads,kv_heads", [
+    (300, 300, 8, 8), (512, 512, 4, 2), (37, 500, 8, 2), (130, 130, 6, 3), (1, 700, 8, 8), (64, 1000, 8, 8)])
+def test_tiled_equals_sdpa(q_len, ctx, heads, kv_heads):
+    q, k, v = qkv(q_len, ctx, heads, kv_heads)
+    ref = reference(q, k, v, 0.125)
+    out = pa.tiled_causal_attention(q, k, v, 0.125)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    # bf16: float32 scores, probabilities rounded to bf16 for P @ V (as torch's flash kernel does)
+    out16 = pa.tiled_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125),
+                               atol=3e-2, rtol=2e-2)
+
+
+def test_strided_inputs_as_the_model_passes_them():
+    """q, k, v are views of one fused [T, q + 2kv] projection (row stride larger than H * D)."""
+    t, h, d = 260, 4, 32
+    fused = torch.randn(t, 3 * h * d).bfloat16()
+    q, k, v = (fused[:, i * h * d:(i + 1) * h * d].view(t, h, d) for i in range(3))
+    torch.testing.assert_close(pa.tiled_causal_attention(q, k, v, d ** -0.5),
+                               pa.tiled_causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), d ** -0.5),
+                               atol=0, rtol=0)
+
+
+def test_prefill_attention_takes_the_tiled_path_only_where_it_was_faster():
+    lo, hi = pa.TILED_CONTEXTS
+    bf = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+    assert pa.use_tiled(bf, lo) and pa.use_tiled(bf, hi)
+    assert not pa.use_tiled(bf, lo - 1) and not pa.use_tiled(bf, hi + 1)
+    assert not pa.use_tiled(bf.float(), 512)            # float32 keeps torch's flash kernel
+
+
+@pytest.mark.parametrize("q_len,ctx", [(512, 512), (100, 400), (300, 300), (16, 2000)])
+def test_prefill_attention_either_path_matches_the_reference(q_len, ctx):
+    q, k, v = (x.bfloat16() for x in qkv(q_len, ctx, 8, 2))
+    out = pa.prefill_attention(q, k, v, 0.125)
+    torch.testing.assert_close(out.float(), reference(q, k, v, 0.125), atol=3e-2, rtol=2e-2)
