@@ -194,3 +194,20 @@ def test_empty_batch_and_shape_errors():
         Sampler()(torch.zeros(V), [GREEDY], [0])
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, V), [GREEDY], [0])
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 32000), (2, 1024), (8, 32000), (5, 32003), (3, 700), (33, 1500)])
+def test_greedy_argmax_is_torch_argmax_ties_and_nan_included(rows, vocab):
+    from services.engine.sampler import greedy_argmax
+
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = (torch.randn(rows, vocab, generator=g) * 3).to(torch.bfloat16)
+    x[0, vocab // 3] = x[0, vocab - 1] = 40.0               # a tie: the first index wins
+    if rows > 1:
+        x[1, :] = float("-inf")                           # all -inf: index 0
+        x[-1, vocab // 2] = float("nan")                  # NaN counts as the maximum
+        x[-1, vocab - 2] = float("nan")
+    if rows > 2:
+        x[2, vocab - 1] = float("inf")                    # in the tail past the last whole chunk
+    assert torch.equal(greedy_argmax(x), x.float().argmax(dim=-1))
+    assert torch.equal(greedy_argmax(x.float()), x.float().argmax(dim=-1))
