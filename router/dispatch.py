@@ -224,23 +224,30 @@ class Dispatcher:
         raise RouteError(grpc.StatusCode.UNAVAILABLE, f"no decode instance could take the request ({last_error}); retry")
 
     async def _via(self, rr: RoutedRequest, d, needed: int):
-        """The request through decode instance d (and a prefill instance _prefill picks): D's Decode
-        stream and P's Prefill start together. Raises _DecodeRefused, before yielding anything,
-        when D refuses to reserve."""
+        """The request through decode instance d (and a prefill instance _prefill picks): P's Prefill
+        and D's Decode stream start together (Prefill first: it is the critical path; the
+        reservation overlaps the compute). Raises _DecodeRefused, before yielding anything, when D
+        refuses to reserve."""
         rr.dispatched = rr.dispatched or time.monotonic()
         d_token = self.ledger.add(d.instance_id, blocks=needed, running=1)
-        decode_call = self.pool.stub(d.address).Decode(
-            worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1, request=rr.worker_request,
-                                     lease_ms=self.lease_ms), timeout=self._stream_timeout(rr))
-        rr.calls.append(decode_call)
-        reserved = asyncio.ensure_future(_reservation(decode_call))
-        holder = _Holder(d.address, d.instance_id, decode_call)
+        holder = _Holder(d.address, d.instance_id, None)
+        reservation: list[asyncio.Future] = []
+
+        def start_decode() -> asyncio.Future:
+            """D's Decode stream, started once; the future of its reservation (_reservation)."""
+            if not reservation:
+                holder.call = self.pool.stub(d.address).Decode(
+                    worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1, request=rr.worker_request,
+                                             lease_ms=self.lease_ms), timeout=self._stream_timeout(rr))
+                rr.calls.append(holder.call)
+                reservation.append(asyncio.ensure_future(_reservation(holder.call)))
+            return reservation[0]
         finished = refused = False
         try:
             try:
-                p, presp = await self._prefill(rr, d, reserved)
+                p, presp = await self._prefill(rr, d, start_decode)
                 if presp.kv_fallback and not presp.finished:      # Recompute needs D's reservation
-                    _check_reservation(rr, d, await reserved)
+                    _check_reservation(rr, d, await reservation[0])
             except _DecodeRefused:
                 refused = True
                 raise
@@ -290,21 +297,24 @@ class Dispatcher:
                 self.registry.mark_unreachable(holder.instance_id)
             raise RouteError(e.code(), f"decode instance {holder.instance_id}: {e.details()}") from None
         finally:
-            reserved.cancel()
+            for future in reservation:
+                future.cancel()
             if d_token is not None:
                 self.ledger.remove(d_token)
-            rr.calls.remove(holder.call)
-            if not finished:
-                holder.call.cancel()
-                if not refused:                      # a refusing D holds nothing for the request
-                    self.pool.release_later(holder.address, rr.request_id)
-                if holder.address != d.address:      # D forwards too, but it may be gone
-                    self.pool.release_later(d.address, rr.request_id)
+            if holder.call is not None:              # None: no prefill instance could be asked, nor D
+                rr.calls.remove(holder.call)
+                if not finished:
+                    holder.call.cancel()
+                    if not refused:                  # a refusing D holds nothing for the request
+                        self.pool.release_later(holder.address, rr.request_id)
+                    if holder.address != d.address:  # D forwards too, but it may be gone
+                        self.pool.release_later(d.address, rr.request_id)
 
-    async def _prefill(self, rr: RoutedRequest, d, reserved: asyncio.Future):
-        """(P, its PrefillResponse) from a prefill instance P, the KV going to d, whose reservation
-        `reserved` races the prefill: if d refuses first, P's call is cancelled (_check_reservation
-        raises). A P that is unreachable is marked so and another one tried."""
+    async def _prefill(self, rr: RoutedRequest, d, start_decode):
+        """(P, its PrefillResponse) from a prefill instance P, the KV going to d. start_decode() is
+        called right after the first Prefill call went out; the reservation it returns races the
+        prefill: if d refuses first, P's call is cancelled (_check_reservation raises). A P that is
+        unreachable is marked so and another one tried."""
         handle = worker_pb2.KVHandle(instance_id=d.instance_id, transport=d.kv_transport, address=d.kv_address,
                                      request_id=rr.request_id, block_size=d.block_size)
         tried: set[str] = set()
@@ -319,6 +329,7 @@ class Dispatcher:
                 worker_pb2.PrefillRequest(request=rr.worker_request, destination=handle), timeout=self._timeout(rr))
             rr.calls.append(call)
             answer = asyncio.ensure_future(call)
+            reserved = start_decode()
             try:
                 if not reserved.done():
                     await asyncio.wait((answer, reserved), return_when=asyncio.FIRST_COMPLETED)
