@@ -1,7 +1,15 @@
 """Cluster benchmarks on `small` (bfloat16), printed as JSON lines:
 
-1. `ttft_breakdown`: one request on a 1P+1D cluster (workers pinned to different cores): where its
-   time to first token went (queue, prefill, transfer, first decode step), median of --repeats.
+1. `ttft_breakdown`: on a 1P+1D cluster (workers pinned to different cores), where time to first
+   token goes, p50 over --repeats sequential requests per prompt length (--ttft-prompts, default
+   16 and 512 tokens) on the idle cluster, then over Poisson arrivals at --load (0.8) of the
+   cluster's capacity (512-token prompts, 16 output tokens; capacity = requests/s it completes
+   when 16 arrive at once). The parts add up to the client's TTFT: router_queue (arrival →
+   dispatched) + queue (prefill engine) + prefill + transfer (not overlapped with prefill) + path
+   (the router's rest: RPCs, crossings) + client_network (client TTFT − router TTFT).
+   `path_overhead_s` = client TTFT − prefill compute − non-overlapped transfer (goal ≤ 5 ms p50
+   idle, ≤ 20 ms p50 at 80% load); `path_overhead_no_queue_s` also leaves out the prefill engine's
+   queue (under load: waiting for the batch ahead, not the path).
 2. `saturation`: N requests of I prompt tokens → O output tokens, all sent at once through the
    SDK, beside the raw engine of the same instance configuration in the same run:
    - raw engine: LLMEngine.generate in a process pinned to one core (one torch thread);
@@ -28,6 +36,14 @@ from tandem import AsyncClient, Client  # noqa: E402
 from tandem.local_cluster import LocalCluster  # noqa: E402
 
 ENGINE_ARGS = {"dtype": "bfloat16", "max_num_batched_tokens": 2048, "max_num_seqs": 256, "kv_memory_gib": 1.0}
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
+    except OSError:
+        return "?"
 
 
 def worker_args() -> list[str]:
@@ -80,16 +96,79 @@ def cluster_throughput(model: str, shape: dict, n: int, i: int, o: int, vocab: i
         return asyncio.run(drive(c.address, prompts(n, i, vocab, 1), o))
 
 
-def ttft_breakdown(model: str, prompt_len: int, repeats: int, vocab: int) -> dict:
-    rows = []
+TTFT_KEYS = ("client_ttft_s", "ttft_s", "router_queue_s", "queue_s", "prefill_s", "transfer_s", "path_s",
+             "first_decode_s", "kv_bytes")
+
+
+def ttft_row(r) -> dict:
+    """One completion's TTFT, split so the parts add up to the client's TTFT:
+
+    client_ttft = router_queue + P queue + prefill + transfer + router path + client network, where
+    router path = router TTFT − the parts before it, client network = client TTFT − router TTFT.
+    `path_overhead_s` = client TTFT − prefill compute − non-overlapped transfer (the issue's figure)."""
+    b = {k: float(v) for k, v in (r.ttft_breakdown or {}).items() if isinstance(v, (int, float))}
+    row = {"client_ttft_s": r.ttft_s, **b}
+    row["path_overhead_s"] = r.ttft_s - b.get("prefill_s", 0.0) - b.get("transfer_s", 0.0)
+    row["path_overhead_no_queue_s"] = row["path_overhead_s"] - b.get("queue_s", 0.0)
+    if b.get("ttft_s"):
+        row["client_network_s"] = r.ttft_s - b["ttft_s"]
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    keys = [k for k in (*TTFT_KEYS, "client_network_s", "path_overhead_s", "path_overhead_no_queue_s")
+            if any(k in row for row in rows)]
+    out = {f"{k}_p50": statistics.median(float(row.get(k, 0.0)) for row in rows) for k in keys}
+    out["path_overhead_s_p90"] = statistics.quantiles([row["path_overhead_s"] for row in rows], n=10)[-1]
+    out["n"] = len(rows)
+    return out
+
+
+async def loaded_rows(address: str, batch: list[list[int]], rate: float, max_tokens: int, seed: int) -> list[dict]:
+    """Open-loop Poisson arrivals at `rate` requests/s; one row per completion."""
+    rng = random.Random(seed)
+    async with AsyncClient(address) as client:
+        async def one(delay: float, p: list[int]):
+            await asyncio.sleep(delay)
+            return await client.complete(token_ids=p, max_tokens=max_tokens, ignore_eos=True)
+        t, starts = 0.0, []
+        for _ in batch:
+            t += rng.expovariate(rate)
+            starts.append(t)
+        results = await asyncio.gather(*(one(s, p) for s, p in zip(starts, batch)))
+    return [ttft_row(r) for r in results]
+
+
+async def capacity_rps(address: str, batch: list[list[int]], max_tokens: int) -> float:
+    """Requests per second the cluster completes when `batch` arrives at once."""
+    async with AsyncClient(address) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client.complete(token_ids=p, max_tokens=max_tokens, ignore_eos=True) for p in batch))
+        return len(batch) / (time.perf_counter() - t0)
+
+
+def ttft_breakdown(model: str, lengths: list[int], repeats: int, vocab: int, load: float, load_len: int,
+                   load_requests: int) -> list[dict]:
+    """Idle pinned 1P+1D: `repeats` sequential requests per prompt length (after two warm-ups);
+    then, unless load is 0, Poisson arrivals at `load` × the cluster's capacity for load_len-token prompts."""
+    out = []
     with LocalCluster(model, prefill=1, decode=1, pin_cores=True, worker_args=worker_args()) as c:
         with Client(c.address) as client:
-            for k, p in enumerate(prompts(repeats + 2, prompt_len, vocab, 7)):
-                r = client.complete(token_ids=p, max_tokens=4, ignore_eos=True)
-                if k >= 2:                                       # two warm-ups
-                    rows.append({"client_ttft_s": r.ttft_s, **r.ttft_breakdown})
-    keys = ["client_ttft_s", "queue_s", "prefill_s", "transfer_s", "first_decode_s", "kv_bytes"]
-    return {k: statistics.median(float(row.get(k, 0.0)) for row in rows) for k in keys}
+            for n, length in enumerate(lengths):
+                rows = []
+                for k, p in enumerate(prompts(repeats + 2, length, vocab, 7 + n)):
+                    r = client.complete(token_ids=p, max_tokens=4, ignore_eos=True)
+                    if k >= 2:                                       # two warm-ups
+                        rows.append(ttft_row(r))
+                out.append({"bench": "ttft_breakdown", "cluster": "1P+1D pinned", "load": "idle",
+                            "prompt_tokens": length, **summarize(rows)})
+        if load:
+            cap = asyncio.run(capacity_rps(c.address, prompts(16, load_len, vocab, 50), 16))
+            rows = asyncio.run(loaded_rows(c.address, prompts(load_requests, load_len, vocab, 51), load * cap, 16, 3))
+            out.append({"bench": "ttft_breakdown", "cluster": "1P+1D pinned", "load": f"{load:.0%} of capacity",
+                        "capacity_rps": round(cap, 3), "rate_rps": round(load * cap, 3), "prompt_tokens": load_len,
+                        "max_tokens": 16, **summarize(rows)})
+    return out
 
 
 def main() -> int:
@@ -100,8 +179,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small")
     ap.add_argument("--workload", default="128x128x128", help="NxIxO")
-    ap.add_argument("--ttft-prompt", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ttft-prompts", default="16,512", help="prompt lengths of the idle TTFT breakdown")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--load", type=float, default=0.8, help="loaded TTFT run at this share of capacity (0: skip)")
+    ap.add_argument("--load-prompt", type=int, default=512)
+    ap.add_argument("--load-requests", type=int, default=60)
+    ap.add_argument("--ttft-only", action="store_true", help="only the TTFT breakdown")
     ap.add_argument("--skip-pd", action="store_true")
     a = ap.parse_args()
     from services.engine.loader import resolve_model
@@ -114,9 +197,16 @@ def main() -> int:
         model = os.path.join(tempfile.mkdtemp(prefix="tandem-bench-"), a.model)
         export_model(loaded, model, load_tokenizer(loaded))
 
-    tb = ttft_breakdown(model, a.ttft_prompt, a.repeats, vocab)
-    print(json.dumps({"bench": "ttft_breakdown", "cluster": "1P+1D pinned", "prompt_tokens": a.ttft_prompt, **tb}),
-          flush=True)
+    print(json.dumps({"bench": "host", "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0))}), flush=True)
+    headline = {"bench": "cluster", "path_overhead_ms_p50": {}}
+    for line in ttft_breakdown(model, [int(x) for x in a.ttft_prompts.split(",")], a.repeats, vocab, a.load,
+                               a.load_prompt, a.load_requests):
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
+        key = f"{line['prompt_tokens']}_tokens" + ("" if line["load"] == "idle" else f"_at_{a.load:.0%}_load")
+        headline["path_overhead_ms_p50"][key] = round(line["path_overhead_s_p50"] * 1e3, 2)
+    if a.ttft_only:
+        print(json.dumps(headline), flush=True)
+        return 0
 
     n, i, o = map(int, a.workload.split("x"))
     core = min(os.sched_getaffinity(0))           # where LocalCluster pins a single colocated instance
@@ -132,6 +222,8 @@ def main() -> int:
         print(json.dumps({"bench": "saturation", "system": "cluster_1p1d", "workload": a.workload, **pd,
                           "ratio_vs_raw_engine": round(pd["output_tokens_per_s"] / raw["output_tokens_per_s"], 3)}),
               flush=True)
+    headline["colocated_vs_raw_engine"] = round(ratio, 3)
+    print(json.dumps(headline), flush=True)
     return 0
 
 
