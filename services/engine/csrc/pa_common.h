@@ -41,4 +41,12 @@ struct Params {
   float scale;
 };
 
+// One unit of work (see run()): tokens [t0, t1) of row b, kv heads [h0, h0 + nh). partial null:
+// the item covers the whole row and writes out; else it writes, for each of its nh * G query
+// heads, (running max m, softmax sum l, unnormalised acc[D]) at partial + head * (D + 2).
+struct Item {
+  int64_t b, h0, nh, t0, t1;
+  float* partial;
+};
+
 }  // namespace

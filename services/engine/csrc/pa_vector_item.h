@@ -1,119 +1,157 @@
-// Tandem paged decode attention: the three-pass work item shared by the vector paths (AVX-512,
-// AVX2). The ISA-specific parts come from a kernel type K (see Avx512Kernel, Avx2Kernel):
+// Tandem paged decode attention: the work item shared by the vector paths (AVX-512, AVX2).
 //
-//   K::kTokens                       tokens per scores() call (the vector width in floats)
-//   K(D)                             per-head-dim constants (chunk counts, tail masks)
-//   k.q_floats() / k.acc_floats()    scratch floats per query head for q / the accumulator
-//   k.prep_q(q, qs)                  q row -> the layout scores() reads (64-byte aligned)
-//   k.scores(qs, kb, rs, n, scale, s)  s[t] = scale * q . k[t] for n (1..kTokens) rows at kb
-//   K::softmax(s, len)               s <- exp(s - max s) in place; returns the sum
-//   k.values(G, p, lds, vb, rs, n, acc, ldq)  acc[g] += sum_t p[g][t] v[t] over one block
-//   k.acc_index(d)                   where element d of a head lives in its accumulator
+// One pass over the item's tokens, 16 at a time (a "group"), with an online softmax: for each
+// group and kv head, K rows -> 16 scores per query head (all G query heads that share the kv
+// head) -> running max / sum update -> p . V into float32 accumulators, while that group's K and
+// V rows are in L1. K and V of a block are read once, back to back (in the engine's cache they
+// are adjacent: [num_blocks, num_layers, 2, block_size, Hkv, D]); no per-token score scratch.
+// The running max is lazy: it moves (and the accumulators are rescaled) only when a score passes
+// it by more than kMaxSlack, so p <= e^8 and a group normally costs one compare, no horizontal max.
 //
-// Private to paged_attention.cpp; x86 only (software prefetch).
+// The ISA-specific parts come from a kernel type K (Avx512Kernel, Avx2Kernel):
+//   K::kTokens                          16, the tokens of one group
+//   K(D)                                per-head-dim constants (chunk counts, tail masks)
+//   k.q_floats() / k.acc_floats()       scratch floats per query head for q / the accumulator
+//   k.prep_q(q, qs)                     q row -> the layout the dot products read (64-byte aligned)
+//   k.group(nh, G, qs, qld, kr, vr, hoff0, n, scale, st, lds, xb, tick)
+//       the item's nh kv heads (row offsets hoff0 + j * D) over n (1..16) tokens whose rows start
+//       at kr[t] / vr[t] (rows t >= n repeat row 0: valid memory, weight 0): updates the nh * G
+//       query heads' states; xb is 16 floats of scratch per query head; tick(j) runs before kv
+//       head j's K is read
+//   k.finish(acc, f, o)                 o[d] = f * (element d of accumulator acc), d < D (T or float o)
+// A head's state (lds floats, 64-byte aligned): acc[acc_floats] | l[16] (per-lane softmax sums,
+// added up at the end) | m (the running max) and padding to 16 floats.
+//
+// Items cover tokens [t0, t1) of one row's kv heads [h0, h0 + nh) (see run()); an item that
+// covers a whole row writes the normalised output, one that covers a partition of a long row
+// writes (m, l, acc) for merge_partials().
+// Private to paged_attention.cpp.
 #pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
 
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
 #include "pa_common.h"
-
-#ifndef TANDEM_PF_DIST
-#define TANDEM_PF_DIST 2  // how many blocks ahead to prefetch K/V rows
-#endif
-#ifndef TANDEM_PF_HINT
-#define TANDEM_PF_HINT _MM_HINT_T0
-#endif
 
 namespace {
 
-// Software prefetch of one kv head's slice (row_bytes) of each of `rows` token rows.
-template <typename T>
-inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64_t row_bytes) {
-  for (int64_t t = 0; t < rows; ++t) {
-    const char* r = reinterpret_cast<const char*>(base + t * row_stride);
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(r + off, TANDEM_PF_HINT);
-  }
-}
+#ifndef TANDEM_PF_GROUPS
+#define TANDEM_PF_GROUPS 2  // software prefetch distance in token groups (0: none)
+#endif
+#ifndef TANDEM_PF_STRIDE
+#define TANDEM_PF_STRIDE 64
+#endif
+#ifndef TANDEM_PF_HINT
+#define TANDEM_PF_HINT _MM_HINT_T1
+#endif
 
-// One work item: row b, kv heads [h0, h0 + nh) (all of them unless the batch is too small to
-// feed every thread, see run()). Within a block one layer's K (and V) for all kv heads is one
-// contiguous [block_size, Hkv, D] run, so walking the block token by token and head by head
-// streams it sequentially; per-(row, head) items would instead read D-element slices at an
-// Hkv * D stride from every block, Hkv times over.
-//   pass 1  scores s[h][t] for all nh * G query heads (K read once, in place),
-//   pass 2  softmax in place in a per-thread scratch of seq_len floats per head,
-//   pass 3  out[h] = sum_t p[h][t] v[t] / sum_t p[h][t] (V read once).
-// Splitting the passes keeps every inner loop free of serial dependencies (the online-softmax
-// alternative puts max/exp/rescale on the critical path of every block). Blocks are scattered,
-// so the slices of the block PF_DIST ahead are prefetched in software, one kv head at a time
-// (spread over the current block's work so the prefetches don't queue up in one burst).
+constexpr float kMaxSlack = 8.0f;  // the running max moves only when a score passes it by more
+
 template <typename K, typename T>
-void item_vec(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b, int64_t h0,
-              int64_t nh, std::vector<float>& scratch) {
-  const int64_t G = p.G, D = p.D, NH = nh * G;  // NH query heads in this item
-  const int64_t len = p.seq_lens[b];
-  const T* qrow = q + (b * p.H + h0 * G) * D;
-  T* orow = out + (b * p.H + h0 * G) * D;
-  if (len <= 0) {
+void item_vec(const Params& p, const T* q, T* out, const T* kc, const T* vc, const Item& it,
+              std::vector<float>& scratch) {
+  constexpr int kT = K::kTokens;
+  const int64_t G = p.G, D = p.D, NH = it.nh * G;
+  const int64_t len = std::min<int64_t>(p.seq_lens[it.b], it.t1);
+  const T* qrow = q + (it.b * p.H + it.h0 * G) * D;
+  T* orow = out + (it.b * p.H + it.h0 * G) * D;
+  if (it.t0 >= len) {  // an empty row (partitions are never empty)
     for (int64_t i = 0; i < NH * D; ++i) store_out(orow + i, 0.0f);
     return;
   }
   const K k(D);
-  const int64_t qld = k.q_floats(), ldq = k.acc_floats();
-  const int64_t lds = (len + 15) / 16 * 16;
+  const int64_t qld = k.q_floats(), accf = k.acc_floats(), lds = accf + 2 * kT;
 
-  // Per-thread scratch, reused across items and calls (only grows): q, accumulators,
-  // scores / probabilities, 1 / softmax sums. 64-byte aligned for the q loads.
-  const size_t need = static_cast<size_t>(NH * (qld + ldq + lds + 1) + 16);
+  // Per-thread scratch, reused across items and calls (it only grows). 64-byte aligned.
+  const size_t need = static_cast<size_t>(NH * (qld + lds + kT) + 16);
   if (scratch.size() < need) scratch.resize(need);
   float* qs = scratch.data() + ((64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64) / sizeof(float);
-  float* acc = qs + NH * qld;
-  float* s = acc + NH * ldq;  // [NH][lds]
-  float* inv = s + NH * lds;
-  for (int64_t h = 0; h < NH; ++h) k.prep_q(qrow + h * D, qs + h * qld);
-  std::memset(acc, 0, sizeof(float) * NH * ldq);
+  float* st = qs + NH * qld;
+  float* xb = st + NH * lds;  // per query head: one group's scores, then p
+  for (int64_t h = 0; h < NH; ++h) {
+    k.prep_q(qrow + h * D, qs + h * qld);
+    float* s = st + h * lds;
+    std::memset(s, 0, sizeof(float) * (accf + 2 * kT));
+    s[accf + kT] = -std::numeric_limits<float>::infinity();
+  }
 
-  const int32_t* bt = p.block_tables + b * p.bt_stride0;
+  const int32_t* bt = p.block_tables + it.b * p.bt_stride0;
   const int64_t bs = p.block_size, rs = p.row_stride;
-  const int64_t nblk = (len + bs - 1) / bs;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  auto ntok = [&](int64_t i) { return std::min(bs, len - i * bs); };
-  auto prefetch = [&](const T* cache, int64_t stride0, int64_t i, int64_t j) {
-    if (TANDEM_PF_DIST > 0 && i < nblk) prefetch_rows(cache + bt[i] * stride0 + (h0 + j) * D, ntok(i), rs, row_bytes);
-  };
-
-  for (int64_t i = 0; i < TANDEM_PF_DIST; ++i)
-    for (int64_t j = 0; j < nh; ++j) prefetch(kc, p.k_stride0, i, j);
-  for (int64_t i = 0; i < nblk; ++i) {
-    const T* kb = kc + bt[i] * p.k_stride0 + h0 * D;
-    const int64_t nt = ntok(i);
-    for (int64_t j = 0; j < nh; ++j) {
-      if (i + TANDEM_PF_DIST < nblk) prefetch(kc, p.k_stride0, i + TANDEM_PF_DIST, j);
-      else prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST - nblk, j);  // V's first blocks
-      for (int64_t t0 = 0; t0 < nt; t0 += K::kTokens) {
-        const int n = static_cast<int>(std::min<int64_t>(K::kTokens, nt - t0));
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = j * G + g;
-          k.scores(qs + h * qld, kb + j * D + t0 * rs, rs, n, p.scale, s + h * lds + i * bs + t0);
-        }
+  // Row pointers of the tokens [t, t + n) (n <= kT), walking the block table.
+  auto rows = [&](int64_t t, int n, const T** kr, const T** vr) {
+    int64_t bi = t / bs, off = t - bi * bs;
+    const T* kb = kc + bt[bi] * p.k_stride0;
+    const T* vb = vc + bt[bi] * p.v_stride0;
+    for (int i = 0; i < n; ++i, ++off) {
+      if (off == bs) {  // only when token t + i exists, so bt[bi + 1] is a block of this row
+        ++bi, off = 0;
+        kb = kc + bt[bi] * p.k_stride0;
+        vb = vc + bt[bi] * p.v_stride0;
       }
+      kr[i] = kb + off * rs;
+      vr[i] = vb + off * rs;
+    }
+  };
+  // Software prefetch of the group kPf ahead: its K rows, then its V rows, each row's slice of
+  // this item's heads in address order, spread over the current group's kv heads (the hardware
+  // prefetcher alone does poorly here: the heads walk each block at a row stride).
+  constexpr int kPf = TANDEM_PF_GROUPS;
+  const int64_t slice = it.nh * D * static_cast<int64_t>(sizeof(T));   // bytes of a row this item reads
+  const T* pk[2 * kT];  // K rows then V rows of the group being prefetched
+  int prow = 0, pend = 0;  // next row to prefetch, rows in all (2 * its tokens)
+  auto pf_start = [&](int64_t t) {
+    const int pn = t < len ? static_cast<int>(std::min<int64_t>(kT, len - t)) : 0;
+    if (pn) rows(t, pn, pk, pk + pn);
+    prow = 0, pend = 2 * pn;
+  };
+  auto pf_some = [&](int upto) {  // rows [prow, upto)
+    for (; prow < upto; ++prow) {
+      const char* r = reinterpret_cast<const char*>(pk[prow] + it.h0 * D);
+      const char* e = r + slice;
+      r -= reinterpret_cast<uintptr_t>(r) % 64;
+      for (; r + 3 * TANDEM_PF_STRIDE < e; r += 4 * TANDEM_PF_STRIDE) {
+        _mm_prefetch(r, TANDEM_PF_HINT);
+        _mm_prefetch(r + TANDEM_PF_STRIDE, TANDEM_PF_HINT);
+        _mm_prefetch(r + 2 * TANDEM_PF_STRIDE, TANDEM_PF_HINT);
+        _mm_prefetch(r + 3 * TANDEM_PF_STRIDE, TANDEM_PF_HINT);
+      }
+      for (; r < e; r += TANDEM_PF_STRIDE) _mm_prefetch(r, TANDEM_PF_HINT);
+    }
+  };
+  if (kPf > 0)
+    for (int i = 1; i < kPf; ++i) pf_start(it.t0 + i * kT), pf_some(pend);
+
+  const T* kr[kT];
+  const T* vr[kT];
+  for (int64_t t = it.t0; t < len; t += kT) {
+    const int n = static_cast<int>(std::min<int64_t>(kT, len - t));
+    rows(t, n, kr, vr);
+    for (int i = n; i < kT; ++i) kr[i] = kr[0], vr[i] = vr[0];
+    if (kPf > 0) pf_start(t + kPf * kT);
+    k.group(it.nh, G, qs, qld, kr, vr, it.h0 * D, n, p.scale, st, lds, xb, [&](int64_t j) {
+      if (kPf > 0) pf_some(static_cast<int>(pend * (j + 1) / it.nh));
+    });
+  }
+
+  for (int64_t h = 0; h < NH; ++h) {
+    const float* acc = st + h * lds;
+    float l = 0.0f;
+    for (int i = 0; i < kT; ++i) l += acc[accf + i];
+    if (it.partial) {
+      float* o = it.partial + h * (D + 2);
+      o[0] = acc[accf + kT];
+      o[1] = l;
+      k.finish(acc, 1.0f, o + 2);
+    } else {
+      k.finish(acc, 1.0f / l, orow + h * D);
     }
   }
-  for (int64_t h = 0; h < NH; ++h) inv[h] = 1.0f / K::softmax(s + h * lds, len);
-  for (int64_t i = 0; i < nblk; ++i) {
-    const T* vb = vc + bt[i] * p.v_stride0 + h0 * D;
-    for (int64_t j = 0; j < nh; ++j) {
-      prefetch(vc, p.v_stride0, i + TANDEM_PF_DIST, j);
-      k.values(G, s + j * G * lds + i * bs, lds, vb + j * D, rs, static_cast<int>(ntok(i)), acc + j * G * ldq, ldq);
-    }
-  }
-  for (int64_t h = 0; h < NH; ++h)
-    for (int64_t d = 0; d < D; ++d) store_out(orow + h * D + d, acc[h * ldq + k.acc_index(d)] * inv[h]);
 }
 
 }  // namespace

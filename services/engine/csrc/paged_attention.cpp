@@ -1,14 +1,14 @@
 // Tandem: CPU paged-attention decode kernel.
 //
 // One query token per sequence attends over that sequence's K/V, which live in
-// fixed-size blocks of a shared paged cache. Work item = one sequence (all kv
-// heads; split into kv-head chunks only for small batches), see item_vec and
-// run(). All `group` query heads sharing a kv head are processed together, so
-// each K/V row is read from memory once, in place (no gather copy):
-//   pass 1  scores s[h][t] = scale * (q[h] . k[t]) for all tokens (K read once),
-//   pass 2  softmax in place in a per-thread scratch of seq_len floats per head,
-//   pass 3  out[h] = sum_t p[h][t] v[t] / sum_t p[h][t] (V read once).
-// Accumulation is float32 for both bf16 and fp32.
+// fixed-size blocks of a shared paged cache. Work item = tokens [t0, t1) of one sequence's kv
+// heads (all of them unless the batch is small; long sequences are split into partitions of
+// kPartitionTokens), see run(). The vector paths (pa_vector_item.h) make one pass over the
+// item's tokens, 16 at a time, with an online softmax: scores for all query heads of the item
+// (K read in place), the running max / sum update, then p . V (V read in place), while the 16
+// tokens' K and V rows are in L1; the next groups' rows are prefetched in software. All `group`
+// query heads sharing a kv head are processed together, so each K/V row is read from memory
+// once. Accumulation is float32 for both bf16 and fp32.
 //
 // Layout:
 //   q, out        [B, H, D] contiguous, bf16 or fp32 (same dtype)
@@ -23,7 +23,8 @@
 // Variants: attention_ops.py builds this one file into one module per ISA, with explicit
 // flags (never -march=native), and loads the best one the CPU runs. The flags decide which
 // vector path is compiled in (the module's `simd` says which):
-//   avx512_bf16  AVX-512F/BW/VL + AVX512-BF16 (vdpbf16ps for bf16 q.k)   pa_avx512.h
+//   avx512_bf16  AVX-512F/BW/VL + AVX512-BF16 (vdpbf16ps: q.k, and p.V   pa_avx512.h
+//                over token pairs with p rounded to bf16)
 //   avx512       AVX-512F/BW/VL (bf16 widened with shifts)                pa_avx512.h
 //   avx2         AVX2 + FMA, 8-float vectors                             pa_avx2.h
 //   scalar       no vector path; any CPU                                  pa_scalar.h
@@ -38,6 +39,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "pa_common.h"
@@ -63,43 +65,115 @@
 
 namespace {
 
-// One work item on this build's vector path; false when the build has none.
-template <typename T>
-inline bool item_simd(const Params& p, const T* q, T* out, const T* kc, const T* vc, int64_t b, int64_t h0,
-                      int64_t nh, std::vector<float>& scratch) {
-#if defined(TANDEM_HAVE_AVX512)
-  item_avx512<T>(p, q, out, kc, vc, b, h0, nh, scratch);
-  return true;
-#elif defined(TANDEM_HAVE_AVX2)
-  item_avx2<T>(p, q, out, kc, vc, b, h0, nh, scratch);
-  return true;
+#if defined(TANDEM_HAVE_AVX512) || defined(TANDEM_HAVE_AVX2)
+constexpr bool kHaveVectorPath = true;
 #else
-  (void)p, (void)q, (void)out, (void)kc, (void)vc, (void)b, (void)h0, (void)nh, (void)scratch;
-  return false;
+constexpr bool kHaveVectorPath = false;
+#endif
+
+// One work item on this build's vector path (never called in the scalar build).
+template <typename T>
+inline void item_simd(const Params& p, const T* q, T* out, const T* kc, const T* vc, const Item& it,
+                      std::vector<float>& scratch) {
+#if defined(TANDEM_HAVE_AVX512)
+  item_avx512<T>(p, q, out, kc, vc, it, scratch);
+#elif defined(TANDEM_HAVE_AVX2)
+  item_avx2<T>(p, q, out, kc, vc, it, scratch);
+#else
+  (void)p, (void)q, (void)out, (void)kc, (void)vc, (void)it, (void)scratch;
 #endif
 }
 
-// Work items are rows; a row is split into chunks of kv heads only when there are fewer than
-// ~4 rows per thread (small batches / long contexts), so every thread still gets work. Threads
-// take items dynamically from a shared counter, which balances ragged seq_lens. Every head's
-// result is computed the same way whatever the split or thread, so output is thread-count invariant.
+// Rows longer than this are split into partitions of this many tokens (a multiple of every
+// kernel's token group), computed as separate items and merged (log-sum-exp) at the end, so a
+// small batch of long rows still feeds every thread. Fixed, never a function of the thread count:
+// the output does not depend on how many threads ran.
+constexpr int64_t kPartitionTokens = 512;
+
+// The portable path: one item per (row, kv head); the `scalar` build and the tests' reference.
+template <typename T>
+void run_scalar(const Params& p, const T* q, T* out, const T* kc, const T* vc) {
+  const int64_t items = p.B * p.Hkv;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t it = begin; it < end; ++it) item_scalar<T>(p, q, out, kc, vc, it / p.Hkv, it % p.Hkv, scratch);
+  });
+}
+
+// Work items: (row, partition, chunk of kv heads). Rows are split into kv-head chunks only when
+// there are fewer than 4 (row, partition) pairs per thread (small batches), so every thread
+// still gets several items; threads take items dynamically from a shared counter, which
+// balances ragged seq_lens. Each kv head's result is computed the same way whatever the chunking
+// or thread, so the output is thread-count invariant.
 template <typename T>
 void run(const Params& p, const T* q, T* out, const T* kc, const T* vc, bool force_scalar) {
+  if (force_scalar || !kHaveVectorPath) return run_scalar<T>(p, q, out, kc, vc);
   const int64_t nthreads = at::get_num_threads();
+  // Per calling thread, reused across calls (they only grow).
+  thread_local std::vector<Item> items;
+  thread_local std::vector<float> partials;
+  int64_t pairs = 0, partial_heads = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t np = (p.seq_lens[b] + kPartitionTokens - 1) / kPartitionTokens;
+    pairs += std::max<int64_t>(np, 1);
+    if (np > 1) partial_heads += np * p.H;
+  }
   int64_t split = 1;
-  if (p.B < 4 * nthreads) split = std::min<int64_t>(p.Hkv, (4 * nthreads + p.B - 1) / p.B);
+  if (pairs < 4 * nthreads) split = std::min<int64_t>(p.Hkv, (4 * nthreads + pairs - 1) / pairs);
   const int64_t hpc = (p.Hkv + split - 1) / split;  // kv heads per item
   split = (p.Hkv + hpc - 1) / hpc;
-  const int64_t items = p.B * split;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t, int64_t) {
-    thread_local std::vector<float> scratch;
-    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t b = it / split, h0 = (it % split) * hpc, nh = std::min(hpc, p.Hkv - h0);
-      if (!force_scalar && item_simd<T>(p, q, out, kc, vc, b, h0, nh, scratch)) continue;
-      for (int64_t kvh = h0; kvh < h0 + nh; ++kvh) item_scalar<T>(p, q, out, kc, vc, b, kvh, scratch);
+  const size_t part_floats = static_cast<size_t>(partial_heads * (p.D + 2));
+  if (partials.size() < part_floats) partials.resize(part_floats);
+  items.clear();
+  float* next_partial = partials.data();
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t len = p.seq_lens[b];
+    const int64_t np = std::max<int64_t>((len + kPartitionTokens - 1) / kPartitionTokens, 1);
+    for (int64_t part = 0; part < np; ++part) {
+      float* partial = np > 1 ? next_partial + part * p.H * (p.D + 2) : nullptr;
+      for (int64_t c = 0; c < split; ++c) {
+        const int64_t h0 = c * hpc;
+        items.push_back({b, h0, std::min(hpc, p.Hkv - h0), part * kPartitionTokens,
+                         np > 1 ? std::min(len, (part + 1) * kPartitionTokens) : len,
+                         partial ? partial + h0 * p.G * (p.D + 2) : nullptr});
+      }
     }
+    if (np > 1) next_partial += np * p.H * (p.D + 2);
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const Item* item = items.data();  // `items` in the lambda would name the worker's own thread_local
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nthreads, n_items), 1, [&](int64_t, int64_t) {
+    thread_local std::vector<float> scratch;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;)
+      item_simd<T>(p, q, out, kc, vc, item[i], scratch);
   });
+  if (partial_heads == 0) return;
+  // Merge each partitioned row's partial results: out = sum_i w_i acc_i / sum_i w_i l_i with
+  // w_i = exp(m_i - max_i m_i).
+  const float* part = partials.data();
+  thread_local std::vector<float> w, acc;
+  acc.resize(p.D);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t np = (p.seq_lens[b] + kPartitionTokens - 1) / kPartitionTokens;
+    if (np <= 1) continue;
+    w.resize(np);
+    const int64_t hs = p.H * (p.D + 2);  // floats between a head's results in consecutive partitions
+    for (int64_t h = 0; h < p.H; ++h) {
+      const float* ph = part + h * (p.D + 2);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < np; ++i) m = std::max(m, ph[i * hs]);
+      float l = 0.0f;
+      for (int64_t i = 0; i < np; ++i) w[i] = std::exp(ph[i * hs] - m), l += w[i] * ph[i * hs + 1];
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t d = 0; d < p.D; ++d) acc[d] += w[i] * ph[i * hs + 2 + d];
+      const float inv = 1.0f / l;
+      T* o = out + (b * p.H + h) * p.D;
+      for (int64_t d = 0; d < p.D; ++d) store_out(o + d, acc[d] * inv);
+    }
+    part += np * p.H * (p.D + 2);
+  }
 }
 
 void check_and_run(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
