@@ -10,8 +10,9 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 # ---- bases: a Python, the non-root user, nothing else -------------------------------------------
 FROM ${PYTHON_IMAGE} AS base-cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# g++ builds the fused CPU attention kernel on first use, for the CPU it runs on (-march=native, so it
-# cannot be prebuilt here); without it the engine falls back to the pure-torch path.
+# g++ builds the CPU kernel module on first use, in the best ISA variant this CPU runs (avx512_bf16,
+# avx512, avx2 or scalar, each with explicit flags, not -march=native); without g++ the engine falls
+# back to the pure-torch path.
 # Not pinned: the base image's Debian release fixes the versions; pinning breaks on its point releases.
 # hadolint ignore=DL3008
 RUN apt-get update \

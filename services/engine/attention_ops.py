@@ -18,7 +18,7 @@ torch/extension.h; later processes load the cached .so in ~0.1 s (torch only reb
 source or flags change; ninja tracks the csrc/*.h headers). torch's JIT loader requires the `ninja`
 executable: the `ninja` pip package provides one and is put on PATH here if it isn't already.
 
-Env:
+Env (read once, at the first kernel lookup; not on every call):
   TANDEM_DISABLE_KERNELS=1   never build/load the kernel; always use the reference path.
   TANDEM_KERNEL_CACHE=DIR    build directory root; each variant builds in DIR/<variant> (default
                              ~/.cache/tandem/kernels/<torch version>/<checkout>/<variant>; the
@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from services.engine import dtype_policy
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +91,11 @@ def choose_variant(flags: frozenset[str] | set[str]) -> str:
 
 
 def cpu_flags() -> frozenset[str]:
-    """This CPU's ISA flags: /proc/cpuinfo's `flags` line, else mapped from torch's CPU capability."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    """This CPU's ISA flags: /proc/cpuinfo's, as dtype_policy reads them (the one reader), else
+    mapped from torch's CPU capability (hosts without /proc/cpuinfo)."""
+    flags = dtype_policy.cpu_flags()
+    if flags:
+        return flags
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # very old torch
@@ -116,6 +115,7 @@ def kernel_build_dir(variant: str) -> Path:
 
 
 def _kernels_disabled() -> bool:
+    """TANDEM_DISABLE_KERNELS, as read now (KernelLoader reads it once)."""
     return os.environ.get("TANDEM_DISABLE_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -165,19 +165,36 @@ def _error_summary(e: BaseException, limit: int = 800) -> str:
 class KernelLoader:
     """Builds and caches one module per variant, and picks this process's default variant once.
 
-    `build` and `flags` are injectable so tests can exercise the choice and the fallbacks without
-    a compiler. Thread-safe; a variant that failed to build is not retried (nor warned about
-    again) by the same loader.
+    `build`, `flags` and `disabled` are injectable so tests can exercise the choice and the
+    fallbacks without a compiler. `disabled` None: TANDEM_DISABLE_KERNELS, read at the first
+    lookup and kept (the decode step looks the module up ~40 times). Thread-safe; a variant that
+    failed to build is not retried (nor warned about again) by the same loader.
     """
 
     def __init__(self, flags: frozenset[str] | None = None,
-                 build: Callable[[KernelVariant], ModuleType] = build_variant) -> None:
+                 build: Callable[[KernelVariant], ModuleType] = build_variant,
+                 disabled: bool | None = None) -> None:
         self._flags = flags
         self._build = build
+        self._disabled = disabled
         self._lock = threading.Lock()
         self._modules: dict[str, ModuleType] = {}
         self._errors: dict[str, str] = {}
         self._default: str | None = None  # chosen variant's name, "reference" if none built
+
+    @property
+    def disabled(self) -> bool:
+        """Whether kernels are off (TANDEM_DISABLE_KERNELS, read once)."""
+        if self._disabled is None:
+            self._disabled = _kernels_disabled()
+        return self._disabled
+
+    def default(self) -> ModuleType | None:
+        """The default module (see load()); after the first call a lock-free lookup."""
+        chosen = self._default
+        if chosen is not None:
+            return self._modules.get(chosen)
+        return self._load_default()
 
     @property
     def flags(self) -> frozenset[str]:
@@ -190,11 +207,11 @@ class KernelLoader:
         return [v.name for v in runnable_variants(self.flags)]
 
     def error(self, variant: str) -> str | None:
-        """Why `variant` failed to build in this loader (None: it did not fail, or was not tried)."""
+        """Why `variant` failed to build or load in this loader (None: it did not fail, or was not tried)."""
         return self._errors.get(variant)
 
     def load(self, variant: str | None = None) -> ModuleType | None:
-        """The module of `variant` (default: the best one that builds); None if it failed to build.
+        """The module of `variant` (default: the best one that builds); None if it failed to build or load.
 
         Raises ValueError for an unknown variant name or one this CPU cannot run (its code would
         die of SIGILL). The default choice is made once and logged with the reason; a failed build
@@ -220,7 +237,7 @@ class KernelLoader:
             mod = self._build(v)
         except Exception as e:  # no compiler, no ninja, compile error, wrong simd, ...
             self._errors[v.name] = _error_summary(e)
-            log.warning("CPU attention kernel variant %s failed to build: %s", v.name, self._errors[v.name])
+            log.warning("CPU attention kernel variant %s failed to build or load: %s", v.name, self._errors[v.name])
             log.debug("full build error for variant %s: %s", v.name, e)
             return None
         self._modules[v.name] = mod
@@ -239,7 +256,7 @@ class KernelLoader:
                 self._default = v.name
                 if v is not best:
                     log.warning("CPU attention kernel: variant %s, not this CPU's best (%s), which failed to "
-                                "build (see above): decode attention is slower than it could be", v.name, best.name)
+                                "build or load (see above): decode attention is slower than it could be", v.name, best.name)
                 elif v.name == "scalar":
                     log.warning("CPU attention kernel: variant scalar, the slow portable path: this CPU lacks "
                                 "avx2/fma (flags seen: %s)", " ".join(sorted(self.flags & {"avx", "avx2", "fma"})) or "none")
@@ -248,7 +265,7 @@ class KernelLoader:
                              v.name, " ".join(sorted(v.needs)))
                 return mod
             self._default = "reference"
-            log.warning("CPU attention kernels unavailable (every variant failed to build: %s), using the "
+            log.warning("CPU attention kernels unavailable (every variant failed to build or load: %s), using the "
                         "pure-torch reference path", ", ".join(v.name for v in candidates))
             return None
 
@@ -258,11 +275,12 @@ _loader = KernelLoader()
 
 def load_kernels(variant: str | None = None) -> ModuleType | None:
     """The CPU kernel module: by default the best variant this CPU runs that builds (chosen once per
-    process), else the named one. None if TANDEM_DISABLE_KERNELS is set or the build(s) failed (the
-    callers then use the reference path). Raises ValueError for a variant this CPU cannot run."""
-    if _kernels_disabled():
+    process), else the named one. None if TANDEM_DISABLE_KERNELS is set (read once) or the build(s)
+    failed (the callers then use the reference path). Raises ValueError for a variant this CPU
+    cannot run. The default lookup is cheap after the first call (every decode layer makes it)."""
+    if _loader.disabled:
         return None
-    return _loader.load(variant)
+    return _loader.default() if variant is None else _loader.load(variant)
 
 
 def available_variants() -> list[str]:

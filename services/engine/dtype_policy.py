@@ -157,6 +157,12 @@ def _cpu_info(path: str = "/proc/cpuinfo") -> tuple[frozenset[str], str]:
     return flags, name
 
 
+def cpu_flags() -> frozenset[str]:
+    """This host's CPU flags as /proc/cpuinfo lists them (empty where there is none); the one
+    reader, shared with the attention kernel's variant choice (attention_ops.cpu_flags)."""
+    return _cpu_info()[0]
+
+
 def detect_capabilities(device) -> DeviceCaps:
     """The capabilities of `device` (a torch.device or a resolved name). A CPU reads /proc/cpuinfo
     and never touches CUDA; a CUDA device asks torch for its compute capability and bfloat16."""

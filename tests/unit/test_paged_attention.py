@@ -131,10 +131,30 @@ def test_reference_all_zero_batch():
 
 def test_fallback_when_kernels_disabled(monkeypatch):
     monkeypatch.setenv("TANDEM_DISABLE_KERNELS", "1")
-    assert attention_ops.load_kernels() is None
+    build = FakeBuild(failing=())
+    monkeypatch.setattr(attention_ops, "_loader", KernelLoader(build=build))  # a fresh process's loader
+    assert attention_ops.load_kernels() is None and attention_ops.load_kernels("scalar") is None
     args = make_case([3, 20], heads=4, kv_heads=2, head_dim=16)
     out = attention_ops.paged_decode_attention(*args, 0.25)
     assert torch.equal(out, paged_decode_attention_reference(*args, 0.25))
+    assert build.calls == []
+
+
+def test_disable_env_is_read_once_not_per_call(monkeypatch):
+    # paged_decode_attention and the fused ops look the module up ~40 times per decode step.
+    monkeypatch.delenv("TANDEM_DISABLE_KERNELS", raising=False)
+    loader = KernelLoader(flags=frozenset(ZEN2.split()), build=FakeBuild(failing=()))
+    monkeypatch.setattr(attention_ops, "_loader", loader)
+    mod = attention_ops.load_kernels()
+    assert mod.simd == "avx2"
+    monkeypatch.setenv("TANDEM_DISABLE_KERNELS", "1")  # too late: the choice is made
+    reads = []
+    real_get = attention_ops.os.environ.get
+    monkeypatch.setattr(attention_ops.os.environ, "get", lambda *a: reads.append(a[0]) or real_get(*a))
+    looked_up = [attention_ops.load_kernels() for _ in range(40)]
+    monkeypatch.undo()
+    assert all(m is mod for m in looked_up)
+    assert reads == []
 
 
 # --------------------------------------------------------------------------- kernel
@@ -400,6 +420,14 @@ def test_cpu_flags_fall_back_to_torch_capability(monkeypatch):
     assert choose_variant(attention_ops.cpu_flags()) == "scalar"
 
 
+def test_cpu_flags_come_from_dtype_policys_reader(monkeypatch):
+    from services.engine import dtype_policy
+    monkeypatch.setattr(dtype_policy, "_cpu_info", lambda path="/proc/cpuinfo": (frozenset(ZEN4.split()), "Zen 4"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # must not be used
+    assert attention_ops.cpu_flags() == frozenset(ZEN4.split())
+    assert choose_variant(attention_ops.cpu_flags()) == "avx512_bf16"
+
+
 def test_kernel_build_dirs_separate_variants(monkeypatch, tmp_path):
     monkeypatch.setenv("TANDEM_KERNEL_CACHE", str(tmp_path))
     dirs = {attention_ops.kernel_build_dir(v.name) for v in VARIANTS}
@@ -440,7 +468,7 @@ def test_build_failure_falls_back_to_next_variant_and_says_why(caplog):
         mod = loader.load()
     assert mod.simd == "avx512"
     warned = warnings_of(caplog)
-    assert any("avx512_bf16 failed to build" in w and "unrecognized command-line option" in w for w in warned)
+    assert any("avx512_bf16 failed to build or load" in w and "unrecognized command-line option" in w for w in warned)
     assert any("variant avx512, not this CPU's best (avx512_bf16)" in w for w in warned)
     assert "unrecognized command-line option" in loader.error("avx512_bf16")
     assert loader.load() is mod and loader.load("avx512_bf16") is None
@@ -456,7 +484,7 @@ def test_every_build_failing_falls_back_to_reference(monkeypatch, caplog):
         out = attention_ops.paged_decode_attention(*args, 0.25)
     assert torch.equal(out, paged_decode_attention_reference(*args, 0.25))
     warned = warnings_of(caplog)
-    assert any("avx2 failed to build" in w for w in warned) and any("scalar failed to build" in w for w in warned)
+    assert any("avx2 failed to build or load" in w for w in warned) and any("scalar failed to build or load" in w for w in warned)
     assert any("reference path" in w for w in warned)
 
 
@@ -487,4 +515,4 @@ def test_real_compile_failure_is_a_clear_error(monkeypatch, tmp_path, caplog):
     err = loader.error("scalar")
     assert err.startswith("RuntimeError: ") and "\n" not in err
     assert "tandem-no-such-isa" in err and "error" in err.lower()
-    assert any("scalar failed to build" in w for w in warnings_of(caplog))
+    assert any("scalar failed to build or load" in w for w in warnings_of(caplog))
