@@ -256,6 +256,7 @@ struct Avx2Kernel {
     std::memset(qs, 0, sizeof(float) * q_floats());
     for (int64_t d = 0; d < D; ++d) qs[chunk_index<T>(d)] = to_float(q[d]);
   }
+  void pack_q(float*, int64_t, int64_t, int64_t) const {}
 
   // One token group for the item's nh kv heads: all scores, then all softmax updates, then all
   // p . V (see Avx512Kernel::group).

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -181,6 +182,70 @@ TANDEM_NOINLINE __m512 dots16(const float* qs, const T* const* kr, int64_t hoff,
   return tr3(lo, hi);
 }
 
+// GQA, 4 query heads at once (G % 4 == 0, compile-time head dim): the heads' q are packed so
+// that 128-bit lane L of chunk c holds head L's elements [E c, E c + E) (E = 8 bf16 or 4 floats),
+// and each K chunk is broadcast to all four lanes. One vdpbf16ps / FMA then serves 4 heads, and
+// a token's accumulator holds 4 partial sums per head instead of 16: 4 tokens reduce to one
+// vector (lane 4L + t) in 3 tree steps, and a 4 x 4 transpose of 128-bit lanes gives each head
+// its 16 scores. ~4x fewer reduction ops than one 16-lane tree per (head, token).
+template <typename T> struct Dot4;
+template <> struct Dot4<float> {
+  static constexpr int E = 4;
+  static __m512 step(__m512 acc, const float* qv, const float* r, int c) {
+    return _mm512_fmadd_ps(_mm512_load_ps(qv + c * 16), _mm512_broadcast_f32x4(_mm_loadu_ps(r + c * E)), acc);
+  }
+};
+#ifdef __AVX512BF16__
+template <> struct Dot4<bf16_bits> {
+  static constexpr int E = 8;
+  static __m512 step(__m512 acc, const float* qv, const bf16_bits* r, int c) {
+    const __m512i k = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + c * E)));
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(qv + c * 16), (__m512bh)k);
+  }
+};
+#endif
+
+// Repacks 4 heads' q (as Dot<T>::prep_q left them: D elements each, qld floats apart) in place.
+template <typename T>
+inline void pack_q4(float* qs, int64_t qld, int64_t D) {
+  constexpr int E = Dot4<T>::E;
+  std::vector<T> tmp(4 * D);
+  for (int h = 0; h < 4; ++h) std::memcpy(tmp.data() + h * D, reinterpret_cast<const T*>(qs + h * qld), sizeof(T) * D);
+  T* o = reinterpret_cast<T*>(qs);
+  for (int64_t c = 0; c < D / E; ++c)
+    for (int h = 0; h < 4; ++h)
+      for (int e = 0; e < E; ++e) o[(c * 4 + h) * E + e] = tmp[h * D + c * E + e];
+}
+
+// The 16 scores of 4 heads (unscaled) into x[0..3].
+template <typename T, int D>
+TANDEM_NOINLINE void dots16x4(const float* qv, const T* const* kr, int64_t hoff, __m512 (&x)[4]) {
+  constexpr int NCH = D / Dot4<T>::E;
+  __m512 v[4];
+  for (int k = 0; k < 4; ++k) {
+    __m512 a[4];
+    for (int t = 0; t < 4; ++t) {
+      const T* r = kr[4 * k + t] + hoff;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int c = 0; c < NCH; c += 2) {
+        a0 = Dot4<T>::step(a0, qv, r, c);
+        a1 = Dot4<T>::step(a1, qv, r, c + 1);
+      }
+      a[t] = _mm512_add_ps(a0, a1);
+    }
+    v[k] = tr2(tr1(a[0], a[1]), tr1(a[2], a[3]));  // lane 4L + t: token 4k + t, head L
+  }
+  const __m512 x0 = _mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 x1 = _mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 x2 = _mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 x3 = _mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2));
+  x[0] = _mm512_shuffle_f32x4(x0, x2, _MM_SHUFFLE(2, 0, 2, 0));
+  x[1] = _mm512_shuffle_f32x4(x0, x2, _MM_SHUFFLE(3, 1, 3, 1));
+  x[2] = _mm512_shuffle_f32x4(x1, x3, _MM_SHUFFLE(2, 0, 2, 0));
+  x[3] = _mm512_shuffle_f32x4(x1, x3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
 // ---- online softmax -------------------------------------------------------------------------
 // x: one head's scaled scores, valid in lanes `valid`. st: the head's state (acc[accf] | l[16] |
 // m). Moves m when a score passes it by more than kMaxSlack (rescaling acc and l by
@@ -309,6 +374,21 @@ struct Avx512Kernel {
   int64_t acc_floats() const { return static_cast<int64_t>(nv) * 16; }
   void prep_q(const T* q, float* qs) const { Dt::prep_q(q, D, nc, qs); }
 
+  // Whether groups of 4 query heads take the Dot4 path (see dots16x4).
+#ifdef __AVX512BF16__
+  static constexpr bool kG4Layout = LAY == DP || (LAY == NAT && std::is_same<T, float>::value);
+#else
+  static constexpr bool kG4Layout = LAY == NAT && std::is_same<T, float>::value;
+#endif
+  static constexpr bool g4(int64_t G) { return kG4Layout && NV > 0 && G % 4 == 0; }
+  // After prep_q of the item's NH query heads: repack each 4-head group for the Dot4 path.
+  void pack_q(float* qs, int64_t qld, int64_t NH, int64_t G) const {
+    if constexpr (kG4Layout && NV > 0) {
+      if (g4(G))
+        for (int64_t h = 0; h < NH; h += 4) pack_q4<T>(qs + h * qld, qld, D);
+    }
+  }
+
   // o[d] = f * acc element d (kernel order undone by one two-source permute per 16 elements).
   template <typename O>
   void finish(const float* acc, float f, O* o) const {
@@ -337,16 +417,27 @@ struct Avx512Kernel {
   void group(int64_t nh, int64_t G, const float* qs, int64_t qld, const T* const* kr, const T* const* vr,
              int64_t hoff0, int n, float scale, float* st, int64_t lds, float* xb, F&& tick) const {
     const __mmask16 valid = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
-    const int64_t accf = acc_floats(), NH = nh * G;
+    const int64_t accf = acc_floats();
     const __m512 sv = _mm512_set1_ps(scale);
     for (int64_t j = 0; j < nh; ++j) {
       tick(j);
+      if constexpr (kG4Layout && NV > 0) {
+        if (g4(G)) {
+          for (int64_t g = 0; g < G; g += 4) {
+            const int64_t h = j * G + g;
+            __m512 x[4];
+            dots16x4<T, NV * 16>(qs + h * qld, kr, hoff0 + j * D, x);
+            for (int i = 0; i < 4; ++i) _mm512_store_ps(xb + (h + i) * 16, _mm512_mul_ps(x[i], sv));
+          }
+          continue;
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = j * G + g;
         _mm512_store_ps(xb + h * 16, _mm512_mul_ps(dots16<T, NC>(qs + h * qld, kr, hoff0 + j * D, nc, k_tail, k_tail_mask), sv));
       }
     }
-    for (int64_t h = 0; h < NH; ++h) {
+    for (int64_t h = 0; h < nh * G; ++h) {
       float* sh = st + h * lds;
       __m512 pr = softmax_step(_mm512_load_ps(xb + h * 16), valid, sh, accf);
       if constexpr (LAY == DP) {

@@ -13,6 +13,7 @@
 //   K(D)                                per-head-dim constants (chunk counts, tail masks)
 //   k.q_floats() / k.acc_floats()       scratch floats per query head for q / the accumulator
 //   k.prep_q(q, qs)                     q row -> the layout the dot products read (64-byte aligned)
+//   k.pack_q(qs, qld, NH, G)            then, for all the item's query heads: any cross-head packing
 //   k.group(nh, G, qs, qld, kr, vr, hoff0, n, scale, st, lds, xb, tick)
 //       the item's nh kv heads (row offsets hoff0 + j * D) over n (1..16) tokens whose rows start
 //       at kr[t] / vr[t] (rows t >= n repeat row 0: valid memory, weight 0): updates the nh * G
@@ -80,6 +81,7 @@ void item_vec(const Params& p, const T* q, T* out, const T* kc, const T* vc, con
     std::memset(s, 0, sizeof(float) * (accf + 2 * kT));
     s[accf + kT] = -std::numeric_limits<float>::infinity();
   }
+  k.pack_q(qs, qld, NH, G);
 
   const int32_t* bt = p.block_tables + it.b * p.bt_stride0;
   const int64_t bs = p.block_size, rs = p.row_stride;
