@@ -42,18 +42,24 @@ inline __m512 load16(const bf16_bits* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// exp for x <= ~88: range reduction to r in [-ln2/2, ln2/2], degree-7
-// polynomial (rel. error ~1e-7), scaling by 2^n with scalef (which underflows
-// gracefully to denormals / zero for very negative x).
+// exp for x <= ~88: range reduction to r in [-ln2/2, ln2/2], then a Taylor polynomial of degree
+// DEG (7: rel. error ~1e-7, for float p; 5: ~3e-6, for p that is rounded to bf16 next), scaling
+// by 2^n with scalef (which underflows gracefully to denormals / zero for very negative x).
+template <int DEG = 7>
 inline __m512 exp512(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.0f / 5040.0f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720.0f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120.0f));
+  __m512 y;
+  if constexpr (DEG == 7) {
+    y = _mm512_set1_ps(1.0f / 5040.0f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720.0f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120.0f));
+  } else {
+    y = _mm512_set1_ps(1.0f / 120.0f);
+  }
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24.0f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6.0f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
@@ -209,8 +215,8 @@ template <> struct Dot4<bf16_bits> {
 template <typename T>
 inline void pack_q4(float* qs, int64_t qld, int64_t D) {
   constexpr int E = Dot4<T>::E;
-  std::vector<T> tmp(4 * D);
-  for (int h = 0; h < 4; ++h) std::memcpy(tmp.data() + h * D, reinterpret_cast<const T*>(qs + h * qld), sizeof(T) * D);
+  T tmp[4 * 128];  // D <= 128 (the Dot4 path is compiled for D = 64 and 128 only)
+  for (int h = 0; h < 4; ++h) std::memcpy(tmp + h * D, reinterpret_cast<const T*>(qs + h * qld), sizeof(T) * D);
   T* o = reinterpret_cast<T*>(qs);
   for (int64_t c = 0; c < D / E; ++c)
     for (int h = 0; h < 4; ++h)
@@ -250,6 +256,7 @@ TANDEM_NOINLINE void dots16x4(const float* qv, const T* const* kr, int64_t hoff,
 // x: one head's scaled scores, valid in lanes `valid`. st: the head's state (acc[accf] | l[16] |
 // m). Moves m when a score passes it by more than kMaxSlack (rescaling acc and l by
 // exp(m_old - m_new)); returns p = exp(x - m), zero in invalid lanes.
+template <int DEG>
 inline __m512 softmax_step(__m512 x, __mmask16 valid, float* st, int64_t accf) {
   float& m = st[accf + 16];
   if (_mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(m + kMaxSlack), _CMP_GT_OQ)) {
@@ -260,7 +267,7 @@ inline __m512 softmax_step(__m512 x, __mmask16 valid, float* st, int64_t accf) {
     }
     m = mn;
   }
-  return _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(x, _mm512_set1_ps(m))));
+  return _mm512_maskz_mov_ps(valid, exp512<DEG>(_mm512_sub_ps(x, _mm512_set1_ps(m))));
 }
 
 // ---- p . V -----------------------------------------------------------------------------------
@@ -439,7 +446,7 @@ struct Avx512Kernel {
     }
     for (int64_t h = 0; h < nh * G; ++h) {
       float* sh = st + h * lds;
-      __m512 pr = softmax_step(_mm512_load_ps(xb + h * 16), valid, sh, accf);
+      __m512 pr = softmax_step<LAY == DP ? 5 : 7>(_mm512_load_ps(xb + h * 16), valid, sh, accf);
       if constexpr (LAY == DP) {
 #ifdef __AVX512BF16__
         const __m256i pb = (__m256i)_mm512_cvtneps_pbh(pr);

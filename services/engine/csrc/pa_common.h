@@ -17,13 +17,14 @@ inline float bf16_to_float(bf16_bits h) {
   return f;
 }
 
-// Round-to-nearest-even, NaN kept quiet (same as torch's conversion).
+// Round-to-nearest-even, NaN kept quiet (same as torch's conversion). Branch-free, so loops of
+// it vectorise.
 inline bf16_bits float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_bits>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<bf16_bits>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  return static_cast<bf16_bits>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 inline float to_float(float x) { return x; }
