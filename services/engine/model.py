@@ -186,7 +186,7 @@ class LlamaModel(nn.Module):
 
     def _slot_rows(self, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """[num_layers, 2, T] int64: the row of kv.view(-1, Hkv * D) each new token's K and V go to."""
-        nb, nl, two, bs = kv.shape[:4]
+        _, nl, two, bs = kv.shape[:4]
         layer_kv = torch.arange(nl * two, device=kv.device).view(nl, two, 1) * bs          # [L, 2, 1]
         return layer_kv + (meta.slot_blocks * (nl * two * bs) + meta.slot_offsets)           # [L, 2, T]
 
