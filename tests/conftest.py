@@ -10,6 +10,20 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs a command's main() in process (router, worker) configures the root logger;
+    later tests that read stderr must not inherit its handler or level."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def export_named(tmp_path_factory):
     """export_named(name) → path of that named model exported as an HF directory (cached)."""

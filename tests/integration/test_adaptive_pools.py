@@ -83,12 +83,16 @@ def test_adaptive_router_switches_under_a_prefill_burst(golden, redis_url, tmp_p
     router_args = ["--slo-ttft-s", "0.02", "--slo-tpot-s", "5", "--role-switch-dwell-s", "0.2"]
     with LocalCluster(model_dir, redis_url=redis_url, worker_args=WORKER_ARGS, router_args=router_args,
                       log_dir=str(tmp_path), pools="adaptive", metrics_port=0) as c:
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            results = list(pool.map(lambda t: generate(c.address, t, MAX_TOKENS), prompts * 2))
-        for i, ((tokens, _), ref) in enumerate(zip(results, expected * 2)):
-            assert tokens == ref, f"request {i}"
-        switched = sum(r.role_switches for r in instances(c.address))
-        assert switched > 0, "a burst of 48 prompts against a 20 ms TTFT SLO should have switched a role"
+        switched = 0
+        for burst in range(5):       # the leader decides on its own clock: a loaded host may let a burst end first
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                results = list(pool.map(lambda t: generate(c.address, t, MAX_TOKENS), prompts * 2))
+            for i, ((tokens, _), ref) in enumerate(zip(results, expected * 2)):
+                assert tokens == ref, f"burst {burst}, request {i}"
+            switched = sum(r.role_switches for r in instances(c.address))
+            if switched:
+                break
+        assert switched > 0, "5 bursts of 48 prompts against a 20 ms TTFT SLO should have switched a role"
         import urllib.request
         with urllib.request.urlopen(f"http://{c.metrics_address}/metrics", timeout=10) as resp:
             text = resp.read().decode()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -207,6 +208,11 @@ def test_forget_while_data_flows_stops_every_write(pair):
     transfer = sender.open("r1", receiver.address, src)
     for _ in range(50):
         transfer.push(list(range(8, 16)), 0, 0, LAYERS)
+    # the receiver must have taken the OPEN and some DATA first: forgotten before its OPEN, the
+    # transfer is refused at OPEN and the sender drops its frames unsent (another test covers that)
+    deadline = time.monotonic() + 10
+    while receiver.stats()["bytes_received"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
     receiver.forget("r1")                   # frames are in flight, maybe one being written
     dst[dst_ids] = 7.0                      # sentinel: nothing may overwrite it from now on
     for _ in range(50):
