@@ -8,6 +8,7 @@ import sys
 
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from tandem import cli_remote, cli_up
+from tandem.sim import cli as cli_sim
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export_model)
     cli_remote.register(sub)
     cli_up.register(sub)
+    cli_sim.register(sub)
     return parser
 
 
@@ -90,7 +92,7 @@ def _is_user_error(e: Exception) -> bool:
     from services.engine.sampling_params import InvalidRequestError
     from services.engine.tokenizer import TokenizerLoadError
     from tandem.run_offline import InputError
-    return isinstance(e, (ModelConfigError, InvalidRequestError, InputError, TokenizerLoadError))
+    return isinstance(e, (ModelConfigError, InvalidRequestError, InputError, TokenizerLoadError, cli_sim.CliError))
 
 
 def main(argv: list[str] | None = None) -> int:
