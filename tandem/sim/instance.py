@@ -60,6 +60,7 @@ class SimInstance:
         self.head_waiting_blocks = 0
         self.steps = 0
         self.busy_s = 0.0
+        self.preemptions = 0
         # the segment in flight: (start, decodes, k, context at start, end timer) or None when idle
         self._seg: tuple[float, list[SimRequest], int, int, Timer] | None = None
         self._step: tuple[list[tuple[SimRequest, int]], list[SimRequest], Timer] | None = None
@@ -85,8 +86,7 @@ class SimInstance:
 
     def unreserve(self, blocks: int) -> None:
         self.free_blocks += blocks
-        if self.on_free:
-            self.on_free(self)
+        self._freed()
 
     def enqueue(self, r: SimRequest, handoff: bool) -> None:
         """A new request (or one to recompute): it waits for admission."""
@@ -106,6 +106,12 @@ class SimInstance:
         """Free what r holds here (after a handoff's transfer or a migration's commit)."""
         self.free_blocks += r.blocks
         r.blocks = 0
+        self._freed()
+
+    def _freed(self) -> None:
+        """Blocks came back outside a step: a head of line waiting for them may go now."""
+        if self.wait_q:
+            self.poke()
         if self.on_free:
             self.on_free(self)
 
@@ -144,10 +150,11 @@ class SimInstance:
         chunks: list[tuple[SimRequest, int]] = []
         preempted = False
         key = self.policy.key
+        self._gone: set[int] = set()
         for r in sorted(self.run_q, key=lambda r: (not r.is_decode, key(r))):
             if budget <= 0:
                 break
-            if r not in self.run_q:            # preempted earlier in this loop
+            if id(r) in self._gone:            # preempted earlier in this loop
                 continue
             decode = r.is_decode
             n = self._wanted(r, budget if decode else self._prefill_budget(decodes, chunks, budget))
@@ -177,6 +184,7 @@ class SimInstance:
         self._step = (chunks, decodes, self.loop.at(now + dt, self._end_step, dt))
 
     _preempted_now = False
+    _gone: set[int] = frozenset()
 
     def _wanted(self, r: SimRequest, budget: int) -> int:
         if r.handoff and r.out > 0:
@@ -198,6 +206,8 @@ class SimInstance:
         return True
 
     def _reserve_or_preempt(self, r: SimRequest, n: int, decodes, chunks) -> bool:
+        if self._grow(r, r.computed + n):
+            return True
         scheduled = {id(x) for x in decodes} | {id(x) for x, _ in chunks}
         while not self._grow(r, r.computed + n):
             victim = self.policy.preemption_victim([x for x in self.run_q if id(x) not in scheduled])
@@ -208,11 +218,14 @@ class SimInstance:
 
     def _preempt(self, r: SimRequest) -> None:
         self.run_q.remove(r)
+        self._gone.add(id(r))
         self.free_blocks += r.blocks
+        # all its tokens are to compute again: a decode added none to the queue, a prefill its rest
+        self.queued_prefill_tokens += r.num_tokens if r.is_decode else r.computed
         r.blocks, r.computed = 0, 0
         self.wait_q.append(r)
-        self.queued_prefill_tokens += r.num_tokens
         self._preempted_now = True
+        self.preemptions += 1
         self._paused_elsewhere(r)
 
     @staticmethod
@@ -325,8 +338,16 @@ class SimInstance:
         if self.on_free:
             self.on_free(self)
 
-    def check_integrity(self) -> None:
-        """Raises AssertionError unless blocks held by queued requests fit the pool."""
+    def check_integrity(self, idle: bool = False) -> None:
+        """Raises AssertionError unless the blocks queued requests hold fit the pool and the queued
+        prompt tokens add up; with idle=True (the run is over) every block must be free again."""
         held = sum(r.blocks for r in self.run_q) + sum(r.blocks for r in self.wait_q)
         if self.free_blocks < 0 or held > self.total_blocks - self.free_blocks:
             raise AssertionError(f"{self.instance_id}: free {self.free_blocks}, held {held}, total {self.total_blocks}")
+        queued = sum(r.num_tokens - r.computed for r in self.wait_q) + sum(
+            r.num_tokens - r.computed for r in self.run_q if not r.is_decode and not (r.handoff and r.out))
+        if queued != self.queued_prefill_tokens:
+            raise AssertionError(f"{self.instance_id}: queued prefill tokens {self.queued_prefill_tokens} != {queued}")
+        if idle and (self.free_blocks != self.total_blocks or self.run_q or self.wait_q):
+            raise AssertionError(f"{self.instance_id}: {self.total_blocks - self.free_blocks} blocks still held, "
+                                 f"{len(self.run_q)} running, {len(self.wait_q)} waiting after the run")

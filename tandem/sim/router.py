@@ -44,6 +44,7 @@ class RouterConfig:
     queue_timeout_s: float = 10.0
     stop_copy_blocks: int = 2
     max_stages: int = 8
+    sample_interval_s: float = 0.0                    # > 0: sample queueing and fragmentation this often
 
 
 class SimRouter:
@@ -67,6 +68,9 @@ class SimRouter:
             loop.after(config.role_interval_s, self._role_round)
         if config.migration:
             loop.after(config.reschedule_interval_s, self._reschedule_round)
+        self.samples = {"n": 0, "queued": 0, "fragmented": 0}
+        if config.sample_interval_s > 0:
+            loop.after(config.sample_interval_s, self._sample)
 
     # ---- placement ---------------------------------------------------------------------------
     def submit(self, r: SimRequest) -> None:
@@ -144,6 +148,28 @@ class SimRouter:
     def pending_demand_blocks(self) -> int:
         return max((need for _, need in self.queue), default=0)
 
+    def _sample(self) -> None:
+        """Queued requests, and those of them (Llumnix's fragmentation) that the free KV blocks of
+        all instances together would hold though none holds them alone."""
+        free = sum(i.free_blocks for i in self.instances if i.state == "serving")
+        needs = [need for _, need in self.queue]
+        for inst in self.instances:
+            needs += [blocks_for(r.num_tokens, inst.block_size) - r.blocks for r in inst.wait_q]
+        self.samples["n"] += 1
+        self.samples["queued"] += len(needs)
+        self.samples["fragmented"] += sum(need <= free for need in needs)
+        if self.live or self.queue:
+            self.loop.after(self.config.sample_interval_s, self._sample)
+        else:
+            self._idle_timer("_sample", self.config.sample_interval_s)
+
+    def fragmentation(self) -> dict | None:
+        n = self.samples["n"]
+        if not n:
+            return None
+        return {"mean_queued": self.samples["queued"] / n, "mean_fragmented": self.samples["fragmented"] / n,
+                "samples": n}
+
     # ---- the disaggregated hand-off -------------------------------------------------------------
     def _handed_off(self, p: SimInstance, r: SimRequest) -> None:
         d, need = self.reserved.pop(r.index)
@@ -199,9 +225,10 @@ class SimRouter:
         self._sleeping.add(name)
 
     def _wake(self) -> None:
+        intervals = {"_role_round": self.config.role_interval_s, "_sample": self.config.sample_interval_s,
+                     "_reschedule_round": self.config.reschedule_interval_s}
         for name in sorted(self._sleeping):
-            interval = self.config.role_interval_s if name == "_role_round" else self.config.reschedule_interval_s
-            self.loop.after(interval, getattr(self, name))
+            self.loop.after(intervals[name], getattr(self, name))
         self._sleeping.clear()
 
     def _migrate(self, src: SimInstance, dst: SimInstance, selector: str) -> None:

@@ -83,7 +83,7 @@ def simulate(profile: Profile, requests: Sequence[RequestSpec], cfg: SimConfig) 
         loop.at(r.arrival_time, router.submit, r)
     loop.run()
     for inst in instances:
-        inst.check_integrity()
+        inst.check_integrity(idle=router.live == 0 and not router.queue)
     for r in sims:
         if r.result.end_s is None and r.result.error is None:
             r.result.error = "unfinished when the simulation ran out of events"
@@ -91,6 +91,7 @@ def simulate(profile: Profile, requests: Sequence[RequestSpec], cfg: SimConfig) 
     wall = time.perf_counter() - t0
     stats = {"virtual_s": virtual, "wall_s": wall, "speedup": virtual / wall if wall > 0 else None,
              "events": loop.events_run, "role_switches": router.role_switches, "migrations": router.migrations,
+             "fragmentation": router.fragmentation(),
              "instances": {i.instance_id: {"role": i.role, "home_role": i.home_role, "steps": i.steps,
-                                           "busy_s": i.busy_s} for i in instances}}
+                                           "busy_s": i.busy_s, "preemptions": i.preemptions} for i in instances}}
     return [r.result for r in sims], stats
