@@ -5,7 +5,7 @@ running prefills, then waiting requests admitted in the engine policy's order wh
 (max_num_batched_tokens), max_num_seqs and free KV blocks last; beside decodes, prompt chunks take at
 most mixed_prefill_tokens (adaptive pools' cap); when a decode cannot get a block the policy's victim
 is preempted and recomputes. The queue order and preemption victim come from the engine's own
-policy object (services/engine/policy.make_policy), not a copy.
+policy object (services/engine/policy.make_policy, on the virtual clock: tandem/sim/queue.py).
 
 Fast-forward: a step that schedules only decodes (no prefill, no preemption) repeats unchanged until
 a request finishes, blocks run short or new work arrives, so it is run as one segment of k steps
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.engine.policy import make_policy
 from tandem.sim.clock import EventLoop, Timer
 from tandem.sim.costmodel import CostModel
+from tandem.sim.queue import VirtualClockPolicy
 from tandem.sim.request import SimRequest
 from tandem.v1 import worker_pb2
 
@@ -46,7 +46,7 @@ class SimInstance:
         self.instance_id, self.role, self.home_role, self.state = instance_id, role, role, "serving"
         self.total_blocks = self.free_blocks = num_blocks
         self.block_size, self.max_num_batched_tokens, self.max_num_seqs = block_size, max_num_batched_tokens, max_num_seqs
-        self.policy = make_policy(policy)
+        self.policy = VirtualClockPolicy(policy, lambda: loop.now)
         self.mixed_prefill_tokens = 0
         self.path_s = path_s
         self.on_handoff, self.on_finish, self.on_free = on_handoff, on_finish, on_free

@@ -1,7 +1,9 @@
 """A simulated request: the engine's two counters plus what the report needs.
 
-`arrival_time` and `priority` carry the engine Request's names, so the engine's own queue policy
-(services/engine/policy.py) orders simulated requests as it orders real ones.
+The attributes the engine's queue policies read (services/engine/policy.py: arrival_time, priority,
+num_tokens, num_computed_tokens, num_output_tokens, handoff, predicted_output_tokens,
+sampling_params.max_tokens) carry the engine Request's names, so those policies order simulated
+requests as they order real ones.
 """
 from __future__ import annotations
 
@@ -27,9 +29,24 @@ class SimRequest:
         self.pause_cb = None         # migration: called at the next step boundary, once paused
         self.migrating = False
 
+    predicted_output_tokens = None   # no router prediction: policies fall back to max_tokens
+
     @property
     def num_tokens(self) -> int:
         return self.prompt + self.out
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.computed
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.out
+
+    @property
+    def sampling_params(self) -> "SimRequest":
+        """Only max_tokens is read through it (the engine's SamplingParams name)."""
+        return self
 
     @property
     def is_decode(self) -> bool:
