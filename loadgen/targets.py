@@ -130,6 +130,9 @@ def _note(info: dict, chunk) -> None:
     for k, v in (chunk.ttft_breakdown or {}).items():
         if v or k not in info:          # proto3 zeros are "not reported": keep an earlier value
             info[k] = v
+    usage = getattr(chunk, "usage", None)
+    if usage:                           # final chunk: prompt tokens the prefix cache served
+        info["cached_prompt_tokens"] = usage.get("cached_prompt_tokens", 0)
 
 
 # ------------------------------------------------------------------------------- OpenAI over HTTP

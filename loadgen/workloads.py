@@ -11,6 +11,9 @@ Formats (chosen by content, see `load_rows`):
   512-token block; equal ids → equal prompt blocks, so requests share prefixes block by block).
 - `synthetic:n=100,input=128,output=uniform:16:64` (lengths: `N`, `uniform:A:B`,
   `normal:MEAN:STD`, `choice:A:B:…`).
+- `apps:conversations=60,turns=uniform:1:4,think=2,rate=1,app=sys=512;input=64;output=128,app=…`:
+  several applications, each with its shared system prompt and its own input/output lengths, in
+  multi-turn conversations that re-send their history (loadgen/multiapp.py).
 
 Contract: the same config (seed included) gives the same `requests` and the same prompts; a
 different seed gives different prompts and, for random arrivals or sampling, a different schedule.
@@ -28,11 +31,12 @@ from datetime import datetime
 
 import numpy as np
 
-from loadgen import arrivals
+from loadgen import arrivals, multiapp
 
 MOONCAKE_BLOCK_TOKENS = 512
 TOKEN_LOW = 3          # prompt ids are drawn from [TOKEN_LOW, vocab_size): skips bos/eos/pad ids
 _PROMPT_TAG, _BLOCK_TAG, _SAMPLE_TAG, _ARRIVAL_TAG, _SYNTH_TAG = 0, 1, 2, 3, 4
+_SEGMENT_TAG = 6       # 5 is loadgen/multiapp.py's
 
 
 class WorkloadError(ValueError):
@@ -47,6 +51,7 @@ class Row:
     input_tokens: int
     output_tokens: int
     hash_ids: tuple[int, ...] = ()
+    segments: tuple[tuple[int, int], ...] = ()      # (segment id, tokens): the prompt's shared parts
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class RequestSpec:
     input_tokens: int
     output_tokens: int
     hash_ids: tuple[int, ...] = ()   # Mooncake prefix blocks, each `block_tokens` long
+    segments: tuple[tuple[int, int], ...] = ()   # apps: (segment id, tokens), the prompt's shared parts
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,11 @@ def make_prompt(spec: RequestSpec, seed: int, vocab_size: int, block_tokens: int
     if vocab_size <= TOKEN_LOW:
         raise ValueError(f"vocab size must be > {TOKEN_LOW}, got {vocab_size}")
     ids: list[int] = []
+    for sid, n in spec.segments:        # equal segment ids → equal tokens, in any request
+        if len(ids) >= spec.input_tokens:
+            break
+        rng = np.random.default_rng([seed, _SEGMENT_TAG, sid] + ([salt] if salt else []))
+        ids.extend(rng.integers(TOKEN_LOW, vocab_size, size=n).tolist())
     for h in spec.hash_ids:
         if len(ids) >= spec.input_tokens:
             break
@@ -138,6 +149,8 @@ def load_rows(trace: str, seed: int = 0, block_tokens: int = MOONCAKE_BLOCK_TOKE
     """(format name, rows) of a trace file or a `synthetic:` spec."""
     if trace.startswith("synthetic:"):
         return "synthetic", _synthetic_rows(trace.removeprefix("synthetic:"), seed)
+    if trace.startswith("apps:"):
+        return "apps", _apps_rows(trace.removeprefix("apps:"), seed)
     if not os.path.isfile(trace):
         raise WorkloadError(f"{trace}: no such trace file")
     with open(trace, newline="") as f:
@@ -246,6 +259,14 @@ def _synthetic_rows(spec: str, seed: int) -> list[Row]:
     return [Row(i + 1, None, inp(), out()) for i in range(_int(opts["n"], "n", where))]
 
 
+def _apps_rows(spec: str, seed: int) -> list[Row]:
+    conv = multiapp.parse_spec(spec, WorkloadError)
+    where = f"apps:{spec}"
+    turns = multiapp.generate(conv, seed, lambda text, rng: _length_sampler(text, rng, where))
+    return [Row(i + 1, t.timestamp_s, t.input_tokens, t.output_tokens, segments=t.segments)
+            for i, t in enumerate(turns)]
+
+
 # ------------------------------------------------------------------------------------- building
 
 def _fit(values: np.ndarray, limit: int | None, mode: str) -> np.ndarray:
@@ -276,7 +297,7 @@ def build_workload(config: WorkloadConfig) -> Workload:
     offsets = _schedule(config, usable)
     ins = _fit(np.array([r.input_tokens for r in usable]), config.max_input_tokens, config.length_mode)
     outs = _fit(np.array([r.output_tokens for r in usable]), config.max_output_tokens, config.length_mode)
-    requests = [RequestSpec(i, r.line, float(offsets[i]), int(ins[i]), int(outs[i]), r.hash_ids)
+    requests = [RequestSpec(i, r.line, float(offsets[i]), int(ins[i]), int(outs[i]), r.hash_ids, r.segments)
                 for i, r in enumerate(usable)]
     return Workload(config, fmt, requests, skipped, notes)
 

@@ -24,7 +24,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from router.placement import InflightLedger, pick_colocated, pick_decode, pick_prefill, pick_whole_request
+from router.placement import (InflightLedger, pick_by_prefix, pick_colocated, pick_decode, pick_prefill,
+                              pick_whole_request)
+from router.prefix_index import PrefixIndex, cached_tokens
 from router.registry import InstanceRegistry
 from services.worker_pool import WorkerPool
 from services.engine.sampling_params import SamplingParams
@@ -68,6 +70,7 @@ class RoutedRequest:
     kv_fallback: str = ""                           # why its KV did not move (D recomputed); metrics read it
     dispatched: float | None = None                 # time.monotonic() when its first worker call started
     calls: list = dataclasses.field(default_factory=list)   # in-flight worker calls, cancelled on abort
+    memo: dict = dataclasses.field(default_factory=dict)    # placement's per-request cache (prompt block hashes)
 
     def abort(self) -> None:
         self.aborted = True
@@ -87,12 +90,24 @@ class _Holder:
 class Dispatcher:
     def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = 30_000,
                  retries: int = 2, rpc_timeout_s: float = 30.0, queue_timeout_s: float = 10.0,
-                 queue_poll_s: float = 0.05):
+                 queue_poll_s: float = 0.05, prefix_index: PrefixIndex | None = None):
         self.registry, self.pool, self.lease_ms = registry, pool, lease_ms
         self.retries, self.rpc_timeout_s = retries, rpc_timeout_s
         self.queue_timeout_s, self.queue_poll_s = queue_timeout_s, queue_poll_s
         self.ledger = InflightLedger()
+        self.prefix_index = prefix_index        # --routing prefix: who caches what (None: load only)
         self.demand: dict[str, int] = {}       # request_id → KV blocks it waits for (no instance has room)
+
+    def _cached(self, rr: RoutedRequest, pool: list) -> dict[str, int] | None:
+        """--routing prefix: instance → prompt tokens its prefix cache holds; None under load routing."""
+        if self.prefix_index is None or not pool:
+            return None
+        return cached_tokens(self.prefix_index, rr.prompt_token_ids, max(1, pool[0].block_size), rr.memo)
+
+    def _uncached(self, rr: RoutedRequest, instance) -> int:
+        """Prompt tokens `instance` must compute for rr (all of them under load routing)."""
+        cached = self._cached(rr, [instance]) or {}
+        return len(rr.prompt_token_ids) - cached.get(instance.instance_id, 0)
 
     def pending_demand_blocks(self) -> int:
         """The largest KV need of a request queued for room (the rescheduler de-fragments for it)."""
@@ -321,10 +336,10 @@ class Dispatcher:
         last_error = ""
         for _ in range(self.retries + 1):
             prefills = [p for p in self._pool(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
-            p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger)
+            p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger, self._cached(rr, prefills))
             if p is None:
                 break
-            token = self.ledger.add(p.instance_id, prompt_tokens=len(rr.prompt_token_ids))
+            token = self.ledger.add(p.instance_id, prompt_tokens=self._uncached(rr, p))
             call = self.pool.stub(p.address).Prefill(
                 worker_pb2.PrefillRequest(request=rr.worker_request, destination=handle), timeout=self._timeout(rr))
             rr.calls.append(call)
@@ -418,13 +433,16 @@ class Dispatcher:
 
         def pick(pool, needed, ledger):
             preferred = next((c for c in pool if c.instance_id == first), None) if first else None
+            if preferred is None and self.prefix_index is not None:
+                return pick_by_prefix(pool, worker_pb2.ROLE_COLOCATED, len(rr.prompt_token_ids), needed, ledger,
+                                      self._cached(rr, pool))
             return preferred or pick_colocated(pool, needed, ledger)
         for _ in range(self.retries + 1):
             placed = await self._place_queued(rr, worker_pb2.ROLE_COLOCATED, pick, tried, "colocated")
             if placed is None:
                 break
             c, needed = placed
-            token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=len(rr.prompt_token_ids), running=1)
+            token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=self._uncached(rr, c), running=1)
             call = self.pool.stub(c.address).Generate(rr.worker_request, timeout=self._stream_timeout(rr))
             rr.calls.append(call)
             holder = _Holder(c.address, c.instance_id, call)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from tandem.v1 import worker_pb2
 
@@ -152,12 +152,49 @@ def pick_colocated(reports: Iterable[LoadReport], blocks_needed: int,
 
 
 def pick_prefill(reports: Iterable[LoadReport], prompt_tokens: int,
-                 inflight: InflightLedger) -> LoadReport | None:
+                 inflight: InflightLedger, cached_tokens: Mapping[str, int] | None = None) -> LoadReport | None:
     """The serving prefill-capable instance (`serves` PREFILL) with the least predicted TTFT; None
-    if there is none."""
+    if there is none. cached_tokens (prefix routing: instance → prompt tokens its prefix cache
+    holds) credits each instance with the tokens it need not compute: queued work plus the
+    uncached part of this prompt, over its rate."""
+    cached_tokens = cached_tokens or {}
     candidates = _serving(reports, worker_pb2.ROLE_PREFILL)
     return min(candidates, default=None,
-               key=lambda r: (predicted_ttft_s(r, prompt_tokens, inflight), r.instance_id))
+               key=lambda r: (predicted_ttft_s(r, prompt_tokens - cached_tokens.get(r.instance_id, 0), inflight),
+                              r.instance_id))
+
+
+# Dynamo's cost shape for an instance that prefills and decodes: OVERLAP_WEIGHT x the blocks it
+# must prefill (queued prompt tokens ahead + this prompt's uncached ones) + the blocks its running
+# requests hold (decode load). Lower is better; 1.0 weighs a block to compute like a block to decode.
+OVERLAP_WEIGHT = 1.0
+
+
+def prefix_cost_blocks(r: LoadReport, prompt_tokens: int, cached_tokens: int, inflight: InflightLedger,
+                       overlap_weight: float = OVERLAP_WEIGHT) -> float:
+    """The cost of placing a prompt of `prompt_tokens` on r, which caches its first
+    `cached_tokens`, in KV blocks (see OVERLAP_WEIGHT)."""
+    load = inflight.for_instance(r.instance_id)
+    bs = max(1, r.block_size)
+    prefill = (r.queued_prefill_tokens + load.prompt_tokens + max(0, prompt_tokens - cached_tokens)) / bs
+    active = (r.total_blocks - r.free_blocks) + load.blocks
+    return overlap_weight * prefill + active
+
+
+def pick_by_prefix(reports: Iterable[LoadReport], role: int, prompt_tokens: int, blocks_needed: int,
+                   inflight: InflightLedger, cached_tokens: Mapping[str, int]) -> LoadReport | None:
+    """Prefix routing for whole requests (`serves` role: COLOCATED, or DECODE when the cache a
+    decode instance keeps is what counts): the instance with room for blocks_needed of least
+    prefix_cost_blocks; None if none has room. Ties go to the smallest instance_id."""
+    best, best_key = None, None
+    for r in _serving(reports, role):
+        load = inflight.for_instance(r.instance_id)
+        if r.free_blocks - load.blocks < blocks_needed:
+            continue
+        key = (prefix_cost_blocks(r, prompt_tokens, cached_tokens.get(r.instance_id, 0), inflight), r.instance_id)
+        if best_key is None or key < best_key:
+            best, best_key = r, key
+    return best
 
 
 def pick_whole_request(reports: Iterable[LoadReport], prompt_tokens: int, blocks_needed: int,

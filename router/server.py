@@ -15,6 +15,8 @@ from router.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
 from router.migration_policy import PolicyConfig
 from router.pools_args import DEFAULT_POOLS
+from router.prefix_index import PrefixIndex, PrefixIndexFollower
+from router.routing_args import DEFAULT_ROUTING, ROUTING_MODES
 from router.registry import InstanceRegistry
 from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
 from router.role_policy import RolePolicyConfig
@@ -151,7 +153,8 @@ class Router:
                  port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5,
                  reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
                  queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
-                 http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None):
+                 http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None,
+                 routing: str = DEFAULT_ROUTING):
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
@@ -159,7 +162,15 @@ class Router:
         self.registry = InstanceRegistry(   # channels to instances that left are closed
             redis_url, cluster, poll_interval_s=poll_interval_s,
             on_change=lambda view: self.pool.forget({r.address for r in view.values()}))
-        self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms, queue_timeout_s=queue_timeout_s)
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing {routing!r}: use one of {', '.join(ROUTING_MODES)}")
+        self.routing = routing
+        # --routing prefix: the router's copy of every worker's prefix cache, followed from Redis.
+        self.prefix_index = PrefixIndex() if routing == "prefix" else None
+        self.prefix_follower = None if self.prefix_index is None else PrefixIndexFollower(
+            redis_url, cluster, self.prefix_index, lambda: [r.instance_id for r in self.registry.all()])
+        self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms, queue_timeout_s=queue_timeout_s,
+                                     prefix_index=self.prefix_index)
         # One router of the cluster reschedules (and autoscales): the holder of the Redis leader lock.
         self.leader = LeaderLock(redis_url, cluster)
         self.rescheduler = Rescheduler(self.registry, self.pool, policy, interval_s=reschedule_interval_s,
@@ -180,6 +191,8 @@ class Router:
 
     async def start(self) -> str:
         await self.registry.start()
+        if self.prefix_follower is not None:
+            await self.prefix_follower.start()
         await self.leader.start()
         self.rescheduler.start()
         self.roles.start()
@@ -207,6 +220,8 @@ class Router:
         if self.server:
             await self.server.stop(grace_s)
         await self.pool.close()
+        if self.prefix_follower is not None:
+            await self.prefix_follower.stop()
         await self.registry.stop()
 
 

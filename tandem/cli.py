@@ -8,6 +8,7 @@ import sys
 
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from tandem import cli_remote, cli_up
+from tandem.run_offline import DEFAULT_ORDER, ORDERS
 from tandem.sim import cli as cli_sim
 
 
@@ -34,7 +35,7 @@ def cmd_run(args) -> int:
     params.validate(vocab_size=1 << 31)
     engine = _engine_from_args(args)
     with (open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout)) as out:
-        stats = run_offline(engine, prompts, params, out)
+        stats = run_offline(engine, prompts, params, out, order=args.order)
     engine.check_integrity()
     stats["dtype"] = str(engine.config.dtype).removeprefix("torch.")     # what --dtype (auto) resolved to
     print(json.dumps(stats), file=sys.stderr)
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--ignore-eos", action="store_true")
+    run.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
+                     help="prefix (default): compute prompts grouped by shared prefix, each prefix once while its "
+                          "KV is cached; input: all at once in input order. Output is in input order either way")
     run.set_defaults(func=cmd_run)
     exp = sub.add_parser("export-model", help="write a named model as a Hugging Face directory")
     exp.add_argument("name")

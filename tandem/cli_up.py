@@ -7,6 +7,7 @@ import sys
 import time
 
 from router.pools_args import DEFAULT_POOLS, POOL_MODES
+from router.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 
 
@@ -30,6 +31,7 @@ def register(sub) -> None:
     up.add_argument("--pools", default=DEFAULT_POOLS, choices=POOL_MODES,
                     help="adaptive (default): the router switches instances between prefill, decode and both from "
                          "measured queues and the SLOs; fixed: roles never change")
+    up.add_argument("--routing", default=DEFAULT_ROUTING, choices=ROUTING_MODES, help=ROUTING_HELP)
     up.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     up.add_argument("--block-size", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None)
@@ -75,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                worker_args=_worker_args(args), router_args=[], cluster=args.cluster,
                                log_dir=args.log_dir, inherit_output=args.log_dir is None,
                                http_port=args.http_port, metrics_port=args.metrics_port, log_format=args.log_format,
-                               pools=args.pools)
+                               pools=args.pools, routing=args.routing)
     except ValueError as e:
         print(f"tandem up: error: {e}", file=sys.stderr)
         return 2

@@ -65,8 +65,10 @@ class LocalCluster:
                  role_args: dict[str, list[str]] | None = None,
                  cluster: str = "default", log_dir: str | None = None, inherit_output: bool = False,
                  ready_timeout_s: float = 180.0, http_port: int | None = None, metrics_port: int | None = None,
-                 log_format: str | None = None, pools: str | None = None):
-        """pools: the router's --pools (fixed | adaptive; None: the router's default, adaptive)."""
+                 log_format: str | None = None, pools: str | None = None,
+                 routing: str | None = None):
+        """pools: the router's --pools (fixed | adaptive; None: the router's default, adaptive).
+        routing: the router's --routing (load | prefix; None: the router's default, load)."""
         if prefill < 0 or decode < 0 or colocated < 0 or prefill + decode + colocated == 0:
             raise ValueError("a cluster needs at least one worker: give --prefill/--decode or --colocated")
         if (prefill == 0) != (decode == 0):
@@ -85,7 +87,7 @@ class LocalCluster:
         os.makedirs(self.log_dir, exist_ok=True)
         self.inherit_output, self.ready_timeout_s = inherit_output, ready_timeout_s
         self.http_port, self.metrics_port, self.log_format = http_port, metrics_port, log_format
-        self.pools = pools
+        self.pools, self.routing = pools, routing
         self.address = self.http_address = self.metrics_address = ""
         self.worker_metrics: dict[str, str] = {}     # instance id → host:port of its /metrics
         self.redis: RedisServer | None = None
@@ -120,6 +122,8 @@ class LocalCluster:
             cmd += ["--log-format", self.log_format]
         if self.pools:
             cmd += ["--pools", self.pools]
+        if self.routing:
+            cmd += ["--routing", self.routing]
         return cmd + self.router_args
 
     def worker_command(self, spec: WorkerSpec) -> list[str]:

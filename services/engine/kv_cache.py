@@ -6,14 +6,17 @@ Every block id 0..num_blocks-1 is in exactly one of three states:
                  oldest first). Still allocatable: evicted on demand.
   * used      -- referenced by >= 1 request block table (ref count > 0).
 Prefix caching maps chained block hashes (see ``hash_block``) to block ids so that
-requests sharing a prompt prefix share the same physical blocks.
+requests sharing a prompt prefix share the same physical blocks. The router computes the same
+chain (``prefix_block_hashes``) to find which instance holds a prompt's prefix; a worker tells it
+with the events this manager records once ``record_prefix_events()`` was called.
 """
 from __future__ import annotations
 
 import hashlib
 import struct
+import itertools
 from collections import OrderedDict, deque
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 
 class KVCacheError(RuntimeError):
@@ -30,6 +33,33 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     h.update((parent_hash or 0).to_bytes(8, "little"))
     h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
     return int.from_bytes(h.digest(), "little")
+
+
+def prefix_block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:
+    """The chained hashes of the full blocks of ``token_ids``, first block first (at most
+    ``max_blocks``): block i's hash is what an engine with this block size registers once the
+    block's tokens are computed. The one definition the engine and the router share."""
+    n = len(token_ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    out, parent = [], None
+    for i in range(n):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
+        out.append(parent)
+    return out
+
+
+class PrefixEvent(NamedTuple):
+    """A change to the set of cached block hashes: ``stored`` True when the hash became
+    available for reuse, False when its block was evicted. ``seq`` counts from 1 per manager."""
+    seq: int
+    stored: bool
+    block_hash: int
+
+
+# Events kept for a reader that has not drained them; past this the oldest are dropped, and the
+# reader sees a gap in `seq` and takes a snapshot instead.
+MAX_PENDING_PREFIX_EVENTS = 65536
 
 
 class KVCacheManager:
@@ -50,6 +80,12 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}          # blocks of the request already hashed
         self._last_hash: dict[str, int | None] = {}    # hash of its last hashed block
+        # Off until record_prefix_events(): then every hash registered or evicted is appended here.
+        # Written only by the thread that owns this manager; deque appends and pops are atomic, so
+        # another thread may drain it (popleft) while that one runs.
+        self.prefix_events: deque[PrefixEvent] | None = None
+        self._event_seq = itertools.count(1)
+        self._last_event_seq = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -65,6 +101,24 @@ class KVCacheManager:
     def usage(self) -> float:
         """Fraction of blocks referenced by requests (used / total)."""
         return self.num_used_blocks / self.num_blocks
+
+    def record_prefix_events(self) -> None:
+        """From now on append a PrefixEvent to ``prefix_events`` for every hash registered (by
+        cache_blocks) and every hash dropped (eviction, reset_prefix_cache); at most
+        MAX_PENDING_PREFIX_EVENTS undrained, oldest dropped first. Idempotent. No events come when
+        prefix caching is off (no hash is ever registered)."""
+        if self.prefix_events is None:
+            self.prefix_events = deque(maxlen=MAX_PENDING_PREFIX_EVENTS)
+
+    def prefix_snapshot(self) -> tuple[int, list[int]]:
+        """(seq of the last event recorded so far, every hash cached now, sorted). Call on the
+        owning thread: events with a larger seq are the changes after this snapshot."""
+        return self._last_event_seq, sorted(self._hash_to_block)
+
+    def _event(self, stored: bool, block_hash: int) -> None:
+        if self.prefix_events is not None:
+            self._last_event_seq = next(self._event_seq)
+            self.prefix_events.append(PrefixEvent(self._last_event_seq, stored, block_hash))
 
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """Extra blocks needed so the request covers ``num_tokens`` slots (0 if covered).
@@ -153,6 +207,7 @@ class KVCacheManager:
             if self._block_hash[b] is None and last not in self._hash_to_block:
                 self._block_hash[b] = last
                 self._hash_to_block[last] = b
+                self._event(True, last)
         if n_full > start:
             self._num_hashed[request_id], self._last_hash[request_id] = n_full, last
 
@@ -182,6 +237,7 @@ class KVCacheManager:
         """
         for b in self._evictable:
             del self._hash_to_block[self._block_hash[b]]
+            self._event(False, self._block_hash[b])
             self._block_hash[b] = None
             self._free.append(b)
         self._evictable.clear()
@@ -238,7 +294,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching or not token_ids:
             return []
         bs, out, parent = self.block_size, [], None
-        for i in range((len(token_ids) - 1) // bs):
+        for i in range((len(token_ids) - 1) // bs):     # the same chain as prefix_block_hashes
             parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
             b = self._hash_to_block.get(parent)
             if b is None:
@@ -252,5 +308,6 @@ class KVCacheManager:
             return self._free.popleft()
         b, _ = self._evictable.popitem(last=False)
         del self._hash_to_block[self._block_hash[b]]
+        self._event(False, self._block_hash[b])
         self._block_hash[b] = None
         return b

@@ -17,6 +17,7 @@ from services.engine.config import Role
 from services.engine.engine_thread import EngineThread
 from services.metrics_http import MetricsServer
 from services.proto_convert import PROTO_ROLES
+from services.prefix_stream import PrefixPublisher
 from services.registry import InstancePublisher
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker import metrics as worker_metrics
@@ -111,6 +112,8 @@ class Worker:
             from services.engine.attention_ops import load_kernels
             load_kernels()
         self.layout = KVLayout.of(self.engine.runner.kv, cfg.model.model_id)
+        if opts.redis_url and opts.enable_prefix_caching:
+            self.engine.kv.record_prefix_events()      # before the engine thread starts: no event is missed
         self.engine_thread = EngineThread(self.engine, name=f"engine-{self.instance_id}")
         self.engine_thread.on_step = worker_metrics.step_observer(self.instance_id, opts.role)
         self.sender = ObservedSender(make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s),
@@ -127,6 +130,7 @@ class Worker:
         self.state = "starting"
         self.address = ""
         self.publisher = None
+        self.prefix_publisher: PrefixPublisher | None = None     # the prefix cache told to routers
         self._publishing: asyncio.Future | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
@@ -235,6 +239,11 @@ class Worker:
         self.state = "serving"
         for service in ("", "tandem.v1.Worker"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.engine.kv.prefix_events is not None:       # first: a router that sees this instance finds its cache
+            self.prefix_publisher = PrefixPublisher(
+                opts.redis_url, opts.cluster, self.instance_id, self.engine.kv.block_size, self.engine.kv.prefix_events,
+                lambda: self.servicer._engine_call(lambda e: e.kv.prefix_snapshot()))
+            await self.prefix_publisher.start()
         if self.publisher:
             await self.publisher.start()
         advertised = "" if self.kv_address == self.receiver.address else f" (advertised as {self.kv_address})"
@@ -252,6 +261,8 @@ class Worker:
         await self.health.enter_graceful_shutdown()
         if self.publisher:
             await self.publisher.stop()       # leave placement first
+        if self.prefix_publisher:
+            await self.prefix_publisher.stop()
         if self.server:
             await self.server.stop(self.opts.grace_s)
         if self.servicer:
