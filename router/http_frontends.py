@@ -15,23 +15,32 @@ from aiohttp import web
 
 from router.openai_api.app import OpenAIApi
 from router.openai_api.chat_template import ChatTemplate
-from services.engine.loader import resolve_model
+from services.engine.loader import LoadedModel, resolve_model
 from services.metrics_http import MetricsServer
 
 log = logging.getLogger("tandem.router")
 
 
+def chat_template_for(loaded: LoadedModel) -> ChatTemplate:
+    """The chat template a model file carries (GGUF metadata), else its directory's, else the default.
+    Raises ModelConfigError when the template does not compile."""
+    if loaded.chat_template:
+        return ChatTemplate(loaded.model_file or "the model file", loaded.chat_template, add_bos=False,
+                            special_tokens=loaded.chat_template_vars)
+    return ChatTemplate.for_model(loaded.model_dir)
+
+
 class HttpFrontends:
     def __init__(self, router, model: str, *, host: str, http_port: int | None = None,
                  metrics_port: int | None = None, http_host: str | None = None):
-        """`model` is the router's --model (the chat template comes from its directory).
+        """`model` is the router's --model (the chat template comes from its file or directory).
         Raises ModelConfigError when the model's chat template does not compile."""
         self.router = router
         self.host, self.http_host = host, http_host or host
         self.http_port, self.metrics_port = http_port, metrics_port
         self.api = None
         if http_port is not None:
-            self.api = OpenAIApi(router, ChatTemplate.for_model(resolve_model(model, weights=False).model_dir))
+            self.api = OpenAIApi(router, chat_template_for(resolve_model(model, weights=False)))
         self._runner: web.AppRunner | None = None
         self._metrics: MetricsServer | None = None
         self.http_address = self.metrics_address = ""

@@ -33,8 +33,11 @@ def resolve_engine_dtype(requested: str, device: str) -> torch.dtype:
 
 
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
-    """The model directory's tokenizer.json when present, else the byte-level tokenizer."""
+    """The tokenizer the model file carries (GGUF metadata), else the model directory's
+    tokenizer.json when present, else the byte-level tokenizer."""
     cfg = loaded.config
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
     if loaded.model_dir and os.path.isfile(os.path.join(loaded.model_dir, "tokenizer.json")):
         return Tokenizer.from_dir(loaded.model_dir, cfg.bos_token_id, cfg.eos_token_ids)
     return Tokenizer.byte_level(cfg.vocab_size)
@@ -46,7 +49,7 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                  role: Role = Role.COLOCATED, policy: str = "fcfs", num_threads: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None) -> LLMEngine:
-    """An engine for `model` (a named model or an HF directory) on `device` ("auto", "cpu", "cuda[:N]").
+    """An engine for `model` (a named model, an HF directory or a GGUF file) on `device` ("auto", "cpu", "cuda[:N]").
 
     dtype: "auto" (dtype_policy: bfloat16 where the device has native bfloat16 matmul, else float16
     on older GPUs or float32) or float32, bfloat16, float16. KV cache size: num_blocks, else on CUDA

@@ -1,18 +1,21 @@
-"""Model resolution: named seeded random-weight models and Hugging Face directories.
+"""Model resolution: named models, Hugging Face directories and GGUF files.
 
-A named model (`tiny`, `small`) is a ModelConfig plus a seed; its weights are generated in HF
-naming, so `export_model` can write a directory that transformers loads and every tool
-shares the exact same weights.
+A named random-weight model (`tiny`, `small`) is a ModelConfig plus a seed; its weights are
+generated in HF naming, so `export_model` can write a directory that transformers loads and
+every tool shares the exact same weights. A named real model (`smollm2-135m`) is a GGUF file in
+the local model cache (services/engine/model_store.py; `make setup` fills it). A GGUF file, or a
+directory holding exactly one and no config.json, is read by services/engine/gguf_loader.py.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from services.engine.config import ModelConfig, ModelConfigError
+from services.engine.tokenizer import Tokenizer
 
 NAMED_MODELS: dict[str, ModelConfig] = {
     # tests: fast, GQA (4 heads over 2 KV heads), vocab big enough for the byte-level tokenizer
@@ -29,7 +32,12 @@ NAMED_MODEL_SEED = 0
 class LoadedModel:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]     # HF names → float tensors
-    model_dir: str | None                # None for a named model not read from disk
+    model_dir: str | None                # HF directory; None for a named random model or a GGUF file
+    # What a GGUF file carries in its metadata (None/empty otherwise: read from model_dir or built in).
+    tokenizer: Tokenizer | None = None
+    chat_template: str | None = None                  # Jinja source
+    chat_template_vars: dict[str, str] = field(default_factory=dict)   # bos_token, eos_token, ... as text
+    model_file: str | None = None        # the GGUF file read
 
 
 def random_hf_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -98,8 +106,8 @@ def read_model_dir_config(path: str) -> ModelConfig:
     """config.json plus generation_config.json's EOS ids of an HF directory (no weights read)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ModelConfigError(f"{path} has no config.json; pass a Hugging Face model directory "
-                               f"or one of the named models ({', '.join(NAMED_MODELS)})")
+        raise ModelConfigError(f"{path} has no config.json; pass a Hugging Face model directory, a .gguf "
+                               f"file or one of the named models ({', '.join(NAMED_MODELS)}, smollm2-135m)")
     cfg = ModelConfig.from_hf(_read_json(cfg_path, "model config"), model_id=os.path.basename(os.path.normpath(path)))
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_path):
@@ -131,30 +139,43 @@ def load_model_dir(path: str) -> LoadedModel:
     return LoadedModel(cfg, tensors, path)
 
 
-def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str,
+                  mismatch: str = "the safetensors files and config.json disagree") -> None:
+    """Raises ModelConfigError naming the first missing or misshapen weight; `mismatch` says what disagrees."""
     shapes = expected_shapes(cfg)
     missing = sorted(set(shapes) - set(tensors))
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ModelConfigError(f"{where}: weights missing for {', '.join(missing[:3])}{more}; "
-                               "the safetensors files do not match config.json")
+        raise ModelConfigError(f"{where}: weights missing for {', '.join(missing[:3])}{more}; {mismatch}")
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
-            raise ModelConfigError(f"{where}: {name} has shape {tuple(tensors[name].shape)} but config.json "
-                                   f"implies {shape}; the weights and config.json disagree")
+            raise ModelConfigError(f"{where}: {name} has shape {tuple(tensors[name].shape)} but the config "
+                                   f"implies {shape}; {mismatch}")
 
 
 def resolve_model(name_or_dir: str, weights: bool = True) -> LoadedModel:
-    """A named model (`tiny`, `small`) or a path to an HF directory.
+    """A named model (`tiny`, `small`, `smollm2-135m`), a GGUF file (or a directory holding
+    one), or an HF directory.
 
-    weights=False reads only the configuration (tensors stays empty): what a router needs.
+    weights=False reads only the configuration and tokenizer (tensors stays empty): what a
+    router needs. Raises ModelConfigError saying what to pass (or, for a named real model
+    missing from the cache, to run `make setup`).
     """
+    from services.engine import gguf_loader, model_store
+
     if name_or_dir in NAMED_MODELS and not os.path.isdir(name_or_dir):
         cfg = NAMED_MODELS[name_or_dir]
         return LoadedModel(cfg, random_hf_tensors(cfg, NAMED_MODEL_SEED) if weights else {}, None)
+    if name_or_dir in model_store.REAL_MODELS and not os.path.isdir(name_or_dir):
+        return gguf_loader.load_gguf(model_store.cached_model_file(name_or_dir), model_id=name_or_dir,
+                                     weights=weights)
+    gguf_file = gguf_loader.find_gguf(name_or_dir)
+    if gguf_file is not None:
+        return gguf_loader.load_gguf(gguf_file, weights=weights)
     if not os.path.isdir(name_or_dir):
-        raise ModelConfigError(f"model {name_or_dir!r} is neither a directory nor a named model; use a "
-                               f"Hugging Face model directory or one of {', '.join(NAMED_MODELS)}")
+        raise ModelConfigError(f"model {name_or_dir!r} is neither a directory, a .gguf file nor a named model; use "
+                               f"a Hugging Face model directory, a GGUF file or one of "
+                               f"{', '.join([*NAMED_MODELS, *model_store.REAL_MODELS])}")
     if not weights:
         return LoadedModel(read_model_dir_config(name_or_dir), {}, name_or_dir)
     return load_model_dir(name_or_dir)
