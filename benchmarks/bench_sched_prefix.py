@@ -30,15 +30,14 @@ from loadgen.workloads import WorkloadConfig, build_workload
 from tandem.local_cluster import LocalCluster
 
 POLICIES = ("load", "prefix")
-# Four applications (shared system prompts of 384-768 tokens), conversations of 3-6 turns that
-# re-send their history (user messages of 48-128 tokens, answers of 16-32), about 1 s apart.
-DEFAULT_TRACE = ("apps:conversations=40,turns=uniform:3:6,think=1,rate=1,"
-                 "app=sys=768;input=uniform:48:128;output=uniform:16:32,"
-                 "app=sys=512;input=uniform:48:128;output=uniform:16:32,"
-                 "app=sys=640;input=uniform:48:128;output=uniform:16:32,"
-                 "app=sys=384;input=uniform:48:128;output=uniform:16:32")
-DEFAULT_RATE = 3.0                 # requests/s over the run: near what load-only routing sustains here
-DEFAULT_NUM_BLOCKS = 1024          # per instance, 16-token blocks: not every history fits in one cache
+# Three applications (shared system prompts of 256-512 tokens), conversations of 4-8 turns that
+# re-send their history (user messages of 96-192 tokens, answers of 32-64), about 1 s apart.
+DEFAULT_TRACE = ("apps:conversations=40,turns=uniform:4:8,think=1,rate=1,"
+                 "app=sys=512;input=uniform:96:192;output=uniform:32:64,"
+                 "app=sys=384;input=uniform:96:192;output=uniform:32:64,"
+                 "app=sys=256;input=uniform:96:192;output=uniform:32:64")
+DEFAULT_RATE = 5.0                 # requests/s over the run: load-only routing queues here (small, 2 cores)
+DEFAULT_NUM_BLOCKS = 1536          # per instance, 16-token blocks
 
 
 def _policy_figures(results, wall: float) -> dict:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.placement import InflightLedger, pick_by_prefix, pick_prefill, prefix_cost_blocks
+from router.placement import InflightLedger, pick_by_prefix, pick_prefill
 from router.prefix_index import PrefixIndex, cached_tokens
 from services.engine.kv_cache import KVCacheManager, PrefixEvent, hash_block, prefix_block_hashes
 from services.prefix_stream import net_changes, pack_hashes, unpack_hashes
@@ -145,20 +145,24 @@ def test_pick_prefill_credits_cached_tokens():
     ledger = InflightLedger()
     reports = [rep("p0", worker_pb2.ROLE_PREFILL, queued=100), rep("p1", worker_pb2.ROLE_PREFILL)]
     assert pick_prefill(reports, 400, ledger).instance_id == "p1"                       # load only
-    assert pick_prefill(reports, 400, ledger, {"p0": 50}).instance_id == "p1"           # 100 + 350 vs 400 tokens
-    assert pick_prefill(reports, 400, ledger, {"p0": 200}).instance_id == "p0"          # 100 + 200 vs 400 tokens
+    # credited_ttft_s: (queued + uncached) / rate - (OVERLAP_WEIGHT - 1) x cached / rate
+    assert pick_prefill(reports, 400, ledger, {"p0": 40}).instance_id == "p1"           # 0.46 - 0.04 vs 0.40 s
+    assert pick_prefill(reports, 400, ledger, {"p0": 200}).instance_id == "p0"          # 0.30 - 0.20 vs 0.40 s
 
 
-def test_pick_by_prefix_weighs_overlap_against_load():
+def test_pick_by_prefix_weighs_overlap_against_queued_work():
     ledger = InflightLedger()
-    busy = rep("a", free=60)                      # 40 blocks held by running requests
+    busy = rep("a", free=60, queued=300)          # 300 prompt tokens queued, 40 blocks held
     idle = rep("b")
-    # 200-token prompt = 50 blocks: a caches 160 tokens (40 blocks) → 10 + 40 = 50; b → 50 + 0 = 50: tie → a
-    assert prefix_cost_blocks(busy, 200, 160, ledger) == 50.0
-    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 200, 50, ledger, {"a": 160}).instance_id == "a"
-    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 200, 50, ledger, {"a": 120}).instance_id == "b"
-    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 200, 61, ledger, {"a": 160}).instance_id == "b"
-    token = ledger.add("b", blocks=10, prompt_tokens=40)       # in flight to b: +10 prefill, +10 active
-    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 200, 50, ledger, {"a": 120}).instance_id == "a"
+    # 400-token prompt at 1000 tokens/s, b: 0.40 s; a caching 160: (300 + 240) / 1000 - 0.16 = 0.38
+    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 400, 25, ledger, {"a": 160}).instance_id == "a"
+    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 400, 25, ledger, {"a": 80}).instance_id == "b"
+    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 400, 61, ledger, {"a": 320}).instance_id == "b"
+    token = ledger.add("b", blocks=10, prompt_tokens=40)       # in flight to b: 0.44 s there now
+    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 400, 25, ledger, {"a": 80}).instance_id == "b"
+    assert pick_by_prefix([busy, idle], worker_pb2.ROLE_COLOCATED, 400, 25, ledger, {"a": 150}).instance_id == "a"
     ledger.remove(token)
-    assert pick_by_prefix([busy], worker_pb2.ROLE_COLOCATED, 200, 61, ledger, {}) is None
+    # Equal predicted TTFT: the freest wins, then the smaller id.
+    twins = [rep("x", free=50), rep("y", free=90), rep("z", free=90)]
+    assert pick_by_prefix(twins, worker_pb2.ROLE_COLOCATED, 64, 4, ledger, {}).instance_id == "y"
+    assert pick_by_prefix([busy], worker_pb2.ROLE_COLOCATED, 400, 61, ledger, {}) is None
