@@ -61,6 +61,15 @@ bench-migration: setup
 bench-goodput: setup
 	$(PY) -m loadgen.bench_goodput --model small $(if $(TRACE),--trace "$(TRACE)")
 
+# The simulator (issue 17) against the real cluster here: fixed 1P+1D, colocated x2 and adaptive at three
+# rates of the Azure conversation trace (simulated vs measured P50/P90/P99 TTFT and TPOT), 256 simulated
+# instances over the trace's hour (speed-up, time and memory at 3 sizes), the planner's 2-instance choice
+# against its measured goodput, migration at 64 decode instances. ~20 min on 2 cores; results in bench-sim/;
+# the last line is one JSON object. PROFILE=FILE skips measuring one.
+.PHONY: bench-sim
+bench-sim: setup
+	$(PY) benchmarks/bench_sim.py $(if $(PROFILE),--profile "$(PROFILE)")
+
 # On a CUDA GPU: KV transfer (nccl / NcclLink / cuda_ipc) beside a device-to-device copy, engine decode
 # throughput at batch 1/16/64, 1P+1D TTFT breakdown. Needs a CUDA build of torch 2.13 in $(VENV) (setup
 # pins the CPU wheel); installs CuPy/NCCL (.[gpu]) when nvidia-smi sees a GPU. Without a GPU it prints
