@@ -29,6 +29,7 @@ from router.placement import (InflightLedger, pick_by_prefix, pick_colocated, pi
 from router.prefix_index import PrefixIndex, cached_tokens
 from router.registry import InstanceRegistry
 from services.worker_pool import WorkerPool
+from services.engine.queue_order import DEFAULT_AGING_S, FCFS, order_key, remaining_work
 from services.engine.sampling_params import SamplingParams
 from tandem.v1 import serving_pb2, worker_pb2
 
@@ -70,6 +71,14 @@ class RoutedRequest:
     kv_fallback: str = ""                           # why its KV did not move (D recomputed); metrics read it
     dispatched: float | None = None                 # time.monotonic() when its first worker call started
     calls: list = dataclasses.field(default_factory=list)   # in-flight worker calls, cancelled on abort
+    expected_output_tokens: int = 0                 # the client's hint (0: none), validated
+    slo_ttft_s: float = 0.0                         # the request's TTFT SLO (0: the cluster default)
+    predicted_output_tokens: float = 0.0            # the router's median prediction (0: none yet)
+
+    def order_fields(self) -> tuple[int, float, float]:
+        """(priority, arrival, predicted work) for services/engine/queue_order.py."""
+        predicted = self.predicted_output_tokens or self.params.max_tokens
+        return self.worker_request.priority, self.arrival, remaining_work(len(self.prompt_token_ids), predicted)
     memo: dict = dataclasses.field(default_factory=dict)    # placement's per-request cache (prompt block hashes)
 
     def abort(self) -> None:
@@ -90,13 +99,18 @@ class _Holder:
 class Dispatcher:
     def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = 30_000,
                  retries: int = 2, rpc_timeout_s: float = 30.0, queue_timeout_s: float = 10.0,
-                 queue_poll_s: float = 0.05, prefix_index: PrefixIndex | None = None):
+                 queue_poll_s: float = 0.05, prefix_index: PrefixIndex | None = None,
+                 queue_policy: str = FCFS, aging_s: float = DEFAULT_AGING_S):
         self.registry, self.pool, self.lease_ms = registry, pool, lease_ms
         self.retries, self.rpc_timeout_s = retries, rpc_timeout_s
         self.queue_timeout_s, self.queue_poll_s = queue_timeout_s, queue_poll_s
         self.ledger = InflightLedger()
         self.prefix_index = prefix_index        # --routing prefix: who caches what (None: load only)
         self.demand: dict[str, int] = {}       # request_id → KV blocks it waits for (no instance has room)
+        # Requests waiting for room, served in queue_policy order (services/engine/queue_order.py):
+        # under sjf only the first in that order tries to place; fcfs lets every waiter try.
+        self.queue_policy, self.aging_s = queue_policy, aging_s
+        self.queued: dict[str, RoutedRequest] = {}
 
     def _cached(self, rr: RoutedRequest, pool: list) -> dict[str, int] | None:
         """--routing prefix: instance → prompt tokens its prefix cache holds; None under load routing."""
@@ -120,16 +134,36 @@ class Dispatcher:
         waited_until = time.monotonic() + self.queue_timeout_s
         try:
             while True:
-                try:
-                    return self._place(rr, role, pick, tried, what, full)
-                except RouteError as e:
-                    if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= waited_until \
-                            or self._timeout(rr) <= self.queue_poll_s:
-                        raise
-                    self.demand[rr.request_id] = e.blocks_needed
+                if self._turn(rr):
+                    try:
+                        return self._place(rr, role, pick, tried, what, full)
+                    except RouteError as e:
+                        if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= waited_until \
+                                or self._timeout(rr) <= self.queue_poll_s:
+                            raise
+                        self.demand[rr.request_id] = e.blocks_needed
+                elif time.monotonic() >= waited_until or self._timeout(rr) <= self.queue_poll_s:
+                    raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"every {what} instance is full and "
+                                     f"{len(self.queued)} requests wait for room before this one; retry later")
+                self.queued[rr.request_id] = rr
                 await asyncio.sleep(self.queue_poll_s)
         finally:
             self.demand.pop(rr.request_id, None)
+            self.queued.pop(rr.request_id, None)
+
+    def _turn(self, rr: RoutedRequest) -> bool:
+        """Whether rr may try to place now: always under fcfs; under sjf when no request waiting for
+        room goes before it in the queue order."""
+        if self.queue_policy == FCFS or not self.queued:
+            return True
+        now = time.monotonic()
+
+        def key(x: RoutedRequest) -> tuple:
+            priority, arrival, work = x.order_fields()
+            return order_key(self.queue_policy, priority=priority, arrival=arrival, work=work, now=now,
+                             aging_s=self.aging_s)
+        mine = key(rr)
+        return not any(key(x) < mine for x in self.queued.values() if x is not rr)
 
     def _pool(self, role: int) -> list:
         """Serving instances that take `role`'s work now. PREFILL, DECODE: those in the role plus

@@ -47,7 +47,11 @@ def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenize
             f"context of {max_len}; lower max_tokens to at most {max_len - len(prompt_ids)}")
     if req.HasField("slo") and (req.slo.ttft_s < 0 or req.slo.tpot_s < 0):
         raise InvalidRequestError("slo", "ttft_s and tpot_s must be >= 0 (0 means no target)")
+    if not 0 <= req.expected_output_tokens <= params.max_tokens:
+        raise InvalidRequestError("expected_output_tokens", f"{req.expected_output_tokens} is not in [1, max_tokens "
+                                  f"({params.max_tokens})]; give the output length you expect, or 0 for no hint")
     request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
     wr = worker_pb2.WorkerRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=req.params,
                                   priority=req.priority)
-    return RoutedRequest(request_id, prompt_ids, params, wr, arrival or time.monotonic(), timeout)
+    return RoutedRequest(request_id, prompt_ids, params, wr, arrival or time.monotonic(), timeout,
+                         expected_output_tokens=req.expected_output_tokens, slo_ttft_s=req.slo.ttft_s)

@@ -85,11 +85,13 @@ def build_generate_request(prompt: str | None = None, token_ids: Sequence[int] |
                            stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                            logprobs: int | None = None, request_id: str | None = None,
                            priority: int = 0, ttft_slo_s: float | None = None,
-                           tpot_slo_s: float | None = None) -> serving_pb2.GenerateRequest:
+                           tpot_slo_s: float | None = None,
+                           expected_output_tokens: int = 0) -> serving_pb2.GenerateRequest:
     """The GenerateRequest for `generate()`'s arguments; None leaves an optional field unset.
 
     Raises ValueError unless exactly one of `prompt` and `token_ids` is given. Everything else is
-    validated by the server (INVALID_ARGUMENT naming the field).
+    validated by the server (INVALID_ARGUMENT naming the field). expected_output_tokens: a hint of
+    the output length (1..max_tokens; 0: none) for the router's output-length predictor.
     """
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt and token_ids")
@@ -100,7 +102,8 @@ def build_generate_request(prompt: str | None = None, token_ids: Sequence[int] |
         if value is not None:
             setattr(params, name, value)
     request = serving_pb2.GenerateRequest(request_id=request_id or "", prompt=prompt or "",
-                                          prompt_token_ids=list(token_ids or ()), params=params, priority=priority)
+                                          prompt_token_ids=list(token_ids or ()), params=params, priority=priority,
+                                          expected_output_tokens=expected_output_tokens)
     if ttft_slo_s is not None or tpot_slo_s is not None:
         request.slo.CopyFrom(serving_pb2.SloTargets(ttft_s=ttft_slo_s or 0.0, tpot_s=tpot_slo_s or 0.0))
     return request
@@ -297,7 +300,7 @@ class Client(_ClientBase):
 
         `params` are the keyword arguments of `build_generate_request` (max_tokens, temperature,
         top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, request_id, priority,
-        ttft_slo_s, tpot_slo_s). See the module docstring for cancellation, retries and errors.
+        ttft_slo_s, tpot_slo_s, expected_output_tokens). See the module docstring for cancellation, retries and errors.
         """
         request = build_generate_request(prompt, token_ids, **params)
         return self._stream(request, self._deadline(timeout))

@@ -35,8 +35,10 @@ class UnavailableError(TandemError):
 
 
 class ResourceExhaustedError(TandemError):
-    """The cluster is full."""
+    """The cluster is full, or cannot meet the request's TTFT SLO now (SLO admission); then
+    `retry_after_s` is the server's advice (its `retry-after` trailer), else None."""
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s: float | None = None
 
 
 class DeadlineExceededError(TandemError):
@@ -71,4 +73,19 @@ def from_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> TandemErr
     cls = _BY_CODE.get(code)
     if cls is None:
         return TandemError(details, code=code, request_id=request_id)
-    return cls(details, request_id=request_id)
+    error = cls(details, request_id=request_id)
+    if isinstance(error, ResourceExhaustedError):
+        error.retry_after_s = _retry_after(e)
+    return error
+
+
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The `retry-after` trailer of a failed call (seconds), or None."""
+    trailing = getattr(e, "trailing_metadata", None)
+    try:
+        for key, value in (trailing() if callable(trailing) else None) or ():
+            if key == "retry-after":
+                return float(value)
+    except (TypeError, ValueError):
+        return None
+    return None

@@ -32,13 +32,15 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.outcome = outcome or ("invalid_argument" if status == 400 else _outcome_of(status))
+        self.retry_after_s = 0          # seconds for a Retry-After header (429 from SLO admission); 0: none
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _TYPE.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
 
 
 def invalid(param: str | None, message: str) -> ApiError:
@@ -54,9 +56,11 @@ def from_invalid_request(e: InvalidRequestError, rename: dict[str, str]) -> ApiE
     return invalid(param, message)
 
 
-def from_status(code: grpc.StatusCode, message: str) -> ApiError:
+def from_status(code: grpc.StatusCode, message: str, retry_after_s: int = 0) -> ApiError:
     status = _STATUS.get(code, 500)
-    return ApiError(status, message, code=code.name.lower(), outcome=code.name.lower())
+    error = ApiError(status, message, code=code.name.lower(), outcome=code.name.lower())
+    error.retry_after_s = retry_after_s
+    return error
 
 
 def _outcome_of(status: int) -> str:

@@ -11,7 +11,8 @@ tools, `response_format: {"type": "text"}`, ...). Any other value or unknown fie
 names it.
 
 Tandem's extras (extra body fields): `request_id`, `priority` (int, higher first), `slo`
-(`{"ttft_s": s, "tpot_s": s}`), `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`
+(`{"ttft_s": s, "tpot_s": s}`), `expected_output_tokens` (the output length you expect, a hint for
+the router's output-length predictor; 1..max_tokens, 0 or absent: none), `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`
 (token ids in each choice), `stream_options.continuous_usage_stats` (usage on every chunk),
 `add_generation_prompt` (chat, default true) and `min_tokens`, accepted when it is 0 or
 ignore_eos is set without stops (Tandem has no minimum-length sampling otherwise).
@@ -34,7 +35,7 @@ _INT32 = 2 ** 31 - 1
 # Parameters of both endpoints, and per endpoint.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
            "frequency_penalty", "presence_penalty", "logit_bias",
-           "request_id", "priority", "slo", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids"}
+           "request_id", "priority", "slo", "expected_output_tokens", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids"}
 COMPLETION_PARAMS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
                          "tool_choice", "parallel_tool_calls", "functions", "function_call", "store", "metadata",
@@ -154,6 +155,7 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
         raise invalid("request_id", "must be at most 256 printable characters")
     req.request_id = request_id
     req.priority = get_int(body, "priority", 0, minimum=-_INT32 - 1, maximum=_INT32)
+    req.expected_output_tokens = get_int(body, "expected_output_tokens", 0, minimum=0, maximum=_INT32)
     _slo(body, req)
     stream = get_bool(body, "stream", False)
     options = get_dict(body, "stream_options") or {}

@@ -12,6 +12,7 @@ from services.engine.config import CacheConfig, EngineConfig, ModelConfigError, 
 from services.engine.device import resolve_device, torch_device  # resolve_device re-exported: callers use it here
 from services.engine.engine import LLMEngine
 from services.engine.loader import LoadedModel, resolve_model
+from services.engine.queue_order import DEFAULT_AGING_S
 from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  role: Role = Role.COLOCATED, policy: str = "fcfs", num_threads: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None) -> LLMEngine:
+                 loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None,
+                 aging_s: float = DEFAULT_AGING_S) -> LLMEngine:
     """An engine for `model` (a named model, an HF directory or a GGUF file) on `device` ("auto", "cpu", "cuda[:N]").
 
     dtype: "auto" (dtype_policy: bfloat16 where the device has native bfloat16 matmul, else float16
@@ -75,6 +77,6 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                           gpu_memory_utilization=gpu_memory_utilization,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, policy=policy),
+                                  max_num_batched_tokens=max_num_batched_tokens, policy=policy, aging_s=aging_s),
         device=device, dtype=torch_dtype, num_threads=num_threads)
     return LLMEngine(config, loaded, load_tokenizer(loaded))

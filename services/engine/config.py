@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.engine.queue_order import DEFAULT_AGING_S
+
 
 class ModelConfigError(ValueError):
     """A model directory or config the engine cannot serve; the message says what to fix."""
@@ -140,7 +142,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256                 # running requests per step
     max_num_batched_tokens: int = 2048      # token budget per step (decode + prefill chunks)
     long_prefill_token_threshold: int = 0   # 0: a single prompt may take the whole budget
-    policy: str = "fcfs"
+    policy: str = "fcfs"                   # fcfs | priority | sjf (services/engine/policy.py)
+    aging_s: float = DEFAULT_AGING_S        # sjf: waited this long, a request is served by arrival
     # Prefill tokens a step may add beside running decodes (Sarathi-style chunking that bounds the
     # decodes' inter-token time); 0: no cap beyond max_num_batched_tokens. Changeable at run time.
     mixed_prefill_tokens: int = 0

@@ -120,18 +120,20 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0, validated: bool = False,
-                    handoff: bool | None = None) -> str:
+                    handoff: bool | None = None, predicted_output_tokens: int = 0) -> str:
         """Validate and queue. Raises InvalidRequestError (bad input) or ValueError (duplicate id).
 
         handoff: the request leaves after its first token with HANDOFF, its KV kept for a transfer
         (None: as the instance's role says: prefill instances hand off, others decode on).
+        predicted_output_tokens: the router's prediction, which the sjf policy orders by (0: unknown).
         """
         if not validated:          # validated=True: the caller did (EngineThread.submit)
             self.validate_new_request(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, list(prompt_token_ids), params,
                           eos_token_ids=self.config.model.eos_token_ids, priority=priority,
-                          handoff=self.role == Role.PREFILL if handoff is None else handoff)
+                          handoff=self.role == Role.PREFILL if handoff is None else handoff,
+                          predicted_output_tokens=max(0, predicted_output_tokens))
         self.scheduler.add(request)
         if params.detokenize:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)

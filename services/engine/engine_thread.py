@@ -96,9 +96,9 @@ class EngineThread:
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str | None = None, priority: int = 0,
                stream_cls: type[RequestStream] | None = None, validated: bool = False,
-               handoff: bool | None = None) -> RequestStream:
+               handoff: bool | None = None, predicted_output_tokens: int = 0) -> RequestStream:
         """Validate now (raises InvalidRequestError in the caller's thread), queue for the engine.
-        handoff: as LLMEngine.add_request (None: the engine's role decides).
+        handoff, predicted_output_tokens: as LLMEngine.add_request (None: the engine's role decides).
 
         A refusal only the engine thread can see (e.g. an id still held by a handed-off request)
         is raised from the stream's iterator as ValueError; other streams are unaffected.
@@ -107,7 +107,7 @@ class EngineThread:
             self.engine.validate_new_request(prompt_token_ids, params)
         stream = self._new_stream(request_id or f"req-{next(self._ids)}", stream_cls)
         request_id = stream.request_id
-        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority, handoff)))
+        self._inbox.put(("add", (prompt_token_ids, params, request_id, priority, handoff, predicted_output_tokens)))
         return stream
 
     def adopt(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
@@ -242,10 +242,10 @@ class EngineThread:
             if kind == "stop":
                 return False
             if kind == "add":
-                ids, params, request_id, priority, handoff = arg
+                ids, params, request_id, priority, handoff, predicted = arg
                 try:
                     self.engine.add_request(ids, params, request_id=request_id, priority=priority, validated=True,
-                                            handoff=handoff)
+                                            handoff=handoff, predicted_output_tokens=predicted)
                 except ValueError as e:          # refuse this request only; the engine lives on
                     with self._lock:
                         stream = self._streams.pop(request_id, None)

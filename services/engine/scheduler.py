@@ -46,7 +46,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
         self.config, self.kv, self.max_model_len = config, kv, max_model_len
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config.policy, config.aging_s)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: dict[str, tuple[Request, RequestStatus]] = {}   # id → (request, status to resume to)

@@ -7,6 +7,7 @@ import sys
 
 from services import log_setup
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
+from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.transport.selection import SETTINGS
 from services.worker.server import WorkerOptions, serve
 
@@ -27,6 +28,11 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per pinned core)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--queue-policy", default=DEFAULT_QUEUE_POLICY, choices=QUEUE_POLICIES,
+                   help="order of the waiting queue: fcfs (arrival) or sjf (shortest predicted work first: the "
+                        "router's output-length prediction, priority classes first, with aging)")
+    p.add_argument("--queue-aging-s", type=float, default=DEFAULT_AGING_S,
+                   help="sjf: a request that waited this long is served in arrival order (bounds its wait)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (0: a free one)")
@@ -62,6 +68,8 @@ def parse_args(argv=None) -> WorkerOptions:
     a = p.parse_args(argv)
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
+    if not a.queue_aging_s > 0:
+        p.error(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
     if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
         p.error(f"--gpu-memory-utilization {a.gpu_memory_utilization}: give a share in (0, 1], e.g. 0.9")
     if a.kv_advertise_address is not None:
@@ -78,6 +86,7 @@ def parse_args(argv=None) -> WorkerOptions:
         block_size=a.block_size, num_blocks=a.num_blocks,
         kv_memory_gib=a.kv_memory_gib, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len, threads=a.threads, enable_prefix_caching=not a.no_prefix_caching,
+        queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s,
         host=a.host, port=a.port, kv_port=a.kv_port,
         kv_advertise_address=a.kv_advertise_address, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,

@@ -15,6 +15,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from services.engine.config import Role
 from services.engine.engine_thread import EngineThread
+from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
 from services.metrics_http import MetricsServer
 from services.proto_convert import PROTO_ROLES
 from services.prefix_stream import PrefixPublisher
@@ -48,6 +49,8 @@ class WorkerOptions:
     max_model_len: int | None = None
     threads: int | None = None
     enable_prefix_caching: bool = True
+    queue_policy: str = DEFAULT_QUEUE_POLICY  # fcfs | sjf: the waiting queue's order (services/engine/queue_order.py)
+    queue_aging_s: float = DEFAULT_AGING_S  # sjf: after this wait a request is served by arrival
     host: str = "127.0.0.1"
     port: int = 0                           # 0: a free port
     kv_port: int = 0
@@ -102,7 +105,8 @@ class Worker:
             kv_memory_gib=opts.kv_memory_gib, max_num_batched_tokens=opts.max_num_batched_tokens,
             max_num_seqs=opts.max_num_seqs, role=self.role, num_threads=opts.threads or None,
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
-            gpu_memory_utilization=opts.gpu_memory_utilization)
+            gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
+            aging_s=opts.queue_aging_s)
         cfg = self.engine.config
         self.dtype = str(cfg.dtype).removeprefix("torch.")    # resolved (never "auto"): reports, metrics
         if cfg.device == "cpu":

@@ -291,7 +291,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             try:
                 stream = self.et.submit(prompt, params, rid, req.priority, handoff=True,
-                                        stream_cls=AsyncRequestStream.factory(self._loop()), validated=True)
+                                        stream_cls=AsyncRequestStream.factory(self._loop()), validated=True,
+                                        predicted_output_tokens=req.predicted_output_tokens)
             except (ValueError, EngineDeadError) as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS if isinstance(e, ValueError)
                                     else grpc.StatusCode.UNAVAILABLE, str(e))
@@ -372,7 +373,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             prompt, params = self._request_fields(request)
             stream = self.et.submit(prompt, params, request.request_id or None, request.priority, handoff=False,
-                                    stream_cls=AsyncRequestStream.factory(self._loop()), validated=True)
+                                    stream_cls=AsyncRequestStream.factory(self._loop()), validated=True,
+                                    predicted_output_tokens=request.predicted_output_tokens)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:

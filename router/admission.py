@@ -1,0 +1,58 @@
+"""SLO-aware admission (`--admission none|slo`): refuse at once what cannot meet its TTFT SLO.
+
+The router predicts a new request's TTFT as
+
+    wait + prompt_tokens / prefill_rate
+    wait = (requests ahead of it that have no first token yet) / start_rate
+
+where "ahead" follows the queue policy (fcfs: every earlier one not started; sjf: those ordered
+before it), `start_rate` is the measured rate at which requests got their first token while
+others were waiting (StartRate: the gaps between first tokens with a backlog behind them, so idle
+time does not count), and `prefill_rate` the fastest measured prefill rate among serving instances.
+With no backlog measured yet the wait is 0: nothing is refused without evidence.
+
+A request whose prediction exceeds its SLO (its own `slo.ttft_s`, else the cluster's
+`--slo-ttft-s`) is refused with RESOURCE_EXHAUSTED / HTTP 429 and a retry-after of the excess
+(rounded up to a whole second): by then the backlog ahead of it should have shrunk by that much.
+An SLO below the prompt's own prefill time on an idle instance (measured rate) can never be met:
+INVALID_ARGUMENT naming `slo.ttft_s` and the least value that could be.
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+ADMISSION_MODES = ("none", "slo")
+DEFAULT_ADMISSION = "none"
+START_GAPS = 64          # first-token gaps (with a backlog) the start rate is measured over
+
+
+class StartRate:
+    """Requests per second that get their first token while others wait (a busy server's rate)."""
+
+    def __init__(self, window: int = START_GAPS):
+        self._gaps: collections.deque = collections.deque(maxlen=window)
+        self._last: float | None = None
+
+    def started(self, now: float, backlog: int) -> None:
+        """A request got its first token at `now` with `backlog` others still waiting for theirs."""
+        if self._last is not None and backlog > 0:
+            self._gaps.append(max(1e-6, now - self._last))
+        self._last = now if backlog > 0 else None
+
+    def rate(self) -> float | None:
+        """Starts per second, or None before 4 gaps were measured."""
+        if len(self._gaps) < 4:
+            return None
+        return len(self._gaps) / sum(self._gaps)
+
+
+def predicted_ttft_s(ahead: int, start_rate: float | None, prompt_tokens: int, prefill_rate: float | None) -> float:
+    """The module docstring's prediction; unknown rates count as no wait / no prefill time."""
+    wait = ahead / start_rate if start_rate else 0.0
+    return wait + (prompt_tokens / prefill_rate if prefill_rate else 0.0)
+
+
+def retry_after_s(predicted_s: float, slo_s: float) -> int:
+    """Whole seconds to wait before a retry could meet the SLO (at least 1)."""
+    return max(1, math.ceil(predicted_s - slo_s))

@@ -1,0 +1,33 @@
+"""The router's flags for queue order, SLO-aware admission and the output-length predictor."""
+from __future__ import annotations
+
+import argparse
+
+from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION
+from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
+
+QUEUE_POLICY_HELP = ("fcfs (default): arrival order; sjf: shortest predicted work first (prompt tokens left + the "
+                     "predicted output left), priority classes first, aging after --queue-aging-s. Give the "
+                     "workers the same policy (tandem up does)")
+ADMISSION_HELP = ("none (default): admit everything; slo: refuse at once (RESOURCE_EXHAUSTED / HTTP 429 with "
+                  "retry-after) a request whose predicted queueing + prefill time exceeds its slo.ttft_s (or "
+                  "--slo-ttft-s)")
+
+
+def add_sched_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("queue order and admission")
+    g.add_argument("--queue-policy", choices=QUEUE_POLICIES, default=DEFAULT_QUEUE_POLICY, help=QUEUE_POLICY_HELP)
+    g.add_argument("--queue-aging-s", type=float, default=DEFAULT_AGING_S,
+                   help="sjf: a request that waited this long is served in arrival order (bounds its wait)")
+    g.add_argument("--admission", choices=ADMISSION_MODES, default=DEFAULT_ADMISSION, help=ADMISSION_HELP)
+    g.add_argument("--predictor-warm-start", default=None, metavar="FILE.jsonl",
+                   help="teach the output-length predictor these completed requests first: one JSON object a line, "
+                        "{\"prompt_token_ids\": [...], \"output_tokens\": N, \"max_tokens\": M}")
+
+
+def sched_kwargs(a: argparse.Namespace) -> dict:
+    """Router(...) keyword arguments from the parsed flags. Raises SystemExit on a bad value."""
+    if not a.queue_aging_s > 0:
+        raise SystemExit(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
+    return dict(queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, admission=a.admission,
+                predictor_warm_start=a.predictor_warm_start)

@@ -1,0 +1,168 @@
+"""router/request_sched.py and router/admission.py: prediction into the worker request, who is
+ahead, SLO admission decisions, learning from finished and client-closed streams; bad input."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from router.admission import StartRate, predicted_ttft_s, retry_after_s
+from router.dispatch import RouteError
+from router.openai_api.errors import ApiError
+from router.openai_api.requests import parse_completion
+from router.request_sched import RequestScheduling, SchedulingCollector, load_warm_start
+from router.request_validation import build_request
+from services.engine.loader import resolve_model
+from services.engine.sampling_params import InvalidRequestError
+from services.engine.tokenizer import Tokenizer
+from tandem.v1 import serving_pb2
+
+MODEL = resolve_model("tiny", weights=False).config
+TOKENIZER = Tokenizer.byte_level(MODEL.vocab_size)
+
+
+def routed(rid: str, prompt_len: int = 8, max_tokens: int = 64, priority: int = 0, hint: int = 0, slo: float = 0.0,
+           arrival: float | None = None):
+    req = serving_pb2.GenerateRequest(request_id=rid, prompt_token_ids=[5] * prompt_len, priority=priority,
+                                      params=serving_pb2.SamplingParams(max_tokens=max_tokens),
+                                      expected_output_tokens=hint)
+    if slo:
+        req.slo.ttft_s = slo
+    return build_request(req, MODEL, TOKENIZER, None, arrival)
+
+
+async def chunks(n: int, finish=serving_pb2.FINISH_REASON_LENGTH):
+    for i in range(n):
+        yield serving_pb2.GenerateResponse(index=i, token_ids=[9], finished=i == n - 1,
+                                           finish_reason=finish if i == n - 1 else 0)
+
+
+def drain(agen, limit=None):
+    async def go():
+        got = []
+        async for m in agen:
+            got.append(m)
+            if limit is not None and len(got) == limit:
+                break
+        await agen.aclose()
+        return got
+    return asyncio.run(go())
+
+
+def test_expected_output_tokens_is_validated_at_the_edge():
+    assert routed("a", hint=10).expected_output_tokens == 10
+    with pytest.raises(InvalidRequestError, match=r"expected_output_tokens: -1 is not in \[1, max_tokens \(64\)\]"):
+        routed("a", hint=-1)
+    with pytest.raises(InvalidRequestError, match="expected_output_tokens: 65"):
+        routed("a", hint=65)
+    parsed = parse_completion({"prompt": [5, 6], "max_tokens": 8, "expected_output_tokens": 4},
+                              MODEL, TOKENIZER)
+    assert parsed.request.expected_output_tokens == 4
+    with pytest.raises(ApiError) as e:
+        parse_completion({"prompt": [5, 6], "max_tokens": 8, "expected_output_tokens": -3},
+                         MODEL, TOKENIZER)
+    assert e.value.status == 400 and e.value.param == "expected_output_tokens"
+
+
+def test_run_predicts_into_the_worker_request_and_learns():
+    s = RequestScheduling(lambda: None)
+    rr = routed("a", max_tokens=64)
+    assert len(drain(s.run(rr, chunks(5)))) == 5
+    assert rr.worker_request.predicted_output_tokens == 32            # the prior: max_tokens / 2
+    assert s.predictor.observations == 1 and len(s.error) == 1 and not s.not_started
+    closed = routed("b")
+    drain(s.run(closed, chunks(50)), limit=7)                         # the client stops reading after 7
+    assert s.predictor.observations == 2 and [a for *_, a in s.error._pairs] == [5, 7]
+    aborted = routed("c")
+    drain(s.run(aborted, chunks(3, serving_pb2.FINISH_REASON_ABORT)))
+    assert s.predictor.observations == 2                              # an abort teaches nothing
+
+    async def failing():
+        yield serving_pb2.GenerateResponse(index=0, token_ids=[1])
+        raise RouteError(grpc.StatusCode.UNAVAILABLE, "gone")
+    with pytest.raises(RouteError):
+        drain(s.run(routed("d"), failing()))
+    assert s.predictor.observations == 2 and not s.not_started
+    names = {m.name for m in SchedulingCollector(s).collect()}
+    assert {"tandem_predictor_mae_tokens", "tandem_predictor_spearman", "tandem_admission_refused"} <= names
+
+
+def test_ahead_follows_the_queue_policy():
+    for policy, expected in (("fcfs", 2), ("sjf", 0)):
+        s = RequestScheduling(lambda: None, queue_policy=policy)
+        for rid, n in (("long1", 60), ("long2", 50)):
+            r = routed(rid, max_tokens=n, arrival=1.0)
+            s.predict(r)
+            s.not_started[rid] = r
+        short = routed("short", max_tokens=4, arrival=2.0)
+        s.predict(short)
+        assert s.ahead(short, now=2.0) == expected, policy
+
+
+def test_slo_admission_decisions():
+    s = RequestScheduling(lambda: 1000.0, admission="slo", slo_ttft_s=1.0)
+    s.admit(routed("free"), now=0.0)                    # nothing ahead: admitted
+    for i in range(4):
+        r = routed(f"q{i}", arrival=0.01)
+        s.predict(r)
+        s.not_started[r.request_id] = r
+    s.admit(routed("unmeasured", arrival=0.1), now=0.1)  # a backlog but no start rate yet: admitted
+    for t in range(6):
+        s.start_rate.started(t * 0.5, backlog=3)          # 2 starts per second
+    with pytest.raises(RouteError) as refused:            # 4 ahead / 2 per s = 2 s > 1 s
+        s.admit(routed("late", arrival=3.0), now=3.0)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.retry_after_s == 2
+    assert "retry after 2 s" in refused.value.message and s.refused["slo"] == 1
+    s.admit(routed("patient", slo=5.0, arrival=3.0), now=3.0)      # its own SLO is looser
+    with pytest.raises(RouteError) as bad:                          # 500 tokens at 1000/s > 0.1 s
+        s.admit(routed("hopeless", prompt_len=500, slo=0.1), now=3.0)
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and bad.value.message.startswith("slo.ttft_s:")
+    RequestScheduling(lambda: 1000.0, admission="none").admit(routed("x", prompt_len=500, slo=0.1))
+
+
+def test_start_rate_counts_only_gaps_with_a_backlog():
+    r = StartRate()
+    r.started(0.0, backlog=0)
+    r.started(100.0, backlog=2)          # the gap before had no backlog: not counted
+    for t in (100.5, 101.0, 101.5, 102.0):
+        r.started(t, backlog=1)
+    assert r.rate() == pytest.approx(2.0)
+    assert predicted_ttft_s(4, 2.0, 100, 1000.0) == pytest.approx(2.1)
+    assert predicted_ttft_s(4, None, 100, None) == 0.0
+    assert retry_after_s(2.1, 2.0) == 1 and retry_after_s(5.5, 2.0) == 4
+
+
+def test_warm_start_file_errors_name_the_flag(tmp_path):
+    s = RequestScheduling(lambda: None)
+    f = tmp_path / "w.jsonl"
+    f.write_text('{"prompt_token_ids": [1, 2, 3], "output_tokens": 4}\nnot json\n')
+    with pytest.raises(ValueError, match=r"--predictor-warm-start .*w\.jsonl, line 2"):
+        load_warm_start(s.predictor, str(f))
+    assert load_warm_start(s.predictor, None) == 0
+
+
+def test_a_client_that_goes_away_mid_stream_teaches_what_it_received():
+    """The gRPC handler task is cancelled while it awaits the next message (the client closed its
+    call): the tokens it got count, as for a closed stream."""
+    s = RequestScheduling(lambda: None)
+
+    async def slow():
+        for i in range(3):
+            yield serving_pb2.GenerateResponse(index=i, token_ids=[9])
+        await asyncio.Event().wait()          # the next token never comes
+
+    async def go():
+        got = []
+
+        async def consume():
+            async for m in s.run(routed("gone"), slow()):
+                got.append(m)
+        task = asyncio.ensure_future(consume())
+        while len(got) < 3:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(go())
+    assert s.predictor.observations == 1 and [a for *_, a in s.error._pairs] == [3]
