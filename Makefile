@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu clean
+.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
 
 setup: $(STAMP) redis
 
@@ -77,6 +77,12 @@ bench-sim: setup
 bench-gpu: setup
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q -e '.[gpu]'; fi
 	$(PY) benchmarks/bench_gpu.py
+
+# Queue policies and admission on one colocated instance, one trace: FCFS vs SJF near saturation (mean/P50/P99
+# e2e and TTFT, goodput at the TTFT SLO), admission none vs slo at 1.5x capacity, prefix vs load routing when
+# benchmarks/bench_sched_prefix.py is there. Results in bench-sched/; the last line printed is one JSON object.
+bench-sched: setup
+	$(PY) benchmarks/bench_sched.py $(if $(TRACE),--trace "$(TRACE)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

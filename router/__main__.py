@@ -10,6 +10,7 @@ from router.autoscaler_cli import (AutoscalerSetupError, add_autoscaler_args, au
 from router.pools_args import add_pools_args, pools_kwargs
 from router.rescheduler_args import add_rescheduler_args, rescheduler_kwargs
 from router.routing_args import add_routing_args, routing_kwargs
+from router.sched_args import add_sched_args, sched_kwargs
 from router.server import Router, serve
 from services import log_setup
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     add_rescheduler_args(p)
     add_pools_args(p)
     add_routing_args(p)
+    add_sched_args(p)
     add_autoscaler_args(p)
     a = p.parse_args(argv)
     autoscale = autoscaler_settings(p, a)
@@ -47,9 +49,9 @@ def main(argv=None) -> int:
         router = Router(a.model, a.redis_url, cluster=a.cluster, host=a.host, port=a.port, lease_ms=a.lease_ms,
                         poll_interval_s=a.poll_interval_s, queue_timeout_s=a.queue_timeout_s, http_port=a.http_port,
                         metrics_port=a.metrics_port, http_host=a.http_host,
-                        **rescheduler_kwargs(a), **pools_kwargs(a), **routing_kwargs(a))
+                        **rescheduler_kwargs(a), **pools_kwargs(a), **routing_kwargs(a), **sched_kwargs(a))
         asyncio.run(serve(router) if autoscale is None else serve_with_autoscaler(router, autoscale, serve))
-    except (ModelConfigError, OSError, AutoscalerSetupError) as e:
+    except (ModelConfigError, OSError, ValueError, AutoscalerSetupError) as e:
         print(f"tandem router: {e}", file=sys.stderr)
         return 2
     return 0

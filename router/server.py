@@ -14,6 +14,7 @@ from router.http_frontends import HttpFrontends
 from router.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
 from router.migration_policy import PolicyConfig
+from router.admission import DEFAULT_ADMISSION
 from router.pools_args import DEFAULT_POOLS
 from router.prefix_index import PrefixIndex, PrefixIndexFollower
 from router.routing_args import DEFAULT_ROUTING, ROUTING_MODES
@@ -22,9 +23,11 @@ from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
 from router.role_policy import RolePolicyConfig
 from router.role_switcher import RoleSwitcher
 from router.request_validation import build_request_async
+from router.request_sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
+from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
 from services.engine.sampling_params import InvalidRequestError
 from services.proto_convert import ROLE_NAMES
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2
@@ -50,12 +53,14 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         r.live[rr.request_id] = rr
         index = 0
         try:
-            async for message in r.metrics.track(rr, r.dispatcher.generate(rr), "grpc"):
+            async for message in r.metrics.track(rr, r.requests.generate(rr), "grpc"):
                 if message.index != index:        # the contract the client relies on
                     raise RouteError(grpc.StatusCode.INTERNAL, f"token index {message.index} arrived, {index} expected")
                 index += len(message.token_ids)
                 yield message
         except RouteError as e:
+            if getattr(e, "retry_after_s", 0):
+                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
             if not rr.aborted:
@@ -154,7 +159,9 @@ class Router:
                  reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
                  queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
                  http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None,
-                 routing: str = DEFAULT_ROUTING):
+                 routing: str = DEFAULT_ROUTING, queue_policy: str = DEFAULT_QUEUE_POLICY,
+                 queue_aging_s: float = DEFAULT_AGING_S, admission: str = DEFAULT_ADMISSION,
+                 predictor_warm_start: str | None = None):
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
@@ -170,7 +177,7 @@ class Router:
         self.prefix_follower = None if self.prefix_index is None else PrefixIndexFollower(
             redis_url, cluster, self.prefix_index, lambda: [r.instance_id for r in self.registry.all()])
         self.dispatcher = Dispatcher(self.registry, self.pool, lease_ms=lease_ms, queue_timeout_s=queue_timeout_s,
-                                     prefix_index=self.prefix_index)
+                                     prefix_index=self.prefix_index, queue_policy=queue_policy, aging_s=queue_aging_s)
         # One router of the cluster reschedules (and autoscales): the holder of the Redis leader lock.
         self.leader = LeaderLock(redis_url, cluster)
         self.rescheduler = Rescheduler(self.registry, self.pool, policy, interval_s=reschedule_interval_s,
@@ -178,6 +185,13 @@ class Router:
                                        enabled=reschedule)
         self.live: dict[str, RoutedRequest] = {}
         self.metrics = RouterMetrics(self.registry.all, queued=lambda: len(self.dispatcher.demand))
+        self.requests = self.dispatcher          # what both APIs stream from
+        # Output-length prediction, queue order and SLO admission around every request (router/request_sched.py).
+        self.sched = RequestScheduling(self._prefill_rate, queue_policy=queue_policy, aging_s=queue_aging_s,
+                                       admission=admission, slo_ttft_s=(role_policy or RolePolicyConfig()).ttft_slo_s)
+        load_warm_start(self.sched.predictor, predictor_warm_start)
+        self.metrics.registry.register(SchedulingCollector(self.sched))
+        self.requests = ScheduledRequests(self.sched, self.requests)
         self.pools = pools
         self.roles = RoleSwitcher(self.registry, self.pool, role_policy or RolePolicyConfig(), leader=self.leader,
                                   enabled=pools == "adaptive",
@@ -188,6 +202,12 @@ class Router:
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.address = ""
+
+    def _prefill_rate(self) -> float | None:
+        """The fastest measured prefill rate (prompt tokens/s) among serving instances that prefill."""
+        rates = [r.prefill_tokens_per_s for r in self.registry.all() if r.state == "serving"
+                 and r.prefill_tokens_per_s > 0 and worker_pb2.ROLE_DECODE not in (r.role, r.home_role)]
+        return max(rates, default=None)
 
     async def start(self) -> str:
         await self.registry.start()

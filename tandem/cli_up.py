@@ -8,7 +8,10 @@ import time
 
 from router.pools_args import DEFAULT_POOLS, POOL_MODES
 from router.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
+from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION
+from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
+from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 
 
 def register(sub) -> None:
@@ -32,6 +35,10 @@ def register(sub) -> None:
                     help="adaptive (default): the router switches instances between prefill, decode and both from "
                          "measured queues and the SLOs; fixed: roles never change")
     up.add_argument("--routing", default=DEFAULT_ROUTING, choices=ROUTING_MODES, help=ROUTING_HELP)
+    up.add_argument("--queue-policy", default=DEFAULT_QUEUE_POLICY, choices=QUEUE_POLICIES,
+                    help=QUEUE_POLICY_HELP.replace("Give the workers the same policy (tandem up does)",
+                                                   "The router and every worker use it"))
+    up.add_argument("--admission", default=DEFAULT_ADMISSION, choices=ADMISSION_MODES, help=ADMISSION_HELP)
     up.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     up.add_argument("--block-size", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None)
@@ -47,8 +54,12 @@ def register(sub) -> None:
     up.set_defaults(func=cmd_up)
 
 
+def _router_args(args) -> list[str]:
+    return ["--queue-policy", args.queue_policy, "--admission", args.admission]
+
+
 def _worker_args(args) -> list[str]:
-    out = ["--dtype", args.dtype]
+    out = ["--dtype", args.dtype, "--queue-policy", args.queue_policy]
     for flag in ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
                  "max_model_len", "lease_ms", "device", "kv_transport"):
         value = getattr(args, flag)
@@ -74,7 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         cluster = LocalCluster(args.model, prefill=prefill, decode=decode, colocated=args.colocated,
                                redis_url=args.redis, host=args.host, port=args.port, pin_cores=args.pin_cores,
-                               worker_args=_worker_args(args), router_args=[], cluster=args.cluster,
+                               worker_args=_worker_args(args), router_args=_router_args(args), cluster=args.cluster,
                                log_dir=args.log_dir, inherit_output=args.log_dir is None,
                                http_port=args.http_port, metrics_port=args.metrics_port, log_format=args.log_format,
                                pools=args.pools, routing=args.routing)

@@ -93,8 +93,8 @@ def generate_prefix_ordered(engine, prompts: list[list[int]], params: list[Sampl
     while it is in the cache (BatchLLM's idea): the groups of plan_prefix_groups go in sorted
     order; a group's leader computes the prefix, its followers are queued as soon as the leader's
     prompt is done (its blocks are cached then), ahead of later groups' leaders. The engine's
-    waiting queue is kept just long enough to fill a step, so followers are not stuck behind a long
-    queue of leaders. Results are in input order, as engine.generate's."""
+    waiting queue holds at most max_num_seqs requests (what one step could admit), so followers are
+    not stuck behind a long queue of leaders. Results are in input order, as engine.generate's."""
     groups = plan_prefix_groups(prompts, engine.kv.block_size)
     next_group = 0
     ready: deque[int] = deque()                 # followers whose leader's prompt is cached
@@ -102,15 +102,14 @@ def generate_prefix_ordered(engine, prompts: list[list[int]], params: list[Sampl
     ids: dict[int, str] = {}
     final: dict[str, object] = {}
     sched = engine.scheduler
-    step_tokens = engine.config.scheduler.max_num_batched_tokens
+    window = max(2, engine.config.scheduler.max_num_seqs)
 
     def submit(i: int) -> str:
         ids[i] = engine.add_request(prompts[i], params[i], validated=True)
         return ids[i]
 
     while next_group < len(groups) or ready or engine.has_unfinished():
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
-        while (ready or next_group < len(groups)) and (len(sched.waiting) < 2 or queued < 2 * step_tokens):
+        while (ready or next_group < len(groups)) and len(sched.waiting) < window:
             if ready:
                 i = ready.popleft()
             else:
@@ -118,11 +117,9 @@ def generate_prefix_ordered(engine, prompts: list[list[int]], params: list[Sampl
                 next_group += 1
                 i = group.leader
                 if group.followers:
-                    waiting_for[ids.get(i) or submit(i)] = group
-                    queued += len(prompts[i])
+                    waiting_for[submit(i)] = group
                     continue
             submit(i)
-            queued += len(prompts[i])
         for o in engine.step():
             group = waiting_for.pop(o.request_id, None) if o.new_token_ids else None
             if group is not None:

@@ -112,7 +112,7 @@ class OpenAIApi:
         try:
             answer = Answer(parsed, rr.request_id, r.model.model_id, len(rr.prompt_token_ids), self.token_texts,
                             rr.prompt_token_ids)
-            stream = r.metrics.track(rr, r.dispatcher.generate(rr), API)
+            stream = r.metrics.track(rr, r.requests.generate(rr), API)
             async with contextlib.aclosing(stream):
                 if parsed.stream:
                     return await _stream(request, parsed, rr, stream, answer)
@@ -155,7 +155,7 @@ async def _whole(rr, stream, answer: Answer) -> web.Response:
         async for message in stream:
             answer.add(message)
     except RouteError as e:
-        return from_status(e.code, e.message).response()
+        return from_status(e.code, e.message, getattr(e, "retry_after_s", 0)).response()
     except asyncio.CancelledError:
         if not _aborted(rr):
             raise
@@ -168,7 +168,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, rr, stream, answe
     try:
         message = await anext(stream)
     except RouteError as e:
-        return from_status(e.code, e.message).response()
+        return from_status(e.code, e.message, getattr(e, "retry_after_s", 0)).response()
     except asyncio.CancelledError:
         if not _aborted(rr):
             raise
