@@ -7,7 +7,9 @@ The batch: `apps` system prompts of `prefix` tokens, `per_app` prompts each (sys
 tail of its own), shuffled so prompts of one app are spread through the input, as a job file
 would hold them. Each order runs on a fresh engine (same weights, same KV size) in alternating
 rounds; the figures are the best round of each (elapsed, tokens/s) and the prompt tokens served
-from the prefix cache. Both orders must give the same tokens (greedy), in input order.
+from the prefix cache. `same_output` says whether both orders gave the same tokens (greedy): in
+float32 they do (tests/unit/test_run_offline_prefix.py); in bfloat16 a different batch shape rounds
+differently, so a few tokens may differ.
 
 Prints the host line, one JSON line per order and round, then one JSON object with the headline
 {"prefix_vs_input_elapsed": R, ...}, R = prefix order's elapsed / input order's.
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
                       "input_cached_fraction": round(best["input"]["cached_fraction"], 3),
                       "prefix_cached_fraction": round(best["prefix"]["cached_fraction"], 3),
                       "same_output": same, "requests": len(lines)}), flush=True)
-    return 0 if same else 1
+    return 0
 
 
 if __name__ == "__main__":
