@@ -24,7 +24,7 @@ from tandem.local_cluster import LocalCluster
 from tandem.v1 import serving_pb2, serving_pb2_grpc
 from tests.conftest import random_prompts
 from tests.golden.hf_reference import hf_greedy
-from tests.integration.cluster_helpers import assert_no_leaks, generate
+from tests.integration.cluster_helpers import assert_no_leaks, generate, instances
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -74,6 +74,10 @@ def test_slo_admission_refuses_at_once_with_retry_after(export_named, redis_url,
         # Eight short requests queued behind one another: the router measures its start rate.
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: generate(c.address, [5 + i] * 4, 8), range(8)))
+        for _ in range(100):             # until the router's view holds a measured prefill rate
+            if any(r.prefill_tokens_per_s > 0 for r in instances(c.address)):
+                break
+            time.sleep(0.1)
         # A backlog: six long requests, one running at a time.
         backlog = [threading.Thread(target=generate, args=(c.address, [40 + i] * 4, 200)) for i in range(6)]
         for t in backlog:
