@@ -57,6 +57,8 @@ def read_prompts(path: str) -> list[PromptLine]:
 
 ORDERS = ("prefix", "input")
 DEFAULT_ORDER = "prefix"
+# Groups whose shared prefix is being computed at once (their leaders queued, first token not out).
+MAX_LEADERS_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,9 @@ def generate_prefix_ordered(engine, prompts: list[list[int]], params: list[Sampl
     while it is in the cache (BatchLLM's idea): the groups of plan_prefix_groups go in sorted
     order; a group's leader computes the prefix, its followers are queued as soon as the leader's
     prompt is done (its blocks are cached then), ahead of later groups' leaders. The engine's
-    waiting queue holds at most max_num_seqs requests (what one step could admit), so followers are
-    not stuck behind a long queue of leaders. Results are in input order, as engine.generate's."""
+    waiting queue holds at most max_num_seqs requests (what one step could admit), and at most
+    MAX_LEADERS_AHEAD leaders compute their prefix at a time, so a prefix is not evicted by later
+    groups' before its followers are admitted. Results are in input order, as engine.generate's."""
     groups = plan_prefix_groups(prompts, engine.kv.block_size)
     next_group = 0
     ready: deque[int] = deque()                 # followers whose leader's prompt is cached
@@ -112,6 +115,8 @@ def generate_prefix_ordered(engine, prompts: list[list[int]], params: list[Sampl
         while (ready or next_group < len(groups)) and len(sched.waiting) < window:
             if ready:
                 i = ready.popleft()
+            elif len(waiting_for) >= MAX_LEADERS_AHEAD:
+                break
             else:
                 group = groups[next_group]
                 next_group += 1
