@@ -4,7 +4,9 @@
 
 The cluster: one colocated instance pinned to core 1 (router and this client on core 0) with
 --max-num-seqs slots, so that requests queue at the engine, as they do on any saturated instance.
-Each policy gets a fresh cluster (router and worker flags), the same requests and arrival times.
+The two systems of a comparison run as two live clusters (their flags differ) and take turns: the
+same requests and arrival times, in --rounds rounds of fresh prompts, the order alternating round by
+round (A B, B A), so that whatever else the host runs meanwhile falls on both alike.
 
 Workload (default): several applications, each a shared system prompt with its own output length
 (a learnable signal: the router's predictor must find it from the prompts alone; no client
@@ -18,7 +20,8 @@ about the length; the predictor learns what each request cost from what was stre
 1. Capacity: a burst of --burst requests at t=0 under fcfs; capacity = requests / makespan.
    The TTFT SLO is --slo-scale x the mean e2e latency of requests sent one at a time.
 2. FCFS vs SJF at --load x capacity (Poisson arrivals): mean, P50, P90, P99 of e2e latency and
-   TTFT, goodput (requests/s meeting the TTFT SLO over the arrival window).
+   TTFT, goodput (requests/s meeting the TTFT SLO over the arrival windows). SJF's predictor
+   starts cold and learns during the run.
 3. Admission none vs slo at --overload x capacity (fcfs both): goodput at the same SLO (a refused
    request counts as not good).
 4. Prefix vs load routing: `prefix_vs_load(trace, seed=..., out_dir=...)` from
@@ -185,6 +188,37 @@ def run_sequential_load(address: str, wl: Workload, cap: int) -> list[RequestRes
     return asyncio.run(main())
 
 
+def compare(a, base: Workload, vocab: int, cap: int, slo: float, rate: float, n: int, systems: dict,
+            salt: int) -> dict:
+    """{name: figures} of each system (name → (queue policy, admission)) on `n` requests at `rate`,
+    sent in a.rounds rounds, the systems' order alternating round by round."""
+    per_round = max(1, n // a.rounds)
+    results: dict = {name: [] for name in systems}
+    specs: dict = {name: [] for name in systems}
+    window = 0.0
+    with contextlib.ExitStack() as stack:
+        addrs = {name: stack.enter_context(cluster(a.model, a.out_dir, name, qp, adm, slo, a.max_num_seqs))
+                 for name, (qp, adm) in systems.items()}
+        for name, addr in addrs.items():
+            run_sequential_load(addr, base.salted(1, vocab).head(4), cap)          # warm-up, the same for all
+        for k in range(a.rounds):
+            wl = base.salted(salt + k, vocab).head(per_round).at_rate(rate, a.seed + salt + k)
+            window += wl.requests[-1].arrival_s
+            order = list(systems) if k % 2 == 0 else list(reversed(systems))
+            for name in order:
+                got, _ = run_load(addrs[name], wl, cap)
+                results[name] += got
+                specs[name] += wl.requests
+                print(f"  round {k} {name}: {_line(figures(got, slo, wl.requests[-1].arrival_s))}", flush=True)
+    out = {}
+    for name in systems:
+        write_csv(os.path.join(a.out_dir, f"{name}.csv"), results[name], Workload(specs[name], []))
+        out[name] = figures(results[name], slo, window)
+        out[name]["refused"] = sum(1 for r in results[name] if r.error and "RESOURCE_EXHAUSTED" in r.error)
+        print(f"{name}: {_line(out[name])}, refused {out[name]['refused']}", flush=True)
+    return out
+
+
 def figures(results: list[RequestResult], slo_ttft_s: float, window_s: float) -> dict:
     s = summarize(results, ttft_slo=slo_ttft_s)
     met = sum(r.meets(slo_ttft_s, None) for r in results)
@@ -222,10 +256,11 @@ def prefix_part(a) -> tuple[float | None, dict | None]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/bench_sched.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="small")
     p.add_argument("--trace", default=None, help="any trace loadgen reads (default: the built-in applications)")
-    p.add_argument("--requests", type=int, default=300, help="requests per FCFS/SJF run")
-    p.add_argument("--admission-requests", type=int, default=200, help="requests per admission run")
+    p.add_argument("--requests", type=int, default=240, help="requests per queue policy (all rounds)")
+    p.add_argument("--admission-requests", type=int, default=160, help="requests per admission mode (all rounds)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per comparison")
     p.add_argument("--burst", type=int, default=80, help="requests of the capacity burst")
     p.add_argument("--max-num-seqs", type=int, default=4, help="the instance's batch slots")
     p.add_argument("--load", type=float, default=0.85, help="FCFS/SJF arrival rate as a share of capacity")
@@ -250,7 +285,7 @@ def main(argv=None) -> int:
         workload_note = ("built-in applications (this file's BUILTIN_APPS: share, system prompt, user tokens, "
                          "mean output): " + json.dumps(BUILTIN_APPS))
     cap = max(s.output_tokens for s in base.requests)
-    summary: dict = {"model": a.model, "workload": workload_note, "max_num_seqs": a.max_num_seqs, "cap": cap}
+    summary: dict = {"host_load_1m_before": os.getloadavg()[0], "model": a.model, "workload": workload_note, "max_num_seqs": a.max_num_seqs, "cap": cap}
     started = time.monotonic()
 
     # 1. capacity and the SLO, on a fcfs cluster
@@ -265,39 +300,23 @@ def main(argv=None) -> int:
     summary.update({"unloaded_mean_e2e_s": mean_e2e0, "capacity_rps": capacity, "slo_ttft_s": slo})
     print(f"capacity {capacity:.2f} req/s, unloaded mean e2e {mean_e2e0:.3f} s, TTFT SLO {slo:.3f} s", flush=True)
 
-    # 2. fcfs vs sjf near saturation
+    # 2. fcfs vs sjf near saturation, 3. admission none vs slo at overload: each pair on two live
+    # clusters, their runs interleaved in rounds (A B, then B A) so that whatever else the host does
+    # falls on both alike; each round sends fresh prompts (the same ones to both).
     rate = a.load * capacity
-    wl = base.salted(4, vocab).head(a.requests).at_rate(rate, a.seed)
-    window = wl.requests[-1].arrival_s
-    runs = {}
-    for policy in ("fcfs", "sjf"):
-        with cluster(a.model, a.out_dir, policy, policy, "none", slo, a.max_num_seqs) as addr:
-            run_sequential_load(addr, base.salted(1, vocab).head(4), cap)        # warm-up, same for both
-            results, _ = run_load(addr, wl, cap)
-        write_csv(os.path.join(a.out_dir, f"{policy}.csv"), results, wl)
-        runs[policy] = figures(results, slo, window)
-        print(f"{policy}: {_line(runs[policy])}", flush=True)
+    runs = compare(a, base, vocab, cap, slo, rate, a.requests, {"fcfs": ("fcfs", "none"), "sjf": ("sjf", "none")},
+                   salt=4)
     summary["queue_policy"] = {"rate_rps": rate, **runs}
-
-    # 3. admission none vs slo at overload
     rate = a.overload * capacity
-    wl = base.salted(5, vocab).head(a.admission_requests).at_rate(rate, a.seed + 1)
-    window = wl.requests[-1].arrival_s
-    adm = {}
-    for mode in ("none", "slo"):
-        with cluster(a.model, a.out_dir, f"admission-{mode}", "fcfs", mode, slo, a.max_num_seqs) as addr:
-            run_sequential_load(addr, base.salted(1, vocab).head(4), cap)
-            results, _ = run_load(addr, wl, cap)
-        write_csv(os.path.join(a.out_dir, f"admission-{mode}.csv"), results, wl)
-        adm[mode] = figures(results, slo, window)
-        adm[mode]["refused"] = sum(1 for r in results if r.error and "RESOURCE_EXHAUSTED" in r.error)
-        print(f"admission {mode}: {_line(adm[mode])}, refused {adm[mode]['refused']}", flush=True)
+    adm = compare(a, base, vocab, cap, slo, rate, a.admission_requests,
+                  {"none": ("fcfs", "none"), "slo": ("fcfs", "slo")}, salt=40)
     summary["admission"] = {"rate_rps": rate, **adm}
 
     # 4. prefix vs load routing (the other part of issue 16, when present)
     prefix_ratio, prefix_detail = (None, None) if a.skip_prefix else prefix_part(a)
     summary["prefix_vs_load"] = prefix_detail
     summary["wall_s"] = time.monotonic() - started
+    summary["host_load_1m_after"] = os.getloadavg()[0]
 
     fcfs, sjf = runs["fcfs"], runs["sjf"]
     headline = {
