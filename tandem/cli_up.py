@@ -59,7 +59,10 @@ def _router_args(args) -> list[str]:
 
 
 def _worker_args(args) -> list[str]:
-    out = ["--dtype", args.dtype, "--queue-policy", args.queue_policy]
+    out = ["--dtype", args.dtype]
+    policy = getattr(args, "queue_policy", DEFAULT_QUEUE_POLICY)
+    if policy != DEFAULT_QUEUE_POLICY:           # else the workers' own default (the same)
+        out += ["--queue-policy", policy]
     for flag in ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
                  "max_model_len", "lease_ms", "device", "kv_transport"):
         value = getattr(args, flag)
