@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models demo test proto bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
+.PHONY: setup models demo test proto bench-choices bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
 
 setup: $(STAMP) redis models
 
@@ -54,6 +54,15 @@ bench-transfer: setup
 # TTFT breakdown on 1P+1D, and cluster throughput at saturation beside the raw engine.
 bench-cluster: setup
 	$(PY) benchmarks/bench_cluster.py
+
+# n > 1 at prefill: n=4 choices of one prompt against n=1 and four separate prompts (goal n4/n1 <= 1.3).
+bench-choices: setup
+	$(PY) benchmarks/bench_choices.py
+
+# vLLM's own benchmark client (openai and openai-chat backends) and loadgen against one 1P+1D cluster:
+# zero failed requests, their TTFT/TPOT beside loadgen's. Needs ../shared/peers' vLLM CPU venv.
+bench-clients: setup
+	$(PY) benchmarks/bench_clients.py
 
 # Live-migration downtime and total time by sequence length, beside a recompute-based move.
 bench-migration: setup

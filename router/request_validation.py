@@ -9,6 +9,7 @@ import asyncio
 import time
 import uuid
 
+from router.choices import check_choices
 from router.dispatch import RoutedRequest
 from services.engine.config import ModelConfig
 from services.engine.engine import validate_prompt
@@ -39,6 +40,7 @@ def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenize
         raise InvalidRequestError("params.max_tokens", "is required; set params.max_tokens > 0")
     prompt_ids = tokenizer.encode(req.prompt) if req.prompt else list(req.prompt_token_ids)
     params = sampling_params_from_proto(req.params)
+    check_choices(req.params)
     max_len = model.max_position_embeddings
     validate_prompt(prompt_ids, params, model.vocab_size, max_len)
     if len(prompt_ids) + params.max_tokens > max_len:

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from router import choices
 from router.dispatch import Dispatcher, RouteError, RoutedRequest
 from router.http_frontends import HttpFrontends
 from router.leader_lock import LeaderLock
@@ -52,11 +53,19 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                                 f"request_id {rr.request_id!r} is already running; use a unique id")
         r.live[rr.request_id] = rr
         index = 0
+        indices: dict[int, int] = {}               # choice → its next token index
         try:
-            async for message in r.metrics.track(rr, r.requests.generate(rr), "grpc"):
+            n, best_of = choices.check_choices(request.params)
+            children = choices.split(rr)
+            stream = choices.best_of_stream(
+                choices.merged(children, lambda c: r.metrics.track(c, r.requests.generate(c), "grpc")),
+                n, best_of, keep_logprobs=request.params.HasField("logprobs"))
+            async for message in stream:
+                index = indices.get(message.choice, 0)
                 if message.index != index:        # the contract the client relies on
                     raise RouteError(grpc.StatusCode.INTERNAL, f"token index {message.index} arrived, {index} expected")
-                index += len(message.token_ids)
+                indices[message.choice] = index + len(message.token_ids)
+                message.request_id = rr.request_id
                 yield message
         except RouteError as e:
             if getattr(e, "retry_after_s", 0):

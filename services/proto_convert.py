@@ -36,13 +36,24 @@ def sampling_params_from_proto(p: serving_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(p.stop),
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs if p.HasField("logprobs") else None)
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        min_p=p.min_p,
+        min_tokens=p.min_tokens)
 
 
 def sampling_params_to_proto(sp: SamplingParams) -> serving_pb2.SamplingParams:
+    """The inverse of sampling_params_from_proto (a migration sends a request's params with it)."""
     p = serving_pb2.SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
                                    top_k=sp.top_k, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids),
-                                   ignore_eos=sp.ignore_eos)
+                                   ignore_eos=sp.ignore_eos, presence_penalty=sp.presence_penalty,
+                                   frequency_penalty=sp.frequency_penalty, logit_bias=dict(sp.logit_bias),
+                                   min_p=sp.min_p, min_tokens=sp.min_tokens)
+    if sp.repetition_penalty != 1.0:
+        p.repetition_penalty = sp.repetition_penalty
     if sp.seed is not None:
         p.seed = sp.seed
     if sp.logprobs is not None:

@@ -86,19 +86,28 @@ def build_generate_request(prompt: str | None = None, token_ids: Sequence[int] |
                            logprobs: int | None = None, request_id: str | None = None,
                            priority: int = 0, ttft_slo_s: float | None = None,
                            tpot_slo_s: float | None = None,
-                           expected_output_tokens: int = 0) -> serving_pb2.GenerateRequest:
+                           expected_output_tokens: int = 0, presence_penalty: float = 0.0,
+                           frequency_penalty: float = 0.0, repetition_penalty: float | None = None,
+                           logit_bias: dict[int, float] | None = None, min_p: float = 0.0,
+                           min_tokens: int = 0) -> serving_pb2.GenerateRequest:
     """The GenerateRequest for `generate()`'s arguments; None leaves an optional field unset.
 
     Raises ValueError unless exactly one of `prompt` and `token_ids` is given. Everything else is
     validated by the server (INVALID_ARGUMENT naming the field). expected_output_tokens: a hint of
     the output length (1..max_tokens; 0: none) for the router's output-length predictor.
+    presence_penalty, frequency_penalty ([-2, 2]), repetition_penalty (> 0; None or 1: off),
+    logit_bias ({token id: bias in [-100, 100]}), min_p ([0, 1]) and min_tokens: as in
+    services/engine/sampling_params.py.
     """
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt and token_ids")
     params = serving_pb2.SamplingParams(
         max_tokens=max_tokens, top_k=top_k, ignore_eos=ignore_eos,
-        stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()))
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("logprobs", logprobs)):
+        stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}),
+        min_p=min_p, min_tokens=min_tokens)
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("logprobs", logprobs),
+                        ("repetition_penalty", repetition_penalty)):
         if value is not None:
             setattr(params, name, value)
     request = serving_pb2.GenerateRequest(request_id=request_id or "", prompt=prompt or "",

@@ -20,11 +20,12 @@ import time
 
 from aiohttp import web
 
+from router import choices
 from router.dispatch import RouteError
 from router.openai_api.chat_template import ChatTemplate
 from router.openai_api.errors import ApiError, from_invalid_request, from_status, invalid
 from router.openai_api.requests import ParsedRequest, parse_chat, parse_completion
-from router.openai_api.responses import Answer, TokenTexts
+from router.openai_api.responses import Answer, TokenTexts, combined_response, combined_usage
 from router.request_validation import build_request_async
 from services.engine.sampling_params import InvalidRequestError
 from services.metrics_http import metrics_response
@@ -110,19 +111,23 @@ class OpenAIApi:
             return e.response()
         r.live[rr.request_id] = rr
         try:
-            answer = Answer(parsed, rr.request_id, r.model.model_id, len(rr.prompt_token_ids), self.token_texts,
-                            rr.prompt_token_ids)
-            stream = r.metrics.track(rr, r.requests.generate(rr), API)
+            n, best_of = choices.check_choices(parsed.request.params)
+            answers = [Answer(parsed, rr.request_id, r.model.model_id, len(rr.prompt_token_ids), self.token_texts,
+                              rr.prompt_token_ids, index=i) for i in range(n)]
+            stream = choices.best_of_stream(
+                choices.merged(choices.split(rr), lambda c: r.metrics.track(c, r.requests.generate(c), API)),
+                n, best_of, keep_logprobs=parsed.logprobs is not None)
             async with contextlib.aclosing(stream):
                 if parsed.stream:
-                    return await _stream(request, parsed, rr, stream, answer)
-                return await _whole(rr, stream, answer)
+                    return await _stream(request, parsed, rr, stream, answers)
+                return await _whole(parsed, rr, stream, answers)
         finally:
             if r.live.get(rr.request_id) is rr:
                 del r.live[rr.request_id]
 
     # ---- errors -------------------------------------------------------------------------------
     @web.middleware
+
     async def _errors(self, request: web.Request, handler):
         """Every error leaves as OpenAI's error JSON; unexpected ones are logged, never shown."""
         try:
@@ -150,21 +155,32 @@ def _aborted(rr) -> bool:
     return rr.aborted and not (task is not None and task.cancelling())
 
 
-async def _whole(rr, stream, answer: Answer) -> web.Response:
+def _headers(parsed: ParsedRequest, rr) -> dict:
+    """X-Request-Id, and X-Tandem-Ignored-Fields naming the unknown fields the request carried."""
+    headers = {"X-Request-Id": rr.request_id}
+    if parsed.ignored:
+        headers["X-Tandem-Ignored-Fields"] = ",".join(parsed.ignored)[:1024]
+    return headers
+
+
+async def _whole(parsed: ParsedRequest, rr, stream, answers: list[Answer]) -> web.Response:
     try:
         async for message in stream:
-            answer.add(message)
+            answers[message.choice].add(message)
     except RouteError as e:
         return from_status(e.code, e.message, getattr(e, "retry_after_s", 0)).response()
     except asyncio.CancelledError:
         if not _aborted(rr):
             raise
-        answer.finish_reason = "abort"
-    return web.json_response(answer.response(), headers={"X-Request-Id": rr.request_id})
+        for answer in answers:
+            answer.finish_reason = answer.finish_reason or "abort"
+    return web.json_response(combined_response(answers), headers=_headers(parsed, rr))
 
 
-async def _stream(request: web.Request, parsed: ParsedRequest, rr, stream, answer: Answer) -> web.StreamResponse:
+async def _stream(request: web.Request, parsed: ParsedRequest, rr, stream,
+                  answers: list[Answer]) -> web.StreamResponse:
     aborted = False
+    unfinished = set(range(len(answers)))
     try:
         message = await anext(stream)
     except RouteError as e:
@@ -174,16 +190,19 @@ async def _stream(request: web.Request, parsed: ParsedRequest, rr, stream, answe
             raise
         message, aborted = None, True
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                       "X-Request-Id": rr.request_id})
+                                       **_headers(parsed, rr)})
     await resp.prepare(request)
     try:
         try:
             while message is not None:
+                answer = answers[message.choice]
                 delta = answer.add(message)
                 for chunk in answer.chunks(delta, message.finished):
                     await resp.write(_sse(chunk))
                 if message.finished:
-                    break
+                    unfinished.discard(message.choice)
+                    if not unfinished:
+                        break
                 message = await anext(stream, None)
         except RouteError as e:
             await resp.write(_sse(from_status(e.code, e.message).body()))
@@ -194,11 +213,14 @@ async def _stream(request: web.Request, parsed: ParsedRequest, rr, stream, answe
                 raise
             aborted = True
         if aborted:                      # the Abort RPC: end the stream as OpenAI-style clients expect
-            answer.finish_reason = "abort"
-            for chunk in answer.chunks({"text": "", "token_ids": [], "logprobs": None}, True):
-                await resp.write(_sse(chunk))
+            for i in sorted(unfinished):
+                answers[i].finish_reason = "abort"
+                for chunk in answers[i].chunks({"text": "", "token_ids": [], "logprobs": None}, True):
+                    await resp.write(_sse(chunk))
         if parsed.include_usage:
-            await resp.write(_sse(answer.usage_chunk()))
+            chunk = answers[0].usage_chunk()
+            chunk["usage"] = combined_usage(answers)
+            await resp.write(_sse(chunk))
         await resp.write(_sse(b"[DONE]"))
         await resp.write_eof()
     except ConnectionResetError:         # the client left mid-stream: closing the stream releases the request

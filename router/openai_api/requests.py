@@ -1,41 +1,56 @@
 """JSON bodies of /v1/completions and /v1/chat/completions → a tandem.v1.GenerateRequest.
 
-Everything is checked here or by the shared validation after it; nothing is silently ignored.
-Supported: `model`, `prompt` (text, token ids, or a one-element list of either) or `messages`,
+Everything is checked here or by the shared validation after it. Supported: `model`, `prompt` (text, token ids, or a one-element list of either) or `messages`,
 `max_tokens` (`max_completion_tokens` in chat), `temperature` (default 1, as OpenAI), `top_p`,
 `seed`, `stop`, `logprobs` (completions: 0..20 alternatives; chat: true with `top_logprobs`),
 `echo` (completions, without logprobs), `stream`, `stream_options.include_usage`, `user`
-(accepted for its purpose: it only identifies the caller); OpenAI's neutral values of
-parameters Tandem does not implement (`n: 1`, `best_of: 1`, penalties 0, empty `logit_bias`, no
-tools, `response_format: {"type": "text"}`, ...). Any other value or unknown field is a 400 that
-names it.
+(accepted for its purpose: it only identifies the caller), `presence_penalty`,
+`frequency_penalty` ([-2, 2]), `logit_bias` ({"token id": bias in [-100, 100]}), `n` (choices of
+one prompt, its KV computed once: router/choices.py) and `best_of` (completions; >= n, not with
+stream); OpenAI's neutral values of parameters Tandem does not implement (no tools,
+`response_format: {"type": "text"}`, ...).
+
+The extras vLLM and SGLang clients send: `repetition_penalty` (> 0, 1 is off), `top_k` (-1 or 0
+is off), `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `seed` are honoured;
+`skip_special_tokens: true`, `spaces_between_special_tokens: true`,
+`include_stop_str_in_output: false`, `use_beam_search: false`, `length_penalty: 1`, empty
+`bad_words` / `logits_processors`, ... (_NEUTRAL) are what Tandem does anyway and are accepted;
+any other value of those is a 400 naming the field and saying what to send instead.
+
+Unknown fields (policy): a field no endpoint knows is ignored, as vLLM and SGLang do, so clients
+that add their own extras keep working; it is never silent: the response carries
+`X-Tandem-Ignored-Fields: a,b` and the router logs one warning per field name. A field of the other
+endpoint (`messages` on /v1/completions, `best_of` on chat, ...) is a 400.
 
 Tandem's extras (extra body fields): `request_id`, `priority` (int, higher first), `slo`
 (`{"ttft_s": s, "tpot_s": s}`), `expected_output_tokens` (the output length you expect, a hint for
 the router's output-length predictor; 1..max_tokens, 0 or absent: none), `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`
-(token ids in each choice), `stream_options.continuous_usage_stats` (usage on every chunk),
-`add_generation_prompt` (chat, default true) and `min_tokens`, accepted when it is 0 or
-ignore_eos is set without stops (Tandem has no minimum-length sampling otherwise).
+(token ids in each choice), `stream_options.continuous_usage_stats` (usage on every chunk) and
+`add_generation_prompt` (chat, default true).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 from router.openai_api.chat_template import ChatTemplate, ChatTemplateError
 from router.openai_api.errors import ApiError, invalid
 from router.openai_api.fields import (get_bool, get_dict, get_int, get_int_list, get_number, get_str,
                                       get_str_list)
+from services.engine.sampling_params import LOGIT_BIAS_RANGE, PENALTY_RANGE
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
 from tandem.v1 import serving_pb2
 
+log = logging.getLogger("tandem.router.http")
 MAX_LOGPROBS = 20
 _INT32 = 2 ** 31 - 1
 
 # Parameters of both endpoints, and per endpoint.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
            "frequency_penalty", "presence_penalty", "logit_bias",
-           "request_id", "priority", "slo", "expected_output_tokens", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids"}
+           "request_id", "priority", "slo", "expected_output_tokens", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids",
+           "repetition_penalty", "min_p"}
 COMPLETION_PARAMS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
                          "tool_choice", "parallel_tool_calls", "functions", "function_call", "store", "metadata",
@@ -43,11 +58,6 @@ CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_l
 
 # Parameters accepted only at OpenAI's neutral value: (is it neutral?, what to do instead).
 _NEUTRAL = {
-    "n": (lambda v: v == 1, "only n=1 is supported; send several requests (different seeds) for more choices"),
-    "best_of": (lambda v: v == 1, "only best_of=1 is supported; send several requests and pick yourself"),
-    "frequency_penalty": (lambda v: v == 0, "penalties are not supported; leave it 0"),
-    "presence_penalty": (lambda v: v == 0, "penalties are not supported; leave it 0"),
-    "logit_bias": (lambda v: v == {}, "logit_bias is not supported; leave it out"),
     "suffix": (lambda v: v == "", "insertion (suffix) is not supported; leave it out"),
     "tools": (lambda v: v == [], "tool calling is not supported; leave tools out"),
     "functions": (lambda v: v == [], "function calling is not supported; leave functions out"),
@@ -59,7 +69,37 @@ _NEUTRAL = {
     "metadata": (lambda v: v == {}, "metadata is kept only for stored completions, which are not supported"),
     "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported; use \"auto\""),
     "modalities": (lambda v: v == ["text"], "only [\"text\"] output is supported"),
+    # vLLM / SGLang extras (vLLM's protocol.py, SGLang's openai_api/protocol.py)
+    "skip_special_tokens": (lambda v: v is True, "Tandem always skips special tokens in text; leave it true"),
+    "spaces_between_special_tokens": (lambda v: v is True, "special tokens are skipped; leave it true"),
+    "include_stop_str_in_output": (lambda v: v is False, "the matched stop string is never returned; leave it "
+                                                         "false (or use stop_token_ids, whose token is returned)"),
+    "no_stop_trim": (lambda v: v is False, "the matched stop string is never returned; leave it false"),
+    "use_beam_search": (lambda v: v is False, "beam search is not supported; sample with n and best_of instead"),
+    "length_penalty": (lambda v: v == 1, "it only applies to beam search, which is not supported; leave it 1"),
+    "early_stopping": (lambda v: v is False, "it only applies to beam search, which is not supported"),
+    "bad_words": (lambda v: v == [], "bad_words is not supported; use logit_bias with -100 for their tokens"),
+    "allowed_token_ids": (lambda v: v == [], "allowed_token_ids is not supported yet; use logit_bias"),
+    "logits_processors": (lambda v: v == [], "custom logits processors are not supported"),
+    "prompt_logprobs": (lambda v: v == 0, "prompt logprobs are not computed; leave it out"),
+    "truncate_prompt_tokens": (lambda v: v == -1, "prompts are not truncated; shorten the prompt yourself"),
+    "return_tokens_as_token_ids": (lambda v: v is False, "use return_token_ids for token ids"),
+    "guided_json": (lambda v: False, "structured output is not supported yet"),
+    "guided_regex": (lambda v: False, "structured output is not supported yet"),
+    "guided_choice": (lambda v: False, "structured output is not supported yet"),
+    "guided_grammar": (lambda v: False, "structured output is not supported yet"),
+    "structured_outputs": (lambda v: False, "structured output is not supported yet"),
+    "regex": (lambda v: False, "structured output is not supported yet"),
+    "ebnf": (lambda v: False, "structured output is not supported yet"),
+    "json_schema": (lambda v: False, "structured output is not supported yet"),
+    "lora_path": (lambda v: False, "LoRA adapters are not supported"),
+    "chat_template_kwargs": (lambda v: v == {}, "chat template arguments are not supported; the model's "
+                                                "template is rendered with messages and add_generation_prompt"),
+    "chat_template": (lambda v: False, "a per-request chat template is not supported; the model's own is used"),
+    "continue_final_message": (lambda v: v is False, "continuing the last message is not supported"),
 }
+_NEUTRAL_ANYWHERE = set(_NEUTRAL) - _COMMON - COMPLETION_PARAMS - CHAT_PARAMS    # extras of both endpoints
+_ENDPOINT_FIELDS = COMPLETION_PARAMS | CHAT_PARAMS
 
 
 @dataclass
@@ -74,11 +114,13 @@ class ParsedRequest:
     echo_text: str | None = None           # completions with echo: the prompt's text
     return_token_ids: bool = False
     rename: dict | None = None             # shared-validation field → this endpoint's JSON name
+    n: int = 1                             # choices returned
+    ignored: list[str] = field(default_factory=list)   # unknown fields (the module docstring's policy)
 
 
 def parse_completion(body: dict, model: ModelConfig, tokenizer: Tokenizer) -> ParsedRequest:
     """Raises ApiError (400 naming the field, 404 for an unknown model)."""
-    _check_params(body, COMPLETION_PARAMS, "/v1/completions")
+    ignored = _check_params(body, COMPLETION_PARAMS, "/v1/completions")
     req = serving_pb2.GenerateRequest()
     _prompt(body.get("prompt"), req)
     logprobs = get_int(body, "logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
@@ -87,15 +129,24 @@ def parse_completion(body: dict, model: ModelConfig, tokenizer: Tokenizer) -> Pa
         raise invalid("echo", "echo with logprobs needs the prompt's logprobs, which Tandem does not compute; "
                               "drop one of them")
     parsed = _common(body, req, model, logprobs, "completion", max_tokens_default=16)
+    best_of = get_int(body, "best_of", None, minimum=1, maximum=_INT32)
+    if best_of is not None:
+        if best_of < parsed.n:
+            raise invalid("best_of", f"must be >= n ({parsed.n}), got {best_of}")
+        if best_of > parsed.n and parsed.stream:
+            raise invalid("best_of", "best_of > n cannot be streamed (the best choices are known only at the end); "
+                                     "drop stream or set best_of to n")
+        req.params.best_of = best_of
     if echo:
         parsed.echo_text = req.prompt if req.prompt else tokenizer.decode(req.prompt_token_ids)
     parsed.rename = {"token_ids": "prompt"}
+    parsed.ignored = ignored
     return parsed
 
 
 def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: ChatTemplate) -> ParsedRequest:
     """Raises ApiError (400 naming the field, 404 for an unknown model)."""
-    _check_params(body, CHAT_PARAMS, "/v1/chat/completions")
+    ignored = _check_params(body, CHAT_PARAMS, "/v1/chat/completions")
     messages = _messages(body.get("messages"))
     try:
         text = template.render(messages, get_bool(body, "add_generation_prompt", True))
@@ -115,18 +166,34 @@ def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: C
                      max_tokens_default=room, tokens_field=tokens_field)
     parsed.rename = {"token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs",
                      "max_tokens": tokens_field}
+    parsed.ignored = ignored
     return parsed
 
 
 # ---- shared parts -----------------------------------------------------------------------------
-def _check_params(body: dict, known: set[str], route: str) -> None:
+_warned: set[str] = set()
+
+
+def _check_params(body: dict, known: set[str], route: str) -> list[str]:
+    """The unknown fields of `body` (ignored, see the module docstring); raises the 400 of a field
+    of the other endpoint or of an extra at a value Tandem cannot honour."""
+    ignored = []
     for key, value in body.items():
-        if key not in known:
-            raise invalid(key, f"unrecognized request argument for {route}; supported: {', '.join(sorted(known))}")
+        if key not in known and key not in _NEUTRAL_ANYWHERE:
+            if key in _ENDPOINT_FIELDS:
+                raise invalid(key, f"is not a {route} argument; supported: {', '.join(sorted(known))}")
+            ignored.append(key)
+            continue
         rule = _NEUTRAL.get(key)
         if rule is not None and value is not None and not rule[0](value):
             raise invalid(key, f"{rule[1]} (got {value!r})")
     get_str(body, "user", None)
+    for key in ignored:
+        if key not in _warned and len(_warned) < 1000:
+            _warned.add(key)
+            log.warning("%s: ignoring the unknown request field %r (the X-Tandem-Ignored-Fields header names it)",
+                        route, key)
+    return ignored
 
 
 def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, logprobs: int | None, kind: str,
@@ -149,7 +216,9 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     params.ignore_eos = get_bool(body, "ignore_eos", False)
     if logprobs is not None:
         params.logprobs = logprobs
-    _min_tokens(body, params)
+    _adjustments(body, params)
+    n = get_int(body, "n", 1, minimum=1, maximum=_INT32)
+    params.n = n
     request_id = get_str(body, "request_id", "")
     if len(request_id) > 256 or not request_id.isprintable():
         raise invalid("request_id", "must be at most 256 printable characters")
@@ -167,16 +236,41 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     include_usage = get_bool(options, "include_usage", False)
     continuous = get_bool(options, "continuous_usage_stats", False)
     return ParsedRequest(kind, req, stream, include_usage or continuous, continuous, logprobs,
-                         return_token_ids=get_bool(body, "return_token_ids", False))
+                         return_token_ids=get_bool(body, "return_token_ids", False), n=n)
 
 
-def _min_tokens(body: dict, params: serving_pb2.SamplingParams) -> None:
-    min_tokens = get_int(body, "min_tokens", 0, minimum=0)
+def _adjustments(body: dict, params: serving_pb2.SamplingParams) -> None:
+    """Penalties, logit_bias, min_p and min_tokens (ranges as OpenAI's and vLLM's)."""
+    params.presence_penalty = get_number(body, "presence_penalty", 0.0, minimum=PENALTY_RANGE[0],
+                                         maximum=PENALTY_RANGE[1])
+    params.frequency_penalty = get_number(body, "frequency_penalty", 0.0, minimum=PENALTY_RANGE[0],
+                                          maximum=PENALTY_RANGE[1])
+    repetition = get_number(body, "repetition_penalty", 1.0)
+    if repetition <= 0:
+        raise invalid("repetition_penalty", f"must be > 0 (1 is off), got {repetition}")
+    if repetition != 1.0:
+        params.repetition_penalty = repetition
+    params.min_p = get_number(body, "min_p", 0.0, minimum=0.0, maximum=1.0)
+    min_tokens = get_int(body, "min_tokens", 0, minimum=0, maximum=_INT32)
     if min_tokens > params.max_tokens:
-        raise invalid("min_tokens", f"{min_tokens} exceeds max_tokens ({params.max_tokens})")
-    if min_tokens and not (params.ignore_eos and not params.stop and not params.stop_token_ids):
-        raise invalid("min_tokens", "is supported only with ignore_eos: true and no stop or stop_token_ids "
-                                    "(which then generate exactly max_tokens); Tandem has no minimum-length sampling")
+        raise invalid("min_tokens", f"{min_tokens} exceeds max_tokens ({params.max_tokens}); lower it")
+    params.min_tokens = min_tokens
+    bias = get_dict(body, "logit_bias") or {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid("logit_bias", f"keys must be token ids (\"50256\"), got {key!r}") from None
+        if not 0 <= token <= _INT32:
+            raise invalid("logit_bias", f"token id {key} must be a non-negative 32-bit integer")
+        bias_value = value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+                LOGIT_BIAS_RANGE[0] <= value <= LOGIT_BIAS_RANGE[1]:
+            raise invalid("logit_bias", f"the bias of token {key} must be a number in [{LOGIT_BIAS_RANGE[0]:g}, "
+                                        f"{LOGIT_BIAS_RANGE[1]:g}], got {value!r}")
+        if token in params.logit_bias:
+            raise invalid("logit_bias", f"token id {token} appears twice")
+        params.logit_bias[token] = bias_value
 
 
 def _slo(body: dict, req: serving_pb2.GenerateRequest) -> None:

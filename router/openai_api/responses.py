@@ -47,8 +47,9 @@ class Answer:
     """One request's answer in OpenAI's shapes. Call `add` for every message, in order."""
 
     def __init__(self, parsed: ParsedRequest, request_id: str, model_id: str, prompt_tokens: int,
-                 token_texts: TokenTexts, prompt_token_ids: list[int]):
+                 token_texts: TokenTexts, prompt_token_ids: list[int], index: int = 0):
         self.parsed, self.model_id, self.prompt_tokens = parsed, model_id, prompt_tokens
+        self.index = index                 # the choice it renders (n > 1: one Answer per choice)
         self.prompt_token_ids = prompt_token_ids
         self.id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + request_id
         self.created = int(time.time())
@@ -123,11 +124,11 @@ class Answer:
         """The whole (non-streaming) response object."""
         logprobs = self._render_logprobs(self._logprobs if self.parsed.logprobs is not None else None)
         if self.parsed.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "logprobs": logprobs,
+            choice = {"index": self.index, "message": {"role": "assistant", "content": self.text}, "logprobs": logprobs,
                       "finish_reason": self.finish_reason}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": (self.parsed.echo_text or "") + self.text, "logprobs": logprobs,
+            choice = {"index": self.index, "text": (self.parsed.echo_text or "") + self.text, "logprobs": logprobs,
                       "finish_reason": self.finish_reason}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
@@ -139,14 +140,14 @@ class Answer:
         out = []
         if self.parsed.kind == "chat":
             if first:
-                out.append(self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                out.append(self._chunk({"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                         "finish_reason": None}))
-            choice = {"index": 0, "delta": {"content": delta["text"]} if delta["text"] or not finished else {},
+            choice = {"index": self.index, "delta": {"content": delta["text"]} if delta["text"] or not finished else {},
                       "logprobs": self._render_logprobs(delta["logprobs"]),
                       "finish_reason": self.finish_reason if finished else None}
         else:
             text = (self.parsed.echo_text or "") + delta["text"] if first else delta["text"]
-            choice = {"index": 0, "text": text, "logprobs": self._render_logprobs(delta["logprobs"]),
+            choice = {"index": self.index, "text": text, "logprobs": self._render_logprobs(delta["logprobs"]),
                       "finish_reason": self.finish_reason if finished else None}
         self._sent_role = True
         out.append(self._chunk(self._ids(choice, delta["token_ids"], first)))
@@ -164,3 +165,19 @@ class Answer:
         if self.parsed.include_usage:
             chunk["usage"] = self.usage() if self.parsed.continuous_usage and choice else None
         return chunk
+
+
+def combined_response(answers: list[Answer]) -> dict:
+    """The whole response of n choices (answers in choice order): one object, n choices, the
+    prompt counted once in usage."""
+    response = answers[0].response()
+    response["choices"] = [a.response()["choices"][0] for a in answers]
+    response["usage"] = combined_usage(answers)
+    return response
+
+
+def combined_usage(answers: list[Answer]) -> dict:
+    usage = answers[0].usage()
+    completion = sum(len(a.token_ids) for a in answers)
+    usage.update(completion_tokens=completion, total_tokens=usage["prompt_tokens"] + completion)
+    return usage

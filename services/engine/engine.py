@@ -359,6 +359,7 @@ class LLMEngine:
             out.new_top_logprobs = r.output_top_logprobs[k - num_new:]
         if not r.is_finished:
             return out
+        self.runner.adjuster.release(r.request_id)
         detok = self._detok.pop(r.request_id, None)
         if detok and r.finish_reason != FinishReason.HANDOFF:    # on a hand-off the new owner emits it
             out.new_text += detok.flush()     # text held back for a possible stop string or split character

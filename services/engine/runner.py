@@ -17,6 +17,7 @@ from services.engine import device as devices
 from services.engine.config import EngineConfig
 from services.engine.linear import prepack_linears, prepack_supported
 from services.engine.loader import LoadedModel
+from services.engine.logits_adjust import LogitsAdjuster
 from services.engine.model import AttentionMetadata, LlamaModel, PrefillSeq
 from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -100,6 +101,7 @@ class ModelRunner:
         self.kv = torch.zeros(num_blocks, m.num_layers, 2, self.block_size, m.num_kv_heads, m.head_dim,
                               dtype=config.dtype, device=self.device)
         self.sampler = Sampler()
+        self.adjuster = LogitsAdjuster(m.vocab_size, self.device)   # penalties, logit_bias, min_tokens
 
     def bind_thread(self) -> None:
         """Call on the thread that will run steps (the engine thread): makes the engine's GPU its
@@ -167,6 +169,7 @@ class ModelRunner:
         sampled_chunks = out.decodes + [c for c in out.prefills if c.samples]
         if not sampled_chunks:
             return [], None
-        params = [c.request.sampling_params for c in sampled_chunks]
-        indices = [c.request.num_output_tokens for c in sampled_chunks]
-        return sampled_chunks, self.sampler(logits, params, indices)
+        requests = [c.request for c in sampled_chunks]
+        params = [r.sampling_params for r in requests]
+        indices = [r.num_output_tokens for r in requests]
+        return sampled_chunks, self.sampler(logits, params, indices, self.adjuster.prepare(requests))

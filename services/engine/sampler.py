@@ -1,6 +1,8 @@
 """Turns a batch of next-token logits into tokens (plus their logprobs).
 
-Greedy rows take the argmax. Random rows divide by the temperature, apply top-k then top-p
+Rows with logit adjustments (penalties, logit_bias, min_tokens: services/engine/logits_adjust.py)
+have them applied to a float32 copy of their logits first; the rest go straight on. Greedy rows
+take the argmax. Random rows divide by the temperature, apply min-p, top-k then top-p
 (nucleus) filtering and sample with the exponential race: token = argmax(p / E) with
 E ~ Exponential(1) drawn independently per vocabulary entry, which picks token i with
 probability p_i. We evaluate it in log space, argmax(log p - log E), which is the same
@@ -72,7 +74,11 @@ class Sampler:
     """Stateless apart from the shared generators; call it once per step on the [B, V] logits."""
 
     def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                 output_indices: Sequence[int]) -> SamplerOutput:
+                 output_indices: Sequence[int], adjust=None) -> SamplerOutput:
+        """logits: [B, V] raw next-token logits. adjust: None, or an object with `rows` (ascending
+        batch rows) and `apply(x)` that changes x [len(rows), V] float32 (a copy of those rows) in
+        place (services/engine/logits_adjust.py: penalties, logit_bias, min_tokens). Rows outside it,
+        greedy ones above all, take the plain path."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
@@ -85,18 +91,33 @@ class Sampler:
         # Converting bf16 logits to float32 is exact, so argmax and sampling see the model's values;
         # log-softmax work (logprobs) is done only for the rows that ask for it.
         random_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
-        if not random_rows:
+        adj_rows = adjust.rows if adjust is not None else []
+        if not random_rows and not adj_rows:
             tokens = greedy_argmax(logits)
         else:
             tokens = torch.empty(batch, dtype=torch.long, device=device)
-            greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0]
+            pos: dict[int, int] = {}
+            if adj_rows:
+                pos = {row: j for j, row in enumerate(adj_rows)}
+                adjusted = logits.index_select(0, torch.tensor(adj_rows, device=device)).float()   # [A, V]
+                adjust.apply(adjusted)
+            greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0 and i not in pos]
             if greedy_rows:
                 g_idx = torch.tensor(greedy_rows, device=device)
                 tokens[g_idx] = greedy_argmax(logits.index_select(0, g_idx))
-            r_idx = torch.tensor(random_rows, device=device)
-            tokens[r_idx] = self._sample(logits.index_select(0, r_idx).float(),
-                                         [params[i] for i in random_rows],
-                                         [output_indices[i] for i in random_rows])
+            adj_greedy = [i for i in adj_rows if params[i].temperature == 0.0]
+            if adj_greedy:
+                tokens[torch.tensor(adj_greedy, device=device)] = adjusted.index_select(
+                    0, torch.tensor([pos[i] for i in adj_greedy], device=device)).argmax(dim=-1)
+            if random_rows:
+                r_idx = torch.tensor(random_rows, device=device)
+                x = logits.index_select(0, r_idx).float()                            # [R, V]
+                swap = [(j, pos[i]) for j, i in enumerate(random_rows) if i in pos]
+                if swap:
+                    x.index_copy_(0, torch.tensor([j for j, _ in swap], device=device),
+                                  adjusted.index_select(0, torch.tensor([a for _, a in swap], device=device)))
+                tokens[r_idx] = self._sample(x, [params[i] for i in random_rows],
+                                             [output_indices[i] for i in random_rows])
 
         # chosen logprob = logit - logsumexp(logits) for the rows that ask (params.logprobs not
         # None); NaN for the others. One device->host copy.
@@ -126,11 +147,16 @@ class Sampler:
 
     @staticmethod
     def _sample(x: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> torch.Tensor:
-        """Sample one token per row of x [R, V] (float32, unscaled) with temperature/top-k/top-p."""
+        """Sample one token per row of x [R, V] (float32, unscaled) with temperature/min-p/top-k/top-p."""
         rows, vocab = x.shape
         device = x.device
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         scores = x / temps.unsqueeze(1)
+
+        mp = [j for j, p in enumerate(params) if p.min_p > 0.0]
+        if mp:
+            m_idx = torch.tensor(mp, device=device)
+            scores.index_copy_(0, m_idx, _min_p(scores.index_select(0, m_idx), [params[j].min_p for j in mp]))
 
         filt = [j for j, p in enumerate(params)
                 if (0 < p.top_k < vocab) or p.top_p < 1.0]
@@ -186,6 +212,14 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     cols = (start[:, None] + torch.arange(_ARGMAX_CHUNK)).clamp_(max=vocab - 1)           # [B, chunk]
     # A clamped tail repeats column vocab-1 after itself: argmax's first index is still the true one.
     return start + x.gather(1, cols).argmax(dim=-1)
+
+
+def _min_p(scores: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Set entries of scores [R, V] (temperature applied) whose probability is below min_p x the
+    row's top probability to -inf: p_i < min_p * p_max  <=>  s_i < s_max + log(min_p)."""
+    threshold = scores.amax(dim=-1, keepdim=True) + torch.log(
+        torch.tensor(min_p, dtype=torch.float32, device=scores.device)).unsqueeze(1)      # [R, 1]
+    return scores.masked_fill(scores < threshold, float("-inf"))
 
 
 def _top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -153,9 +153,17 @@ class Scheduler:
         return min(budget, max(0, self.mixed_prefill_tokens - used))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        computing = None          # keys of the prompts being computed now (see _twin_key)
         for request in self.policy.admission_order(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            key = self._twin_key(request)
+            if key is not None:
+                if computing is None:
+                    computing = {self._prompt_key(r) for r in self.running
+                                 if r.num_computed_tokens < r.num_prompt_tokens and not r.num_output_tokens}
+                if key in computing:
+                    continue      # its twin computes this prompt: it attaches the cached blocks afterwards
             if not self.kv.has_request(request.request_id):   # attach cached prefix blocks, if any
                 request.num_computed_tokens = self.kv.allocate(request.request_id, request.all_token_ids, 0) or 0
             n = self._tokens_wanted(request, budget)
@@ -169,7 +177,26 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self._emit(out, request, n)
             budget -= n
+            if key is not None:
+                computing.add(key)
         return budget
+
+    def _twin_key(self, request: Request) -> int | None:
+        """A key of the request's prompt when a twin (a request with the same prompt: the n choices
+        of one prompt, a client's retry) could share its KV: prefix caching on, the prompt longer
+        than one block, nothing computed or generated yet. A twin waits while another computes the
+        prompt, then attaches its cached blocks and computes only the last partial block, so the
+        n choices of a prompt cost about one prefill. None: admit as usual."""
+        if (not self.kv.enable_prefix_caching or request.num_prompt_tokens <= self.kv.block_size
+                or request.num_output_tokens or self.kv.has_request(request.request_id)):
+            return None
+        return self._prompt_key(request)
+
+    @staticmethod
+    def _prompt_key(request: Request) -> int:
+        if request.prompt_key is None:
+            request.prompt_key = hash(tuple(request.prompt_token_ids))
+        return request.prompt_key
 
     def _tokens_wanted(self, request: Request, budget: int) -> int:
         n = request.num_tokens - request.num_computed_tokens

@@ -153,7 +153,7 @@ def test_seed_stop_echo_and_extras(client, chat_model_dir):
 
 def test_openai_client_sees_a_bad_request(client, chat_model_dir):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model_id(chat_model_dir), prompt="a", n=2)
+        client.completions.create(model=model_id(chat_model_dir), prompt="a", n=17)
     assert e.value.body["param"] == "n" and e.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_id(chat_model_dir), messages=[{"role": "user", "content": "x"}],
@@ -173,11 +173,12 @@ CHAT = "/v1/chat/completions"
     (COMPLETIONS, {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens", "integer"),
     (COMPLETIONS, {"prompt": "a", "temperature": "hot"}, 400, "temperature", "number"),
     (COMPLETIONS, {"prompt": "a", "stream": "yes"}, 400, "stream", "true or false"),
-    (COMPLETIONS, {"prompt": "a", "n": 2}, 400, "n", "n=1"),
-    (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of", "best_of=1"),
-    (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias", "not supported"),
-    (COMPLETIONS, {"prompt": "a", "presence_penalty": 1.0}, 400, "presence_penalty", "not supported"),
-    (COMPLETIONS, {"prompt": "a", "guided_json": {}}, 400, "guided_json", "unrecognized"),
+    (COMPLETIONS, {"prompt": "a", "n": 17}, 400, "n", "at most 16"),
+    (COMPLETIONS, {"prompt": "a", "n": 2, "best_of": 1}, 400, "best_of", ">= n"),
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {"1000": 5}}, 400, "logit_bias", "vocabulary"),
+    (COMPLETIONS, {"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty", "<= 2"),
+    (COMPLETIONS, {"prompt": "a", "guided_json": {}}, 400, "guided_json", "structured output"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400, "best_of", "not a"),
     (COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
     (COMPLETIONS, {"prompt": [99999]}, 400, "prompt", "vocabulary"),
     (COMPLETIONS, {"prompt": "a", "max_tokens": 5000}, 400, "max_tokens", "context"),

@@ -74,26 +74,59 @@ def test_every_supported_field_lands_in_the_request(model, tok):
     assert p.stream and p.include_usage and p.continuous_usage and p.return_token_ids and p.logprobs == 3
 
 
+def test_sampling_extras_land_in_the_params(model, tok):
+    """What vLLM / SGLang clients send: penalties, logit_bias, min_p, min_tokens, n, best_of, and
+    the neutral values of what Tandem does anyway (vllm bench serve sends repetition_penalty 1.0)."""
+    body = {"prompt": "a", "max_tokens": 8, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+            "logit_bias": {"5": -100, "7": 2.5}, "min_p": 0.1, "min_tokens": 3, "n": 2, "best_of": 3,
+            "skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
+            "use_beam_search": False, "length_penalty": 1.0, "guided_json": None, "bad_words": []}
+    p = parse_completion(body, model, tok)
+    sp = p.request.params
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.min_tokens, sp.n, sp.best_of) == (0.5, -1.0, 3, 2, 3)
+    assert sp.repetition_penalty == pytest.approx(1.2) and sp.min_p == pytest.approx(0.1)
+    assert dict(sp.logit_bias) == {5: -100.0, 7: 2.5} and p.n == 2 and p.ignored == []
+    neutral = parse_completion({"prompt": "a", "repetition_penalty": 1.0}, model, tok).request.params
+    assert not neutral.HasField("repetition_penalty")
+
+
+def test_unknown_fields_are_ignored_and_named(model, tok):
+    p = parse_completion({"prompt": "a", "frobnicate": 1, "rid": "x"}, model, tok)
+    assert p.ignored == ["frobnicate", "rid"]
+    c = parse_chat({"messages": [{"role": "user", "content": "x"}], "separate_reasoning": True}, model, tok,
+                   ChatTemplate.default())
+    assert c.ignored == ["separate_reasoning"] and c.n == 1
+
+
 def test_top_k_minus_one_means_off(model, tok):
     assert parse_completion({"prompt": "a", "top_k": -1}, model, tok).request.params.top_k == 0
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": "a", "n": 2}, "n"),
-    ({"prompt": "a", "best_of": 3}, "best_of"),
-    ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"prompt": "a", "presence_penalty": -1}, "presence_penalty"),
-    ({"prompt": "a", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": 3, "best_of": 2}, "best_of"),
+    ({"prompt": "a", "best_of": 2, "stream": True}, "best_of"),
+    ({"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"prompt": "a", "presence_penalty": -3}, "presence_penalty"),
+    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "a", "min_p": 1.5}, "min_p"),
+    ({"prompt": "a", "logit_bias": {"x": 10}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"5": "1"}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": [5]}, "logit_bias"),
+    ({"prompt": "a", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"prompt": "a", "skip_special_tokens": False}, "skip_special_tokens"),
+    ({"prompt": "a", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "a", "guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt": "a", "messages": [{"role": "user", "content": "x"}]}, "messages"),   # the chat endpoint's
     ({"prompt": "a", "suffix": "end"}, "suffix"),
     ({"prompt": "a", "functions": [{"name": "f"}]}, "functions"),
     ({"prompt": "a", "tools": []}, "tools"),                       # a chat-only field on /v1/completions
-    ({"prompt": "a", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "a", "stream": True, "stream_options": {"chunk": 1}}, "stream_options.chunk"),
-    ({"prompt": "a", "min_tokens": 3}, "min_tokens"),
-    ({"prompt": "a", "min_tokens": 3, "ignore_eos": True, "stop": "x"}, "min_tokens"),
     ({"prompt": "a", "min_tokens": 9, "max_tokens": 4, "ignore_eos": True}, "min_tokens"),
+    ({"prompt": "a", "min_tokens": -1}, "min_tokens"),
     ({"prompt": "a", "slo": {"ttft": 1}}, "slo.ttft"),
     ({"prompt": "a", "request_id": "x" * 300}, "request_id"),
     ({"prompt": ["a", "b"]}, "prompt"),
@@ -193,7 +226,9 @@ def test_chat_logprobs_and_max_completion_tokens(model, tok):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": 4},
      "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "best_of": 3}, "best_of"),
+    ({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"enable_thinking": False}},
+     "chat_template_kwargs"),
 ])
 def test_chat_refusals_name_the_field(model, tok, body, param):
     e = refused(parse_chat, body, model, tok, ChatTemplate.default())
