@@ -50,25 +50,32 @@ def hf_generate(model_dir: str, prompt: list[int], max_new_tokens: int, **kw) ->
 
 
 def test_repetition_penalty_and_logit_bias_equal_transformers(client, name, chat_model_dir):
+    """transformers applies sequence_bias before repetition_penalty, as Tandem does. The tiny model
+    never repeats greedily; logit_bias 1.5 on token 7 makes it repeat 7 on PROMPTS[1]."""
+    changed = 0
     for prompt in PROMPTS:
-        plain = ids(client, name, prompt, max_tokens=12)
-        got = ids(client, name, prompt, max_tokens=12, extra_body={"repetition_penalty": 1.8})
-        assert got == hf_generate(chat_model_dir, prompt, 12, repetition_penalty=1.8)
-        assert got != plain                  # the penalty changed something on this model
+        plain = ids(client, name, prompt, max_tokens=12, logit_bias={"7": 1.5})
+        got = ids(client, name, prompt, max_tokens=12, logit_bias={"7": 1.5}, extra_body={"repetition_penalty": 1.8})
+        assert got == hf_generate(chat_model_dir, prompt, 12, repetition_penalty=1.8, sequence_bias={(7,): 1.5})
+        changed += got != plain
         bias = {plain[1]: -100.0, 77: 6.0}
         got = ids(client, name, prompt, max_tokens=12, logit_bias={str(t): b for t, b in bias.items()})
         assert got == hf_generate(chat_model_dir, prompt, 12, sequence_bias={(t,): b for t, b in bias.items()})
         assert plain[1] not in got
+    assert changed == len(PROMPTS)           # the penalty changed both outputs on this model
 
 
 def test_frequency_and_presence_penalties_equal_the_engine(client, name, chat_model_dir):
     engine = build_engine(chat_model_dir, dtype="float32", num_blocks=64, block_size=16)
-    for kw in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}, {"frequency_penalty": -0.5,
+    bias = ((7, 1.5),)                         # makes PROMPTS[1] repeat token 7 (see above)
+    for kw in ({"frequency_penalty": 0.3}, {"presence_penalty": 0.6}, {"frequency_penalty": -0.5,
                                                                         "presence_penalty": 1.0}):
-        params = SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False, **kw)
+        params = SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False, logit_bias=bias, **kw)
         ref = engine.generate(PROMPTS, params)
+        if kw.get("frequency_penalty", 0) >= 0:
+            assert ref[1].token_ids.count(7) < 8, kw    # the penalty broke the run of 7s
         for prompt, out in zip(PROMPTS, ref):
-            assert ids(client, name, prompt, max_tokens=16, **kw) == out.token_ids, kw
+            assert ids(client, name, prompt, max_tokens=16, logit_bias={"7": 1.5}, **kw) == out.token_ids, kw
 
 
 def test_min_tokens_holds_back_eos(client, name):
