@@ -125,7 +125,12 @@ class SimInstance:
         self.poke()
 
     def poke(self) -> None:
-        """New work: start a step now when idle; cut a decode segment after its step in flight."""
+        """New work: start a step now when idle; cut a decode segment after its step in flight.
+        Inside a step's end or a schedule (callbacks there may bring work back here) it is noted
+        and done once that is over."""
+        if self._guard:
+            self._pending = True
+            return
         if self._step is None and self._seg is None:
             self._schedule()
             return
@@ -140,7 +145,20 @@ class SimInstance:
                 self._seg = (t0, decodes, keep, ctx, self.loop.at(end, self._end_segment))
 
     # ---- one step ----------------------------------------------------------------------------
+    _guard = False
+    _pending = False
+
     def _schedule(self) -> None:
+        self._guard = True
+        try:
+            self._schedule_once()
+        finally:
+            self._guard = False
+        if self._pending:
+            self._pending = False
+            self.poke()
+
+    def _schedule_once(self) -> None:
         for r in [r for r in self.run_q if r.pause_cb is not None]:
             self.run_q.remove(r)
             cb, r.pause_cb = r.pause_cb, None
@@ -296,6 +314,7 @@ class SimInstance:
     def _end_segment(self) -> None:
         t0, decodes, k, ctx, _ = self._seg
         self._seg = None
+        self._guard = True
         now = self.loop.now
         self._observe(now - t0, k, 0)
         for r in decodes:
@@ -304,11 +323,13 @@ class SimInstance:
             r.emit(now + self.path_s, k)
             if r.done:
                 self._finish(r)
+        self._guard = False
         self._schedule()
 
     def _end_step(self, dt: float) -> None:
         chunks, decodes, _ = self._step
         self._step = None
+        self._guard = True
         now = self.loop.now
         prefill_tokens = sum(n for _, n in chunks)
         self.queued_prefill_tokens -= prefill_tokens

@@ -69,7 +69,10 @@ def test_plan_quick_writes_helm_values(tmp_path, profile, capsys):
 ])
 def test_bad_input_exits_2_naming_the_flag(tmp_path, profile, capsys, args, flag):
     fill = {"missing": str(tmp_path / "missing.file"), "out": str(tmp_path / "o.json"), "profile": profile}
-    assert run([a.format(**fill) for a in args]) == 2
+    argv = [a.format(**fill) for a in args]
+    if "--rate" not in argv:
+        argv += ["--rate", "2"]          # a synthetic trace has no timestamps: arrivals need a rate
+    assert run(argv) == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
 
@@ -83,6 +86,6 @@ def test_trace_with_no_usable_rows(tmp_path, profile, capsys):
 
 def test_unmeetable_slos_say_the_best_attainment(tmp_path, profile, capsys):
     assert main(["plan", "--profile", profile, "--trace", TRACE, "--slo-ttft", "0.0001", "--slo-tpot", "0.0001",
-                 "--instances", "2", "--quick"]) == 1
+                 "--instances", "2", "--quick", "--rate", "2"]) == 1
     err = capsys.readouterr().err
     assert "no configuration" in err and "best attainment" in err

@@ -24,10 +24,6 @@ def spec(i, t, prompt, out):
     return RequestSpec(index=i, row=i, arrival_s=t, input_tokens=prompt, output_tokens=out)
 
 
-def times(result):
-    return [round(t, 9) for t, n in result.events for _ in range(n)] if result.events else []
-
-
 def test_colocated_timeline_by_hand():
     # A: prefill of 10 tokens 0→0.2 (first token), decodes end at 0.25 and 0.30 ... but B arrives at
     # 0.22, inside A's second decode segment: the segment is cut after the step in flight (0.25), then
@@ -48,10 +44,11 @@ def test_disaggregated_timeline_by_hand():
     reqs = [spec(0, 0.0, 10, 3), spec(1, 0.05, 20, 2)]
     results, stats = simulate(PROFILE, reqs, SimConfig(prefill=1, decode=1, router=NO_MIGRATION))
     a, b = results
-    assert times(a) == [0.21, 0.26, 0.31]
-    assert times(b)[0] == pytest.approx(0.51)
+    # a decode-only stretch is one message of its tokens at its end (0.26 and 0.31: one of 2 at 0.31)
+    assert [(round(t, 9), n) for t, n in a.events] == [(0.21, 1), (0.31, 2)]
+    assert a.ttft_s == pytest.approx(0.21) and a.tpot_s == pytest.approx(0.05)
     # D: A decodes alone 0.21→0.26→0.31 (finished), B joins at 0.51 → 0.56
-    assert times(b) == [0.51, 0.56]
+    assert [(round(t, 9), n) for t, n in b.events] == [(0.51, 1), (0.56, 1)]
     assert b.ttft_s == pytest.approx(0.46)
     assert stats["instances"]["prefill-0"]["busy_s"] == pytest.approx(0.5)
 
