@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-s", type=float, default=50.0, help="seconds of arrivals per real run")
     p.add_argument("--min-requests", type=int, default=40)
     p.add_argument("--max-requests", type=int, default=200)
-    p.add_argument("--loaded-sizes", default="10000,20000,40000")
+    p.add_argument("--loaded-sizes", default="5000,10000,19000", help="requests (the conversation trace has 19,366 rows)")
     p.add_argument("--planner-probes", type=int, default=4)
     p.add_argument("--migration-load", type=float, default=0.85,
                    help="offered rate as a share of the 64-decode cluster's capacity (prefill or KV bound)")

@@ -91,8 +91,8 @@ def measure_engine(model: str, *, dtype: str = "auto", device: str = "cpu", thre
         log(f"prefill {k} x {length}: {t * 1e3:.1f} ms")
     for b in DECODE_BATCHES:
         for c in DECODE_CONTEXTS:
-            if b * c > 64 * 1024:
-                continue
+            if b * -(-(c + 8) // engine.kv.block_size) > engine.kv.num_blocks:
+                continue                                 # does not fit the KV cache
             t = decode_steps(b, c)
             # contexts during the timed steps: prompt + 1 output + warm step + half the timed ones
             out["decode"].append({"batch": b, "context": c, "total_context": b * (c + 4), "s": t})
