@@ -113,12 +113,22 @@ def test_router_index_follows_real_workers_and_a_restart_leaves_nothing_stale(ex
         # Kill the worker (no goodbye) and start it again under the same id: its cache is empty,
         # and so is the index once it is back.
         spec = c.specs[0]
+        old_address = c.wait_instances(1)[0].address
         c.kill(spec.instance_id)
         c._spawn(spec.instance_id, c.worker_command(spec))
         index = index_of(redis_url, ids, lambda ix: not ix.hashes("colocated-0"), timeout_s=60.0)
         assert index.hashes("colocated-0") == set()
-        c.wait_instances(1)
-        tokens, messages = generate(c.address, prompt, MAX_TOKENS)
+        deadline = time.monotonic() + 60      # the dead worker's record lingers until the new one replaces it
+        while [i.address for i in c.wait_instances(1)] == [old_address] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        while True:                           # a client retries UNAVAILABLE ("...; retry") as told
+            try:
+                tokens, messages = generate(c.address, prompt, MAX_TOKENS)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         assert messages[-1].usage.cached_prompt_tokens == 0           # really computed again
         index = index_of(redis_url, ids, lambda ix: set(hashes) <= ix.hashes("colocated-0"))
         assert set(hashes) <= index.hashes("colocated-0")
