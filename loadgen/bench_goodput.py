@@ -1,7 +1,7 @@
-"""`make bench-goodput`: goodput of Tandem (fixed 1P+1D, adaptive, colocated x2) and vLLM under
-SLOs scaled from this host's own unloaded latencies, all in one run.
+"""`make bench-goodput`: goodput of Tandem (fixed 1P+1D, adaptive, colocated x2, one instance on every
+core) and vLLM under SLOs scaled from this host's own unloaded latencies, all in one run.
 
-    python -m loadgen.bench_goodput [--trace FILE] [--systems vllm,fixed,adaptive,colocated]
+    python -m loadgen.bench_goodput [--trace FILE] [--systems vllm,fixed,adaptive,colocated,single]
 
 1. SLO scale (DistServe): on the reference system (vLLM; without it, the fastest Tandem system,
    and the report says so) a few requests of the trace slice's mean prompt length are sent one at
@@ -13,7 +13,7 @@ SLOs scaled from this host's own unloaded latencies, all in one run.
    (loadgen/goodput.py: ascend, descend, bisect; a probe stops once its verdict is certain).
 3. In --out-dir: summary.json (every system, probe and ratio), <system>.csv (every request of every
    probe, with Tandem's TTFT breakdown), latency_vs_rate_<level>.png. On stdout: the table, then one
-   JSON line {"tight": {"ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated"}, "relaxed": …}
+   JSON line {"tight": {"ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated", "single"}, "relaxed": …}
    with goodput in requests/s (null for a system that could not run).
 """
 from __future__ import annotations

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from loadgen.goodput import LEVELS, Goodput, Slo
 
 # The final line's key order; ratios are taken in this order too (each system over those after it).
-ORDER = ("vllm", "fixed", "adaptive", "colocated")
-RATIO_ORDER = ("adaptive", "fixed", "colocated", "vllm")
+ORDER = ("vllm", "fixed", "adaptive", "colocated", "single")
+RATIO_ORDER = ("adaptive", "fixed", "colocated", "single", "vllm")
 
 
 def goodput_record(g: Goodput) -> dict:
@@ -40,7 +40,7 @@ def goodput_of(record: Mapping | None, level: str) -> float | None:
 
 
 def final_line(slos: Mapping[str, Slo] | None, systems: Mapping[str, Mapping]) -> dict:
-    """`{"tight": {"ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated"}, "relaxed": {…}}`;
+    """`{"tight": {"ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated", "single"}, "relaxed": {…}}`;
     a system not in `systems` (not asked for) is null like one that could not run; the SLOs are
     null when `slos` is None (no system could be measured)."""
     return {lv: {"ttft_slo_s": slos[lv].ttft_s if slos else None, "tpot_slo_s": slos[lv].tpot_s if slos else None,

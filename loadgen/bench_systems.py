@@ -9,6 +9,8 @@
   protecting `Options.adaptive_slo` (the run's tight SLOs) when set; Unavailable while
   `LocalCluster` has no `pools` argument.
 - `colocated`: Tandem, 2 colocated instances, one per core (the baseline without disaggregation).
+- `single`: Tandem, 1 colocated instance on every core (one torch thread per core, unpinned): the
+  same hardware shape as vLLM's one server, so prefill gets both cores.
 - `vllm`: vLLM's CPU OpenAI server (its venv from ../shared/peers) on an exported copy of the model,
   both cores.
 
@@ -29,10 +31,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-SYSTEMS = ("vllm", "fixed", "adaptive", "colocated")
+SYSTEMS = ("vllm", "fixed", "adaptive", "colocated", "single")
 TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1, "pools": "fixed"},
                  "adaptive": {"prefill": 1, "decode": 1, "pools": "adaptive"},
-                 "colocated": {"prefill": 0, "decode": 0, "colocated": 2}}
+                 "colocated": {"prefill": 0, "decode": 0, "colocated": 2},
+                 "single": {"prefill": 0, "decode": 0, "colocated": 1}}
+SPAN_ALL_CORES = frozenset({"single"})     # systems whose one instance uses every core, never pinned
 PEERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
 
 
@@ -93,7 +97,8 @@ def _tandem(name: str, opts: Options) -> Iterator[Handle]:
     router_args = []
     if name == "adaptive" and opts.adaptive_slo:
         router_args = ["--slo-ttft-s", f"{opts.adaptive_slo[0]:.6g}", "--slo-tpot-s", f"{opts.adaptive_slo[1]:.6g}"]
-    cluster = LocalCluster(opts.model, pin_cores=opts.pin_cores, worker_args=["--dtype", opts.dtype],
+    pin = opts.pin_cores and name not in SPAN_ALL_CORES
+    cluster = LocalCluster(opts.model, pin_cores=pin, worker_args=["--dtype", opts.dtype],
                            router_args=router_args, log_dir=os.path.join(opts.out_dir, f"{name}-logs"),
                            **TANDEM_SHAPES[name])
     try:

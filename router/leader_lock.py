@@ -121,8 +121,8 @@ class LeaderLock:
         self._task = None
         if self._redis is None:
             return
-        if release and self._held:
-            await self.release()
+        if release:       # also when not held: a step cancelled by stop_task may have SET the key
+            await self.release()      # after Redis took it (compare-and-delete: only our own token)
         self._set_held(False)
         with contextlib.suppress(*REDIS_DOWN):
             await self._redis.aclose()

@@ -50,7 +50,7 @@ def test_flow_on_fake_systems(tmp_path, capsys, fake_systems):
     line = _last_json(out)
     assert list(line) == ["tight", "relaxed"]
     for lv in line:
-        assert list(line[lv]) == ["ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated"]
+        assert list(line[lv]) == ["ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated", "single"]
         assert line[lv]["vllm"] is None and line[lv]["adaptive"] is None
         assert isinstance(line[lv]["fixed"], float) and isinstance(line[lv]["colocated"], float)
     assert line["relaxed"]["ttft_slo_s"] > line["tight"]["ttft_slo_s"]
