@@ -11,7 +11,10 @@ Compile and check (router and worker, the same function):
     check_structured(so, tokenizer)  raises InvalidRequestError("structured_output", why) for a
                                      schema that is not JSON, a schema/regex/grammar llguidance
                                      rejects (unsatisfiable included) and, given the tokenizer,
-                                     a grammar whose language is empty (its first mask allows nothing)
+                                     a grammar whose language is empty as far as the first step
+                                     shows (its first mask allows nothing). A grammar that can
+                                     always extend but never end (`start: "a" start`) is not found:
+                                     it runs to max_tokens (finish_reason length)
 
 Enforcement (GrammarMasker, one per runner, on the engine thread):
 

@@ -152,3 +152,15 @@ def test_compile_errors_of_the_shared_validation_name_the_openai_field(model, to
         build_request(parsed.request, model, tok, None)
     error = from_invalid_request(e.value, parsed.rename)
     assert error.status == 400 and error.param == param
+
+
+def test_the_sdk_sets_one_constraint():
+    from tandem.client import build_generate_request
+
+    so = build_generate_request("a", json_schema=SCHEMA).params.structured_output
+    assert so.kind == K.JSON_SCHEMA and json.loads(so.spec) == SCHEMA
+    so = build_generate_request("a", choice=["x", "y"]).params.structured_output
+    assert so.kind == K.CHOICE and list(so.choices) == ["x", "y"]
+    assert not build_generate_request("a").params.HasField("structured_output")
+    with pytest.raises(ValueError, match="at most one"):
+        build_generate_request("a", regex="a", json_object=True)
