@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -153,14 +154,26 @@ class PendingMask:
     def wait(self) -> tuple[torch.Tensor, list[int]]:
         """(bitmask [len(rows), ceil(V/32)] int32, positions in rows whose grammar allows only EOS)."""
         if self._result is None:
+            t0 = time.perf_counter()
             self._result = self._future.result() if self._future is not None else \
                 self._masker._compute(self._requests)
+            self._masker.stats.wait_s += time.perf_counter() - t0
         return self._result
 
     def apply(self, x: torch.Tensor) -> None:
         """x: [len(rows), V] float32 logits of `rows` (after the other adjustments): changed in place."""
         bits, eos_only = self.wait()
         self._masker.mask_logits(x, bits, eos_only)
+
+
+@dataclass
+class MaskStats:
+    """Cumulative: steps with constrained rows, rows masked, seconds computing masks (helper thread
+    or inline) and seconds the engine thread waited for them (what the overlap did not hide)."""
+    steps: int = 0
+    rows: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
 
 
 class GrammarMasker:
@@ -174,8 +187,12 @@ class GrammarMasker:
         self._executor: LLExecutor | None = None
         self._helper: ThreadPoolExecutor | None = None
         self._bitmask = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+        # byte value → its 8 bits, LSB first, as "disallowed" (llguidance's bitmask is little-endian
+        # int32 words: token t is bit t % 8 of byte t // 8)
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1                    # [256, 8]
+        self._blocked_by_byte = (bits == 0).to(device)
         self._eos = list(tokenizer.eos_token_ids)
+        self.stats = MaskStats()
 
     @property
     def num_states_held(self) -> int:
@@ -206,6 +223,15 @@ class GrammarMasker:
 
     # ---- the step ---------------------------------------------------------------------------
     def _compute(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        t0 = time.perf_counter()
+        try:
+            return self._compute_masks(requests)
+        finally:
+            self.stats.steps += 1
+            self.stats.rows += len(requests)
+            self.stats.compute_s += time.perf_counter() - t0
+
+    def _compute_masks(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         n = len(requests)
         if self._bitmask.shape[0] < n:
             self._bitmask = torch.empty(max(n, 2 * self._bitmask.shape[0]), self._bitmask.shape[1], dtype=torch.int32)
@@ -240,9 +266,9 @@ class GrammarMasker:
         """x [n, V] float32: entries whose bit is 0 in bits [n, ceil(V/32)] int32 become -inf; rows
         eos_only keep only the first EOS id."""
         n, vocab = x.shape
-        b = bits.to(x.device, non_blocking=True)
-        allowed = ((b.unsqueeze(-1) >> self._shifts) & 1).view(n, -1)[:, :vocab].bool()     # [n, V]
-        x.masked_fill_(~allowed, float("-inf"))
+        b = bits.to(x.device, non_blocking=True).view(torch.uint8).long()                   # [n, 4W]
+        blocked = self._blocked_by_byte[b].view(n, -1)[:, :vocab]                            # [n, V] bool
+        x.masked_fill_(blocked, float("-inf"))
         if eos_only:
             rows = torch.tensor(eos_only, device=x.device)
             x[rows] = float("-inf")

@@ -64,7 +64,7 @@ class Combined:
                 part.apply(x)
                 continue
             idx = torch.tensor([pos[row] for row in part.rows], device=x.device)
-            y = x.index_select(0, idx)
+            y = x[idx]
             part.apply(y)
             x.index_copy_(0, idx, y)
 
@@ -132,16 +132,16 @@ class LogitsAdjuster:
         if pen:
             slots = self._sync([requests[j] for j in pen])
             s_idx = torch.tensor(slots, device=device)
-            counts = self.counts.index_select(0, s_idx)                         # [P, V]
+            counts = self.counts[s_idx]                         # [P, V]
             seen_out = counts > 0                                              # [P, V]
             params = [requests[j].sampling_params for j in pen]
             rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
             freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)
             pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)
             p_idx = torch.tensor(pen, device=device)
-            y = x.index_select(0, p_idx)                                        # [P, V]
+            y = x[p_idx]                                        # [P, V]
             if any(p.repetition_penalty != 1.0 for p in params):
-                seen = seen_out | self.in_prompt.index_select(0, s_idx)
+                seen = seen_out | self.in_prompt[s_idx]
                 r = rep.unsqueeze(1)
                 y = torch.where(seen, torch.where(y > 0, y / r, y * r), y)
             y = y - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * seen_out.float()
