@@ -102,7 +102,10 @@ class Sampler:
             pos: dict[int, int] = {}
             if adj_rows:
                 pos = {row: j for j, row in enumerate(adj_rows)}
-                adjusted = logits[torch.tensor(adj_rows, device=device)].float()   # [A, V]
+                if len(adj_rows) == batch:                                         # every row: no gather
+                    adjusted = logits.to(torch.float32, copy=True)                 # [A, V]
+                else:
+                    adjusted = logits[torch.tensor(adj_rows, device=device)].float()   # [A, V]
                 adjust.apply(adjusted)
             greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0 and i not in pos]
             if greedy_rows:
@@ -110,8 +113,9 @@ class Sampler:
                 tokens[g_idx] = greedy_argmax(logits[g_idx])
             adj_greedy = [i for i in adj_rows if params[i].temperature == 0.0]
             if adj_greedy:
-                tokens[torch.tensor(adj_greedy, device=device)] = adjusted[
-                    torch.tensor([pos[i] for i in adj_greedy], device=device)].argmax(dim=-1)
+                chosen = adjusted if len(adj_greedy) == len(adj_rows) else \
+                    adjusted[torch.tensor([pos[i] for i in adj_greedy], device=device)]
+                tokens[torch.tensor(adj_greedy, device=device)] = greedy_argmax(chosen)
             if random_rows:
                 r_idx = torch.tensor(random_rows, device=device)
                 x = logits[r_idx].float()                            # [R, V]
