@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models demo test proto bench-choices bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
+.PHONY: setup models demo test proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
 
 setup: $(STAMP) redis models
 
@@ -58,6 +58,10 @@ bench-cluster: setup
 # n > 1 at prefill: n=4 choices of one prompt against n=1 and four separate prompts (goal n4/n1 <= 1.3).
 bench-choices: setup
 	$(PY) benchmarks/bench_choices.py
+
+# Structured output (json_schema) against unconstrained decoding at batch 16, one engine, one run.
+bench-structured: setup
+	$(PY) benchmarks/bench_structured.py
 
 # vLLM's own benchmark client (openai and openai-chat backends) and loadgen against one 1P+1D cluster:
 # zero failed requests, their TTFT/TPOT beside loadgen's. Needs ../shared/peers' vLLM CPU venv.

@@ -42,7 +42,7 @@ def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenize
     params = sampling_params_from_proto(req.params)
     check_choices(req.params)
     max_len = model.max_position_embeddings
-    validate_prompt(prompt_ids, params, model.vocab_size, max_len)
+    validate_prompt(prompt_ids, params, model.vocab_size, max_len, tokenizer=tokenizer)
     if len(prompt_ids) + params.max_tokens > max_len:
         raise InvalidRequestError(
             "params.max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "

@@ -6,7 +6,7 @@ import math
 from services.engine.config import Role
 from services.engine.engine import RequestOutput
 from services.engine.request import FinishReason
-from services.engine.sampling_params import InvalidRequestError, SamplingParams
+from services.engine.sampling_params import InvalidRequestError, SamplingParams, StructuredKind, StructuredOutput
 from tandem.v1 import serving_pb2, worker_pb2
 
 FINISH_TO_PROTO = {
@@ -42,7 +42,23 @@ def sampling_params_from_proto(p: serving_pb2.SamplingParams) -> SamplingParams:
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
         logit_bias=tuple(sorted(p.logit_bias.items())),
         min_p=p.min_p,
-        min_tokens=p.min_tokens)
+        min_tokens=p.min_tokens,
+        structured_output=structured_from_proto(p.structured_output) if p.HasField("structured_output") else None)
+
+
+def structured_from_proto(s: serving_pb2.StructuredOutput) -> StructuredOutput | None:
+    """None for kind UNSPECIFIED (unconstrained); InvalidRequestError for a kind this build does not know."""
+    if s.kind == serving_pb2.STRUCTURED_KIND_UNSPECIFIED:
+        return None
+    try:
+        kind = StructuredKind(s.kind)
+    except ValueError:
+        raise InvalidRequestError("params.structured_output.kind", f"unknown kind {s.kind}") from None
+    return StructuredOutput(kind, s.spec, tuple(s.choices))
+
+
+def structured_to_proto(so: StructuredOutput) -> serving_pb2.StructuredOutput:
+    return serving_pb2.StructuredOutput(kind=int(so.kind), spec=so.spec, choices=list(so.choices))
 
 
 def sampling_params_to_proto(sp: SamplingParams) -> serving_pb2.SamplingParams:
@@ -58,6 +74,8 @@ def sampling_params_to_proto(sp: SamplingParams) -> serving_pb2.SamplingParams:
         p.seed = sp.seed
     if sp.logprobs is not None:
         p.logprobs = sp.logprobs
+    if sp.structured_output is not None:
+        p.structured_output.CopyFrom(structured_to_proto(sp.structured_output))
     return p
 
 

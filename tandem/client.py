@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -89,7 +90,9 @@ def build_generate_request(prompt: str | None = None, token_ids: Sequence[int] |
                            expected_output_tokens: int = 0, presence_penalty: float = 0.0,
                            frequency_penalty: float = 0.0, repetition_penalty: float | None = None,
                            logit_bias: dict[int, float] | None = None, min_p: float = 0.0,
-                           min_tokens: int = 0) -> serving_pb2.GenerateRequest:
+                           min_tokens: int = 0, json_schema: dict | str | None = None, json_object: bool = False,
+                           regex: str | None = None, choice: Sequence[str] | None = None,
+                           grammar: str | None = None) -> serving_pb2.GenerateRequest:
     """The GenerateRequest for `generate()`'s arguments; None leaves an optional field unset.
 
     Raises ValueError unless exactly one of `prompt` and `token_ids` is given. Everything else is
@@ -98,14 +101,21 @@ def build_generate_request(prompt: str | None = None, token_ids: Sequence[int] |
     presence_penalty, frequency_penalty ([-2, 2]), repetition_penalty (> 0; None or 1: off),
     logit_bias ({token id: bias in [-100, 100]}), min_p ([0, 1]) and min_tokens: as in
     services/engine/sampling_params.py.
+
+    Structured output, at most one of: json_schema (a schema dict or its JSON text), json_object
+    (any JSON object), regex (the whole output matches it), choice (the output is one of these
+    strings), grammar (a Lark grammar, llguidance's dialect). ValueError when more than one is given.
     """
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt and token_ids")
+    structured = _structured(json_schema, json_object, regex, choice, grammar)
     params = serving_pb2.SamplingParams(
         max_tokens=max_tokens, top_k=top_k, ignore_eos=ignore_eos,
         stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}),
         min_p=min_p, min_tokens=min_tokens)
+    if structured is not None:
+        params.structured_output.CopyFrom(structured)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("logprobs", logprobs),
                         ("repetition_penalty", repetition_penalty)):
         if value is not None:
@@ -116,6 +126,25 @@ def build_generate_request(prompt: str | None = None, token_ids: Sequence[int] |
     if ttft_slo_s is not None or tpot_slo_s is not None:
         request.slo.CopyFrom(serving_pb2.SloTargets(ttft_s=ttft_slo_s or 0.0, tpot_s=tpot_slo_s or 0.0))
     return request
+
+
+def _structured(json_schema, json_object: bool, regex, choice, grammar) -> serving_pb2.StructuredOutput | None:
+    given = [name for name, v in (("json_schema", json_schema), ("json_object", json_object or None), ("regex", regex),
+                                  ("choice", choice), ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one structured-output constraint, got {', '.join(given)}")
+    if json_schema is not None:
+        spec = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        return serving_pb2.StructuredOutput(kind=serving_pb2.STRUCTURED_KIND_JSON_SCHEMA, spec=spec)
+    if json_object:
+        return serving_pb2.StructuredOutput(kind=serving_pb2.STRUCTURED_KIND_JSON_OBJECT)
+    if regex is not None:
+        return serving_pb2.StructuredOutput(kind=serving_pb2.STRUCTURED_KIND_REGEX, spec=regex)
+    if choice is not None:
+        return serving_pb2.StructuredOutput(kind=serving_pb2.STRUCTURED_KIND_CHOICE, choices=list(choice))
+    if grammar is not None:
+        return serving_pb2.StructuredOutput(kind=serving_pb2.STRUCTURED_KIND_GRAMMAR, spec=grammar)
+    return None
 
 
 def parse_generate_response(msg: serving_pb2.GenerateResponse, request_id: str) -> Chunk:
@@ -309,7 +338,9 @@ class Client(_ClientBase):
 
         `params` are the keyword arguments of `build_generate_request` (max_tokens, temperature,
         top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, request_id, priority,
-        ttft_slo_s, tpot_slo_s, expected_output_tokens). See the module docstring for cancellation, retries and errors.
+        ttft_slo_s, tpot_slo_s, expected_output_tokens, the penalties, logit_bias, min_p, min_tokens and
+        one structured-output constraint: json_schema, json_object, regex, choice or grammar). See the
+        module docstring for cancellation, retries and errors.
         """
         request = build_generate_request(prompt, token_ids, **params)
         return self._stream(request, self._deadline(timeout))

@@ -6,9 +6,11 @@ Everything is checked here or by the shared validation after it. Supported: `mod
 `echo` (completions, without logprobs), `stream`, `stream_options.include_usage`, `user`
 (accepted for its purpose: it only identifies the caller), `presence_penalty`,
 `frequency_penalty` ([-2, 2]), `logit_bias` ({"token id": bias in [-100, 100]}), `n` (choices of
-one prompt, its KV computed once: router/choices.py) and `best_of` (completions; >= n, not with
-stream); OpenAI's neutral values of parameters Tandem does not implement (no tools,
-`response_format: {"type": "text"}`, ...).
+one prompt, its KV computed once: router/choices.py), `best_of` (completions; >= n, not with
+stream) and structured output (`response_format` text / json_object / json_schema on both
+endpoints, vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and
+`structured_outputs`, SGLang's `json_schema`, `regex`, `ebnf`: router/openai_api/structured.py);
+OpenAI's neutral values of parameters Tandem does not implement (no tools, ...).
 
 The extras vLLM and SGLang clients send: `repetition_penalty` (> 0, 1 is off), `top_k` (-1 or 0
 is off), `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `seed` are honoured;
@@ -37,6 +39,7 @@ from router.openai_api.chat_template import ChatTemplate, ChatTemplateError
 from router.openai_api.errors import ApiError, invalid
 from router.openai_api.fields import (get_bool, get_dict, get_int, get_int_list, get_number, get_str,
                                       get_str_list)
+from router.openai_api.structured import FIELDS as STRUCTURED_FIELDS, parse_structured
 from services.engine.sampling_params import LOGIT_BIAS_RANGE, PENALTY_RANGE
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
@@ -50,9 +53,9 @@ _INT32 = 2 ** 31 - 1
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
            "frequency_penalty", "presence_penalty", "logit_bias",
            "request_id", "priority", "slo", "expected_output_tokens", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids",
-           "repetition_penalty", "min_p"}
+           "repetition_penalty", "min_p"} | set(STRUCTURED_FIELDS)
 COMPLETION_PARAMS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
-CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
                          "tool_choice", "parallel_tool_calls", "functions", "function_call", "store", "metadata",
                          "service_tier", "modalities", "add_generation_prompt"}
 
@@ -64,7 +67,6 @@ _NEUTRAL = {
     "tool_choice": (lambda v: v == "none", "tool calling is not supported; leave tool_choice out or use \"none\""),
     "function_call": (lambda v: v == "none", "function calling is not supported; leave it out or use \"none\""),
     "parallel_tool_calls": (lambda v: isinstance(v, bool), "must be true or false (no tools are called)"),
-    "response_format": (lambda v: v == {"type": "text"}, "only {\"type\": \"text\"} is supported (no JSON mode)"),
     "store": (lambda v: v is False, "stored completions are not supported; leave store out or false"),
     "metadata": (lambda v: v == {}, "metadata is kept only for stored completions, which are not supported"),
     "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported; use \"auto\""),
@@ -84,14 +86,6 @@ _NEUTRAL = {
     "prompt_logprobs": (lambda v: v == 0, "prompt logprobs are not computed; leave it out"),
     "truncate_prompt_tokens": (lambda v: v == -1, "prompts are not truncated; shorten the prompt yourself"),
     "return_tokens_as_token_ids": (lambda v: v is False, "use return_token_ids for token ids"),
-    "guided_json": (lambda v: False, "structured output is not supported yet"),
-    "guided_regex": (lambda v: False, "structured output is not supported yet"),
-    "guided_choice": (lambda v: False, "structured output is not supported yet"),
-    "guided_grammar": (lambda v: False, "structured output is not supported yet"),
-    "structured_outputs": (lambda v: False, "structured output is not supported yet"),
-    "regex": (lambda v: False, "structured output is not supported yet"),
-    "ebnf": (lambda v: False, "structured output is not supported yet"),
-    "json_schema": (lambda v: False, "structured output is not supported yet"),
     "lora_path": (lambda v: False, "LoRA adapters are not supported"),
     "chat_template_kwargs": (lambda v: v == {}, "chat template arguments are not supported; the model's "
                                                 "template is rendered with messages and add_generation_prompt"),
@@ -139,7 +133,7 @@ def parse_completion(body: dict, model: ModelConfig, tokenizer: Tokenizer) -> Pa
         req.params.best_of = best_of
     if echo:
         parsed.echo_text = req.prompt if req.prompt else tokenizer.decode(req.prompt_token_ids)
-    parsed.rename = {"token_ids": "prompt"}
+    parsed.rename = {"token_ids": "prompt", **parsed.rename}
     parsed.ignored = ignored
     return parsed
 
@@ -165,7 +159,7 @@ def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: C
     parsed = _common(body, req, model, (top or 0) if want_logprobs else None, "chat",
                      max_tokens_default=room, tokens_field=tokens_field)
     parsed.rename = {"token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs",
-                     "max_tokens": tokens_field}
+                     "max_tokens": tokens_field, **parsed.rename}
     parsed.ignored = ignored
     return parsed
 
@@ -217,6 +211,7 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     if logprobs is not None:
         params.logprobs = logprobs
     _adjustments(body, params)
+    structured_from = parse_structured(body, params)
     n = get_int(body, "n", 1, minimum=1, maximum=_INT32)
     params.n = n
     request_id = get_str(body, "request_id", "")
@@ -236,7 +231,8 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     include_usage = get_bool(options, "include_usage", False)
     continuous = get_bool(options, "continuous_usage_stats", False)
     return ParsedRequest(kind, req, stream, include_usage or continuous, continuous, logprobs,
-                         return_token_ids=get_bool(body, "return_token_ids", False), n=n)
+                         return_token_ids=get_bool(body, "return_token_ids", False), n=n,
+                         rename={"structured_output": structured_from} if structured_from else {})
 
 
 def _adjustments(body: dict, params: serving_pb2.SamplingParams) -> None:

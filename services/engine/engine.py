@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.config import EngineConfig, Role
+from services.engine.grammar import check_structured
 from services.engine.device import plan_num_blocks, torch_device
 from services.engine.kv_cache import KVCacheManager
 from services.engine.loader import LoadedModel
@@ -59,14 +60,20 @@ class MigrationSnapshot:
 
 
 def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
-                    max_model_len: int, max_tokens_limit: int | None = None, *, ints: bool = False) -> None:
+                    max_model_len: int, max_tokens_limit: int | None = None, *, ints: bool = False,
+                    tokenizer: Tokenizer | None = None) -> None:
     """The checks any component can make without a KV pool (the router makes them too).
+
+    tokenizer: the model's; with it a structured-output constraint is also checked to accept some
+    output (grammar.check_structured), without it only compiled.
 
     ints=True: the ids are known to be ints (a protobuf repeated int32), so their range is checked
     with min() and max() instead of one Python-level test per id.
     Raises InvalidRequestError naming the field a user must fix.
     """
     params.validate(vocab_size, max_tokens_limit)
+    if params.structured_output is not None:
+        check_structured(params.structured_output, tokenizer, vocab_size)
     if not prompt_token_ids:
         raise InvalidRequestError("prompt", "is empty; send at least one token or character")
     bad = None
@@ -89,7 +96,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
         self.role = config.scheduler.role      # what new work it takes; set_role changes it at run time
-        self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table)
+        self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table, tokenizer)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._cached: dict[str, int] = {}
         self._ids = itertools.count()
@@ -104,7 +111,7 @@ class LLMEngine:
         ints: as in validate_prompt."""
         c = self.config
         validate_prompt(prompt_token_ids, params, c.model.vocab_size, c.max_model_len, c.max_tokens_limit,
-                        ints=ints)
+                        ints=ints, tokenizer=self.tokenizer)
         needed_blocks = -(-min(len(prompt_token_ids) + params.max_tokens, c.max_model_len) // self.kv.block_size)
         if needed_blocks > self.kv.num_blocks:
             raise InvalidRequestError(
@@ -360,6 +367,8 @@ class LLMEngine:
         if not r.is_finished:
             return out
         self.runner.adjuster.release(r.request_id)
+        if self.runner.grammar is not None:
+            self.runner.grammar.release(r.request_id)
         detok = self._detok.pop(r.request_id, None)
         if detok and r.finish_reason != FinishReason.HANDOFF:    # on a hand-off the new owner emits it
             out.new_text += detok.flush()     # text held back for a possible stop string or split character

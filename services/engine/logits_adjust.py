@@ -16,8 +16,9 @@ the instance before: the state is a function of prompt and output, which travel 
 A slot is reused once its request has finished (or the id now names another Request object).
 
 Rows without adjustments are left to the sampler's fast path: `prepare` returns None when no row
-of a step has any. A later per-request token mask (structured output) is one more adjustment of
-the same kind: rows that need it and an in-place change of their float32 logits.
+of a step has any. The structured-output token mask (services/engine/grammar.py) is one more
+adjustment of the same kind, `combine`d after these: rows that need it and an in-place change of
+their float32 logits.
 """
 from __future__ import annotations
 
@@ -47,6 +48,33 @@ class Adjustment:
     def apply(self, x: torch.Tensor) -> None:
         """x: [len(rows), V] float32, the raw logits of `rows` (a copy): changed in place."""
         self._adjuster._apply(x, self._requests)
+
+
+class Combined:
+    """Several adjustments as one: rows the union, each part applied in order to its own rows."""
+
+    def __init__(self, parts: list):
+        self._parts = parts
+        self.rows = sorted(set().union(*(p.rows for p in parts)))
+
+    def apply(self, x: torch.Tensor) -> None:
+        pos = {row: j for j, row in enumerate(self.rows)}
+        for part in self._parts:
+            if part.rows == self.rows:
+                part.apply(x)
+                continue
+            idx = torch.tensor([pos[row] for row in part.rows], device=x.device)
+            y = x[idx]
+            part.apply(y)
+            x.index_copy_(0, idx, y)
+
+
+def combine(*parts):
+    """The adjustments that are not None as one (None when all are, the one itself when alone)."""
+    present = [p for p in parts if p is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    return Combined(present)
 
 
 def _needs(r: Request) -> bool:
@@ -104,16 +132,16 @@ class LogitsAdjuster:
         if pen:
             slots = self._sync([requests[j] for j in pen])
             s_idx = torch.tensor(slots, device=device)
-            counts = self.counts.index_select(0, s_idx)                         # [P, V]
+            counts = self.counts[s_idx]                         # [P, V]
             seen_out = counts > 0                                              # [P, V]
             params = [requests[j].sampling_params for j in pen]
             rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
             freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)
             pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)
             p_idx = torch.tensor(pen, device=device)
-            y = x.index_select(0, p_idx)                                        # [P, V]
+            y = x[p_idx]                                        # [P, V]
             if any(p.repetition_penalty != 1.0 for p in params):
-                seen = seen_out | self.in_prompt.index_select(0, s_idx)
+                seen = seen_out | self.in_prompt[s_idx]
                 r = rep.unsqueeze(1)
                 y = torch.where(seen, torch.where(y > 0, y / r, y * r), y)
             y = y - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * seen_out.float()

@@ -17,7 +17,8 @@ from services.engine import device as devices
 from services.engine.config import EngineConfig
 from services.engine.linear import prepack_linears, prepack_supported
 from services.engine.loader import LoadedModel
-from services.engine.logits_adjust import LogitsAdjuster
+from services.engine.grammar import GrammarMasker
+from services.engine.logits_adjust import LogitsAdjuster, combine
 from services.engine.model import AttentionMetadata, LlamaModel, PrefillSeq
 from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -70,8 +71,10 @@ def place_inputs(inputs: StepInputs, device: torch.device) -> StepInputs:
 class ModelRunner:
     """Owns the model weights and the KV tensor; block ids come from the scheduler's KVCacheManager."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, num_blocks: int, block_tables):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, num_blocks: int, block_tables, tokenizer=None):
         """block_tables: callable request_id → list of block ids (KVCacheManager.block_table).
+        tokenizer: the model's (structured output builds its grammars' vocabulary from it; None:
+        requests with structured_output are not served here).
 
         Weights are created directly in the engine dtype on the engine device (the HF float32
         tensors are converted while copied in: the same rounding as converting afterwards).
@@ -102,6 +105,7 @@ class ModelRunner:
                               dtype=config.dtype, device=self.device)
         self.sampler = Sampler()
         self.adjuster = LogitsAdjuster(m.vocab_size, self.device)   # penalties, logit_bias, min_tokens
+        self.grammar = GrammarMasker(tokenizer, m.vocab_size, self.device) if tokenizer is not None else None
 
     def bind_thread(self) -> None:
         """Call on the thread that will run steps (the engine thread): makes the engine's GPU its
@@ -163,13 +167,20 @@ class ModelRunner:
         has been queued on the current stream, not when it has finished: a reader of `kv` on
         another stream must wait for an event recorded on the current stream at that moment.
         """
-        inputs = place_inputs(self.build_inputs(out), self.device)
-        logits = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, inputs.logits_indices,
-                            on_layer_done)                             # [S, vocab]
         sampled_chunks = out.decodes + [c for c in out.prefills if c.samples]
-        if not sampled_chunks:
-            return [], None
         requests = [c.request for c in sampled_chunks]
-        params = [r.sampling_params for r in requests]
-        indices = [r.num_output_tokens for r in requests]
-        return sampled_chunks, self.sampler(logits, params, indices, self.adjuster.prepare(requests))
+        # structured output: the grammar masks are computed on a helper thread while the model runs
+        pending = self.grammar.begin(requests) if self.grammar is not None else None
+        try:
+            inputs = place_inputs(self.build_inputs(out), self.device)
+            logits = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, inputs.logits_indices,
+                                on_layer_done)                             # [S, vocab]
+            if not sampled_chunks:
+                return [], None
+            params = [r.sampling_params for r in requests]
+            indices = [r.num_output_tokens for r in requests]
+            return sampled_chunks, self.sampler(logits, params, indices,
+                                                combine(self.adjuster.prepare(requests), pending))
+        finally:
+            if pending is not None:
+                pending.wait()        # the helper is done with the matchers before anything else touches them

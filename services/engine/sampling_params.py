@@ -1,6 +1,7 @@
 """Per-request sampling parameters, validated once at the edge."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,52 @@ class InvalidRequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class StructuredKind(enum.IntEnum):
+    """What a structured-output constraint is (values as tandem.v1.StructuredKind)."""
+    JSON_OBJECT = 1      # any JSON object
+    JSON_SCHEMA = 2      # spec: a JSON schema as JSON text
+    REGEX = 3            # spec: a regular expression the whole output matches
+    CHOICE = 4           # choices: the output is exactly one of them
+    GRAMMAR = 5          # spec: a Lark grammar (llguidance's dialect, `start` the root rule)
+
+
+MAX_STRUCTURED_SPEC_CHARS = 1 << 20     # a schema or grammar larger than 1 MiB is refused
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A structured-output constraint (services/engine/grammar.py compiles and enforces it).
+
+    Its grammar state is a function of the request's output tokens alone, so any instance that
+    samples for the request rebuilds it from the output so far (KV handoff, migration, recompute).
+    """
+    kind: StructuredKind
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """The shape checks; whether the schema or grammar compiles is grammar.check_structured's."""
+        name = "structured_output"
+        if self.kind == StructuredKind.CHOICE:
+            if not self.choices or any(not isinstance(c, str) or not c for c in self.choices):
+                raise InvalidRequestError(name, "choice needs a non-empty list of non-empty strings")
+            if self.spec:
+                raise InvalidRequestError(name, "a choice constraint takes choices, not a spec")
+        elif self.kind == StructuredKind.JSON_OBJECT:
+            if self.spec or self.choices:
+                raise InvalidRequestError(name, "json_object takes no spec or choices")
+        elif self.kind in (StructuredKind.JSON_SCHEMA, StructuredKind.REGEX, StructuredKind.GRAMMAR):
+            if not self.spec:
+                raise InvalidRequestError(name, f"{self.kind.name.lower()} needs a non-empty spec")
+            if self.choices:
+                raise InvalidRequestError(name, f"{self.kind.name.lower()} takes a spec, not choices")
+        else:
+            raise InvalidRequestError(name, f"unknown kind {self.kind!r}")
+        size = len(self.spec) + sum(len(c) for c in self.choices)
+        if size > MAX_STRUCTURED_SPEC_CHARS:
+            raise InvalidRequestError(name, f"is {size} characters; at most {MAX_STRUCTURED_SPEC_CHARS} are accepted")
 
 
 @dataclass(frozen=True)
@@ -34,6 +81,10 @@ class SamplingParams:
     presence_penalty (minus penalty once the token is in the output); 0 is off. Greedy rows see
     them too. min_p (after temperature) drops tokens whose probability is below min_p x the top
     token's; 0 is off. Logprobs stay those of the raw distribution.
+
+    structured_output: the output is constrained to a JSON schema, a regex, a choice or a grammar
+    (StructuredOutput); the grammar's mask comes after every adjustment above, and where the grammar
+    is complete and cannot go on, EOS is forced even before min_tokens. Not with ignore_eos.
     """
 
     max_tokens: int = 16
@@ -53,6 +104,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, bias) pairs, ids unique
     min_p: float = 0.0
     min_tokens: int = 0
+    structured_output: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -66,7 +118,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """True when some step's logits are changed before sampling (False: the plain fast path)."""
-        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or self.structured_output is not None
 
     def validate(self, vocab_size: int, max_tokens_limit: int | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field; a no-op when all are valid."""
@@ -110,5 +162,10 @@ class SamplingParams:
                                                         f"{LOGIT_BIAS_RANGE[0]:g} and {LOGIT_BIAS_RANGE[1]:g}, got {bias}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
+        if self.structured_output is not None:
+            self.structured_output.validate()
+            if self.ignore_eos:
+                raise InvalidRequestError("ignore_eos", "cannot be combined with structured output (the grammar "
+                                                        "ends the output with EOS); drop one of them")
         if self.stop and not self.detokenize:
             raise InvalidRequestError("stop", "stop strings need detokenize=True; drop one of them")

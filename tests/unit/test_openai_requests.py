@@ -117,7 +117,7 @@ def test_top_k_minus_one_means_off(model, tok):
     ({"prompt": "a", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
     ({"prompt": "a", "skip_special_tokens": False}, "skip_special_tokens"),
     ({"prompt": "a", "use_beam_search": True}, "use_beam_search"),
-    ({"prompt": "a", "guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt": "a", "guided_choice": []}, "guided_choice"),
     ({"prompt": "a", "messages": [{"role": "user", "content": "x"}]}, "messages"),   # the chat endpoint's
     ({"prompt": "a", "suffix": "end"}, "suffix"),
     ({"prompt": "a", "functions": [{"name": "f"}]}, "functions"),
@@ -221,7 +221,7 @@ def test_chat_logprobs_and_max_completion_tokens(model, tok):
      "messages[0].content[0]"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format.type"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": 4},
      "max_completion_tokens"),
