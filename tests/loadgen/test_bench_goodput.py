@@ -44,14 +44,15 @@ def _last_json(out: str) -> dict:
 
 
 def test_flow_on_fake_systems(tmp_path, capsys, fake_systems):
-    rc = bench_goodput.main(["--trace", "synthetic:n=40,input=64,output=4", *FAST, "--out-dir", str(tmp_path)])
+    rc = bench_goodput.main(["--trace", "synthetic:n=40,input=64,output=4", *FAST, "--out-dir", str(tmp_path),
+                              "--systems", "vllm,fixed,adaptive,colocated"])
     out = capsys.readouterr().out
     assert rc == 0
     line = _last_json(out)
     assert list(line) == ["tight", "relaxed"]
     for lv in line:
         assert list(line[lv]) == ["ttft_slo_s", "tpot_slo_s", "vllm", "fixed", "adaptive", "colocated", "single"]
-        assert line[lv]["vllm"] is None and line[lv]["adaptive"] is None
+        assert line[lv]["vllm"] is None and line[lv]["adaptive"] is None and line[lv]["single"] is None
         assert isinstance(line[lv]["fixed"], float) and isinstance(line[lv]["colocated"], float)
     assert line["relaxed"]["ttft_slo_s"] > line["tight"]["ttft_slo_s"]
     summary = json.loads((tmp_path / "summary.json").read_text())
