@@ -96,8 +96,9 @@ bench-gpu: setup
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q -e '.[gpu]'; fi
 	$(PY) benchmarks/bench_gpu.py
 
-# Faults under steady load on a tiny 2P+2D cluster: SIGKILL a decode worker, a prefill worker and restart
-# Redis, each twice (ROUNDS=N); every request checked against a fault-free replay. Last line one JSON object:
+# Faults under steady load on a tiny float32 2P+2D cluster: SIGKILL a decode worker, a prefill worker and
+# restart Redis, each twice (ROUNDS=N; router death is not among them yet); every request checked against a
+# fault-free replay. Last line one JSON object:
 # {"sent", "golden", "mismatched", "retryable_failures", "lost", "duplicated_tokens", "leaked"}.
 chaos: setup
 	$(PY) benchmarks/chaos.py $(if $(ROUNDS),--rounds $(ROUNDS))

@@ -4,7 +4,8 @@ A tiny 2P+2D cluster serves a steady stream of greedy and seeded requests from C
 while the script SIGKILLs a decode worker, SIGKILLs a prefill worker and restarts Redis (empty),
 each ROUNDS times, FAULT_GAP_S apart; killed workers are started again a moment later. Then every
 request is replayed once on the healed cluster without faults: its tokens are the golden ones
-(greedy and seeded sampling do not depend on the batch, see services/engine/sampler.py).
+(greedy and seeded sampling do not depend on the batch, see services/engine/sampler.py). Workers run
+float32: a resumed request recomputes its KV, and under bfloat16 that may flip a late near-tie.
 
 Per request: golden (finished, tokens equal to the replay), mismatched (finished, tokens differ),
 retryable_failures (ended UNAVAILABLE / RESOURCE_EXHAUSTED / ABORTED: the client may retry),
@@ -43,7 +44,7 @@ from tandem.redis_server import RedisServer  # noqa: E402
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
-WORKER_ARGS = ["--num-blocks", "600", "--heartbeat-ttl-s", "1.5", "--heartbeat-interval-s", "0.5"]
+WORKER_ARGS = ["--dtype", "float32", "--num-blocks", "600", "--heartbeat-ttl-s", "1.5", "--heartbeat-interval-s", "0.5"]
 
 
 @dataclass

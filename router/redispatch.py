@@ -81,10 +81,11 @@ class Redispatcher:
                             if message.finished:
                                 return
                     return
-                except RouteError as e:
+                except (RouteError, asyncio.CancelledError) as error:
+                    e = error
                     if rr.aborted:
                         raise asyncio.CancelledError from None
-                    if watch.fired is not None and e.code == grpc.StatusCode.CANCELLED:
+                    if watch.fired is not None and _cancelled_by_watch(e):
                         e = WorkerLost(watch.fired, "heartbeat_missed", f"instance {watch.fired} stopped sending "
                                        f"tokens and its registry record expired")
                     if not isinstance(e, WorkerLost):
@@ -113,7 +114,8 @@ class Redispatcher:
         """Missed heartbeats, for every request in flight (one task): a holder that sent nothing
         for two registry polls and whose record is gone (expired: a hung or partitioned worker,
         whose stream may never fail) has the request's calls cancelled, which generate() turns into
-        a re-dispatch. Ends when no request is left (generate() starts it again)."""
+        a re-dispatch (the CancelledError that a locally cancelled call raises, while the client's
+        own task is not being cancelled). Ends when no request is left (generate() starts it again)."""
         registry = self.dispatcher.registry
         period = max(registry.poll_interval_s, 0.05)
         while self._watched:
@@ -255,6 +257,16 @@ class Redispatcher:
                 d.pool.release_later(holder.address, child.request_id)
                 if holder.address != first_address:
                     d.pool.release_later(first_address, child.request_id)
+
+
+def _cancelled_by_watch(e: BaseException) -> bool:
+    """Whether e is what cancelling the request's calls (_watch) raised: CancelledError from a
+    locally cancelled call while this task itself is not being cancelled (the client is still
+    there), or a CANCELLED status."""
+    if isinstance(e, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and not task.cancelling()
+    return isinstance(e, RouteError) and e.code == grpc.StatusCode.CANCELLED
 
 
 class _Watch:

@@ -76,8 +76,13 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                 context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
-            if not rr.aborted:
+            task = asyncio.current_task()
+            if not rr.aborted and task is not None and task.cancelling():
                 raise                                  # the client went away: nothing more to send
+            if not rr.aborted:              # cancelled inside the router, not by the client: never leave it hanging
+                log.error("request %s: a worker call was cancelled inside the router", rr.request_id)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rr.request_id}: the router lost its "
+                                    f"worker call (cancelled inside the router); retry")
             yield serving_pb2.GenerateResponse(request_id=rr.request_id, index=index, finished=True,
                                                finish_reason=serving_pb2.FINISH_REASON_ABORT)
         finally:

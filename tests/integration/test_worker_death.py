@@ -13,6 +13,8 @@ uninterrupted run on the same cluster.
 The tests share one cluster; each starts what it killed again before it ends (_heal)."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -125,6 +127,36 @@ def test_decode_sigkill_mid_stream_resumes_with_the_same_tokens(cluster, hf, par
     after = value(scrape(cluster.metrics_address), "tandem_redispatches_total", reason="decode_lost")
     assert after == before + 1
     _heal(cluster, killed)
+
+
+def test_hung_decode_worker_is_noticed_by_its_missed_heartbeat(cluster, hf):
+    """A decode worker that stops (SIGSTOP: no error on its stream, no heartbeat) is noticed once its
+    registry record expires; the request resumes elsewhere with HF's tokens. Continued, the worker
+    re-registers and holds nothing (the router cancelled its stream)."""
+    prompt = random_prompts([28], 512, seed=12)[0]
+    before = value(scrape(cluster.metrics_address), "tandem_redispatches_total", reason="heartbeat_missed") or 0
+    stopped = None
+    try:
+        with grpc.insecure_channel(cluster.address) as channel:
+            req = serving_pb2.GenerateRequest(prompt_token_ids=prompt, request_id="hung",
+                                              params=serving_pb2.SamplingParams(max_tokens=300, ignore_eos=True))
+            tokens, messages = [], []
+            for m in serving_pb2_grpc.ServingStub(channel).Generate(req, timeout=120):
+                assert m.index == len(tokens), f"index {m.index} after {len(tokens)} tokens"
+                tokens += list(m.token_ids)
+                messages.append(m)
+                if stopped is None and len(tokens) >= 20:
+                    stopped = messages[0].decode_instance
+                    os.kill(cluster.procs[stopped].pid, signal.SIGSTOP)
+    finally:
+        if stopped is not None:
+            os.kill(cluster.procs[stopped].pid, signal.SIGCONT)
+    assert messages[-1].finished and tokens == hf(prompt, 300)
+    assert any(m.decode_instance not in ("", stopped) for m in messages)
+    after = value(scrape(cluster.metrics_address), "tandem_redispatches_total", reason="heartbeat_missed")
+    assert after == before + 1
+    cluster.wait_instances(len(cluster.specs), timeout_s=120)
+    assert_no_leaks(cluster.address)
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.01])
