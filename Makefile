@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models demo test proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched clean
+.PHONY: setup models demo test proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched chaos clean
 
 setup: $(STAMP) redis models
 
@@ -95,6 +95,13 @@ bench-sim: setup
 bench-gpu: setup
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q -e '.[gpu]'; fi
 	$(PY) benchmarks/bench_gpu.py
+
+# Faults under steady load on a tiny float32 2P+2D cluster: SIGKILL a decode worker, a prefill worker and
+# restart Redis, each twice (ROUNDS=N; router death is not among them yet); every request checked against a
+# fault-free replay. Last line one JSON object:
+# {"sent", "golden", "mismatched", "retryable_failures", "lost", "duplicated_tokens", "leaked"}.
+chaos: setup
+	$(PY) benchmarks/chaos.py $(if $(ROUNDS),--rounds $(ROUNDS))
 
 # Queue policies and admission on one colocated instance, one trace: FCFS vs SJF near saturation (mean/P50/P99
 # e2e and TTFT, goodput at the TTFT SLO), admission none vs slo at 1.5x capacity, prefix vs load routing when

@@ -13,12 +13,15 @@ from router.routing_args import add_routing_args, routing_kwargs
 from router.sched_args import add_sched_args, sched_kwargs
 from router.server import Router, serve
 from services import log_setup
+from services.auth import api_keys
+from services.redis_url import url_argument
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m router", description="Tandem router: the cluster's front door")
     p.add_argument("--model", default="tiny", help="the model the workers serve (HF directory or named model)")
-    p.add_argument("--redis", dest="redis_url", required=True, help="redis://host:port/db of the registry")
+    p.add_argument("--redis", dest="redis_url", required=True, type=url_argument,
+                   help="redis://host:port/db (or redis+sentinel://host:port,.../service) of the registry")
     p.add_argument("--cluster", default="default")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one)")
@@ -32,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--http-host", default=None, help="address for --http-port (default: --host)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve only Prometheus /metrics and /health on this port (0: a free one; default: off)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="a client API key the router requires (repeatable; also TANDEM_API_KEYS, comma-separated; "
+                        "none: the client APIs are open). Prefer the environment: flags show in `ps`")
     log_setup.add_arguments(p)
     add_rescheduler_args(p)
     add_pools_args(p)
@@ -46,7 +52,7 @@ def main(argv=None) -> int:
     log_setup.configure("router", a.log_format, a.log_level)
     from services.engine.config import ModelConfigError
     try:
-        router = Router(a.model, a.redis_url, cluster=a.cluster, host=a.host, port=a.port, lease_ms=a.lease_ms,
+        router = Router(a.model, a.redis_url, api_keys=api_keys(a.api_key), cluster=a.cluster, host=a.host, port=a.port, lease_ms=a.lease_ms,
                         poll_interval_s=a.poll_interval_s, queue_timeout_s=a.queue_timeout_s, http_port=a.http_port,
                         metrics_port=a.metrics_port, http_host=a.http_host,
                         **rescheduler_kwargs(a), **pools_kwargs(a), **routing_kwargs(a), **sched_kwargs(a))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
+from services.auth import cluster_interceptors, cluster_token
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class AdminDrain:
 
     def _stub(self) -> admin_pb2_grpc.AdminStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            # the cluster token lets the drain through when the router requires API keys (router/client_auth.py)
+            self._channel = grpc.aio.insecure_channel(self.address, interceptors=cluster_interceptors(cluster_token()) or None)
         return admin_pb2_grpc.AdminStub(self._channel)
 
     async def __call__(self, instance_id: str) -> bool:

@@ -12,7 +12,9 @@ passed over until a newer report of it arrives, and while every D is full the re
 (queue_timeout_s). When the KV could not move (P answers with kv_fallback), D is asked to Recompute
 the prompt and first token instead, and its stream goes on as usual. Colocated path: one Generate
 stream on a colocated instance. Any exit other than a normal finish (client cancel, deadline,
-abort, error) sends Release to every worker that may hold something for the request.
+abort, error) sends Release to every worker that may hold something for the request. An instance
+lost while it serves the request (UNAVAILABLE, or a stream that ends unfinished) raises WorkerLost:
+router/redispatch.py carries the request on elsewhere.
 """
 from __future__ import annotations
 
@@ -57,6 +59,16 @@ class RouteError(Exception):
         super().__init__(message)
         self.code, self.message = code, message
         self.blocks_needed = 0          # RESOURCE_EXHAUSTED from placement: the KV blocks that did not fit
+
+
+class WorkerLost(RouteError):
+    """The instance serving the request died or dropped its stream (UNAVAILABLE, or a stream that
+    ended unfinished). UNAVAILABLE for the client unless router/redispatch.py resumes the request
+    elsewhere; `reason` is the label of tandem_redispatches_total."""
+
+    def __init__(self, instance_id: str, reason: str, message: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+        self.instance_id, self.reason = instance_id, reason
 
 
 @dataclasses.dataclass
@@ -344,6 +356,8 @@ class Dispatcher:
                 raise asyncio.CancelledError from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.registry.mark_unreachable(holder.instance_id)
+                raise WorkerLost(holder.instance_id, "decode_lost",
+                                 f"decode instance {holder.instance_id}: {e.details()}") from None
             raise RouteError(e.code(), f"decode instance {holder.instance_id}: {e.details()}") from None
         finally:
             for future in reservation:
@@ -424,8 +438,11 @@ class Dispatcher:
                 raise asyncio.CancelledError from None
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return
-            raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{presp.kv_fallback}; decode instance {d.instance_id} "
-                             f"could not recompute it either: {e.details()}; retry") from None
+            message = f"{presp.kv_fallback}; decode instance {d.instance_id} could not recompute it either: {e.details()}"
+            if e.code() == grpc.StatusCode.UNAVAILABLE:       # D is gone: nothing was sent yet, place it again
+                self.registry.mark_unreachable(d.instance_id)
+                raise WorkerLost(d.instance_id, "decode_lost", message) from None
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{message}; retry") from None
 
     async def _follow(self, rr: RoutedRequest, holder: _Holder):
         """(chunk, moved) for every chunk of the holder's stream until the finished one; when the
@@ -448,7 +465,7 @@ class Dispatcher:
                 if chunk.finished:
                     return
             if migrated is None:
-                raise RouteError(grpc.StatusCode.UNAVAILABLE,
+                raise WorkerLost(holder.instance_id, "stream_ended",
                                  f"instance {holder.instance_id} ended the stream before the request finished")
             call = self.pool.stub(migrated.address).Decode(
                 worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=migrated.next_index),
@@ -507,6 +524,10 @@ class Dispatcher:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION and first and not sent and not holder.moves:
                     finished = True      # refused at the door: it holds nothing, and a late Release
                     raise _RoleChanged() from None   # would free the reservation of the retry
+                if e.code() == grpc.StatusCode.UNAVAILABLE and (sent or holder.moves):
+                    self.registry.mark_unreachable(holder.instance_id)
+                    raise WorkerLost(holder.instance_id, "decode_lost",
+                                     f"instance {holder.instance_id}: {e.details()}") from None
                 if e.code() not in RETRY_CODES or sent or holder.moves:
                     raise RouteError(e.code(), f"instance {holder.instance_id}: {e.details()}") from None
                 if e.code() == grpc.StatusCode.UNAVAILABLE:

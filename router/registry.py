@@ -4,7 +4,10 @@ A poll SCANs `tandem:{cluster}:instance:*` and MGETs the values in one round tri
 dies stops refreshing its record, Redis expires it after its TTL, and the next poll drops it: a
 dead worker stops being placed within ttl + poll_interval_s. If Redis itself is unreachable the
 last good view is kept (and the outage logged once), so placement goes on from slightly stale
-loads rather than failing every request.
+loads rather than failing every request. When Redis answers again after an outage, or answers as
+another server (its run_id changed: a restart or a failover, which lose records), instances of the
+last view that are missing are kept for recovery_grace_s while the workers re-publish (every
+heartbeat), instead of the cluster looking empty until they do.
 
 Single-threaded asyncio: readers (instances, get, all) never await and always see one complete
 poll, because each poll replaces the whole view at once.
@@ -14,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from google.protobuf import json_format
+from redis.exceptions import ResponseError
 
 from services.async_tasks import stop_task
 from services.registry import REDIS_DOWN, connect, decode_report, instance_pattern
@@ -25,6 +30,8 @@ from tandem.v1 import worker_pb2
 log = logging.getLogger(__name__)
 
 LoadReport = worker_pb2.LoadReport
+
+DEFAULT_RECOVERY_GRACE_S = 5.0       # > a worker's heartbeat interval (1 s by default), with room for a slow one
 
 
 class InstanceRegistry:
@@ -36,8 +43,12 @@ class InstanceRegistry:
     """
 
     def __init__(self, redis_url: str, cluster: str, poll_interval_s: float = 0.5,
-                 on_change: Callable[[Mapping[str, LoadReport]], None] | None = None):
+                 on_change: Callable[[Mapping[str, LoadReport]], None] | None = None,
+                 recovery_grace_s: float = DEFAULT_RECOVERY_GRACE_S):
         self._url, self.cluster, self.poll_interval_s = redis_url, cluster, poll_interval_s
+        self.recovery_grace_s = recovery_grace_s
+        self._server_run_id: str | None = None    # Redis's run_id at the last poll (changes on a restart)
+        self._keep_until = 0.0                    # time.monotonic() until which missing records are kept
         self._on_change = on_change
         self._view: dict[str, LoadReport] = {}
         self._unreachable: dict[str, int] = {}   # instance_id → updated_unix_ms it was marked at
@@ -71,17 +82,29 @@ class InstanceRegistry:
             keys = list(dict.fromkeys([k async for k in self._redis.scan_iter(
                 match=instance_pattern(self.cluster), count=1000)]))
             values = await self._redis.mget(keys) if keys else []
+            run_id = await self._run_id()
         except REDIS_DOWN as e:
             if not self._failing:
                 log.warning("cannot poll instances from Redis (%s); keeping the last view of "
                             "%d instances", e, len(self._view))
             self._failing = True
             return False
-        if self._failing:
-            log.info("Redis reachable again; instance view refreshed")
+        restarted = run_id is not None and self._server_run_id not in (None, run_id)
+        if self._failing or restarted:
+            self._keep_until = time.monotonic() + self.recovery_grace_s
+            log.info("Redis reachable again%s; keeping the last view's instances for %.1fs while they re-publish",
+                     " (a restarted or failed-over server)" if restarted else "", self.recovery_grace_s)
         self._failing = False
+        self._server_run_id = run_id or self._server_run_id
         self._install(self._decode(keys, values))
         return True
+
+    async def _run_id(self) -> str | None:
+        """The server's run_id (None where INFO is not allowed, as on some managed Redis)."""
+        try:
+            return (await self._redis.info("server")).get("run_id")
+        except ResponseError:
+            return None
 
     def _decode(self, keys: list[bytes], values: list[bytes | None]) -> dict[str, LoadReport]:
         view: dict[str, LoadReport] = {}
@@ -100,6 +123,8 @@ class InstanceRegistry:
         return view
 
     def _install(self, view: dict[str, LoadReport]) -> None:
+        if time.monotonic() < self._keep_until:       # Redis came back without them: not dead, not yet re-published
+            view = {**{i: r for i, r in self._view.items() if i not in view}, **view}
         old, self._view = self._view, view
         for instance_id, marked_at in list(self._unreachable.items()):
             report = view.get(instance_id)

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from router import choices
+from router.client_auth import ClientAuth
 from router.dispatch import Dispatcher, RouteError, RoutedRequest
 from router.http_frontends import HttpFrontends
 from router.leader_lock import LeaderLock
@@ -19,12 +21,14 @@ from router.admission import DEFAULT_ADMISSION
 from router.pools_args import DEFAULT_POOLS
 from router.prefix_index import PrefixIndex, PrefixIndexFollower
 from router.routing_args import DEFAULT_ROUTING, ROUTING_MODES
+from router.redispatch import DEFAULT_MAX_REDISPATCHES, Redispatcher
 from router.registry import InstanceRegistry
 from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
 from router.role_policy import RolePolicyConfig
 from router.role_switcher import RoleSwitcher
 from router.request_validation import build_request_async
 from router.request_sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
+from services.auth import cluster_token
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
@@ -72,8 +76,13 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                 context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
-            if not rr.aborted:
+            task = asyncio.current_task()
+            if not rr.aborted and task is not None and task.cancelling():
                 raise                                  # the client went away: nothing more to send
+            if not rr.aborted:              # cancelled inside the router, not by the client: never leave it hanging
+                log.error("request %s: a worker call was cancelled inside the router", rr.request_id)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {rr.request_id}: the router lost its "
+                                    f"worker call (cancelled inside the router); retry")
             yield serving_pb2.GenerateResponse(request_id=rr.request_id, index=index, finished=True,
                                                finish_reason=serving_pb2.FINISH_REASON_ABORT)
         finally:
@@ -168,9 +177,11 @@ class Router:
                  reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
                  queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
                  http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None,
-                 routing: str = DEFAULT_ROUTING, queue_policy: str = DEFAULT_QUEUE_POLICY,
+                 routing: str = DEFAULT_ROUTING,
+                 max_redispatches: int = DEFAULT_MAX_REDISPATCHES, queue_policy: str = DEFAULT_QUEUE_POLICY,
                  queue_aging_s: float = DEFAULT_AGING_S, admission: str = DEFAULT_ADMISSION,
-                 predictor_warm_start: str | None = None):
+                 predictor_warm_start: str | None = None, api_keys: Iterable[str] = ()):
+        """api_keys: client API keys (router/client_auth.py; none: the client APIs are open)."""
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
         self.host, self.port = host, port
@@ -194,7 +205,11 @@ class Router:
                                        enabled=reschedule)
         self.live: dict[str, RoutedRequest] = {}
         self.metrics = RouterMetrics(self.registry.all, queued=lambda: len(self.dispatcher.demand))
-        self.requests = self.dispatcher          # what both APIs stream from
+        self.client_auth = ClientAuth(api_keys, cluster_token(),
+                                      on_allowed=lambda label: self.metrics.api_key_requests.labels(label).inc())
+        # What both APIs stream from: the dispatcher, resumed elsewhere when a worker dies mid-request.
+        self.requests = Redispatcher(self.dispatcher, max_redispatches=max_redispatches,
+                                     on_redispatch=lambda reason: self.metrics.redispatches.labels(reason).inc())
         # Output-length prediction, queue order and SLO admission around every request (router/request_sched.py).
         self.sched = RequestScheduling(self._prefill_rate, queue_policy=queue_policy, aging_s=queue_aging_s,
                                        admission=admission, slo_ttft_s=(role_policy or RolePolicyConfig()).ttft_slo_s)
@@ -225,7 +240,7 @@ class Router:
         await self.leader.start()
         self.rescheduler.start()
         self.roles.start()
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=self.client_auth.grpc_interceptors() or None)
         serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(self), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -23,10 +23,9 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from google.protobuf import json_format
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from services import redis_url
 from services.async_tasks import stop_task
 from tandem.v1 import worker_pb2
 
@@ -56,12 +55,7 @@ def decode_report(data: str | bytes) -> worker_pb2.LoadReport:
     return json_format.Parse(data, worker_pb2.LoadReport(), ignore_unknown_fields=True)
 
 
-def connect(redis_url: str, timeout_s: float) -> aioredis.Redis:
-    """An asyncio client that fails fast: every socket operation is bounded by timeout_s and a
-    failed command is retried once at once (a pooled connection may predate a Redis restart).
-    Callers that poll or heartbeat do their own retrying on the next tick."""
-    return aioredis.Redis.from_url(redis_url, socket_timeout=timeout_s,
-                                   socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+connect = redis_url.connect      # the one place a Redis URL (plain or redis+sentinel://) becomes a client
 
 
 def now_unix_ms() -> int:

@@ -5,13 +5,17 @@ import asyncio
 
 import grpc
 
+from services.auth import cluster_interceptors, cluster_token
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 class WorkerPool:
-    def __init__(self):
+    """token: the cluster token sent on every call (services/auth.py); default TANDEM_CLUSTER_TOKEN."""
+
+    def __init__(self, token: str | None = None):
+        self._interceptors = cluster_interceptors(token or cluster_token())
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._background: set[asyncio.Task] = set()
@@ -19,7 +23,8 @@ class WorkerPool:
     def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                interceptors=self._interceptors or None)
             self._channels[address], stub = channel, worker_pb2_grpc.WorkerStub(channel)
             self._stubs[address] = stub
         return stub

@@ -1,13 +1,16 @@
 """`tandem generate` and `tandem admin --addr A instances|migrate|drain`: the client SDK on the command line.
 
 A failed RPC prints `tandem <command>: <STATUS>: <details>` to stderr, never a traceback, and
-exits 2 for INVALID_ARGUMENT, 1 otherwise.
+exits 2 for INVALID_ARGUMENT, 1 otherwise. A router that requires API keys gets TANDEM_API_KEY
+(else the cluster token, which its Admin API accepts; services/auth.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from services.auth import client_credential
 
 _INSTANCE_COLUMNS = ("ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING", "QUEUED", "STEP_MS",
                      "LEASES", "SWITCHES")
@@ -64,7 +67,7 @@ def cmd_generate(args) -> int:
     request = dict(prompt=args.prompt, token_ids=args.token_ids, max_tokens=args.max_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, timeout=args.timeout)
     try:
-        with Client(args.addr) as client:
+        with Client(args.addr, api_key=client_credential()) as client:
             if args.json:
                 r = client.complete(**request)
             else:
@@ -100,7 +103,7 @@ def cmd_admin_instances(args) -> int:
         print("tandem admin instances: --watch needs a positive number of seconds", file=sys.stderr)
         return 2
     try:
-        with Client(args.addr) as client:
+        with Client(args.addr, api_key=client_credential()) as client:
             while True:
                 instances = client.list_instances()
                 if args.json:
@@ -141,7 +144,7 @@ def cmd_admin_migrate(args) -> int:
     from tandem.errors import TandemError
 
     try:
-        with Client(args.addr) as client:
+        with Client(args.addr, api_key=client_credential()) as client:
             r = client.migrate(args.request_id, args.to_instance, timeout=args.timeout)
     except TandemError as e:
         return _fail("admin migrate", e)
@@ -160,7 +163,7 @@ def cmd_admin_drain(args) -> int:
     from tandem.errors import TandemError
 
     try:
-        with Client(args.addr) as client:
+        with Client(args.addr, api_key=client_credential()) as client:
             r = client.drain(args.instance_id, wait=args.wait, timeout_s=args.timeout, undo=args.undo)
     except TandemError as e:
         return _fail("admin drain", e)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
 import time
@@ -12,6 +13,8 @@ from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION
 from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
+from services.auth import api_keys, cluster_token
+from services.redis_url import url_argument
 
 
 def register(sub) -> None:
@@ -28,7 +31,9 @@ def register(sub) -> None:
                     help="Prometheus /metrics: the router on this port, worker i on port+1+i (0: free ports)")
     up.add_argument("--log-format", default=None, choices=["text", "json"],
                     help="every process's log format (json: one object per line, with request ids)")
-    up.add_argument("--redis", default=None, help="use this Redis instead of starting one (redis://host:port/db)")
+    up.add_argument("--redis", default=None, type=url_argument,
+                    help="use this Redis instead of starting one (redis://host:port/db or "
+                         "redis+sentinel://host:port,.../service)")
     up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
     up.add_argument("--pin-cores", action="store_true", help="put prefill and decode workers on different cores")
     up.add_argument("--pools", default=DEFAULT_POOLS, choices=POOL_MODES,
@@ -51,6 +56,9 @@ def register(sub) -> None:
     up.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "nccl", "cuda_ipc"],
                     help="workers' KV data plane (default auto: cuda_ipc on one GPU, nccl between GPUs, tcp otherwise)")
     up.add_argument("--log-dir", default=None, help="write each child's log here instead of this terminal")
+    up.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                    help="a client API key the router requires (repeatable; also TANDEM_API_KEYS, comma-separated; "
+                         "none: the client APIs are open)")
     up.set_defaults(func=cmd_up)
 
 
@@ -91,7 +99,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                                worker_args=_worker_args(args), router_args=_router_args(args), cluster=args.cluster,
                                log_dir=args.log_dir, inherit_output=args.log_dir is None,
                                http_port=args.http_port, metrics_port=args.metrics_port, log_format=args.log_format,
-                               pools=args.pools, routing=args.routing)
+                               pools=args.pools, routing=args.routing, api_keys=list(api_keys(args.api_key)),
+                               # members only: worker RPCs and the KV data plane need the cluster token
+                               cluster_token=cluster_token() or secrets.token_hex(16))
     except ValueError as e:
         print(f"tandem up: error: {e}", file=sys.stderr)
         return 2

@@ -56,6 +56,12 @@ class NotFoundError(TandemError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class UnauthenticatedError(TandemError):
+    """The router requires an API key and got none, or one it does not accept (unknown or revoked):
+    pass `api_key=` to the client."""
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class InternalError(TandemError):
     """The server failed, or its replies broke the protocol (raised by the SDK itself then)."""
     code = grpc.StatusCode.INTERNAL
@@ -63,7 +69,8 @@ class InternalError(TandemError):
 
 _BY_CODE: dict[grpc.StatusCode, type[TandemError]] = {
     cls.code: cls for cls in (InvalidArgumentError, UnavailableError, ResourceExhaustedError,
-                              DeadlineExceededError, CancelledError, NotFoundError, InternalError)}
+                              DeadlineExceededError, CancelledError, NotFoundError, UnauthenticatedError,
+                              InternalError)}
 
 
 def from_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> TandemError:

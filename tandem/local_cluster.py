@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_METADATA
 from tandem.redis_server import RedisServer, die_with_parent
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
@@ -66,9 +67,12 @@ class LocalCluster:
                  cluster: str = "default", log_dir: str | None = None, inherit_output: bool = False,
                  ready_timeout_s: float = 180.0, http_port: int | None = None, metrics_port: int | None = None,
                  log_format: str | None = None, pools: str | None = None,
-                 routing: str | None = None):
+                 routing: str | None = None, api_keys: list[str] | None = None, cluster_token: str | None = None):
         """pools: the router's --pools (fixed | adaptive; None: the router's default, adaptive).
-        routing: the router's --routing (load | prefix; None: the router's default, load)."""
+        routing: the router's --routing (load | prefix; None: the router's default, load).
+        api_keys: client API keys the router requires (TANDEM_API_KEYS in its environment; None: open).
+        cluster_token: the secret every child shares (TANDEM_CLUSTER_TOKEN; None: worker RPCs and the
+        KV data plane are open, as in the tests, which call workers directly)."""
         if prefill < 0 or decode < 0 or colocated < 0 or prefill + decode + colocated == 0:
             raise ValueError("a cluster needs at least one worker: give --prefill/--decode or --colocated")
         if (prefill == 0) != (decode == 0):
@@ -88,6 +92,7 @@ class LocalCluster:
         self.inherit_output, self.ready_timeout_s = inherit_output, ready_timeout_s
         self.http_port, self.metrics_port, self.log_format = http_port, metrics_port, log_format
         self.pools, self.routing = pools, routing
+        self.api_keys, self.cluster_token = list(api_keys or []), cluster_token
         self.address = self.http_address = self.metrics_address = ""
         self.worker_metrics: dict[str, str] = {}     # instance id → host:port of its /metrics
         self.redis: RedisServer | None = None
@@ -142,7 +147,14 @@ class LocalCluster:
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = None if self.inherit_output else open(os.path.join(self.log_dir, f"{name}.log"), "ab")
         parent = os.getpid()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if name == "router" else out,
+        env = dict(os.environ)
+        env.pop(CLUSTER_TOKEN_ENV, None)
+        env.pop(API_KEYS_ENV, None)
+        if self.cluster_token:
+            env[CLUSTER_TOKEN_ENV] = self.cluster_token
+        if self.api_keys and name == "router":
+            env[API_KEYS_ENV] = ",".join(self.api_keys)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if name == "router" else out,
                                 stderr=out, preexec_fn=lambda: die_with_parent(parent))
         if out is not None:
             out.close()
@@ -175,7 +187,8 @@ class LocalCluster:
             while True:
                 self._check_children()
                 try:
-                    found = [i for i in admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=5).instances
+                    found = [i for i in admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=5,
+                                                            metadata=self.admin_metadata()).instances
                              if i.state == "serving"]
                     if len(found) >= count:
                         return found
@@ -185,6 +198,10 @@ class LocalCluster:
                     raise ClusterStartError(f"only {len(found)} of {count} instances "
                                             f"registered in time; logs in {self.log_dir}")
                 time.sleep(0.2)
+
+    def admin_metadata(self) -> tuple:
+        """gRPC metadata that lets this process call the router's Admin API (the cluster token)."""
+        return ((CLUSTER_TOKEN_METADATA, self.cluster_token),) if self.cluster_token else ()
 
     def _wait_worker_metrics(self) -> dict[str, str]:
         """Each worker's /metrics address, from its `ready ID ADDRESS metrics=HOST:PORT` line (in its
@@ -226,6 +243,16 @@ class LocalCluster:
         proc = self.procs[name]
         proc.kill()
         proc.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a worker that was killed (or exited) again with its original command; it registers
+        anew (its new address in its new record). ValueError for the router or a running worker."""
+        spec = next((s for s in self.specs if s.instance_id == name), None)
+        if spec is None:
+            raise ValueError(f"{name!r} is not a worker of this cluster")
+        if self.procs[name].poll() is None:
+            raise ValueError(f"{name} is still running; kill it first")
+        self._spawn(name, self.worker_command(spec))
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every child (router first), wait up to grace_s, SIGKILL the rest; stop Redis. Idempotent."""

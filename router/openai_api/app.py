@@ -44,7 +44,7 @@ class OpenAIApi:
         self.started = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -127,7 +127,15 @@ class OpenAIApi:
 
     # ---- errors -------------------------------------------------------------------------------
     @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """/v1 routes need an API key when the router has keys (router/client_auth.py): 401 otherwise."""
+        refusal = self.router.client_auth.http_refusal(request.path, request.headers.get("Authorization"))
+        if refusal is not None:
+            self.router.metrics.rejected(API, "unauthenticated")
+            raise ApiError(401, refusal, code="invalid_api_key", outcome="unauthenticated")
+        return await handler(request)
 
+    @web.middleware
     async def _errors(self, request: web.Request, handler):
         """Every error leaves as OpenAI's error JSON; unexpected ones are logged, never shown."""
         try:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -30,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
+
+from services.auth import CLUSTER_TOKEN_FIX, kv_proof, kv_proof_ok
 
 from .base import (KVHandshakeError, KVLayout, KVReceiver, KVSender, KVTransportError, OutgoingTransfer,
                    TransferStats)
@@ -79,13 +82,15 @@ class ControlSender(KVSender):
     """Prefill (and migration source) side of every transport. Thread-safe.
 
     ``setting`` is this side's --kv-transport (auto | tcp | nccl | cuda_ipc); each connection
-    runs the transport its handshake resolved.
+    runs the transport its handshake resolved. ``token``: the cluster token (services/auth.py);
+    with one, a receiver that cannot prove it gets no KV (KVHandshakeError).
     """
 
-    def __init__(self, layout: KVLayout, *, timeout_s: float = 30.0, setting: str = "tcp"):
+    def __init__(self, layout: KVLayout, *, timeout_s: float = 30.0, setting: str = "tcp", token: str | None = None):
         self.layout = layout
         self.timeout_s = timeout_s
         self.setting = setting
+        self.token = token
         self._watchdog: Watchdog | None = None       # started by the first device path that needs one
         self._lock = threading.Lock()
         self._conns: dict[str, _Connection] = {}
@@ -182,13 +187,16 @@ class _Connection:
         there = f"on the receiver ({self.address})"
         try:
             tune(sock, timeout_s)
-            send_buffers(sock, [encode(FrameType.HELLO, text=hello_text(layout, ours.to_dict()))])
+            nonce = secrets.token_hex(16)
+            send_buffers(sock, [encode(FrameType.HELLO, text=hello_text(layout, ours.to_dict(), nonce=nonce))])
             header, _, text = recv_frame(sock)
             if header.ftype == FrameType.HELLO_OK:
                 hello = parse_hello(text)
                 problem = hello_problem(layout, hello, "on the sender", there)
                 if problem is None:
                     problem = self._agree(ours, hello)
+                if problem is None:
+                    problem = self._authenticate(sock, hello, nonce)
             elif header.ftype == FrameType.HELLO_ERR:
                 problem = text
             else:
@@ -207,6 +215,21 @@ class _Connection:
             sock.close()
             raise KVHandshakeError(f"KV handshake with the receiver at {self.address} refused: {problem}")
         return sock
+
+    def _authenticate(self, sock: socket.socket, hello: dict, nonce: str) -> str | None:
+        """Check the receiver's proof of the cluster token (on our nonce), send ours (on its nonce),
+        read its verdict. None when both sides accepted; else why not."""
+        token = self._sender.token
+        if token and not kv_proof_ok(token, nonce, "receiver", hello.get("proof")):
+            return f"the receiver did not prove the cluster token, so no KV goes to it: {CLUSTER_TOKEN_FIX}"
+        proof = kv_proof(token, str(hello.get("nonce", "")), "sender") if token else ""
+        send_buffers(sock, [encode(FrameType.AUTH, text=json.dumps({"proof": proof}))])
+        header, _, text = recv_frame(sock)
+        if header.ftype == FrameType.AUTH_ERR:
+            return text
+        if header.ftype != FrameType.AUTH_OK:
+            raise ProtocolError(f"expected AUTH_OK or AUTH_ERR, got {header.ftype.name}")
+        return None
 
     def _agree(self, ours: Endpoint, hello: dict) -> str | None:
         """Check the receiver's transport choice against ours; None when they agree."""
@@ -436,8 +459,10 @@ class ControlReceiver(KVReceiver):
     opened before its ``expect`` may hold its connection's frames (module docstring)."""
 
     def __init__(self, layout: KVLayout, kv: torch.Tensor, host: str = "127.0.0.1", port: int = 0, *,
-                 timeout_s: float = 30.0, setting: str = "tcp", open_wait_s: float | None = None):
+                 timeout_s: float = 30.0, setting: str = "tcp", open_wait_s: float | None = None,
+                 token: str | None = None):
         self.layout = layout
+        self.token = token          # the cluster token: with one, only senders that prove it are served
         self.timeout_s = timeout_s
         self.open_wait_s = min(timeout_s, 5.0) if open_wait_s is None else open_wait_s
         _check_kv(kv, layout)
@@ -591,7 +616,19 @@ class ControlReceiver(KVReceiver):
         if problem:
             reply(FrameType.HELLO_ERR, text=problem)
             return None
-        reply(FrameType.HELLO_OK, text=hello_text(self.layout, self.endpoint.to_dict(), transport))
+        nonce = secrets.token_hex(16)
+        proof = kv_proof(self.token, str(hello.get("nonce", "")), "receiver") if self.token else ""
+        reply(FrameType.HELLO_OK, text=hello_text(self.layout, self.endpoint.to_dict(), transport, nonce=nonce,
+                                                  proof=proof))
+        refusal = self._check_auth(sock, nonce)
+        if refusal is not None:
+            path.close()
+            with self._lock:         # counted once there is one, like connections_<transport>
+                self._stats["senders_refused"] = self._stats.get("senders_refused", 0) + 1
+            log.warning("KV receiver %s refused a sender: %s", self.address, refusal)
+            reply(FrameType.AUTH_ERR, text=refusal)
+            return None
+        reply(FrameType.AUTH_OK)
         if transport != "tcp":
             header, _, text = recv_frame(sock)
             if header.ftype != FrameType.SETUP:
@@ -608,6 +645,23 @@ class ControlReceiver(KVReceiver):
         with self._lock:
             self._stats[key] = self._stats.get(key, 0) + 1
         return path
+
+    def _check_auth(self, sock: socket.socket, nonce: str) -> str | None:
+        """Read the sender's AUTH frame: None when it proves the cluster token on `nonce` (or this
+        receiver has none), else the refusal. Raises ProtocolError for another frame."""
+        header, _, text = recv_frame(sock)
+        if header.ftype != FrameType.AUTH:
+            raise ProtocolError(f"expected AUTH, got {header.ftype.name}")
+        if not self.token:
+            return None
+        try:
+            presented = json.loads(text or "{}").get("proof")
+        except (ValueError, AttributeError):
+            presented = None
+        if kv_proof_ok(self.token, nonce, "sender", presented):
+            return None
+        return f"the sender did not prove the cluster token ({'none sent' if not presented else 'wrong'}): " \
+               f"{CLUSTER_TOKEN_FIX}"
 
     def _on_open(self, rid: str, reply: Callable) -> None:
         """A transfer starts. Expected already: nothing to do. Forgotten (released before its

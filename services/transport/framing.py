@@ -10,8 +10,9 @@ A DATA payload is the concatenation of ``kv[b, layer_start:layer_end]`` for its 
 blocks, in order; ``payload_nbytes`` counts it whichever way it travels, but only the ``tcp``
 transport sends it on the socket (``nccl`` sends it through NCCL, ``cuda_ipc`` does not send it:
 its text names the sender's block ids). A connection opens with HELLO → HELLO_OK/HELLO_ERR, where
-both sides state their layout and endpoint (selection.py) and the receiver names the transport;
-``nccl`` and ``cuda_ipc`` then exchange SETUP → SETUP_OK/SETUP_ERR. Each transfer then sends OPEN(rid),
+both sides state their layout and endpoint (selection.py) and the receiver names the transport,
+then AUTH → AUTH_OK/AUTH_ERR: each side proves the cluster token on the other's nonce (HELLO and
+HELLO_OK carry them; services/auth.py); ``nccl`` and ``cuda_ipc`` then exchange SETUP → SETUP_OK/SETUP_ERR. Each transfer then sends OPEN(rid),
 its DATA frames, and COMMIT (answered ACK or NACK) or ABORT. Sockets are in timeout mode, so every
 send and receive below raises ``TimeoutError`` (an ``OSError``) when the peer stalls for longer than the socket's timeout.
 """
@@ -27,7 +28,7 @@ from typing import NamedTuple
 
 from .base import KVLayout
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"TK"
 SOCKET_BUFFER_BYTES = 4 << 20
 _IOV_MAX = 1024                     # buffers per sendmsg call (Linux UIO_MAXIOV)
@@ -48,6 +49,9 @@ class FrameType(enum.IntEnum):
     SETUP_OK = 10
     SETUP_ERR = 11   # text: why the receiver could not set the transport up
     OPEN = 12        # rid: a transfer starts; its reservation may still be on its way (see ControlReceiver)
+    AUTH = 13        # text: {"proof": the sender's answer to the receiver's nonce, "" without a cluster token}
+    AUTH_OK = 14
+    AUTH_ERR = 15    # text: why the receiver refused the sender's proof
 
 
 class Header(NamedTuple):
@@ -158,9 +162,10 @@ def recv_frame(sock: socket.socket) -> tuple[Header, str, str]:
     return header, body[:header.rid_len].decode(), body[header.rid_len:].decode()
 
 
-def hello_text(layout: KVLayout, endpoint: dict, transport: str | None = None) -> str:
-    """Text of a HELLO (sender) or HELLO_OK (receiver, with the chosen ``transport``)."""
-    hello = {"protocol": PROTOCOL_VERSION, "layout": dataclasses.asdict(layout), "endpoint": endpoint}
+def hello_text(layout: KVLayout, endpoint: dict, transport: str | None = None, **auth) -> str:
+    """Text of a HELLO (sender) or HELLO_OK (receiver, with the chosen ``transport``); ``auth``:
+    this side's ``nonce`` and (HELLO_OK, with a cluster token) its ``proof``."""
+    hello = {"protocol": PROTOCOL_VERSION, "layout": dataclasses.asdict(layout), "endpoint": endpoint, **auth}
     if transport is not None:
         hello["transport"] = transport
     return json.dumps(hello)

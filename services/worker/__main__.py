@@ -10,6 +10,7 @@ from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.transport.selection import SETTINGS
 from services.worker.server import WorkerOptions, serve
+from services.redis_url import url_argument
 
 
 def parse_args(argv=None) -> WorkerOptions:
@@ -42,7 +43,8 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--kv-transport", default="auto", choices=SETTINGS,
                    help="KV data plane: auto (cuda_ipc on one GPU, nccl between GPUs, tcp otherwise) or one of them; "
                         "both ends of a transfer must agree")
-    p.add_argument("--redis", dest="redis_url", default=None, help="redis://host:port/db for the registry")
+    p.add_argument("--redis", dest="redis_url", default=None, type=url_argument,
+                   help="redis://host:port/db (or redis+sentinel://host:port,.../service) for the registry")
     p.add_argument("--cluster", default="default")
     p.add_argument("--instance-id", default=None)
     p.add_argument("--cpu-cores", default="", help="comma-separated cores to pin to, e.g. 0 or 0,1")

@@ -20,12 +20,13 @@ from services.metrics_http import MetricsServer
 from services.proto_convert import PROTO_ROLES
 from services.prefix_stream import PrefixPublisher
 from services.registry import InstancePublisher
+from services.auth import MetadataAuthInterceptor, cluster_token, cluster_token_check
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker import metrics as worker_metrics
 from services.worker.kv_push import PrefillPusher
 from services.worker.migration_out import MigrationConfig
 from services.worker.observed_sender import ObservedSender
-from services.worker.request_context import RequestContextInterceptor
+from services.worker.request_context import SERVICE_PREFIX as WORKER_SERVICE, RequestContextInterceptor
 from services.worker.servicer import WorkerServicer
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
@@ -120,10 +121,11 @@ class Worker:
             self.engine.kv.record_prefix_events()      # before the engine thread starts: no event is missed
         self.engine_thread = EngineThread(self.engine, name=f"engine-{self.instance_id}")
         self.engine_thread.on_step = worker_metrics.step_observer(self.instance_id, opts.role)
-        self.sender = ObservedSender(make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s),
-                                     self.instance_id)
+        self.cluster_token = cluster_token()     # services/auth.py: worker RPCs and the KV data plane need it
+        self.sender = ObservedSender(make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s,
+                                                 token=self.cluster_token), self.instance_id)
         self.receiver = make_receiver(opts.kv_transport, self.layout, self.engine.runner.kv, host=opts.host,
-                                      port=opts.kv_port, timeout_s=opts.transfer_timeout_s)
+                                      port=opts.kv_port, timeout_s=opts.transfer_timeout_s, token=self.cluster_token)
         # What peers are told (LoadReport.kv_address, KVHandle.address): e.g. the pod IP when bound to 0.0.0.0.
         self.kv_address = opts.kv_advertise_address or self.receiver.address
         self.pusher = None
@@ -221,7 +223,9 @@ class Worker:
     async def start(self) -> str:
         opts = self.opts
         await self._start_metrics()
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RequestContextInterceptor()])
+        members_only = ([MetadataAuthInterceptor((WORKER_SERVICE,), cluster_token_check(self.cluster_token))]
+                        if self.cluster_token else [])
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=members_only + [RequestContextInterceptor()])
         if opts.redis_url:
             self.publisher = InstancePublisher(opts.redis_url, opts.cluster, self.report, ttl_s=opts.heartbeat_ttl_s,
                                                interval_s=opts.heartbeat_interval_s)

@@ -32,6 +32,7 @@ from services.worker import metrics as worker_metrics
 from services.worker.leases import Lease, LeaseNotFound, LeaseReleased, LeaseState, LeaseTable
 from services.worker.migration_in import MigrationRefused, MigrationTargets
 from services.worker.migration_out import MigrationConfig, MigrationError, MigrationSources
+from services.worker.redispatch_in import start_resumed
 from services.worker_pool import WorkerPool
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
 
@@ -369,6 +370,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # ---- colocated ------------------------------------------------------------------------------
     async def Generate(self, request: worker_pb2.WorkerRequest, context):
+        if request.output_token_ids:       # re-dispatched after its instance died: recompute here, go on
+            stream, params = await start_resumed(self, request, context)
+            try:
+                async for chunk in _token_chunks(stream, len(request.output_token_ids), params.logprobs is not None,
+                                                 context, self.sources.moved_to):
+                    yield chunk
+            finally:
+                stream.cancel()
+            return
         await self._require_role(context, Role.COLOCATED, what="Generate")
         try:
             prompt, params = self._request_fields(request)

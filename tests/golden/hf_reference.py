@@ -4,11 +4,14 @@ from __future__ import annotations
 import torch
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int):
-    """Per prompt: (generated token ids, chosen-token logprobs) from LlamaForCausalLM.generate."""
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, ignore_eos: bool = False):
+    """Per prompt: (generated token ids, chosen-token logprobs) from LlamaForCausalLM.generate.
+    ignore_eos: generate max_new_tokens even past EOS (as SamplingParams.ignore_eos does)."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if ignore_eos:
+        model.generation_config.eos_token_id = None
     results = []
     for ids in prompts:
         inp = torch.tensor([ids])

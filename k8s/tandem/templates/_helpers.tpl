@@ -85,6 +85,31 @@ redis://{{ include "tandem.fullname" . }}-redis:{{ .Values.redis.port }}/0
       name: {{ .Values.redis.urlSecret.name }}
       key: {{ .Values.redis.urlSecret.key }}
 {{- end }}
+{{- if or .Values.auth.clusterToken .Values.auth.existingSecret }}
+- name: TANDEM_CLUSTER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tandem.authSecret" . }}
+      key: cluster-token
+      optional: {{ not .Values.auth.clusterToken }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding api-keys and cluster-token: the operator's existingSecret or the chart's own. */}}
+{{- define "tandem.authSecret" -}}
+{{ .Values.auth.existingSecret | default (printf "%s-auth" (include "tandem.fullname" .)) }}
+{{- end }}
+
+{{/* The router's client API keys (TANDEM_API_KEYS), when any are configured. */}}
+{{- define "tandem.apiKeysEnv" -}}
+{{- if or .Values.auth.apiKeys .Values.auth.existingSecret }}
+- name: TANDEM_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tandem.authSecret" . }}
+      key: api-keys
+      optional: {{ not .Values.auth.apiKeys }}
+{{- end }}
 {{- end }}
 
 {{/*
