@@ -36,6 +36,7 @@ from services.engine.sampling_params import SamplingParams
 from tandem.v1 import serving_pb2, worker_pb2
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+SETTLE_TRIES, SETTLE_S = 8, 0.02      # waits (0.02 s, 0.04 s, ...; 0.72 s in all) for a worker to drop a cancelled attempt
 RESERVED_KEY = "tandem-reserved"       # a decode instance's Decode initial metadata once it reserved
 
 
@@ -382,7 +383,9 @@ class Dispatcher:
                                      request_id=rr.request_id, block_size=d.block_size)
         tried: set[str] = set()
         last_error = ""
-        for _ in range(self.retries + 1):
+        tries, settles = self.retries + 1, 0
+        while tries > 0:
+            tries -= 1
             prefills = [p for p in self._pool(worker_pb2.ROLE_PREFILL) if p.instance_id not in tried]
             p = pick_prefill(prefills, len(rr.prompt_token_ids), self.ledger, self._cached(rr, prefills))
             if p is None:
@@ -409,6 +412,16 @@ class Dispatcher:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and rr.aborted:
                     raise asyncio.CancelledError from None
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS and settles < SETTLE_TRIES:
+                    # The router keeps request ids unique, so this is P still tearing down this
+                    # request's attempt that the router just cancelled (a refused D): wait for it
+                    # (no Release: this call holds nothing on P, and one racing the retry could end it).
+                    settles, tries = settles + 1, tries + 1
+                    await asyncio.sleep(SETTLE_S * settles)
+                    continue
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    raise RouteError(grpc.StatusCode.UNAVAILABLE,
+                                     f"prefill instance {p.instance_id} still holds an earlier attempt; retry") from None
                 self.pool.release_later(p.address, rr.request_id)
                 if e.code() == grpc.StatusCode.ABORTED:       # P is fine; the way to D failed
                     raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{e.details()}; retry") from None
