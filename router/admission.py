@@ -24,6 +24,9 @@ import math
 
 ADMISSION_MODES = ("none", "slo")
 DEFAULT_ADMISSION = "none"
+# Admitted requests without a first token a router holds before it refuses more (any admission
+# mode): bounds its queue and memory under a burst (router/request_sched.py).
+DEFAULT_MAX_QUEUED = 1024
 START_GAPS = 64          # first-token gaps (with a backlog) the start rate is measured over
 
 
@@ -56,3 +59,9 @@ def predicted_ttft_s(ahead: int, start_rate: float | None, prompt_tokens: int, p
 def retry_after_s(predicted_s: float, slo_s: float) -> int:
     """Whole seconds to wait before a retry could meet the SLO (at least 1)."""
     return max(1, math.ceil(predicted_s - slo_s))
+
+
+def queue_retry_after_s(excess: int, start_rate: float | None) -> int:
+    """Whole seconds until `excess` queued requests got their first token at `start_rate`
+    (requests/s; unknown: 1 s), at least 1."""
+    return max(1, math.ceil(excess / start_rate)) if start_rate else 1

@@ -6,7 +6,10 @@ Both front doors wrap the dispatcher's stream with it (one code path):
     stream = router.metrics.track(rr, router.sched.run(rr, router.dispatcher.generate(rr)), api)
 
 `run` predicts the output length (router/output_predictor.py) and writes the median into the
-worker request (the engines' sjf order reads it), refuses at once what cannot meet its TTFT SLO
+worker request (the engines' sjf order reads it), refuses at once a request that finds
+`--max-queued-requests` admitted requests still without a first token (RESOURCE_EXHAUSTED / 429
+naming the flag, retry-after: the excess at the measured start rate; whatever the admission
+mode, so the router's queue and memory stay bounded under any burst), refuses what cannot meet its TTFT SLO
 under `--admission slo` (router/admission.py: RouteError RESOURCE_EXHAUSTED with retry_after_s,
 INVALID_ARGUMENT for an SLO no instance can meet), then yields the dispatcher's messages
 unchanged, timing first tokens for the start rate, and finally teaches the predictor the number
@@ -27,7 +30,8 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from router.admission import DEFAULT_ADMISSION, StartRate, predicted_ttft_s, retry_after_s
+from router.admission import (DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED, StartRate, predicted_ttft_s,
+                              queue_retry_after_s, retry_after_s)
 from router.dispatch import RouteError, RoutedRequest
 from router.output_predictor import OutputPredictor, PredictionError, Quantiles
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, order_key
@@ -42,8 +46,10 @@ class RequestScheduling:
 
     def __init__(self, prefill_rate: Callable[[], float | None], *, queue_policy: str = DEFAULT_QUEUE_POLICY,
                  aging_s: float = DEFAULT_AGING_S, admission: str = DEFAULT_ADMISSION, slo_ttft_s: float = 2.0,
-                 predictor: OutputPredictor | None = None):
-        self.prefill_rate = prefill_rate
+                 predictor: OutputPredictor | None = None, max_queued: int = DEFAULT_MAX_QUEUED):
+        if max_queued < 1:
+            raise ValueError(f"--max-queued-requests {max_queued}: give at least 1")
+        self.prefill_rate, self.max_queued = prefill_rate, max_queued
         self.queue_policy, self.aging_s, self.admission, self.slo_ttft_s = queue_policy, aging_s, admission, slo_ttft_s
         self.predictor = predictor or OutputPredictor()
         self.error = PredictionError()
@@ -70,7 +76,18 @@ class RequestScheduling:
         return q
 
     def admit(self, rr: RoutedRequest, now: float | None = None) -> None:
-        """Raises RouteError when --admission slo refuses rr (see module docstring); else a no-op."""
+        """Raises RouteError when the queue bound or --admission slo refuses rr (see module
+        docstring); else a no-op."""
+        queued = len(self.not_started)
+        if queued >= self.max_queued:
+            self.refused["queue_full"] += 1
+            wait = queue_retry_after_s(queued - self.max_queued + 1, self.start_rate.rate())
+            error = RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the router's queue is full: {queued} requests wait for their first token "
+                               f"(--max-queued-requests {self.max_queued}); retry after {wait} s, or add "
+                               f"instances, or raise --max-queued-requests on the router")
+            error.retry_after_s = wait
+            raise error
         if self.admission != "slo":
             return
         now = time.monotonic() if now is None else now
@@ -164,9 +181,11 @@ class SchedulingCollector:
         for source in ("hint", "similar", "prefix", "length", "global", "prior"):
             sources.add_metric([source], s.sources[source])
         yield sources
-        refused = CounterMetricFamily("tandem_admission_refused", "Requests refused at once by SLO-aware admission "
-                                      "(RESOURCE_EXHAUSTED / HTTP 429 with retry-after)", labels=["reason"])
-        refused.add_metric(["slo"], s.refused["slo"])
+        refused = CounterMetricFamily("tandem_admission_refused", "Requests refused at once (RESOURCE_EXHAUSTED / "
+                                      "HTTP 429 with retry-after): slo (SLO-aware admission), queue_full "
+                                      "(--max-queued-requests)", labels=["reason"])
+        for reason in ("slo", "queue_full"):
+            refused.add_metric([reason], s.refused[reason])
         yield refused
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION
+from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 
 QUEUE_POLICY_HELP = ("fcfs (default): arrival order; sjf: shortest predicted work first (prompt tokens left + the "
@@ -20,6 +20,10 @@ def add_sched_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-aging-s", type=float, default=DEFAULT_AGING_S,
                    help="sjf: a request that waited this long is served in arrival order (bounds its wait)")
     g.add_argument("--admission", choices=ADMISSION_MODES, default=DEFAULT_ADMISSION, help=ADMISSION_HELP)
+    g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help=f"refuse a request (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N admitted requests "
+                        f"still wait for their first token (default {DEFAULT_MAX_QUEUED}): bounds the router's queue "
+                        f"and memory under a burst, whatever --admission says")
     g.add_argument("--predictor-warm-start", default=None, metavar="FILE.jsonl",
                    help="teach the output-length predictor these completed requests first: one JSON object a line, "
                         "{\"prompt_token_ids\": [...], \"output_tokens\": N, \"max_tokens\": M}")
@@ -29,5 +33,7 @@ def sched_kwargs(a: argparse.Namespace) -> dict:
     """Router(...) keyword arguments from the parsed flags. Raises SystemExit on a bad value."""
     if not a.queue_aging_s > 0:
         raise SystemExit(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
+    if a.max_queued_requests < 1:
+        raise SystemExit(f"--max-queued-requests {a.max_queued_requests}: give at least 1")
     return dict(queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, admission=a.admission,
-                predictor_warm_start=a.predictor_warm_start)
+                max_queued_requests=a.max_queued_requests, predictor_warm_start=a.predictor_warm_start)

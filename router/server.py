@@ -17,7 +17,7 @@ from router.http_frontends import HttpFrontends
 from router.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
 from router.migration_policy import PolicyConfig
-from router.admission import DEFAULT_ADMISSION
+from router.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
 from router.pools_args import DEFAULT_POOLS
 from router.prefix_index import PrefixIndex, PrefixIndexFollower
 from router.routing_args import DEFAULT_ROUTING, ROUTING_MODES
@@ -29,6 +29,7 @@ from router.role_switcher import RoleSwitcher
 from router.request_validation import build_request_async
 from router.request_sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
 from services.auth import cluster_token
+from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
@@ -180,7 +181,8 @@ class Router:
                  routing: str = DEFAULT_ROUTING,
                  max_redispatches: int = DEFAULT_MAX_REDISPATCHES, queue_policy: str = DEFAULT_QUEUE_POLICY,
                  queue_aging_s: float = DEFAULT_AGING_S, admission: str = DEFAULT_ADMISSION,
-                 predictor_warm_start: str | None = None, api_keys: Iterable[str] = ()):
+                 predictor_warm_start: str | None = None, api_keys: Iterable[str] = (),
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED):
         """api_keys: client API keys (router/client_auth.py; none: the client APIs are open)."""
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
@@ -212,7 +214,8 @@ class Router:
                                      on_redispatch=lambda reason: self.metrics.redispatches.labels(reason).inc())
         # Output-length prediction, queue order and SLO admission around every request (router/request_sched.py).
         self.sched = RequestScheduling(self._prefill_rate, queue_policy=queue_policy, aging_s=queue_aging_s,
-                                       admission=admission, slo_ttft_s=(role_policy or RolePolicyConfig()).ttft_slo_s)
+                                       admission=admission, slo_ttft_s=(role_policy or RolePolicyConfig()).ttft_slo_s,
+                                       max_queued=max_queued_requests)
         load_warm_start(self.sched.predictor, predictor_warm_start)
         self.metrics.registry.register(SchedulingCollector(self.sched))
         self.requests = ScheduledRequests(self.sched, self.requests)
@@ -240,7 +243,7 @@ class Router:
         await self.leader.start()
         self.rescheduler.start()
         self.roles.start()
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=self.client_auth.grpc_interceptors() or None)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS + SERVER_BACKLOG_OPTIONS, interceptors=self.client_auth.grpc_interceptors() or None)
         serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(self), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

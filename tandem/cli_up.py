@@ -9,7 +9,7 @@ import time
 
 from router.pools_args import DEFAULT_POOLS, POOL_MODES
 from router.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
-from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION
+from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
 from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
@@ -44,6 +44,9 @@ def register(sub) -> None:
                     help=QUEUE_POLICY_HELP.replace("Give the workers the same policy (tandem up does)",
                                                    "The router and every worker use it"))
     up.add_argument("--admission", default=DEFAULT_ADMISSION, choices=ADMISSION_MODES, help=ADMISSION_HELP)
+    up.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                    help=f"the router refuses (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N requests wait "
+                         f"for their first token (default {DEFAULT_MAX_QUEUED})")
     up.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     up.add_argument("--block-size", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None)
@@ -63,7 +66,8 @@ def register(sub) -> None:
 
 
 def _router_args(args) -> list[str]:
-    return ["--queue-policy", args.queue_policy, "--admission", args.admission]
+    return ["--queue-policy", args.queue_policy, "--admission", args.admission,
+            "--max-queued-requests", str(getattr(args, "max_queued_requests", DEFAULT_MAX_QUEUED))]
 
 
 def _worker_args(args) -> list[str]:

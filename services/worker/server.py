@@ -27,12 +27,13 @@ from services.worker.kv_push import PrefillPusher
 from services.worker.migration_out import MigrationConfig
 from services.worker.observed_sender import ObservedSender
 from services.worker.request_context import SERVICE_PREFIX as WORKER_SERVICE, RequestContextInterceptor
+from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
 from services.worker.servicer import WorkerServicer
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.so_reuseport", 0)]
+                ("grpc.so_reuseport", 0), *SERVER_BACKLOG_OPTIONS]
 
 
 @dataclass

@@ -166,3 +166,36 @@ def test_a_client_that_goes_away_mid_stream_teaches_what_it_received():
             await task
     asyncio.run(go())
     assert s.predictor.observations == 1 and [a for *_, a in s.error._pairs] == [3]
+
+
+def test_queue_bound_refuses_with_the_flag_and_a_retry_after_in_any_admission_mode():
+    for admission in ("none", "slo"):
+        s = RequestScheduling(lambda: None, admission=admission, max_queued=3, slo_ttft_s=600.0)
+        for i in range(3):
+            r = routed(f"q{i}")
+            s.admit(r)                                     # room: admitted
+            s.not_started[r.request_id] = r
+        with pytest.raises(RouteError) as full:
+            s.admit(routed("one-too-many"))
+        e = full.value
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.retry_after_s == 1     # no start rate: 1 s
+        assert "--max-queued-requests 3" in e.message and "retry after 1 s" in e.message
+        assert s.refused["queue_full"] == 1
+        for t in range(6):
+            s.start_rate.started(t * 2.0, backlog=3)      # 0.5 starts per second
+        with pytest.raises(RouteError) as slow:
+            s.admit(routed("slow"))
+        assert slow.value.retry_after_s == 2               # 1 over the bound at 0.5/s
+        del s.not_started["q0"]
+        s.admit(routed("after-one-started"))               # below the bound again: admitted
+    with pytest.raises(ValueError, match="--max-queued-requests"):
+        RequestScheduling(lambda: None, max_queued=0)
+
+
+def test_queue_full_refusals_are_a_metric():
+    s = RequestScheduling(lambda: None, max_queued=1)
+    s.not_started["x"] = routed("x")
+    with pytest.raises(RouteError):
+        s.admit(routed("y"))
+    refused = next(m for m in SchedulingCollector(s).collect() if m.name == "tandem_admission_refused")
+    assert {sample.labels["reason"]: sample.value for sample in refused.samples} == {"slo": 0, "queue_full": 1}
