@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models demo test proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched chaos clean
+.PHONY: setup models demo test proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched bench-overload chaos fuzz clean
 
 setup: $(STAMP) redis models
 
@@ -102,6 +102,13 @@ bench-gpu: setup
 # {"sent", "golden", "mismatched", "retryable_failures", "lost", "duplicated_tokens", "leaked"}.
 chaos: setup
 	$(PY) benchmarks/chaos.py $(if $(ROUNDS),--rounds $(ROUNDS))
+
+# Overload (issue 18): goodput of steady clients before, during and after a 10x burst on a tiny 1P+1D cluster;
+# every request served or refused with a reason. Last line one JSON object: {"goodput_before_tok_s",
+# "goodput_during_tok_s", "goodput_after_tok_s", "time_to_recover_s", ..., "peak_router_rss_mib", "leaked"}.
+# MAX_QUEUED=N: the router's --max-queued-requests.
+bench-overload: setup
+	$(PY) benchmarks/overload.py $(if $(MAX_QUEUED),--max-queued $(MAX_QUEUED))
 
 # Queue policies and admission on one colocated instance, one trace: FCFS vs SJF near saturation (mean/P50/P99
 # e2e and TTFT, goodput at the TTFT SLO), admission none vs slo at 1.5x capacity, prefix vs load routing when

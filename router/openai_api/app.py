@@ -23,6 +23,7 @@ from aiohttp import web
 from router import choices
 from router.dispatch import RouteError
 from router.openai_api.chat_template import ChatTemplate
+from router.openai_api.openapi import openapi_document
 from router.openai_api.errors import ApiError, from_invalid_request, from_status, invalid
 from router.openai_api.requests import ParsedRequest, parse_chat, parse_completion
 from router.openai_api.responses import Answer, TokenTexts, combined_response, combined_usage
@@ -49,6 +50,7 @@ class OpenAIApi:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model_id:.+}", self.model)
+        app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -67,6 +69,11 @@ class OpenAIApi:
             raise ApiError(404, f"model {request.match_info['model_id']!r} does not exist here; this server serves "
                                 f"{self.router.model.model_id!r}", param="model", code="model_not_found")
         return web.json_response(self._model_card())
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI 3.0 document of this API (router/openai_api/openapi.py)."""
+        m = self.router.model
+        return web.json_response(openapi_document(m.model_id, m.max_position_embeddings))
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when the router can place a request now; 503 saying what is missing otherwise."""
