@@ -110,6 +110,12 @@ chaos: setup
 bench-overload: setup
 	$(PY) benchmarks/overload.py $(if $(MAX_QUEUED),--max-queued $(MAX_QUEUED))
 
+# Fuzzing (issue 18): hypothesis over every gRPC method (Serving, Admin, Worker), garbage bytes on the gRPC, HTTP and
+# KV ports, schemathesis against the router's /openapi.json; CASES=N (default 10000), SEED=S. Last line one JSON
+# object: {"cases": N, "crashes": N, "hangs": N, "leaks": N}.
+fuzz: setup
+	$(PY) benchmarks/fuzz.py $(if $(CASES),--cases $(CASES)) $(if $(SEED),--seed $(SEED))
+
 # Queue policies and admission on one colocated instance, one trace: FCFS vs SJF near saturation (mean/P50/P99
 # e2e and TTFT, goodput at the TTFT SLO), admission none vs slo at 1.5x capacity, prefix vs load routing when
 # benchmarks/bench_sched_prefix.py is there. Results in bench-sched/; the last line printed is one JSON object.

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+import urllib.parse
 
 from aiohttp import web
 
@@ -172,10 +173,22 @@ def _aborted(rr) -> bool:
 
 def _headers(parsed: ParsedRequest, rr) -> dict:
     """X-Request-Id, and X-Tandem-Ignored-Fields naming the unknown fields the request carried."""
-    headers = {"X-Request-Id": rr.request_id}
+    headers = {"X-Request-Id": header_value(rr.request_id)}
     if parsed.ignored:
-        headers["X-Tandem-Ignored-Fields"] = ",".join(parsed.ignored)[:1024]
+        headers["X-Tandem-Ignored-Fields"] = ignored_fields_header(parsed.ignored)
     return headers
+
+
+def header_value(text: str, limit: int = 1024) -> str:
+    """`text` as a safe HTTP header value: printable ASCII kept, anything else (newlines, control
+    characters, non-ASCII: a field name is any JSON string) percent-encoded, at most `limit`
+    characters. A raw newline made aiohttp drop the connection without a response (make fuzz)."""
+    return urllib.parse.quote(text, safe=" !\"#$%&'()*+,-./:;<=>?@[]^_`{|}~")[:limit]
+
+
+def ignored_fields_header(names: list[str]) -> str:
+    """The X-Tandem-Ignored-Fields value: the names, comma-separated (a comma in a name is %2C)."""
+    return header_value(",".join(urllib.parse.quote(n, safe="") if "," in n else n for n in names))
 
 
 async def _whole(parsed: ParsedRequest, rr, stream, answers: list[Answer]) -> web.Response:

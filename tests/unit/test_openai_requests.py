@@ -320,3 +320,16 @@ def test_chat_stream_chunks(model, tok):
     assert all(c["usage"] is None and c["object"] == "chat.completion.chunk" for c in first + last)
     usage = a.usage_chunk()
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
+
+
+def test_response_headers_are_safe_for_any_field_name_and_request_id():
+    """make fuzz found it: an unknown field named "a\\nb" made aiohttp drop the connection without a
+    response (the raw name went into X-Tandem-Ignored-Fields)."""
+    from router.openai_api.app import header_value, ignored_fields_header
+
+    assert ignored_fields_header(["extra", "my_field"]) == "extra,my_field"
+    value = ignored_fields_header(["a\nb", "x\r\ny: 1", "\x00", "é🙂", "a,b"])
+    assert value.isascii() and value.isprintable() and "\n" not in value and "\r" not in value
+    assert value == "a%0Ab,x%0D%0Ay: 1,%00,%C3%A9%F0%9F%99%82,a%2Cb"
+    assert header_value("req-1 (retry #2) 100%") == "req-1 (retry #2) 100%"      # printable ASCII unchanged
+    assert len(header_value("x" * 5000)) == 1024
