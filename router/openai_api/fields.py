@@ -80,12 +80,16 @@ def get_str_list(body: dict, name: str) -> list[str]:
     return list(value)
 
 
-def get_int_list(body: dict, name: str) -> list[int]:
+def get_int_list(body: dict, name: str, minimum: int = 0, maximum: int = 2 ** 31 - 1) -> list[int]:
+    """A list of integers each in [minimum, maximum] (default: token ids, the proto's int32 range)."""
     value = _value(body, name)
     if value is _MISSING:
         return []
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise invalid(name, f"must be a list of integers, got {_show(value)}")
+    bad = next((v for v in value if not minimum <= v <= maximum), None)
+    if bad is not None:
+        raise invalid(name, f"every element must be in [{minimum}, {maximum}], got {bad}")
     return list(value)
 
 

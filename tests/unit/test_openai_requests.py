@@ -149,6 +149,8 @@ def test_unsupported_or_malformed_is_a_400_naming_the_field(model, tok, body, pa
     ("stop", ["a", 1], "string"), ("stream", "yes", "true or false"), ("logprobs", 21, "<= 20"),
     ("logprobs", True, "integer"), ("priority", "high", "integer"), ("user", 7, "string"),
     ("stop_token_ids", [1.5], "integers"), ("slo", [1], "object"), ("echo", 1, "true or false"),
+    # make fuzz found it: an id past int32 was a ValueError in protobuf, a 500
+    ("stop_token_ids", [10 ** 24], "[0, 2147483647]"), ("stop_token_ids", [2, -1], "got -1"),
 ])
 def test_wrong_types_name_the_field_and_the_type(model, tok, field, value, words):
     e = refused(parse_completion, {"prompt": "a", field: value}, model, tok)
