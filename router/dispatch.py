@@ -200,7 +200,7 @@ class Dispatcher:
         if not any(r.role == worker_pb2.ROLE_COLOCATED and r.home_role in (worker_pb2.ROLE_PREFILL,
                                                                             worker_pb2.ROLE_DECODE) for r in reports):
             return None
-        needed = -(-len(rr.prompt_token_ids) // max(1, reports[0].block_size))
+        needed = cdiv(len(rr.prompt_token_ids), max(1, reports[0].block_size))
         return pick_whole_request(reports, len(rr.prompt_token_ids), needed, self.ledger)
 
     async def generate(self, rr: RoutedRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
@@ -250,7 +250,7 @@ class Dispatcher:
         pool = [i for i in self._pool(role) if i.instance_id not in tried]
         if not pool:
             return None
-        needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
+        needed = cdiv(len(rr.prompt_token_ids), max(1, pool[0].block_size))
         if full:
             pool = [i for i in pool if full.get(i.instance_id) != i.updated_unix_ms]
         chosen = pick(pool, needed, self.ledger) if pool else None

@@ -24,12 +24,12 @@ from router.migration_policy import InstanceLoad, MigrationDecision, PolicyConfi
 from router.registry import InstanceRegistry
 from services.async_tasks import stop_task
 from services.worker_pool import WorkerPool
+from services.roles import LIVE_STATES, Role, WorkerState
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.router.rescheduler")
 
-MIGRATING_ROLES = (worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED)
-LIVE_STATES = ("serving", "draining", "drained")
+MIGRATING_ROLES = (Role.DECODE, Role.COLOCATED)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Rescheduler:
             if report is None:
                 return "gone", 0
             left = report.running + report.waiting + report.leases
-            if report.state != "draining" or time.monotonic() > deadline:
+            if report.state != WorkerState.DRAINING or time.monotonic() > deadline:
                 return report.state, left
             if self.acting or self._loop_task is None:   # else the leader's loop moves them
                 await self.round(only_source=instance_id)

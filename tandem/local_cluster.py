@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_METADATA
+from services.roles import WorkerState
 from tandem.redis_server import RedisServer, die_with_parent
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
@@ -192,7 +193,7 @@ class LocalCluster:
                 try:
                     found = [i for i in admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=5,
                                                             metadata=self.admin_metadata()).instances
-                             if i.state == "serving"]
+                             if i.state == WorkerState.SERVING]
                     if len(found) >= count:
                         return found
                 except grpc.RpcError:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine import dtype_policy
+from services.engine.blocks import cdiv
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def paged_decode_attention_gathered(
     B, H, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = H // Hkv
-    nblk = -(-max_len // bs)
+    nblk = cdiv(max_len, bs)
     flat = block_tables[:, :nblk].reshape(-1).long()                                  # [B * nblk]
 
     def gather(cache: torch.Tensor) -> torch.Tensor:                                  # -> [B, Hkv, L, D]
@@ -394,7 +395,7 @@ def paged_decode_attention_reference(
     max_len = int(lens.max()) if B > 0 else 0
     if max_len == 0:
         return torch.zeros_like(q)
-    nblk = (max_len + bs - 1) // bs
+    nblk = cdiv(max_len, bs)
     needed = (lens + bs - 1) // bs
     ids = block_tables[:, :nblk].to(device=q.device, dtype=torch.long)
     ids = torch.where(torch.arange(nblk, device=q.device)[None, :] < needed[:, None], ids, 0)  # padding -> 0

@@ -13,14 +13,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from services.engine.config import Role
 from services.engine.engine_thread import EngineThread
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
 from services.metrics_http import MetricsServer
-from services.proto_convert import PROTO_ROLES
 from services.prefix_stream import PrefixPublisher
 from services.registry import InstancePublisher
 from services.auth import MetadataAuthInterceptor, cluster_token, cluster_token_check
+from services.roles import Role, WorkerState
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker import metrics as worker_metrics
 from services.worker.kv_push import PrefillPusher
@@ -96,7 +95,7 @@ class Worker:
         from services.engine.builder import build_engine
 
         self.opts = opts
-        self.role = Role[opts.role.upper()] if opts.role.upper() in Role.__members__ else None
+        self.role = Role.from_label(opts.role)
         if self.role is None:
             raise ValueError(f"--role {opts.role!r} is not a role; use prefill, decode or colocated")
         pin_cores(opts.cpu_cores)
@@ -133,7 +132,7 @@ class Worker:
             self.pusher = PrefillPusher(self.engine.kv.block_table, cfg.cache.block_size, cfg.model.num_layers,
                                         opts.layer_group)
             self.engine.on_prefill_layer = self.pusher
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self.address = ""
         self.publisher = None
         self.prefix_publisher: PrefixPublisher | None = None     # the prefix cache told to routers
@@ -147,12 +146,12 @@ class Worker:
 
     def current_state(self) -> str:
         """starting | serving | draining | drained (draining, and nothing left here) | stopping."""
-        if self.state != "draining" or self.servicer is None:
+        if self.state != WorkerState.DRAINING or self.servicer is None:
             return self.state
         load, sv = self.engine_thread.load, self.servicer
         empty = not (load.running or load.waiting or load.paused or len(sv.leases) or len(sv.sources)
                      or len(sv.targets))
-        return "drained" if empty else "draining"
+        return WorkerState.DRAINED if empty else WorkerState.DRAINING
 
     def set_state(self, state: str) -> None:
         """Enter (`draining`) or leave (`serving`) draining, and publish it at once."""
@@ -160,7 +159,7 @@ class Worker:
         log.info("worker %s is now %s", self.instance_id, state)
         # Readiness (service tandem.v1.Worker) follows: a draining pod is the one Kubernetes removes
         # first on scale-down. Liveness (service "") stays SERVING: draining is not dying.
-        status = health_pb2.HealthCheckResponse.SERVING if state == "serving" else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = health_pb2.HealthCheckResponse.SERVING if state == WorkerState.SERVING else health_pb2.HealthCheckResponse.NOT_SERVING
         asyncio.ensure_future(self.health.set("tandem.v1.Worker", status))
         if self.publisher:
             asyncio.ensure_future(self.publisher.publish_now())
@@ -184,7 +183,7 @@ class Worker:
             high_priority_running=load.high_priority_running, high_priority_blocks=load.high_priority_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
-            instance_id=self.instance_id, role=PROTO_ROLES[sv.role if sv else self.role], home_role=PROTO_ROLES[self.role],
+            instance_id=self.instance_id, role=sv.role if sv else self.role, home_role=self.role,
             mixed_prefill_tokens=sv.mixed_prefill_tokens if sv else 0, role_switches=sv.role_switches if sv else 0,
             address=self.address,
             kv_address=self.kv_address, state=self.current_state(), model=cfg.model.model_id,
@@ -215,7 +214,7 @@ class Worker:
         if self.opts.metrics_port is None:
             return
         self.metrics_server = MetricsServer(worker_metrics.REGISTRY, self.opts.host, self.opts.metrics_port,
-                                            health=lambda: self.state == "serving")
+                                            health=lambda: self.state == WorkerState.SERVING)
         await self.metrics_server.start()
         worker_metrics.track(self.instance_id, self.metrics_snapshot)
         log.info("worker %s metrics on http://%s/metrics", self.instance_id, self.metrics_server.address)
@@ -244,7 +243,7 @@ class Worker:
             raise OSError(f"cannot listen on {opts.host}:{opts.port}")
         self.address = f"{opts.host}:{port}"
         await self.server.start()
-        self.state = "serving"
+        self.state = WorkerState.SERVING
         for service in ("", "tandem.v1.Worker"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.engine.kv.prefix_events is not None:       # first: a router that sees this instance finds its cache
@@ -265,7 +264,7 @@ class Worker:
             await self._stopped.wait()
             return
         self._stopping = True
-        self.state = "stopping"
+        self.state = WorkerState.STOPPING
         await self.health.enter_graceful_shutdown()
         if self.publisher:
             await self.publisher.stop()       # leave placement first

@@ -24,6 +24,7 @@ import itertools
 import math
 
 from router import migration_policy, placement, role_policy
+from services.roles import WorkerState
 from tandem.sim.clock import EventLoop
 from tandem.sim.costmodel import CostModel
 from tandem.sim.instance import COLOCATED, DECODE, PREFILL, SimInstance, blocks_for
@@ -86,7 +87,7 @@ class SimRouter:
         return self.instances[0].block_size
 
     def _pools(self):
-        serving = [i for i in self.instances if i.state == "serving"]
+        serving = [i for i in self.instances if i.state == WorkerState.SERVING]
         prefill = [i for i in serving if placement.serves(i, PREFILL)]
         decode = [i for i in serving if placement.serves(i, DECODE)]
         baseline = [i for i in serving if i.role == COLOCATED and i.home_role not in (PREFILL, DECODE)]
@@ -151,7 +152,7 @@ class SimRouter:
     def _sample(self) -> None:
         """Queued requests, and those of them (Llumnix's fragmentation) that the free KV blocks of
         all instances together would hold though none holds them alone."""
-        free = sum(i.free_blocks for i in self.instances if i.state == "serving")
+        free = sum(i.free_blocks for i in self.instances if i.state == WorkerState.SERVING)
         needs = [need for _, need in self.queue]
         for inst in self.instances:
             needs += [blocks_for(r.num_tokens, inst.block_size) - r.blocks for r in inst.wait_q]
@@ -206,7 +207,7 @@ class SimRouter:
 
     # ---- rescheduling ----------------------------------------------------------------------------
     def _reschedule_round(self) -> None:
-        cands = [i for i in self.instances if i.state == "serving" and i.role in (DECODE, COLOCATED)]
+        cands = [i for i in self.instances if i.state == WorkerState.SERVING and i.role in (DECODE, COLOCATED)]
         if len(cands) > 1 and any(i.run_q for i in cands):
             loads = [migration_policy.InstanceLoad(
                 instance_id=i.instance_id, total_blocks=i.total_blocks, free_blocks=i.free_blocks, running=i.running,
