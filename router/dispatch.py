@@ -30,6 +30,8 @@ from router.placement import (InflightLedger, pick_by_prefix, pick_colocated, pi
                               pick_whole_request)
 from router.prefix_index import PrefixIndex, cached_tokens
 from router.registry import InstanceRegistry
+from services.engine.blocks import cdiv
+from services.worker.settings import LEASE_MS
 from services.worker_pool import WorkerPool
 from services.engine.queue_order import DEFAULT_AGING_S, FCFS, order_key, remaining_work
 from services.engine.sampling_params import SamplingParams
@@ -110,7 +112,7 @@ class _Holder:
 
 
 class Dispatcher:
-    def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = 30_000,
+    def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = LEASE_MS,
                  retries: int = 2, rpc_timeout_s: float = 30.0, queue_timeout_s: float = 10.0,
                  queue_poll_s: float = 0.05, prefix_index: PrefixIndex | None = None,
                  queue_policy: str = FCFS, aging_s: float = DEFAULT_AGING_S):

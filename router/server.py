@@ -28,6 +28,7 @@ from router.role_policy import RolePolicyConfig
 from router.role_switcher import RoleSwitcher
 from router.request_validation import build_request_async
 from router.request_sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
+from router.settings import RESCHEDULE_INTERVAL_S, ROUTER_DEFAULTS
 from services.auth import cluster_token
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
 from services.engine.builder import load_tokenizer
@@ -173,9 +174,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
 class Router:
     def __init__(self, model: str, redis_url: str, *, cluster: str = "default", host: str = "127.0.0.1",
-                 port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5,
-                 reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
-                 queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
+                 port: int = ROUTER_DEFAULTS.port, lease_ms: int = ROUTER_DEFAULTS.lease_ms,
+                 poll_interval_s: float = ROUTER_DEFAULTS.poll_interval_s,
+                 reschedule: bool = True, reschedule_interval_s: float = RESCHEDULE_INTERVAL_S, policy: PolicyConfig | None = None,
+                 queue_timeout_s: float = ROUTER_DEFAULTS.queue_timeout_s, http_port: int | None = None, metrics_port: int | None = None,
                  http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None,
                  routing: str = DEFAULT_ROUTING,
                  max_redispatches: int = DEFAULT_MAX_REDISPATCHES, queue_policy: str = DEFAULT_QUEUE_POLICY,

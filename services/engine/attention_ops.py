@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from services import env
 from services.engine import dtype_policy
 from services.engine.blocks import cdiv
 
@@ -106,9 +107,9 @@ def cpu_flags() -> frozenset[str]:
 
 def kernel_build_dir(variant: str) -> Path:
     """Where `variant` is built and cached (one directory per variant: torch's build.ninja is per dir)."""
-    env = os.environ.get("TANDEM_KERNEL_CACHE")
-    if env:
-        return Path(env).expanduser() / variant
+    cache = env.kernel_cache()
+    if cache is not None:
+        return cache / variant
     # The checkout's path is part of the key: torch's build.ninja names its sources by absolute
     # path, so two checkouts sharing one directory would rebuild each other's module every load.
     here = hashlib.sha1(str(_SOURCES[0].parent).encode()).hexdigest()[:8]
@@ -117,7 +118,7 @@ def kernel_build_dir(variant: str) -> Path:
 
 def _kernels_disabled() -> bool:
     """TANDEM_DISABLE_KERNELS, as read now (KernelLoader reads it once)."""
-    return os.environ.get("TANDEM_DISABLE_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+    return env.kernels_disabled()
 
 
 def _ensure_ninja_on_path() -> None:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from services.engine.engine_thread import EngineThread
-from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
+from services.engine.settings import ENGINE_DEFAULTS
 from services.metrics_http import MetricsServer
 from services.prefix_stream import PrefixPublisher
 from services.registry import InstancePublisher
@@ -27,6 +27,7 @@ from services.worker.migration_out import MigrationConfig
 from services.worker.observed_sender import ObservedSender
 from services.worker.request_context import SERVICE_PREFIX as WORKER_SERVICE, RequestContextInterceptor
 from services.worker.servicer import WorkerServicer
+from services.worker.settings import WORKER_DEFAULTS
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -37,44 +38,46 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_m
 @dataclass
 class WorkerOptions:
     role: str = "colocated"                 # prefill | decode | colocated
-    model: str = "tiny"
-    dtype: str = "auto"                     # auto | float32 | bfloat16 | float16 (dtype_policy)
-    device: str = "auto"                    # auto: CUDA when a GPU is visible (never initialises CUDA otherwise)
-    gpu_memory_utilization: float | None = None   # CUDA KV sizing as a share of the GPU (see build_engine)
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_memory_gib: float = 1.0
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
-    threads: int | None = None
-    enable_prefix_caching: bool = True
-    queue_policy: str = DEFAULT_QUEUE_POLICY  # fcfs | sjf: the waiting queue's order (services/engine/queue_order.py)
-    queue_aging_s: float = DEFAULT_AGING_S  # sjf: after this wait a request is served by arrival
+    # engine: defaults and meaning in services/engine/settings.py
+    model: str = ENGINE_DEFAULTS.model
+    dtype: str = ENGINE_DEFAULTS.dtype
+    device: str = ENGINE_DEFAULTS.device
+    gpu_memory_utilization: float | None = ENGINE_DEFAULTS.gpu_memory_utilization
+    block_size: int = ENGINE_DEFAULTS.block_size
+    num_blocks: int | None = ENGINE_DEFAULTS.num_blocks
+    kv_memory_gib: float = ENGINE_DEFAULTS.kv_memory_gib
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_model_len: int | None = ENGINE_DEFAULTS.max_model_len
+    threads: int | None = ENGINE_DEFAULTS.threads
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+    queue_policy: str = ENGINE_DEFAULTS.queue_policy
+    queue_aging_s: float = ENGINE_DEFAULTS.queue_aging_s
     host: str = "127.0.0.1"
     port: int = 0                           # 0: a free port
     kv_port: int = 0
     kv_advertise_address: str | None = None # data-plane HOST:PORT peers are told to use; None: the bound one
-    kv_transport: str = "auto"             # auto | tcp | nccl | cuda_ipc (services/transport/selection.py)
+    kv_transport: str = WORKER_DEFAULTS.kv_transport
     redis_url: str | None = None
     cluster: str = "default"
     instance_id: str | None = None
     cpu_cores: tuple[int, ...] = ()        # pin the process to these cores (models a device on CPU)
-    lease_ms: int = 30_000
-    layer_group: int = 2                    # layers per KV push during prefill
-    transfer_timeout_s: float = 30.0
-    heartbeat_ttl_s: float = 3.0
-    heartbeat_interval_s: float = 1.0
-    grace_s: float = 10.0
+    # worker: defaults and meaning in services/worker/settings.py
+    lease_ms: int = WORKER_DEFAULTS.lease_ms
+    layer_group: int = WORKER_DEFAULTS.layer_group
+    transfer_timeout_s: float = WORKER_DEFAULTS.transfer_timeout_s
+    heartbeat_ttl_s: float = WORKER_DEFAULTS.heartbeat_ttl_s
+    heartbeat_interval_s: float = WORKER_DEFAULTS.heartbeat_interval_s
+    grace_s: float = WORKER_DEFAULTS.grace_s
     metrics_port: int | None = None         # /metrics and /health over HTTP on host:port; 0: a free port; None: off
     log_format: str = "text"                # text | json (services/log_setup.py); read by __main__
     log_level: str = "info"
     # live migration (decode and colocated instances)
-    migration_stop_copy_blocks: int = 2     # stop-and-copy once at most this many blocks remain
-    migration_max_stages: int = 8           # pre-copy stages before a migration gives up
-    max_migrations: int = 1                 # concurrent migrations leaving (and, separately, entering)
-    migration_watermark: float = 0.05       # a destination keeps this fraction of its blocks free
-    migration_lease_ms: int = 10_000        # a destination frees a migration the source stopped driving
+    migration_stop_copy_blocks: int = WORKER_DEFAULTS.migration_stop_copy_blocks
+    migration_max_stages: int = WORKER_DEFAULTS.migration_max_stages
+    max_migrations: int = WORKER_DEFAULTS.max_migrations
+    migration_watermark: float = WORKER_DEFAULTS.migration_watermark
+    migration_lease_ms: int = WORKER_DEFAULTS.migration_lease_ms
 
 
 def pin_cores(cores: tuple[int, ...]) -> None:

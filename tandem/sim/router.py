@@ -24,6 +24,7 @@ import itertools
 import math
 
 from router import migration_policy, placement, role_policy
+from router.settings import RESCHEDULE_INTERVAL_S
 from services.roles import WorkerState
 from tandem.sim.clock import EventLoop
 from tandem.sim.costmodel import CostModel
@@ -40,7 +41,7 @@ class RouterConfig:
     migration: bool = True
     role_policy: role_policy.RolePolicyConfig = role_policy.RolePolicyConfig()
     migration_policy: migration_policy.PolicyConfig = migration_policy.PolicyConfig()
-    reschedule_interval_s: float = 0.075
+    reschedule_interval_s: float = RESCHEDULE_INTERVAL_S
     role_interval_s: float = 0.25
     queue_timeout_s: float = 10.0
     stop_copy_blocks: int = 2
