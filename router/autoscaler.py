@@ -36,12 +36,12 @@ from collections.abc import Iterable, Mapping
 
 from router.autoscaler_config import (AutoscalerConfig, Band, Bounds, Pool, PoolHistory,  # noqa: F401
                                       ScalerState)
+from services.roles import OUT_OF_SERVICE, WorkerState
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport
 
-SERVING = "serving"
-OUT_OF_SERVICE = frozenset({"draining", "drained"})   # pods that still count as replicas
+SERVING = WorkerState.SERVING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +88,8 @@ def _view(loads: Iterable[LoadReport], pool: Pool, replicas: int) -> _PoolView:
     mine = sorted((r for r in loads if r.role == pool.role), key=lambda r: r.instance_id)
     serving = [r for r in mine if r.state == SERVING]
     out = sum(1 for r in mine if r.state in OUT_OF_SERVICE)
-    draining = sum(1 for r in mine if r.state == "draining")
-    drained = [r.instance_id for r in mine if r.state == "drained"]
+    draining = sum(1 for r in mine if r.state == WorkerState.DRAINING)
+    drained = [r.instance_id for r in mine if r.state == WorkerState.DRAINED]
     return _PoolView(serving, out, draining, drained, max(0, replicas - len(serving) - out))
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import enum
 import math
 
-from tandem.v1 import worker_pb2
+from services.roles import Role
 
 
 class Pool(enum.Enum):
@@ -15,8 +15,8 @@ class Pool(enum.Enum):
     DECODE = "decode"
 
     @property
-    def role(self) -> int:
-        return worker_pb2.ROLE_PREFILL if self is Pool.PREFILL else worker_pb2.ROLE_DECODE
+    def role(self) -> Role:
+        return Role.PREFILL if self is Pool.PREFILL else Role.DECODE
 
 
 @dataclasses.dataclass(frozen=True)

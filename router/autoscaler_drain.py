@@ -18,6 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from services.auth import cluster_interceptors, cluster_token
+from services.roles import WorkerState
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class AdminDrain:
                 return False                 # nothing was started that needs undoing
             await self._undo(stub, instance_id)
             return False
-        if r.state == "drained":
+        if r.state == WorkerState.DRAINED:
             return True
         log.warning("drain %s: still %s with %d request(s) after %.0fs; undoing", instance_id,
                     r.state, r.remaining, self.timeout_s)

@@ -30,6 +30,8 @@ from router.placement import (InflightLedger, pick_by_prefix, pick_colocated, pi
                               pick_whole_request)
 from router.prefix_index import PrefixIndex, cached_tokens
 from router.registry import InstanceRegistry
+from services.engine.blocks import cdiv
+from services.worker.settings import LEASE_MS
 from services.worker_pool import WorkerPool
 from services.engine.queue_order import DEFAULT_AGING_S, FCFS, order_key, remaining_work
 from services.engine.sampling_params import SamplingParams
@@ -110,7 +112,7 @@ class _Holder:
 
 
 class Dispatcher:
-    def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = 30_000,
+    def __init__(self, registry: InstanceRegistry, pool: WorkerPool, *, lease_ms: int = LEASE_MS,
                  retries: int = 2, rpc_timeout_s: float = 30.0, queue_timeout_s: float = 10.0,
                  queue_poll_s: float = 0.05, prefix_index: PrefixIndex | None = None,
                  queue_policy: str = FCFS, aging_s: float = DEFAULT_AGING_S):
@@ -200,7 +202,7 @@ class Dispatcher:
         if not any(r.role == worker_pb2.ROLE_COLOCATED and r.home_role in (worker_pb2.ROLE_PREFILL,
                                                                             worker_pb2.ROLE_DECODE) for r in reports):
             return None
-        needed = -(-len(rr.prompt_token_ids) // max(1, reports[0].block_size))
+        needed = cdiv(len(rr.prompt_token_ids), max(1, reports[0].block_size))
         return pick_whole_request(reports, len(rr.prompt_token_ids), needed, self.ledger)
 
     async def generate(self, rr: RoutedRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
@@ -250,7 +252,7 @@ class Dispatcher:
         pool = [i for i in self._pool(role) if i.instance_id not in tried]
         if not pool:
             return None
-        needed = -(-len(rr.prompt_token_ids) // max(1, pool[0].block_size))
+        needed = cdiv(len(rr.prompt_token_ids), max(1, pool[0].block_size))
         if full:
             pool = [i for i in pool if full.get(i.instance_id) != i.updated_unix_ms]
         chosen = pick(pool, needed, self.ledger) if pool else None

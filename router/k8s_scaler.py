@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError
+
+from services import env
 
 RBAC_HINT = ("the router's ServiceAccount needs get and patch on deployments/scale (the chart "
              "creates that Role with autoscaler.enabled=true)")
@@ -67,14 +68,14 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None,
     ScalerConfigError when none works. retries: urllib3 retries of a failed connection."""
     cfg = k8s.Configuration()
     try:
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if kubeconfig is None and env.in_kubernetes():
             k8s_config.load_incluster_config(client_configuration=cfg)
         else:
             k8s_config.load_kube_config(config_file=kubeconfig, context=context,
                                         client_configuration=cfg, persist_config=False)
     except (ConfigException, OSError) as e:
         where = (f"kubeconfig {kubeconfig}" if kubeconfig else "the pod's ServiceAccount"
-                 if os.environ.get("KUBERNETES_SERVICE_HOST") else "$KUBECONFIG or ~/.kube/config")
+                 if env.in_kubernetes() else "$KUBECONFIG or ~/.kube/config")
         raise ScalerConfigError(f"cannot load Kubernetes credentials from {where}: {e}; run in a "
                                 f"pod with a ServiceAccount or pass --autoscale-kubeconfig") from e
     cfg.retries = retries

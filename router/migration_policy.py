@@ -67,6 +67,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+from router.freeness import freeness as load_freeness
+from services.roles import WorkerState
+
 POLICIES = ("drain", "defrag", "priority", "balance")
 SELECTORS = ("shortest", "longest", "lowest_priority")
 
@@ -83,7 +86,7 @@ class InstanceLoad:
     high_priority_running: int = 0   # running requests with priority > 0
     high_priority_blocks: int = 0    # blocks they hold
     migrations_in_flight: int = 0
-    state: str = "serving"           # serving | draining | drained | starting | stopping
+    state: str = WorkerState.SERVING   # a WorkerState (a LoadReport carries the string)
 
     @classmethod
     def from_report(cls, report) -> "InstanceLoad":
@@ -147,11 +150,10 @@ def virtual_usage(load: InstanceLoad, config: PolicyConfig,
 
 
 def freeness(load: InstanceLoad, config: PolicyConfig, pending_demand_blocks: int = 0) -> float:
-    """(total − virtual usage) / max(running, 1); −inf for a draining instance."""
-    if load.state == "draining":
+    """(total − virtual usage) / max(running, 1) (router/freeness.py); −inf for a draining instance."""
+    if load.state == WorkerState.DRAINING:
         return -math.inf
-    free = load.total_blocks - virtual_usage(load, config, pending_demand_blocks)
-    return free / max(load.running, 1)
+    return load_freeness(load.total_blocks - virtual_usage(load, config, pending_demand_blocks), load.running)
 
 
 def decide(loads: Sequence[InstanceLoad], config: PolicyConfig,
@@ -206,7 +208,7 @@ class _Round:
                   accept: Callable[[float, float, float], bool]) -> None:
         """Pair src with the freest available destination that has room for `moved` blocks
         and for which accept(F_dst, F_dst', F_src') holds; no decision if there is none."""
-        candidates = [d for d in self.loads if d.state == "serving" and self.available(d)
+        candidates = [d for d in self.loads if d.state == WorkerState.SERVING and self.available(d)
                       and d.instance_id != src.instance_id and self.has_room(d, moved)]
         candidates.sort(key=lambda d: (-self.freeness(d), d.instance_id))
         f_src_after = self.after_move(src, moved, incoming=False)
@@ -250,7 +252,7 @@ def _headroom_need(load: InstanceLoad, config: PolicyConfig) -> int:
 def _defrag_target(loads: Sequence[InstanceLoad], demand: int) -> InstanceLoad | None:
     """The instance to free room on for a queued request of `demand` blocks, or None when
     there is no demand, some serving instance already has room, or none could ever hold it."""
-    serving = [load for load in loads if load.state == "serving"]
+    serving = [load for load in loads if load.state == WorkerState.SERVING]
     if demand <= 0 or any(load.free_blocks >= demand for load in serving):
         return None
     big_enough = [load for load in serving if load.total_blocks >= demand]
@@ -261,7 +263,7 @@ def _drain(rnd: _Round) -> None:
     for src in rnd.loads:
         if rnd.full():
             return
-        if src.state == "draining" and src.running + src.waiting > 0 and rnd.available(src):
+        if src.state == WorkerState.DRAINING and src.running + src.waiting > 0 and rnd.available(src):
             rnd.move_from(src, "drain", rnd.config.selector, _average_request_blocks(src),
                           lambda *_: True)
 
@@ -276,7 +278,7 @@ def _defrag(rnd: _Round) -> None:
 
 def _priority(rnd: _Round) -> None:
     short = [load for load in rnd.loads
-             if load.state == "serving" and load.high_priority_running > 0
+             if load.state == WorkerState.SERVING and load.high_priority_running > 0
              and load.running > load.high_priority_running
              and load.free_blocks < _headroom_need(load, rnd.config)]
     for src in sorted(short, key=lambda load: (rnd.freeness(load), load.instance_id)):
@@ -288,7 +290,7 @@ def _priority(rnd: _Round) -> None:
 
 
 def _balance(rnd: _Round) -> None:
-    sources = [load for load in rnd.loads if load.state == "serving" and load.running > 0]
+    sources = [load for load in rnd.loads if load.state == WorkerState.SERVING and load.running > 0]
     for src in sorted(sources, key=lambda load: (rnd.freeness(load), load.instance_id)):
         if rnd.full():
             return

@@ -20,6 +20,8 @@ import dataclasses
 import itertools
 from collections.abc import Iterable, Mapping
 
+from router.freeness import freeness as load_freeness
+from services.roles import Role, WorkerState
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport
@@ -100,9 +102,10 @@ class InflightLedger:
 
 
 def freeness(r: LoadReport, extra_running: int = 0, extra_blocks: int = 0) -> float:
-    """Llumnix freeness: free KV blocks per request, (free - extra_blocks) / max(1, running +
-    waiting + extra_running). Higher is freer; negative once reservations exceed free blocks."""
-    return (r.free_blocks - extra_blocks) / max(1, r.running + r.waiting + extra_running)
+    """Llumnix freeness of a report for placing a new request (router/freeness.py): (free -
+    extra_blocks) / max(1, running + waiting + extra_running). Higher is freer; negative once
+    reservations exceed free blocks."""
+    return load_freeness(r.free_blocks - extra_blocks, r.running + r.waiting + extra_running)
 
 
 def predicted_ttft_s(r: LoadReport, prompt_tokens: int, inflight: InflightLedger, rate: float = 0.0) -> float:
@@ -117,11 +120,11 @@ def predicted_ttft_s(r: LoadReport, prompt_tokens: int, inflight: InflightLedger
 def serves(r: LoadReport, role: int) -> bool:
     """r takes `role`'s work now: it is in that role, or it is a switched instance (adaptive
     pools: COLOCATED now) whose home role is `role`."""
-    return r.role == role or (r.role == worker_pb2.ROLE_COLOCATED and r.home_role == role)
+    return r.role == role or (r.role == Role.COLOCATED and r.home_role == role)
 
 
 def _serving(reports: Iterable[LoadReport], role: int) -> list[LoadReport]:
-    return [r for r in reports if serves(r, role) and r.state == "serving"]
+    return [r for r in reports if serves(r, role) and r.state == WorkerState.SERVING]
 
 
 def _pick_by_freeness(reports: Iterable[LoadReport], role: int, blocks_needed: int,
@@ -141,14 +144,14 @@ def pick_decode(reports: Iterable[LoadReport], blocks_needed: int,
                 inflight: InflightLedger) -> LoadReport | None:
     """The serving decode-capable instance (`serves` DECODE) with the highest freeness among those
     with at least blocks_needed free blocks after in-flight reservations; None if none has room."""
-    return _pick_by_freeness(reports, worker_pb2.ROLE_DECODE, blocks_needed, inflight)
+    return _pick_by_freeness(reports, Role.DECODE, blocks_needed, inflight)
 
 
 def pick_colocated(reports: Iterable[LoadReport], blocks_needed: int,
                    inflight: InflightLedger) -> LoadReport | None:
     """As pick_decode, over serving COLOCATED instances (the baseline pool used when the cluster
     has no prefill/decode pools)."""
-    return _pick_by_freeness(reports, worker_pb2.ROLE_COLOCATED, blocks_needed, inflight)
+    return _pick_by_freeness(reports, Role.COLOCATED, blocks_needed, inflight)
 
 
 def pick_prefill(reports: Iterable[LoadReport], prompt_tokens: int,
@@ -156,7 +159,7 @@ def pick_prefill(reports: Iterable[LoadReport], prompt_tokens: int,
     """The serving prefill-capable instance (`serves` PREFILL) with the least predicted TTFT; None
     if there is none. cached_tokens (prefix routing: instance → prompt tokens its prefix cache
     holds) credits each instance with the tokens it need not compute (credited_ttft_s)."""
-    candidates = _serving(reports, worker_pb2.ROLE_PREFILL)
+    candidates = _serving(reports, Role.PREFILL)
     if cached_tokens is None:
         return min(candidates, default=None, key=lambda r: (predicted_ttft_s(r, prompt_tokens, inflight), r.instance_id))
     return min(candidates, default=None, key=lambda r: (
@@ -212,19 +215,19 @@ def pick_whole_request(reports: Iterable[LoadReport], prompt_tokens: int, blocks
     home-prefill instance takes it when its decodes are lighter than every decode instance's
     (fewer running requests), so decode load moves to it. Ties disaggregate.
     """
-    reports = [r for r in reports if r.state == "serving"]
-    switched = [r for r in reports if r.role == worker_pb2.ROLE_COLOCATED
-                and r.home_role in (worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE)
+    reports = [r for r in reports if r.state == WorkerState.SERVING]
+    switched = [r for r in reports if r.role == Role.COLOCATED
+                and r.home_role in (Role.PREFILL, Role.DECODE)
                 and r.free_blocks - inflight.for_instance(r.instance_id).blocks >= blocks_needed]
     if not switched:
         return None
-    prefills = [r for r in reports if r.role == worker_pb2.ROLE_PREFILL]
-    decodes = [r for r in reports if r.role == worker_pb2.ROLE_DECODE]
+    prefills = [r for r in reports if r.role == Role.PREFILL]
+    decodes = [r for r in reports if r.role == Role.DECODE]
     best_p = min((predicted_ttft_s(r, prompt_tokens, inflight) for r in prefills), default=float("inf"))
     best_d = min((r.running + inflight.for_instance(r.instance_id).running for r in decodes), default=None)
     chosen, chosen_key = None, None
     for r in switched:
-        if r.home_role == worker_pb2.ROLE_DECODE:
+        if r.home_role == Role.DECODE:
             ttft = predicted_ttft_s(r, prompt_tokens, inflight, rate=mixed_prefill_rate(r))
             if ttft >= best_p:
                 continue

@@ -36,6 +36,7 @@ import grpc
 
 from router.dispatch import Dispatcher, RouteError, RoutedRequest, WorkerLost, _from_chunk, _Holder
 from router.placement import pick_colocated, pick_decode
+from services.engine.blocks import cdiv
 from tandem.v1 import serving_pb2, worker_pb2
 
 log = logging.getLogger("tandem.router.redispatch")
@@ -187,7 +188,7 @@ class Redispatcher:
                 raise RouteError(grpc.StatusCode.UNAVAILABLE, f"request {rr.request_id}: no decode instance is left "
                                  f"to resume it on after {len(delivered)} tokens (lost: {', '.join(sorted(lost))}); "
                                  f"start a decode worker, then retry")
-            needed = -(-(len(rr.prompt_token_ids) + len(delivered)) // max(1, pool[0].block_size))
+            needed = cdiv(len(rr.prompt_token_ids) + len(delivered), max(1, pool[0].block_size))
             inst = pick(pool, needed, d.ledger)
             if inst is None:
                 if time.monotonic() >= waited_until or d._timeout(rr) <= d.queue_poll_s:

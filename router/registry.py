@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 
 from services.async_tasks import stop_task
 from services.registry import REDIS_DOWN, connect, decode_report, instance_pattern
+from services.roles import WorkerState
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class InstanceRegistry:
             await self.refresh()
 
     def instances(self, role: int | None = None,
-                  states: Iterable[str] | None = ("serving",)) -> list[LoadReport]:
+                  states: Iterable[str] | None = (WorkerState.SERVING,)) -> list[LoadReport]:
         """Placeable instances, sorted by instance_id: of `role` (a worker_pb2.Role value; None:
         any) and in one of `states` (None: any), excluding those marked unreachable."""
         states = None if states is None else frozenset(states)

@@ -22,14 +22,15 @@ import grpc
 
 from router.migration_policy import InstanceLoad, MigrationDecision, PolicyConfig, decide
 from router.registry import InstanceRegistry
+from router.settings import RESCHEDULE_INTERVAL_S
 from services.async_tasks import stop_task
+from services.roles import LIVE_STATES, Role, WorkerState
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.router.rescheduler")
 
-MIGRATING_ROLES = (worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED)
-LIVE_STATES = ("serving", "draining", "drained")
+MIGRATING_ROLES = (Role.DECODE, Role.COLOCATED)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class RescheduleStats:
 
 class Rescheduler:
     def __init__(self, registry: InstanceRegistry, pool: WorkerPool, config: PolicyConfig | None = None, *,
-                 interval_s: float = 0.075, leader=None, demand_fn: Callable[[], int] = lambda: 0,
+                 interval_s: float = RESCHEDULE_INTERVAL_S, leader=None, demand_fn: Callable[[], int] = lambda: 0,
                  stats_timeout_s: float = 1.0, migrate_timeout_s: float = 120.0, enabled: bool = True):
         self.registry, self.pool = registry, pool
         self.config = config or PolicyConfig()
@@ -168,7 +169,7 @@ class Rescheduler:
             if report is None:
                 return "gone", 0
             left = report.running + report.waiting + report.leases
-            if report.state != "draining" or time.monotonic() > deadline:
+            if report.state != WorkerState.DRAINING or time.monotonic() > deadline:
                 return report.state, left
             if self.acting or self._loop_task is None:   # else the leader's loop moves them
                 await self.round(only_source=instance_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from router.migration_policy import PolicyConfig
+from router.settings import RouterSettings
+from services.settings import add_flags
 
 POLICY_NAMES = ("drain", "defrag", "priority", "balance")
 
@@ -11,7 +13,7 @@ POLICY_NAMES = ("drain", "defrag", "priority", "balance")
 def add_rescheduler_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rescheduling (live migration between decode instances)")
     g.add_argument("--no-reschedule", action="store_true", help="never migrate on its own (admin migrate/drain still work)")
-    g.add_argument("--reschedule-interval-ms", type=float, default=75.0, help="how often loads are read (50-100 ms)")
+    add_flags(g, RouterSettings, "reschedule_interval_ms")
     g.add_argument("--migration-policies", default=",".join(POLICY_NAMES),
                    help="comma-separated, in precedence order: " + ", ".join(POLICY_NAMES))
     g.add_argument("--migration-selector", default="shortest", choices=["shortest", "longest", "lowest_priority"],

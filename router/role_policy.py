@@ -33,10 +33,11 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 from router.placement import DEFAULT_PREFILL_TOKENS_PER_S
+from services.roles import Role, WorkerState
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport
-PREFILL, DECODE, BOTH = worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED
+PREFILL, DECODE, BOTH = Role.PREFILL, Role.DECODE, Role.COLOCATED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,7 @@ def decide(loads: Iterable[LoadReport], home: Mapping[str, int], last_switch: Ma
     """The one switch to make now, or None. home: instance_id → home role (PREFILL or DECODE);
     instances missing from it, or at home COLOCATED, are never switched. last_switch: instance_id →
     time of its last switch, on the same clock as `now`."""
-    serving = [r for r in loads if r.state == "serving"]
+    serving = [r for r in loads if r.state == WorkerState.SERVING]
     prefill_capable = [r for r in serving if r.role in (PREFILL, BOTH)]
     decode_capable = [r for r in serving if r.role in (DECODE, BOTH)]
     least_wait = min((prefill_wait_s(r) for r in prefill_capable), default=0.0)

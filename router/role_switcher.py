@@ -20,13 +20,13 @@ import grpc
 from router.registry import InstanceRegistry
 from router.role_policy import RoleDecision, RolePolicyConfig, decide
 from services.async_tasks import stop_task
-from services.proto_convert import ROLE_NAMES
+from services.roles import Role, role_label
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.router.roles")
 
-SWITCHABLE_ROLES = (worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED)
+SWITCHABLE_ROLES = (Role.PREFILL, Role.DECODE, Role.COLOCATED)
 
 
 class RoleSwitcher:
@@ -92,12 +92,12 @@ class RoleSwitcher:
                 role=d.role, mixed_prefill_tokens=d.mixed_prefill_tokens, reason=d.reason),
                 timeout=self.switch_timeout_s)
         except grpc.aio.AioRpcError as e:
-            log.warning("role switch of %s to %s not applied (%s): %s %s", d.instance_id, ROLE_NAMES[d.role],
+            log.warning("role switch of %s to %s not applied (%s): %s %s", d.instance_id, role_label(d.role),
                         d.reason, e.code().name, e.details())
             return False
         self.registry.observe(new)
         self.switches += 1
-        self.on_switch(ROLE_NAMES.get(report.role, "?"), ROLE_NAMES[d.role])
+        self.on_switch(role_label(report.role), role_label(d.role))
         log.info("role switch: %s %s -> %s (%s; prefill cap %d tokens/step)", d.instance_id,
-                 ROLE_NAMES.get(report.role, "?"), ROLE_NAMES[d.role], d.reason, d.mixed_prefill_tokens)
+                 role_label(report.role), role_label(d.role), d.reason, d.mixed_prefill_tokens)
         return True

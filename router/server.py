@@ -28,6 +28,7 @@ from router.role_policy import RolePolicyConfig
 from router.role_switcher import RoleSwitcher
 from router.request_validation import build_request_async
 from router.request_sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
+from router.settings import RESCHEDULE_INTERVAL_S, ROUTER_DEFAULTS
 from services.auth import cluster_token
 from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
 from services.worker_pool import CHANNEL_OPTIONS, WorkerPool
@@ -35,7 +36,7 @@ from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
 from services.engine.sampling_params import InvalidRequestError
-from services.proto_convert import ROLE_NAMES
+from services.roles import WorkerState, role_label
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2
 
 log = logging.getLogger("tandem.router")
@@ -118,9 +119,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if dst is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"to_instance_id: no instance {request.to_instance_id!r}; "
                                 f"see `tandem admin instances`")
-        if dst.role not in MIGRATING_ROLES or dst.state != "serving":
+        if dst.role not in MIGRATING_ROLES or dst.state != WorkerState.SERVING:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"to_instance_id: {dst.instance_id} is a "
-                                f"{ROLE_NAMES.get(dst.role, '?')} instance in state {dst.state}; migrations go to "
+                                f"{role_label(dst.role)} instance in state {dst.state}; migrations go to "
                                 f"serving decode (or colocated) instances")
         src = await self._holder(request.request_id)
         if src is None:
@@ -131,7 +132,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                 f"{request.request_id!r} already runs on {dst.instance_id}")
         if src.role != dst.role:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.request_id!r} runs on a "
-                                f"{ROLE_NAMES.get(src.role)} instance; move it to another one of that role")
+                                f"{role_label(src.role)} instance; move it to another one of that role")
         try:
             return await r.pool.stub(src.address).Migrate(worker_pb2.MigrateRequest(
                 request_id=request.request_id, destination_instance_id=dst.instance_id,
@@ -162,7 +163,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                 f"see `tandem admin instances`")
         try:
             report = await r.pool.stub(inst.address).SetState(
-                worker_pb2.SetStateRequest(state="serving" if request.undo else "draining"), timeout=10.0)
+                worker_pb2.SetStateRequest(state=WorkerState.SERVING if request.undo else WorkerState.DRAINING), timeout=10.0)
         except grpc.aio.AioRpcError as e:
             await context.abort(e.code(), f"{inst.instance_id}: {e.details()}")
         await r.registry.refresh()
@@ -174,9 +175,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
 class Router:
     def __init__(self, model: str, redis_url: str, *, cluster: str = "default", host: str = "127.0.0.1",
-                 port: int = 50051, lease_ms: int = 30_000, poll_interval_s: float = 0.5,
-                 reschedule: bool = True, reschedule_interval_s: float = 0.075, policy: PolicyConfig | None = None,
-                 queue_timeout_s: float = 10.0, http_port: int | None = None, metrics_port: int | None = None,
+                 port: int = ROUTER_DEFAULTS.port, lease_ms: int = ROUTER_DEFAULTS.lease_ms,
+                 poll_interval_s: float = ROUTER_DEFAULTS.poll_interval_s,
+                 reschedule: bool = True, reschedule_interval_s: float = RESCHEDULE_INTERVAL_S, policy: PolicyConfig | None = None,
+                 queue_timeout_s: float = ROUTER_DEFAULTS.queue_timeout_s, http_port: int | None = None, metrics_port: int | None = None,
                  http_host: str | None = None, pools: str = DEFAULT_POOLS, role_policy: RolePolicyConfig | None = None,
                  routing: str = DEFAULT_ROUTING,
                  max_redispatches: int = DEFAULT_MAX_REDISPATCHES, queue_policy: str = DEFAULT_QUEUE_POLICY,
@@ -232,7 +234,7 @@ class Router:
 
     def _prefill_rate(self) -> float | None:
         """The fastest measured prefill rate (prompt tokens/s) among serving instances that prefill."""
-        rates = [r.prefill_tokens_per_s for r in self.registry.all() if r.state == "serving"
+        rates = [r.prefill_tokens_per_s for r in self.registry.all() if r.state == WorkerState.SERVING
                  and r.prefill_tokens_per_s > 0 and worker_pb2.ROLE_DECODE not in (r.role, r.home_role)]
         return max(rates, default=None)
 

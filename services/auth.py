@@ -1,6 +1,6 @@
 """Who may call Tandem: client API keys at the router, a shared cluster token between members.
 
-Settings, read here only (flags win over the environment; both may be given for API keys):
+Settings (read in services/env.py; flags win over the environment; both may be given for API keys):
 
     TANDEM_API_KEYS          comma-separated client API keys (router; `--api-key KEY`, repeatable)
     TANDEM_CLUSTER_TOKEN     the secret every router and worker of a cluster shares
@@ -25,9 +25,11 @@ from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 
-API_KEYS_ENV = "TANDEM_API_KEYS"
-API_KEY_ENV = "TANDEM_API_KEY"       # the key the `tandem` command line sends (generate, admin)
-CLUSTER_TOKEN_ENV = "TANDEM_CLUSTER_TOKEN"
+from services import env
+
+API_KEYS_ENV = env.API_KEYS
+API_KEY_ENV = env.API_KEY            # the key the `tandem` command line sends (generate, admin)
+CLUSTER_TOKEN_ENV = env.CLUSTER_TOKEN
 CLUSTER_TOKEN_METADATA = "tandem-cluster-token"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")      # never need a key or token
 
@@ -39,19 +41,19 @@ CLUSTER_TOKEN_FIX = (f"give every router and worker of the cluster the same clus
 
 def api_keys(flags: Iterable[str] = (), environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     """The client API keys: --api-key flags plus TANDEM_API_KEYS, blanks dropped, order kept."""
-    keys = [k.strip() for k in flags] + [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",")]
+    keys = [k.strip() for k in flags] + list(env.api_keys(environ))
     return tuple(dict.fromkeys(k for k in keys if k))
 
 
 def cluster_token(environ: Mapping[str, str] = os.environ) -> str | None:
     """TANDEM_CLUSTER_TOKEN, or None when unset or blank."""
-    return environ.get(CLUSTER_TOKEN_ENV, "").strip() or None
+    return env.cluster_token(environ)
 
 
 def client_credential(environ: Mapping[str, str] = os.environ) -> str | None:
     """What the `tandem` command line sends as its bearer credential: TANDEM_API_KEY, else the
     cluster token (which the router's Admin API accepts: a pod's drain hook has it)."""
-    return environ.get(API_KEY_ENV, "").strip() or cluster_token(environ)
+    return env.api_key(environ) or cluster_token(environ)
 
 
 def key_label(key: str) -> str:

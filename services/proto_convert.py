@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-from services.engine.config import Role
 from services.engine.engine import RequestOutput
 from services.engine.request import FinishReason
 from services.engine.sampling_params import InvalidRequestError, SamplingParams, StructuredKind, StructuredOutput
@@ -14,11 +13,6 @@ FINISH_TO_PROTO = {
     FinishReason.LENGTH: serving_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: serving_pb2.FINISH_REASON_ABORT,
 }
-ROLE_NAMES = {worker_pb2.ROLE_COLOCATED: "colocated", worker_pb2.ROLE_PREFILL: "prefill",
-              worker_pb2.ROLE_DECODE: "decode"}
-ROLE_BY_NAME = {v: k for k, v in ROLE_NAMES.items()}
-ENGINE_ROLES = {ROLE_BY_NAME[r.name.lower()]: r for r in Role}        # proto Role → engine Role
-PROTO_ROLES = {r: p for p, r in ENGINE_ROLES.items()}                # engine Role → proto Role
 
 
 def sampling_params_from_proto(p: serving_pb2.SamplingParams) -> SamplingParams:

@@ -6,23 +6,17 @@ import contextlib
 import json
 import sys
 
-from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
+from services.engine.settings import RUN_KV_MEMORY_GIB, EngineSettings
+from services.settings import add_flags, help_of
 from tandem import cli_remote, cli_up
 from tandem.run_offline import DEFAULT_ORDER, ORDERS
 from tandem.sim import cli as cli_sim
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
-    p.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU), cpu or cuda[:N]")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-memory-gib", type=float, default=2.0, help="KV cache budget")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--no-prefix-caching", action="store_true")
+    add_flags(p, EngineSettings, "model", "dtype", "device", "block_size", "kv_memory_gib", "max_num_batched_tokens",
+              "max_num_seqs", "max_model_len", "threads", defaults={"kv_memory_gib": RUN_KV_MEMORY_GIB})
+    p.add_argument("--no-prefix-caching", action="store_true", help=help_of(EngineSettings, "enable_prefix_caching"))
 
 
 def cmd_run(args) -> int:

@@ -11,6 +11,7 @@ import json
 import sys
 
 from services.auth import client_credential
+from services.roles import WorkerState
 
 _INSTANCE_COLUMNS = ("ID", "ROLE", "STATE", "ADDRESS", "FREE/TOTAL", "RUNNING", "WAITING", "QUEUED", "STEP_MS",
                      "LEASES", "SWITCHES")
@@ -168,7 +169,7 @@ def cmd_admin_drain(args) -> int:
     except TandemError as e:
         return _fail("admin drain", e)
     print(f"{args.instance_id}: {r['state']} ({r['remaining']} requests left)")
-    return 1 if args.wait and r["state"] not in ("drained", "gone") else 0
+    return 1 if args.wait and r["state"] not in (WorkerState.DRAINED, "gone") else 0
 
 
 def _fail(command: str, e) -> int:

@@ -11,10 +11,20 @@ from router.pools_args import DEFAULT_POOLS, POOL_MODES
 from router.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
 from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
 from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP
-from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
+from router.settings import RouterSettings
 from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
+from services.engine.settings import EngineSettings
 from services.auth import api_keys, cluster_token
 from services.redis_url import url_argument
+from services.settings import add_flags, default_of, help_of
+from services.worker.settings import WorkerSettings
+
+# Worker settings `tandem up` offers and forwards only when given (so a worker's default stays its own).
+_FORWARDED = ((EngineSettings, ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
+                                "max_model_len")),
+              (WorkerSettings, ("lease_ms",)),
+              (EngineSettings, ("device",)),
+              (WorkerSettings, ("kv_transport",)))
 
 
 def register(sub) -> None:
@@ -22,9 +32,8 @@ def register(sub) -> None:
     up.add_argument("--prefill", type=int, default=None, help="prefill instances (default 1 unless --colocated)")
     up.add_argument("--decode", type=int, default=None, help="decode instances (default 1 unless --colocated)")
     up.add_argument("--colocated", type=int, default=0, help="colocated instances (the baseline pool)")
-    up.add_argument("--model", default="tiny", help="HF model directory or a named model (tiny, small)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051, help="router gRPC port (0: a free one)")
+    add_flags(up, EngineSettings, "model")
+    add_flags(up, RouterSettings, "host", "port", helps={"port": "router " + help_of(RouterSettings, "port")})
     up.add_argument("--http-port", type=int, default=None,
                     help="also serve the OpenAI-compatible API (and /metrics) on this router port (0: a free one)")
     up.add_argument("--metrics-port", type=int, default=None,
@@ -34,7 +43,7 @@ def register(sub) -> None:
     up.add_argument("--redis", default=None, type=url_argument,
                     help="use this Redis instead of starting one (redis://host:port/db or "
                          "redis+sentinel://host:port,.../service)")
-    up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
+    add_flags(up, RouterSettings, "cluster")
     up.add_argument("--pin-cores", action="store_true", help="put prefill and decode workers on different cores")
     up.add_argument("--pools", default=DEFAULT_POOLS, choices=POOL_MODES,
                     help="adaptive (default): the router switches instances between prefill, decode and both from "
@@ -47,22 +56,20 @@ def register(sub) -> None:
     up.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
                     help=f"the router refuses (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N requests wait "
                          f"for their first token (default {DEFAULT_MAX_QUEUED})")
-    up.add_argument("--dtype", default=AUTO, choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    up.add_argument("--block-size", type=int, default=None)
-    up.add_argument("--num-blocks", type=int, default=None)
-    up.add_argument("--kv-memory-gib", type=float, default=None)
-    up.add_argument("--max-num-batched-tokens", type=int, default=None)
-    up.add_argument("--max-num-seqs", type=int, default=None)
-    up.add_argument("--max-model-len", type=int, default=None)
-    up.add_argument("--lease-ms", type=int, default=None)
-    up.add_argument("--device", default=None, help="workers' device: auto (default), cpu or cuda[:N]")
-    up.add_argument("--kv-transport", default=None, choices=["auto", "tcp", "nccl", "cuda_ipc"],
-                    help="workers' KV data plane (default auto: cuda_ipc on one GPU, nccl between GPUs, tcp otherwise)")
+    add_flags(up, EngineSettings, "dtype")
+    for cls, names in _FORWARDED:               # given: passed on to every worker; else the workers' own default
+        add_flags(up, cls, *names, defaults=dict.fromkeys(names),
+                  helps={n: _forwarded_help(cls, n) for n in names})
     up.add_argument("--log-dir", default=None, help="write each child's log here instead of this terminal")
     up.add_argument("--api-key", action="append", default=[], metavar="KEY",
                     help="a client API key the router requires (repeatable; also TANDEM_API_KEYS, comma-separated; "
                          "none: the client APIs are open)")
     up.set_defaults(func=cmd_up)
+
+
+def _forwarded_help(cls, name: str) -> str:
+    default = default_of(cls, name)
+    return help_of(cls, name) + " (for every worker" + ("" if default is None else f"; default {default}") + ")"
 
 
 def _router_args(args) -> list[str]:
@@ -75,8 +82,7 @@ def _worker_args(args) -> list[str]:
     policy = getattr(args, "queue_policy", DEFAULT_QUEUE_POLICY)
     if policy != DEFAULT_QUEUE_POLICY:           # else the workers' own default (the same)
         out += ["--queue-policy", policy]
-    for flag in ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
-                 "max_model_len", "lease_ms", "device", "kv_transport"):
+    for flag in (n for _, names in _FORWARDED for n in names):
         value = getattr(args, flag)
         if value is not None:
             out += ["--" + flag.replace("_", "-"), str(value)]

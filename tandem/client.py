@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.roles import role_label
 from tandem.errors import InternalError, from_rpc_error
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2
 
@@ -169,9 +170,9 @@ def _instance(report: worker_pb2.LoadReport) -> dict:
     at home in its start role)."""
     fields = _fields(report)
     fields.pop("requests", None)          # only Stats(list_requests) fills it; never in a record
-    fields["role"] = worker_pb2.Role.Name(report.role).removeprefix("ROLE_").lower()
+    fields["role"] = role_label(report.role, "unspecified")
     if report.home_role != worker_pb2.ROLE_UNSPECIFIED:
-        fields["home_role"] = worker_pb2.Role.Name(report.home_role).removeprefix("ROLE_").lower()
+        fields["home_role"] = role_label(report.home_role, "unspecified")
     return {"id": fields.pop("instance_id"), **fields}
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_METADATA
+from services.roles import WorkerState
 from tandem.redis_server import RedisServer, die_with_parent
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
@@ -154,8 +155,11 @@ class LocalCluster:
             env[CLUSTER_TOKEN_ENV] = self.cluster_token
         if self.api_keys and name == "router":
             env[API_KEYS_ENV] = ",".join(self.api_keys)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if name == "router" else out,
-                                stderr=out, preexec_fn=lambda: die_with_parent(parent))
+        # The router's stdout is read for its ready line; a worker's stdout (its own `ready ID ADDRESS`
+        # line) joins its log: the log file, or this process's stderr when inheriting, so that the only
+        # `ready` line on this process's stdout is the one `tandem up` prints for the router.
+        stdout = subprocess.PIPE if name == "router" else (out if out is not None else 2)
+        proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=out, preexec_fn=lambda: die_with_parent(parent))
         if out is not None:
             out.close()
         self.procs[name] = proc
@@ -189,7 +193,7 @@ class LocalCluster:
                 try:
                     found = [i for i in admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=5,
                                                             metadata=self.admin_metadata()).instances
-                             if i.state == "serving"]
+                             if i.state == WorkerState.SERVING]
                     if len(found) >= count:
                         return found
                 except grpc.RpcError:

@@ -46,3 +46,17 @@ def export_named(tmp_path_factory):
 def random_prompts(lengths, vocab_size, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+# Whole-cluster tests (real workers, routers, Redis as child processes) are `slow` (so are a few that run
+# the real smollm2 model for many seconds, marked where they are): `make test-fast`
+# (pytest -m "not slow") runs the rest in about a minute; `make test` runs everything. Every test
+# under these directories starts real processes; elsewhere a test says so with @pytest.mark.slow.
+SLOW_DIRS = ("integration", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        if "tests" in parts and parts[parts.index("tests") + 1] in SLOW_DIRS:
+            item.add_marker(pytest.mark.slow)

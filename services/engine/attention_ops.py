@@ -42,7 +42,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from services import env
 from services.engine import dtype_policy
+from services.engine.blocks import cdiv
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,9 @@ def cpu_flags() -> frozenset[str]:
 
 def kernel_build_dir(variant: str) -> Path:
     """Where `variant` is built and cached (one directory per variant: torch's build.ninja is per dir)."""
-    env = os.environ.get("TANDEM_KERNEL_CACHE")
-    if env:
-        return Path(env).expanduser() / variant
+    cache = env.kernel_cache()
+    if cache is not None:
+        return cache / variant
     # The checkout's path is part of the key: torch's build.ninja names its sources by absolute
     # path, so two checkouts sharing one directory would rebuild each other's module every load.
     here = hashlib.sha1(str(_SOURCES[0].parent).encode()).hexdigest()[:8]
@@ -116,7 +118,7 @@ def kernel_build_dir(variant: str) -> Path:
 
 def _kernels_disabled() -> bool:
     """TANDEM_DISABLE_KERNELS, as read now (KernelLoader reads it once)."""
-    return os.environ.get("TANDEM_DISABLE_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+    return env.kernels_disabled()
 
 
 def _ensure_ninja_on_path() -> None:
@@ -361,7 +363,7 @@ def paged_decode_attention_gathered(
     B, H, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = H // Hkv
-    nblk = -(-max_len // bs)
+    nblk = cdiv(max_len, bs)
     flat = block_tables[:, :nblk].reshape(-1).long()                                  # [B * nblk]
 
     def gather(cache: torch.Tensor) -> torch.Tensor:                                  # -> [B, Hkv, L, D]
@@ -394,7 +396,7 @@ def paged_decode_attention_reference(
     max_len = int(lens.max()) if B > 0 else 0
     if max_len == 0:
         return torch.zeros_like(q)
-    nblk = (max_len + bs - 1) // bs
+    nblk = cdiv(max_len, bs)
     needed = (lens + bs - 1) // bs
     ids = block_tables[:, :nblk].to(device=q.device, dtype=torch.long)
     ids = torch.where(torch.arange(nblk, device=q.device)[None, :] < needed[:, None], ids, 0)  # padding -> 0

@@ -8,12 +8,13 @@ from dataclasses import replace
 import torch
 
 from services.engine import dtype_policy
-from services.engine.config import CacheConfig, EngineConfig, ModelConfigError, Role, SchedulerConfig
+from services.engine.config import CacheConfig, EngineConfig, ModelConfigError, SchedulerConfig
 from services.engine.device import resolve_device, torch_device  # resolve_device re-exported: callers use it here
 from services.engine.engine import LLMEngine
 from services.engine.loader import LoadedModel, resolve_model
 from services.engine.queue_order import DEFAULT_AGING_S
 from services.engine.tokenizer import Tokenizer
+from services.roles import Role
 
 log = logging.getLogger(__name__)
 

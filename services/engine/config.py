@@ -1,22 +1,16 @@
 """Frozen configuration, built once and passed down. Derived values are properties."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
 from services.engine.queue_order import DEFAULT_AGING_S
+from services.roles import Role  # noqa: F401  (re-exported: the engine's role is the cluster's)
 
 
 class ModelConfigError(ValueError):
     """A model directory or config the engine cannot serve; the message says what to fix."""
-
-
-class Role(enum.IntEnum):
-    COLOCATED = 0   # prefill and decode mixed in one step (the baseline)
-    PREFILL = 1     # prefill only; a request leaves after its first token
-    DECODE = 2      # decode only; prompts arrive as KV (or are recomputed)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

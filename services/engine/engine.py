@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.config import EngineConfig, Role
+from services.engine.blocks import cdiv
+from services.engine.config import EngineConfig
 from services.engine.grammar import check_structured
 from services.engine.device import plan_num_blocks, torch_device
 from services.engine.kv_cache import KVCacheManager
@@ -17,6 +18,7 @@ from services.engine.runner import ModelRunner
 from services.engine.sampling_params import InvalidRequestError, SamplingParams
 from services.engine.scheduler import Scheduler
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.roles import Role
 
 
 @dataclass
@@ -112,7 +114,7 @@ class LLMEngine:
         c = self.config
         validate_prompt(prompt_token_ids, params, c.model.vocab_size, c.max_model_len, c.max_tokens_limit,
                         ints=ints, tokenizer=self.tokenizer)
-        needed_blocks = -(-min(len(prompt_token_ids) + params.max_tokens, c.max_model_len) // self.kv.block_size)
+        needed_blocks = cdiv(min(len(prompt_token_ids) + params.max_tokens, c.max_model_len), self.kv.block_size)
         if needed_blocks > self.kv.num_blocks:
             raise InvalidRequestError(
                 "max_tokens", f"prompt + max_tokens needs {needed_blocks} KV blocks but this instance "
@@ -239,7 +241,7 @@ class LLMEngine:
         if not output_token_ids:
             raise InvalidRequestError("output_token_ids", "an imported request needs its first token")
         n_computed = len(prompt_token_ids) + len(output_token_ids) - 1
-        needed = -(-n_computed // self.kv.block_size)
+        needed = cdiv(n_computed, self.kv.block_size)
         expected = (needed,) + tuple(self.runner.kv.shape[1:])
         if tuple(kv_blocks.shape) != expected:
             raise InvalidRequestError("kv_blocks", f"shape {tuple(kv_blocks.shape)} does not match this "

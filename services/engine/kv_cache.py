@@ -18,6 +18,8 @@ import itertools
 from collections import OrderedDict, deque
 from typing import NamedTuple, Sequence
 
+from services.engine.blocks import cdiv
+
 
 class KVCacheError(RuntimeError):
     """Raised by ``check_integrity`` on corrupted state and on API misuse."""
@@ -126,7 +128,7 @@ class KVCacheManager:
         Ignores possible prefix hits for a request without blocks (upper bound).
         """
         have = len(self._tables.get(request_id, ()))
-        return max(0, self._cdiv(num_tokens) - have)
+        return max(0, cdiv(num_tokens, self.block_size) - have)
 
     def find_cached_prefix(self, token_ids: Sequence[int]) -> int:
         """Read-only: tokens covered by the longest chain of cached full blocks.
@@ -158,7 +160,7 @@ class KVCacheManager:
         table = self._tables.get(request_id)
         cached: list[int] = [] if table else self._match_prefix(token_ids)
         have = len(table) if table else len(cached)
-        need_new = max(0, self._cdiv(num_tokens) - have)
+        need_new = max(0, cdiv(num_tokens, self.block_size) - have)
         # Attaching an evictable cached block consumes one unit of the free budget.
         budget = self.num_free_blocks - sum(1 for b in cached if self._ref[b] == 0)
         if need_new > budget:
@@ -285,9 +287,6 @@ class KVCacheManager:
                 fail(f"evictable block {b} has ref {self._ref[b]} / hash {self._block_hash[b]}")
         if set(self._num_hashed) != set(self._tables) or set(self._last_hash) != set(self._tables):
             fail("per-request hash bookkeeping out of sync with block tables")
-
-    def _cdiv(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def _match_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Block ids of the longest cached full-block chain, leaving >= 1 token."""

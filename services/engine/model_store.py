@@ -21,9 +21,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services import env
 from services.engine.config import ModelConfigError
 
-CACHE_ENV = "TANDEM_MODEL_CACHE"
+CACHE_ENV = env.MODEL_CACHE
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ REAL_MODELS: dict[str, RealModel] = {
 
 def cache_dir() -> Path:
     """Where named real models are kept: $TANDEM_MODEL_CACHE, else ~/.cache/tandem/models."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tandem" / "models"
+    return env.model_cache() or Path.home() / ".cache" / "tandem" / "models"
 
 
 def model_path(name: str) -> Path:

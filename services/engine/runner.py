@@ -14,6 +14,7 @@ import logging
 import torch
 
 from services.engine import device as devices
+from services.engine.blocks import cdiv
 from services.engine.config import EngineConfig
 from services.engine.linear import prepack_linears, prepack_supported
 from services.engine.loader import LoadedModel
@@ -140,7 +141,7 @@ class ModelRunner:
             parts.append((torch.tensor(r.token_ids(start, start + n), dtype=torch.long), p,
                           table[p // self.block_size], p % self.block_size))
             ctx = start + n
-            prefills.append(PrefillSeq(q_start, n, ctx, table[: (ctx + self.block_size - 1) // self.block_size]))
+            prefills.append(PrefillSeq(q_start, n, ctx, table[: cdiv(ctx, self.block_size)]))
             if chunk.samples:
                 sampling_rows.append(q_start + n - 1)
             q_start += n

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from services.engine.blocks import cdiv
 from services.engine.scheduler import ScheduledChunk
 from services.transport import KVTransportError
 
@@ -90,7 +91,7 @@ class PrefillPusher:
                 if first_start is None:
                     entry[1] = first_start = s
                 lo = 0 if s <= first_start else s // self._bs
-                hi = -(-(s + chunk.num_new_tokens) // self._bs)
+                hi = cdiv(s + chunk.num_new_tokens, self._bs)
                 rid = chunk.request.request_id
                 args = (self._block_table(rid)[lo:hi], lo, l0, layer + 1)
                 if transfer is None:

@@ -31,12 +31,13 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from services.roles import WORKER_STATES
+
 prometheus_client.disable_created_metrics()
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(namespace="tandem_worker", registry=REGISTRY)
 
-WORKER_STATES = ("starting", "serving", "draining", "drained", "stopping")
 
 ENGINE_STEP = Histogram(
     "tandem_engine_step_seconds", "Duration of engine steps that computed tokens (schedule, execute, update)",

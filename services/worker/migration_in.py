@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.engine.blocks import cdiv
 from services.engine.engine_thread import EngineDeadError, EngineThread
 from services.engine.sampling_params import SamplingParams
 from services.worker.async_stream import AsyncRequestStream
@@ -112,7 +113,7 @@ class MigrationTargets:
             if m is None or m.state != "pending":
                 raise MigrationRefused("NOT_FOUND", "dest_refused", f"no pending migration of {request_id!r} "
                                        f"here (its reservation expired or was cancelled); start again at stage 0")
-            if -(-num_tokens // self.block_size) > len(m.block_ids):
+            if cdiv(num_tokens, self.block_size) > len(m.block_ids):
                 try:
                     table = await asyncio.to_thread(self.et.call, lambda e: e.extend_reservation(request_id, num_tokens),
                                                     None)     # no timeout: a call that ran late would be lost

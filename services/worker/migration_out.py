@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.engine.blocks import cdiv
 from services.engine.engine import MigrationSnapshot
 from services.engine.engine_thread import EngineDeadError, EngineThread
 from services.proto_convert import sampling_params_to_proto
@@ -179,7 +180,7 @@ class _Run:
             while not self.recompute:           # pre-copy while the request keeps decoding
                 if not snap.running:
                     break                       # waiting here: nothing to copy, one stage
-                remaining = -(-snap.num_computed_tokens // bs) - copied // bs
+                remaining = cdiv(snap.num_computed_tokens, bs) - copied // bs
                 if remaining <= cfg.stop_copy_blocks:
                     break
                 if self.stage >= cfg.max_stages:
@@ -229,7 +230,7 @@ class _Run:
         cfg, bs = self.o.config, self.o.block_size
         with_kv = snap.running and not self.recompute
         n = snap.num_computed_tokens if with_kv else 0
-        end_block = -(-n // bs)
+        end_block = cdiv(n, bs)
         if self.stage == 0 or end_block > self.reserved_blocks:
             await self._stage_rpc(snap, n + (0 if final else cfg.margin_blocks * bs))
         first_block = copied // bs if with_kv else 0

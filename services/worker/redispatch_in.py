@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import grpc
 
-from services.engine.config import Role
 from services.engine.engine_thread import EngineDeadError
 from services.engine.sampling_params import InvalidRequestError
+from services.roles import Role, WorkerState
 from services.worker.async_stream import AsyncRequestStream
 from tandem.v1 import worker_pb2
 
@@ -29,7 +29,7 @@ async def start_resumed(servicer, request: worker_pb2.WorkerRequest, context):
     if servicer.role not in (Role.DECODE, Role.COLOCATED):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a re-dispatched request (output_token_ids set) "
                             f"needs a decode or colocated instance; this one is {servicer.role.name.lower()}")
-    if servicer.state_fn() != "serving":
+    if servicer.state_fn() != WorkerState.SERVING:
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance {servicer.instance_id} is {servicer.state_fn()} "
                             f"and takes no new requests; resume the request on another instance")
     rid = request.request_id

@@ -13,14 +13,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from services.engine.config import Role
 from services.engine.engine_thread import EngineThread
-from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
+from services.engine.settings import ENGINE_DEFAULTS
 from services.metrics_http import MetricsServer
-from services.proto_convert import PROTO_ROLES
 from services.prefix_stream import PrefixPublisher
 from services.registry import InstancePublisher
 from services.auth import MetadataAuthInterceptor, cluster_token, cluster_token_check
+from services.roles import Role, WorkerState
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker import metrics as worker_metrics
 from services.worker.kv_push import PrefillPusher
@@ -29,6 +28,7 @@ from services.worker.observed_sender import ObservedSender
 from services.worker.request_context import SERVICE_PREFIX as WORKER_SERVICE, RequestContextInterceptor
 from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
 from services.worker.servicer import WorkerServicer
+from services.worker.settings import WORKER_DEFAULTS
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -39,44 +39,46 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_m
 @dataclass
 class WorkerOptions:
     role: str = "colocated"                 # prefill | decode | colocated
-    model: str = "tiny"
-    dtype: str = "auto"                     # auto | float32 | bfloat16 | float16 (dtype_policy)
-    device: str = "auto"                    # auto: CUDA when a GPU is visible (never initialises CUDA otherwise)
-    gpu_memory_utilization: float | None = None   # CUDA KV sizing as a share of the GPU (see build_engine)
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_memory_gib: float = 1.0
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
-    threads: int | None = None
-    enable_prefix_caching: bool = True
-    queue_policy: str = DEFAULT_QUEUE_POLICY  # fcfs | sjf: the waiting queue's order (services/engine/queue_order.py)
-    queue_aging_s: float = DEFAULT_AGING_S  # sjf: after this wait a request is served by arrival
+    # engine: defaults and meaning in services/engine/settings.py
+    model: str = ENGINE_DEFAULTS.model
+    dtype: str = ENGINE_DEFAULTS.dtype
+    device: str = ENGINE_DEFAULTS.device
+    gpu_memory_utilization: float | None = ENGINE_DEFAULTS.gpu_memory_utilization
+    block_size: int = ENGINE_DEFAULTS.block_size
+    num_blocks: int | None = ENGINE_DEFAULTS.num_blocks
+    kv_memory_gib: float = ENGINE_DEFAULTS.kv_memory_gib
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_model_len: int | None = ENGINE_DEFAULTS.max_model_len
+    threads: int | None = ENGINE_DEFAULTS.threads
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+    queue_policy: str = ENGINE_DEFAULTS.queue_policy
+    queue_aging_s: float = ENGINE_DEFAULTS.queue_aging_s
     host: str = "127.0.0.1"
     port: int = 0                           # 0: a free port
     kv_port: int = 0
     kv_advertise_address: str | None = None # data-plane HOST:PORT peers are told to use; None: the bound one
-    kv_transport: str = "auto"             # auto | tcp | nccl | cuda_ipc (services/transport/selection.py)
+    kv_transport: str = WORKER_DEFAULTS.kv_transport
     redis_url: str | None = None
     cluster: str = "default"
     instance_id: str | None = None
     cpu_cores: tuple[int, ...] = ()        # pin the process to these cores (models a device on CPU)
-    lease_ms: int = 30_000
-    layer_group: int = 2                    # layers per KV push during prefill
-    transfer_timeout_s: float = 30.0
-    heartbeat_ttl_s: float = 3.0
-    heartbeat_interval_s: float = 1.0
-    grace_s: float = 10.0
+    # worker: defaults and meaning in services/worker/settings.py
+    lease_ms: int = WORKER_DEFAULTS.lease_ms
+    layer_group: int = WORKER_DEFAULTS.layer_group
+    transfer_timeout_s: float = WORKER_DEFAULTS.transfer_timeout_s
+    heartbeat_ttl_s: float = WORKER_DEFAULTS.heartbeat_ttl_s
+    heartbeat_interval_s: float = WORKER_DEFAULTS.heartbeat_interval_s
+    grace_s: float = WORKER_DEFAULTS.grace_s
     metrics_port: int | None = None         # /metrics and /health over HTTP on host:port; 0: a free port; None: off
     log_format: str = "text"                # text | json (services/log_setup.py); read by __main__
     log_level: str = "info"
     # live migration (decode and colocated instances)
-    migration_stop_copy_blocks: int = 2     # stop-and-copy once at most this many blocks remain
-    migration_max_stages: int = 8           # pre-copy stages before a migration gives up
-    max_migrations: int = 1                 # concurrent migrations leaving (and, separately, entering)
-    migration_watermark: float = 0.05       # a destination keeps this fraction of its blocks free
-    migration_lease_ms: int = 10_000        # a destination frees a migration the source stopped driving
+    migration_stop_copy_blocks: int = WORKER_DEFAULTS.migration_stop_copy_blocks
+    migration_max_stages: int = WORKER_DEFAULTS.migration_max_stages
+    max_migrations: int = WORKER_DEFAULTS.max_migrations
+    migration_watermark: float = WORKER_DEFAULTS.migration_watermark
+    migration_lease_ms: int = WORKER_DEFAULTS.migration_lease_ms
 
 
 def pin_cores(cores: tuple[int, ...]) -> None:
@@ -97,7 +99,7 @@ class Worker:
         from services.engine.builder import build_engine
 
         self.opts = opts
-        self.role = Role[opts.role.upper()] if opts.role.upper() in Role.__members__ else None
+        self.role = Role.from_label(opts.role)
         if self.role is None:
             raise ValueError(f"--role {opts.role!r} is not a role; use prefill, decode or colocated")
         pin_cores(opts.cpu_cores)
@@ -134,7 +136,7 @@ class Worker:
             self.pusher = PrefillPusher(self.engine.kv.block_table, cfg.cache.block_size, cfg.model.num_layers,
                                         opts.layer_group)
             self.engine.on_prefill_layer = self.pusher
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self.address = ""
         self.publisher = None
         self.prefix_publisher: PrefixPublisher | None = None     # the prefix cache told to routers
@@ -148,12 +150,12 @@ class Worker:
 
     def current_state(self) -> str:
         """starting | serving | draining | drained (draining, and nothing left here) | stopping."""
-        if self.state != "draining" or self.servicer is None:
+        if self.state != WorkerState.DRAINING or self.servicer is None:
             return self.state
         load, sv = self.engine_thread.load, self.servicer
         empty = not (load.running or load.waiting or load.paused or len(sv.leases) or len(sv.sources)
                      or len(sv.targets))
-        return "drained" if empty else "draining"
+        return WorkerState.DRAINED if empty else WorkerState.DRAINING
 
     def set_state(self, state: str) -> None:
         """Enter (`draining`) or leave (`serving`) draining, and publish it at once."""
@@ -161,7 +163,7 @@ class Worker:
         log.info("worker %s is now %s", self.instance_id, state)
         # Readiness (service tandem.v1.Worker) follows: a draining pod is the one Kubernetes removes
         # first on scale-down. Liveness (service "") stays SERVING: draining is not dying.
-        status = health_pb2.HealthCheckResponse.SERVING if state == "serving" else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = health_pb2.HealthCheckResponse.SERVING if state == WorkerState.SERVING else health_pb2.HealthCheckResponse.NOT_SERVING
         asyncio.ensure_future(self.health.set("tandem.v1.Worker", status))
         if self.publisher:
             asyncio.ensure_future(self.publisher.publish_now())
@@ -185,7 +187,7 @@ class Worker:
             high_priority_running=load.high_priority_running, high_priority_blocks=load.high_priority_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
-            instance_id=self.instance_id, role=PROTO_ROLES[sv.role if sv else self.role], home_role=PROTO_ROLES[self.role],
+            instance_id=self.instance_id, role=sv.role if sv else self.role, home_role=self.role,
             mixed_prefill_tokens=sv.mixed_prefill_tokens if sv else 0, role_switches=sv.role_switches if sv else 0,
             address=self.address,
             kv_address=self.kv_address, state=self.current_state(), model=cfg.model.model_id,
@@ -216,7 +218,7 @@ class Worker:
         if self.opts.metrics_port is None:
             return
         self.metrics_server = MetricsServer(worker_metrics.REGISTRY, self.opts.host, self.opts.metrics_port,
-                                            health=lambda: self.state == "serving")
+                                            health=lambda: self.state == WorkerState.SERVING)
         await self.metrics_server.start()
         worker_metrics.track(self.instance_id, self.metrics_snapshot)
         log.info("worker %s metrics on http://%s/metrics", self.instance_id, self.metrics_server.address)
@@ -245,7 +247,7 @@ class Worker:
             raise OSError(f"cannot listen on {opts.host}:{opts.port}")
         self.address = f"{opts.host}:{port}"
         await self.server.start()
-        self.state = "serving"
+        self.state = WorkerState.SERVING
         for service in ("", "tandem.v1.Worker"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.engine.kv.prefix_events is not None:       # first: a router that sees this instance finds its cache
@@ -266,7 +268,7 @@ class Worker:
             await self._stopped.wait()
             return
         self._stopping = True
-        self.state = "stopping"
+        self.state = WorkerState.STOPPING
         await self.health.enter_graceful_shutdown()
         if self.publisher:
             await self.publisher.stop()       # leave placement first

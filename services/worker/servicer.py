@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 import grpc
 
-from services.engine.config import Role
+from services.roles import Role, WorkerState
 from services.engine.engine_thread import EngineDeadError, EngineThread
 from services.engine.request import FinishReason
 from services.engine.sampling_params import InvalidRequestError
-from services.proto_convert import (ENGINE_ROLES, FINISH_TO_PROTO, outputs_to_chunk, sampling_params_from_proto,
+from services.proto_convert import (FINISH_TO_PROTO, outputs_to_chunk, sampling_params_from_proto,
                                     top_logprobs_to_proto)
 from services.transport import KVHandshakeError, KVTransportError
 from services.worker.async_stream import AsyncRequestStream
@@ -44,7 +44,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine_thread: EngineThread, *, role: Role, sender, receiver, pusher: PrefillPusher | None,
                  lease_ms: int, transfer_timeout_s: float, report_fn, instance_id: str, kv_transport: str,
                  migration: MigrationConfig | None = None, watermark_blocks: int = 0,
-                 state_fn: Callable[[], str] = lambda: "serving", set_state_fn: Callable[[str], None] | None = None,
+                 state_fn: Callable[[], str] = lambda: WorkerState.SERVING, set_state_fn: Callable[[str], None] | None = None,
                  kv_address: str | None = None, on_role_change: Callable[[], None] = lambda: None,
                  on_full: Callable[[], None] = lambda: None):
         """kv_address: the data-plane address published to peers (KVHandle.address, migration
@@ -71,7 +71,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.sources.on_event = self._migration_event
         self.targets = MigrationTargets(engine_thread, receiver, self.leases, block_size=block_size,
                                         max_in_flight=migration.max_in_flight, watermark_blocks=watermark_blocks,
-                                        is_open=lambda: self.state_fn() == "serving")
+                                        is_open=lambda: self.state_fn() == WorkerState.SERVING)
 
     # ---- helpers --------------------------------------------------------------------------
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -127,7 +127,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         KV transfer that opened for it already is refused at once instead of waiting."""
         rid = req.request_id
         code = message = None
-        if self.state_fn() != "serving":
+        if self.state_fn() != WorkerState.SERVING:
             code, message = grpc.StatusCode.UNAVAILABLE, (f"instance {self.instance_id} is {self.state_fn()} and "
                                                           f"takes no new requests; place the request on another instance")
         elif not rid:
@@ -462,15 +462,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.ReleaseResponse(found=found)
 
     async def SetState(self, request: worker_pb2.SetStateRequest, context):
-        if request.state not in ("draining", "serving"):
+        if request.state not in (WorkerState.DRAINING, WorkerState.SERVING):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"state: {request.state!r} is not draining or serving")
-        if request.state == "draining" and self.home_role == Role.PREFILL:
+        if request.state == WorkerState.DRAINING and self.home_role == Role.PREFILL:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "only decode and colocated instances drain "
                                 "by migration; stop a prefill instance directly (its requests are short)")
-        if self.set_state_fn is None or self.state_fn() not in ("serving", "draining", "drained"):
+        if self.set_state_fn is None or self.state_fn() not in (WorkerState.SERVING, WorkerState.DRAINING, WorkerState.DRAINED):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance is {self.state_fn()}")
-        self.set_state_fn(request.state)
+        self.set_state_fn(WorkerState(request.state))
         return self.report_fn()
 
     async def SetRole(self, request: worker_pb2.SetRoleRequest, context):
@@ -478,12 +478,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         cap change in one engine call, then this servicer's role and the published record."""
         allowed = {Role.PREFILL: (Role.PREFILL, Role.COLOCATED), Role.DECODE: (Role.DECODE, Role.COLOCATED),
                    Role.COLOCATED: (Role.COLOCATED,)}[self.home_role]
-        role = ENGINE_ROLES.get(request.role)
+        role = Role.from_proto(request.role)
         if role not in allowed:
             names = " or ".join(r.name.lower() for r in allowed)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role: a {self.home_role.name.lower()} instance "
                                 f"switches to {names} only")
-        if self.state_fn() != "serving":
+        if self.state_fn() != WorkerState.SERVING:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"instance {self.instance_id} is "
                                 f"{self.state_fn()}; roles change only while serving (undo the drain first)")
         cap = request.mixed_prefill_tokens

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from services.engine.blocks import cdiv
+from services.roles import Role, WorkerState
 from tandem.sim.clock import EventLoop, Timer
 from tandem.sim.costmodel import CostModel
 from tandem.sim.queue import VirtualClockPolicy
 from tandem.sim.request import SimRequest
-from tandem.v1 import worker_pb2
 
-PREFILL, DECODE, COLOCATED = worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED
+PREFILL, DECODE, COLOCATED = Role.PREFILL, Role.DECODE, Role.COLOCATED
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
+    return cdiv(tokens, block_size)
 
 
 class SimInstance:
@@ -43,7 +44,7 @@ class SimInstance:
                  on_finish: Callable[["SimInstance", SimRequest], None] | None = None,
                  on_free: Callable[["SimInstance"], None] | None = None):
         self.loop, self.cost = loop, cost
-        self.instance_id, self.role, self.home_role, self.state = instance_id, role, role, "serving"
+        self.instance_id, self.role, self.home_role, self.state = instance_id, role, role, WorkerState.SERVING
         self.total_blocks = self.free_blocks = num_blocks
         self.block_size, self.max_num_batched_tokens, self.max_num_seqs = block_size, max_num_batched_tokens, max_num_seqs
         self.policy = VirtualClockPolicy(policy, lambda: loop.now)

@@ -18,6 +18,7 @@ import statistics
 import threading
 import time
 
+from services.engine.blocks import cdiv
 from tandem.sim.costmodel import CostModel, Profile, fit_decode, fit_prefill, fit_transfer
 
 PREFILL_SHAPES = [(1, 16), (1, 64), (1, 128), (1, 256), (1, 384), (1, 512), (1, 768), (1, 1024), (1, 1536),
@@ -91,7 +92,7 @@ def measure_engine(model: str, *, dtype: str = "auto", device: str = "cpu", thre
         log(f"prefill {k} x {length}: {t * 1e3:.1f} ms")
     for b in DECODE_BATCHES:
         for c in DECODE_CONTEXTS:
-            if b * -(-(c + 8) // engine.kv.block_size) > engine.kv.num_blocks:
+            if b * cdiv(c + 8, engine.kv.block_size) > engine.kv.num_blocks:
                 continue                                 # does not fit the KV cache
             t = decode_steps(b, c)
             # contexts during the timed steps: prompt + 1 output + warm step + half the timed ones

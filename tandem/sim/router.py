@@ -24,6 +24,8 @@ import itertools
 import math
 
 from router import migration_policy, placement, role_policy
+from router.settings import RESCHEDULE_INTERVAL_S
+from services.roles import WorkerState
 from tandem.sim.clock import EventLoop
 from tandem.sim.costmodel import CostModel
 from tandem.sim.instance import COLOCATED, DECODE, PREFILL, SimInstance, blocks_for
@@ -39,7 +41,7 @@ class RouterConfig:
     migration: bool = True
     role_policy: role_policy.RolePolicyConfig = role_policy.RolePolicyConfig()
     migration_policy: migration_policy.PolicyConfig = migration_policy.PolicyConfig()
-    reschedule_interval_s: float = 0.075
+    reschedule_interval_s: float = RESCHEDULE_INTERVAL_S
     role_interval_s: float = 0.25
     queue_timeout_s: float = 10.0
     stop_copy_blocks: int = 2
@@ -86,7 +88,7 @@ class SimRouter:
         return self.instances[0].block_size
 
     def _pools(self):
-        serving = [i for i in self.instances if i.state == "serving"]
+        serving = [i for i in self.instances if i.state == WorkerState.SERVING]
         prefill = [i for i in serving if placement.serves(i, PREFILL)]
         decode = [i for i in serving if placement.serves(i, DECODE)]
         baseline = [i for i in serving if i.role == COLOCATED and i.home_role not in (PREFILL, DECODE)]
@@ -151,7 +153,7 @@ class SimRouter:
     def _sample(self) -> None:
         """Queued requests, and those of them (Llumnix's fragmentation) that the free KV blocks of
         all instances together would hold though none holds them alone."""
-        free = sum(i.free_blocks for i in self.instances if i.state == "serving")
+        free = sum(i.free_blocks for i in self.instances if i.state == WorkerState.SERVING)
         needs = [need for _, need in self.queue]
         for inst in self.instances:
             needs += [blocks_for(r.num_tokens, inst.block_size) - r.blocks for r in inst.wait_q]
@@ -206,7 +208,7 @@ class SimRouter:
 
     # ---- rescheduling ----------------------------------------------------------------------------
     def _reschedule_round(self) -> None:
-        cands = [i for i in self.instances if i.state == "serving" and i.role in (DECODE, COLOCATED)]
+        cands = [i for i in self.instances if i.state == WorkerState.SERVING and i.role in (DECODE, COLOCATED)]
         if len(cands) > 1 and any(i.run_q for i in cands):
             loads = [migration_policy.InstanceLoad(
                 instance_id=i.instance_id, total_blocks=i.total_blocks, free_blocks=i.free_blocks, running=i.running,

@@ -36,6 +36,7 @@ def test_quantized_gqa_file_matches_transformers(tmp_path, qtype):
     assert engine_greedy(str(path), prompts, 16) == list(ref.hf_greedy(str(path), prompts, 16))
 
 
+@pytest.mark.slow          # the real 135M model in our engine and in transformers (~30 s)
 def test_smollm2_chat_matches_transformers():
     path = ref.smollm2_file()
     prompts = ref.chat_prompts(path)

@@ -3,6 +3,7 @@ starting a migration straight on a worker (to reach paths the admin API refuses 
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
@@ -92,6 +93,15 @@ def worker_migrate(src: worker_pb2.LoadReport, dst_id: str, dst_address: str, re
 def set_state(report: worker_pb2.LoadReport, state: str) -> worker_pb2.LoadReport:
     with grpc.insecure_channel(report.address) as ch:
         return worker_pb2_grpc.WorkerStub(ch).SetState(worker_pb2.SetStateRequest(state=state), timeout=10)
+
+
+def wait_router_sees(router: str, instance_id: str, *states: str, timeout: float = 30.0) -> None:
+    """Poll the router's Admin ListInstances (which refreshes the registry the router places from)
+    until it shows `instance_id` in one of `states`; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (seen := decode_reports(router)[instance_id].state) not in states:
+        assert time.monotonic() < deadline, f"the router still sees {instance_id} as {seen!r}, not one of {states}"
+        time.sleep(0.05)
 
 
 def free_and_total(report: worker_pb2.LoadReport) -> tuple[int, int, str]:

@@ -17,7 +17,7 @@ from tests.conftest import random_prompts
 from tests.golden.hf_reference import hf_greedy
 from tests.integration.cluster_helpers import assert_no_leaks, worker_stats
 from tests.integration.migration_helpers import (Stream, decode_reports, free_and_total, holder, other, set_state,
-                                                 worker_migrate)
+                                                 wait_router_sees, worker_migrate)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -268,7 +268,7 @@ def test_rescheduler_balances_onto_an_instance_that_joins(golden, redis_url, tmp
         reports = decode_reports(c.address)
         idle = reports["decode-1"]
         set_state(idle, "draining")
-        time.sleep(1.5)                     # the router's registry sees it (poll interval 0.5 s)
+        wait_router_sees(c.address, idle.instance_id, "draining", "drained")   # empty: drained at once
         streams = [Stream(c.address, f"b-{i}", prompts[i % len(prompts)], MAX_TOKENS) for i in range(8)]
         for s in streams:
             assert s.reached(2)
@@ -290,7 +290,7 @@ def test_preemption_on_the_source_aborts_the_migration(golden, redis_url, tmp_pa
         reports = decode_reports(c.address)
         src, dst = reports["decode-0"], reports["decode-1"]
         set_state(dst, "draining")               # both requests land on the source
-        time.sleep(1.5)
+        wait_router_sees(c.address, dst.instance_id, "draining", "drained")
         old = Stream(c.address, "old", prompts[0], MAX_TOKENS)
         assert old.reached(1)
         new = Stream(c.address, "new", prompts[0], MAX_TOKENS)

@@ -35,14 +35,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_up_serves_then_stops_everything(export_named, tmp_path, sig):
+@pytest.mark.parametrize("sig,log_dir", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_up_serves_then_stops_everything(export_named, tmp_path, sig, log_dir):
+    """Without --log-dir the children log to this terminal: still exactly one `ready` line on stdout
+    (the router's), the workers' own ready lines go to their logs (stderr)."""
     cmd = [sys.executable, "-m", "tandem.cli", "up", "--model", export_named("tiny"), "--port", "0",
-           "--num-blocks", "100", "--log-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--num-blocks", "100"] + (["--log-dir", str(tmp_path)] if log_dir else [])
+    err = open(tmp_path / "up.stderr", "w+")              # a file, not a pipe: children's logs never block
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("ready "), f"{line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert line.startswith("ready "), f"{line!r} {(tmp_path / 'up.stderr').read_text()}"
         address = line.split()[1]
         with Client(address) as c:
             r = c.complete(token_ids=[5, 6, 7, 8], max_tokens=5, ignore_eos=True)
@@ -53,6 +56,10 @@ def test_up_serves_then_stops_everything(export_named, tmp_path, sig):
         assert "redis-server" in names and "services.worker" in names and "-m router" in names
         proc.send_signal(sig)
         assert proc.wait(60) == 0
+        rest = proc.stdout.read().splitlines()
+        assert [w for w in rest if w.startswith("ready")] == [], rest
+        if not log_dir:                                   # the workers' ready lines are in the log
+            assert "ready prefill-0 " in (tmp_path / "up.stderr").read_text()
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in children):
             assert time.monotonic() < deadline, f"left behind: {[p for p in children if _alive(p)]}"
@@ -61,6 +68,7 @@ def test_up_serves_then_stops_everything(export_named, tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        err.close()
 
 
 def test_up_refuses_half_a_pd_cluster(tmp_path):

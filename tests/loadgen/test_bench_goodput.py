@@ -101,6 +101,7 @@ def test_host_dtype_is_tandems_auto_and_adaptive_detection():
     assert why_not is None or "pools" in why_not
 
 
+@pytest.mark.slow
 @needs_traces
 def test_real_tiny_cluster(tmp_path, capsys):
     """One real 1P+1D cluster of the tiny model: the reference is itself, its CSV has the TTFT breakdown."""

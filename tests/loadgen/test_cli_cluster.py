@@ -12,6 +12,8 @@ from tandem.local_cluster import LocalCluster
 
 from .test_workloads import AZURE_CONV, needs_traces
 
+pytestmark = pytest.mark.slow          # every test here runs against a real cluster
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

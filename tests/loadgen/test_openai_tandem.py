@@ -19,7 +19,7 @@ from loadgen.targets import OpenAITarget
 from loadgen.workloads import WorkloadConfig, build_workload
 from tandem.local_cluster import LocalCluster
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]     # a real cluster
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,7 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3}}}
 
 
+@pytest.mark.slow          # the real 135M model (~12 s)
 def test_smollm2_writes_json_that_follows_the_schema():
     from router.http_frontends import chat_template_for
     from services.engine.gguf_loader import load_gguf
