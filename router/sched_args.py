@@ -20,20 +20,33 @@ def add_sched_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-aging-s", type=float, default=DEFAULT_AGING_S,
                    help="sjf: a request that waited this long is served in arrival order (bounds its wait)")
     g.add_argument("--admission", choices=ADMISSION_MODES, default=DEFAULT_ADMISSION, help=ADMISSION_HELP)
-    g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
-                   help=f"refuse a request (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N admitted requests "
-                        f"still wait for their first token (default {DEFAULT_MAX_QUEUED}): bounds the router's queue "
-                        f"and memory under a burst, whatever --admission says")
+    add_max_queued_arg(g)
     g.add_argument("--predictor-warm-start", default=None, metavar="FILE.jsonl",
                    help="teach the output-length predictor these completed requests first: one JSON object a line, "
                         "{\"prompt_token_ids\": [...], \"output_tokens\": N, \"max_tokens\": M}")
+
+
+def add_max_queued_arg(p) -> None:
+    """--max-queued-requests, as the router and `tandem up` take it (a value below 1 is a usage error)."""
+    p.add_argument("--max-queued-requests", type=_at_least_one, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help=f"refuse a request (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N admitted requests "
+                        f"still wait for their first token (default {DEFAULT_MAX_QUEUED}): bounds the router's queue "
+                        f"and memory under a burst, whatever --admission says")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
 
 
 def sched_kwargs(a: argparse.Namespace) -> dict:
     """Router(...) keyword arguments from the parsed flags. Raises SystemExit on a bad value."""
     if not a.queue_aging_s > 0:
         raise SystemExit(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
-    if a.max_queued_requests < 1:
-        raise SystemExit(f"--max-queued-requests {a.max_queued_requests}: give at least 1")
     return dict(queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, admission=a.admission,
                 max_queued_requests=a.max_queued_requests, predictor_warm_start=a.predictor_warm_start)

@@ -10,7 +10,7 @@ import time
 from router.pools_args import DEFAULT_POOLS, POOL_MODES
 from router.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
 from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
-from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP
+from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP, add_max_queued_arg
 from router.settings import RouterSettings
 from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.engine.settings import EngineSettings
@@ -53,9 +53,7 @@ def register(sub) -> None:
                     help=QUEUE_POLICY_HELP.replace("Give the workers the same policy (tandem up does)",
                                                    "The router and every worker use it"))
     up.add_argument("--admission", default=DEFAULT_ADMISSION, choices=ADMISSION_MODES, help=ADMISSION_HELP)
-    up.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
-                    help=f"the router refuses (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N requests wait "
-                         f"for their first token (default {DEFAULT_MAX_QUEUED})")
+    add_max_queued_arg(up)
     add_flags(up, EngineSettings, "dtype")
     for cls, names in _FORWARDED:               # given: passed on to every worker; else the workers' own default
         add_flags(up, cls, *names, defaults=dict.fromkeys(names),
