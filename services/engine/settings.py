@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.engine.config import CacheConfig, SchedulerConfig
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.settings import setting
@@ -21,11 +22,11 @@ class EngineSettings:
     device: str = setting("auto", "auto (CUDA when a GPU is visible, else CPU), cpu or cuda[:N]")
     gpu_memory_utilization: float | None = setting(
         None, "on CUDA without --num-blocks: size the KV cache to this share of the GPU (e.g. 0.9)", type=float)
-    block_size: int = setting(16, "tokens per KV block")
+    block_size: int = setting(CacheConfig.block_size, "tokens per KV block")
     num_blocks: int | None = setting(None, "KV blocks (overrides --kv-memory-gib)", type=int)
     kv_memory_gib: float = setting(1.0, "KV cache budget (GiB)")
-    max_num_batched_tokens: int = setting(2048, "token budget per step")
-    max_num_seqs: int = setting(256, "requests per step at most")
+    max_num_batched_tokens: int = setting(SchedulerConfig.max_num_batched_tokens, "token budget per step")
+    max_num_seqs: int = setting(SchedulerConfig.max_num_seqs, "requests per step at most")
     max_model_len: int | None = setting(None, "tokens per request at most (default: the model's limit)", type=int)
     threads: int | None = setting(None, "torch intra-op threads (default: one per pinned core, else torch's)",
                                   type=int)
@@ -34,7 +35,7 @@ class EngineSettings:
         "the router's output-length prediction, priority classes first, with aging)", choices=QUEUE_POLICIES)
     queue_aging_s: float = setting(
         DEFAULT_AGING_S, "sjf: a request that waited this long is served in arrival order (bounds its wait)")
-    enable_prefix_caching: bool = setting(True, "reuse the KV of shared prompt prefixes (--no-prefix-caching: off)")
+    enable_prefix_caching: bool = setting(CacheConfig.enable_prefix_caching, "reuse the KV of shared prompt prefixes (--no-prefix-caching: off)")
 
 
 ENGINE_DEFAULTS = EngineSettings()
