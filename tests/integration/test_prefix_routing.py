@@ -57,7 +57,8 @@ def test_colocated_prefix_routing_serves_each_system_prompt_from_cache_and_keeps
     long_prompt = random_prompts([8], 512, seed=12)[0]
     expected = [ids for ids, _ in hf_greedy(model_dir, prompts, MAX_TOKENS)]
     with LocalCluster(model_dir, redis_url=redis_url, worker_args=WORKER_ARGS + ["--heartbeat-interval-s", "0.1"],
-                      log_dir=str(tmp_path), colocated=2, prefill=0, decode=0, routing="prefix", pools="fixed") as c:
+                      log_dir=str(tmp_path), colocated=2, prefill=0, decode=0, routing="prefix", pools="fixed",
+                      router_args=["--no-reschedule"]) as c:     # a migration would copy a prefix to the other
         results = {0: generate(c.address, prompts[0], MAX_TOKENS)}
         with grpc.insecure_channel(c.address) as channel:                   # decode load beside the prefills
             stream = serving_pb2_grpc.ServingStub(channel).Generate(serving_pb2.GenerateRequest(
