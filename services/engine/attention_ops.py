@@ -49,7 +49,8 @@ from services.engine.blocks import cdiv
 log = logging.getLogger(__name__)
 
 _EXT_NAME = "tandem_cpu_kernels"
-_SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp")]
+_SOURCES = [Path(__file__).resolve().parent / "csrc" / name
+            for name in ("paged_attention.cpp", "fused_ops.cpp", "prefill_attention.cpp")]
 # -fopenmp is required: at::parallel_for is a header template that only runs in parallel when the
 # extension itself is compiled with OpenMP (it then shares torch's bundled libgomp.so.1 thread pool).
 _CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]

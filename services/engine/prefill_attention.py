@@ -1,29 +1,40 @@
-"""Causal attention of one prefill chunk over its whole context: SDPA, or query tiles of batched matmuls.
+"""Causal attention of one prefill chunk over its whole context: a bf16 C++ kernel, SDPA, or query tiles.
 
-`prefill_attention` picks the path. torch's CPU flash kernel (F.scaled_dot_product_attention) is
-the default everywhere. On the CPU in bfloat16, contexts of 256-1024 tokens go through
-`tiled_causal_attention` instead: the chunk's queries in tiles of 64, each tile one float32
-batched matmul against the keys it may see, one softmax, one bf16 batched matmul with V. Causal
-attention of `small`'s 8 heads x 64, 8 layers' worth, one Zen 4 thread (thread CPU time, best of
-8 alternating rounds on a shared host):
+`prefill_attention` picks the path:
 
-    context      192   256   384   512   768   1024   1536   2048
-    flash (ms)   8.9  15.4  35.1  62.6   104    174    349    538
-    tiled (ms)   8.5  12.9  25.3  43.8    85    150    332   ~500
+1. On a CPU with AVX512-BF16, in bfloat16 with head_dim 64 or 128: the C++ kernel
+   (csrc/prefill_attention.cpp), whose QK^T and P.V are vdpbf16ps products of bf16 pairs summed in
+   float32 (torch's CPU paths run QK^T as float32 matmuls: its bmm cannot take bf16 inputs into a
+   float32 output).
+2. Otherwise torch's CPU flash kernel (F.scaled_dot_product_attention), except that on the CPU in
+   bfloat16, contexts of 256-1024 tokens go through `tiled_causal_attention`: the chunk's queries
+   in tiles of 64, each tile one float32 batched matmul against the keys it may see, one softmax,
+   one bf16 batched matmul with V.
 
-In a whole 512-token prefill that is 221 -> 198 ms on one thread and 106 -> 100 ms on two (wall,
-best of 12 rounds). Longer contexts stay on flash: the tiles' [heads, 64, context] float32
-scores outgrow the L2 cache, the gain shrinks to a few percent and two threads measured it
-slower (each tile is several parallel regions where flash is one). Scores are float32 as in the
-flash kernel (bf16 products are exact in float32) and the probabilities are rounded to bf16 for
-P @ V as the flash kernel does for bf16 inputs: both paths are within bf16 rounding of a float32
-reference (max |diff| ~1e-2 on unit-variance inputs).
+Causal attention of `small`'s 8 heads x 64, 8 layers' worth, AMD EPYC Zen 4, quiet host, wall time
+(best of 5 rounds of 8 calls), ms:
+
+    context            128    256    512   1024   2048
+    1 thread  kernel   1.2    4.0   15.1   58.6    222
+              tiled    5.0   13.4   67.1    197    647
+              flash    4.6   15.3   63.9    176    590
+    2 threads kernel   0.7    2.9    8.3   33.2    119
+              tiled    4.0   10.9   30.9   98.1    447
+              flash    3.2    9.5   43.1    110    309
+
+The tiled path beats flash only for 256-1024 (beyond that its [heads, 64, context] float32 scores
+outgrow the L2 cache). Every path keeps float32 scores (bf16 products are exact in float32) and
+rounds the probabilities to bf16 for P @ V as the flash kernel does for bf16 inputs: all are within
+bf16 rounding of a float32 reference (max |diff| ~1e-2 on unit-variance inputs).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from services.engine import attention_ops
+
+KERNEL_HEAD_DIMS = (64, 128)      # head sizes the C++ bf16 kernel is built for
 TILE = 64
 TILED_CONTEXTS = (256, 1024)      # [min, max] context lengths the tiled path takes
 
@@ -33,11 +44,26 @@ def use_tiled(q: torch.Tensor, ctx_len: int) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and TILED_CONTEXTS[0] <= ctx_len <= TILED_CONTEXTS[1]
 
 
+def bf16_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The loaded kernel module when (q, k, v) can take the C++ bf16 path, else None."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or any(x.stride(-1) != 1 for x in (q, k, v)) or k.stride(0) % 2:
+        return None
+    mod = attention_ops.load_kernels()
+    return mod if mod is not None and getattr(mod, "prefill_attention_bf16", False) else None
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [q_len, H, D], queries at positions ctx - q_len .. ctx - 1; k, v: [ctx, Hkv, D], positions
     0 .. ctx - 1 (any strides). Each query attends to the keys at or before its position.
     Returns [q_len, H, D] in q's dtype. H must be a multiple of Hkv (GQA)."""
     q_len, ctx = q.shape[0], k.shape[0]
+    mod = bf16_kernel(q, k, v)
+    if mod is not None:
+        out = torch.empty(q.shape, dtype=q.dtype)                                 # [q_len, H, D]
+        mod.prefill_attention(out, q, k, v, scale)
+        return out
     if use_tiled(q, ctx):
         return tiled_causal_attention(q, k, v, scale)
     if q_len == ctx:

@@ -63,3 +63,72 @@ def test_prefill_attention_either_path_matches_the_reference(q_len, ctx):
     q, k, v = (x.bfloat16() for x in qkv(q_len, ctx, 8, 2))
     out = pa.prefill_attention(q, k, v, 0.125)
     torch.testing.assert_close(out.float(), reference(q, k, v, 0.125), atol=3e-2, rtol=2e-2)
+
+
+def _bf16_module():
+    from services.engine import attention_ops
+    if "avx512_bf16" not in {v.name for v in attention_ops.runnable_variants(attention_ops.cpu_flags())}:
+        pytest.skip("this CPU has no AVX512-BF16: the C++ prefill kernel is not built for it")
+    mod = attention_ops.load_kernels("avx512_bf16")
+    if mod is None:
+        pytest.skip("the avx512_bf16 kernel module did not build here")
+    return mod
+
+
+# whole prompts, chunks after a cached prefix, GQA 8/2, 6/3 and 9/3 (SmolLM2), D 64 and 128, context
+# lengths that are not multiples of the kernel's 16/32-key blocks, one query, one key
+@pytest.mark.parametrize("q_len,ctx,heads,kv_heads,d", [
+    (300, 300, 8, 8, 64), (512, 512, 4, 2, 64), (37, 500, 8, 2, 64), (130, 130, 6, 3, 64), (1, 700, 8, 8, 64),
+    (64, 1000, 8, 8, 128), (5, 5, 9, 3, 64), (17, 33, 2, 1, 128), (1, 1, 8, 8, 64), (97, 2100, 8, 8, 64)])
+def test_bf16_kernel_matches_the_float32_reference(q_len, ctx, heads, kv_heads, d):
+    mod = _bf16_module()
+    q, k, v = (x.bfloat16() for x in qkv(q_len, ctx, heads, kv_heads, d=d))
+    out = torch.full_like(q, float("nan"))
+    mod.prefill_attention(out, q, k, v, d ** -0.5)
+    ref = reference(q, k, v, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
+    # no worse than the tiled path (float32 scores, bf16 P.V) against the same reference
+    tiled = pa.tiled_causal_attention(q, k, v, d ** -0.5).float()
+    assert (out.float() - ref).abs().max() <= 1.5 * (tiled - ref).abs().max() + 1e-3
+
+
+def test_bf16_kernel_takes_the_model_s_strided_views_and_any_thread_count():
+    """q, k, v are views of one fused [T, q + 2kv] projection; results do not depend on threads."""
+    mod = _bf16_module()
+    t, h, hkv, d = 200, 8, 2, 64
+    fused = torch.randn(t, (h + 2 * hkv) * d).bfloat16()
+    q = fused[:, :h * d].view(t, h, d)
+    k = fused[:, h * d:(h + hkv) * d].view(t, hkv, d)
+    v = fused[:, (h + hkv) * d:].view(t, hkv, d)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = torch.empty(t, h, d, dtype=torch.bfloat16)
+        mod.prefill_attention(out, q, k, v, d ** -0.5)
+        outs.append(out)
+    torch.set_num_threads(1)
+    contiguous = torch.empty(t, h, d, dtype=torch.bfloat16)
+    mod.prefill_attention(contiguous, q.contiguous(), k.contiguous(), v.contiguous(), d ** -0.5)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outs[0], contiguous, atol=0, rtol=0)
+
+
+def test_bf16_kernel_refuses_what_it_cannot_compute():
+    mod = _bf16_module()
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        mod.prefill_attention(torch.empty(4, 2, 48, dtype=torch.bfloat16), q[..., :48], kv[..., :48], kv[..., :48], 1.0)
+    with pytest.raises(RuntimeError, match="more queries"):
+        mod.prefill_attention(torch.empty(4, 2, 64, dtype=torch.bfloat16), q, kv[:3], kv[:3], 1.0)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        mod.prefill_attention(q.float(), q.float(), kv.float(), kv.float(), 1.0)
+
+
+def test_prefill_attention_uses_the_kernel_where_it_is_built():
+    _bf16_module()
+    q = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
+    assert pa.bf16_kernel(q, q, q) is not None
+    assert pa.bf16_kernel(q.float(), q.float(), q.float()) is None                # float32: torch's paths
+    odd = torch.zeros(8, 2, 48, dtype=torch.bfloat16)
+    assert pa.bf16_kernel(odd, odd, odd) is None                                  # head_dim 48: not built

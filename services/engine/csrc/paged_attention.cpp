@@ -269,9 +269,11 @@ void paged_decode_attention_scalar(at::Tensor out, at::Tensor q, at::Tensor k_ca
 }
 
 void register_fused_ops(pybind11::module& m);   // fused_ops.cpp: the decoder's elementwise ops
+void register_prefill_attention(pybind11::module& m);   // prefill_attention.cpp: causal bf16 prefill attention
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_fused_ops(m);
+  register_prefill_attention(m);
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention (writes out); see paged_attention.cpp for layouts",
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
