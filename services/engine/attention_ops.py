@@ -286,6 +286,17 @@ def load_kernels(variant: str | None = None) -> ModuleType | None:
     return _loader.default() if variant is None else _loader.load(variant)
 
 
+def settle_threads_here() -> None:
+    """Fix, on the calling thread, the torch thread count every loaded kernel module will use.
+
+    Each module has its own copy of torch's lazy per-thread init (an inline function with a
+    thread_local flag); left alone, it reads the process default at the thread's first kernel call,
+    which may have changed since (engine_thread.serial_torch_elsewhere). Builds nothing."""
+    for mod in list(_loader._modules.values()):
+        if hasattr(mod, "init_parallel"):
+            mod.init_parallel()
+
+
 def available_variants() -> list[str]:
     """Names of the kernel variants this CPU can run, best first (built or not)."""
     return _loader.runnable()

@@ -8,12 +8,13 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from services.engine.engine_thread import EngineThread
+from services.engine.engine_thread import EngineThread, serial_torch_elsewhere
 from services.engine.settings import ENGINE_DEFAULTS
 from services.metrics_http import MetricsServer
 from services.prefix_stream import PrefixPublisher
@@ -30,6 +31,9 @@ from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
 from services.worker.servicer import WorkerServicer
 from services.worker.settings import WORKER_DEFAULTS
 from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from services.engine.engine import LLMEngine
 
 log = logging.getLogger("tandem.worker")
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
@@ -96,33 +100,18 @@ class Worker:
     """One worker process's parts. `start()` then `wait()`; `stop()` is graceful and idempotent."""
 
     def __init__(self, opts: WorkerOptions):
-        from services.engine.builder import build_engine
-
         self.opts = opts
         self.role = Role.from_label(opts.role)
         if self.role is None:
             raise ValueError(f"--role {opts.role!r} is not a role; use prefill, decode or colocated")
         pin_cores(opts.cpu_cores)
         self.instance_id = opts.instance_id or f"{opts.role}-{socket.gethostname()}-{os.getpid()}"
-        self.engine = build_engine(
-            opts.model, dtype=opts.dtype, device=opts.device, block_size=opts.block_size, num_blocks=opts.num_blocks,
-            kv_memory_gib=opts.kv_memory_gib, max_num_batched_tokens=opts.max_num_batched_tokens,
-            max_num_seqs=opts.max_num_seqs, role=self.role, num_threads=opts.threads or None,
-            enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
-            gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
-            aging_s=opts.queue_aging_s)
+        self.engine_thread = EngineThread(lambda: self._build_engine(opts), name=f"engine-{self.instance_id}")
+        self.engine = self.engine_thread.engine
+        serial_torch_elsewhere()       # the engine thread alone runs parallel torch ops (engine_thread.py)
         cfg = self.engine.config
         self.dtype = str(cfg.dtype).removeprefix("torch.")    # resolved (never "auto"): reports, metrics
-        if cfg.device == "cpu":
-            # Build or load the CPU kernels (decode attention, fused elementwise ops) now, before
-            # serving: built lazily, the first step would stall every request behind a compile
-            # (~20-40 s on a fresh cache). Every role needs them (the fused ops serve prefill too).
-            from services.engine.attention_ops import load_kernels
-            load_kernels()
         self.layout = KVLayout.of(self.engine.runner.kv, cfg.model.model_id)
-        if opts.redis_url and opts.enable_prefix_caching:
-            self.engine.kv.record_prefix_events()      # before the engine thread starts: no event is missed
-        self.engine_thread = EngineThread(self.engine, name=f"engine-{self.instance_id}")
         self.engine_thread.on_step = worker_metrics.step_observer(self.instance_id, opts.role)
         self.cluster_token = cluster_token()     # services/auth.py: worker RPCs and the KV data plane need it
         self.sender = ObservedSender(make_sender(opts.kv_transport, self.layout, timeout_s=opts.transfer_timeout_s,
@@ -147,6 +136,27 @@ class Worker:
         self.metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+
+    @staticmethod
+    def _build_engine(opts: WorkerOptions) -> LLMEngine:
+        """The engine, built on the thread that will step it (EngineThread calls this there)."""
+        from services.engine.builder import build_engine
+        engine = build_engine(
+            opts.model, dtype=opts.dtype, device=opts.device, block_size=opts.block_size, num_blocks=opts.num_blocks,
+            kv_memory_gib=opts.kv_memory_gib, max_num_batched_tokens=opts.max_num_batched_tokens,
+            max_num_seqs=opts.max_num_seqs, role=Role.from_label(opts.role), num_threads=opts.threads or None,
+            enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
+            gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
+            aging_s=opts.queue_aging_s)
+        if engine.config.device == "cpu":
+            # Build or load the CPU kernels (decode attention, fused elementwise ops) now, before
+            # serving: built lazily, the first step would stall every request behind a compile
+            # (~20-40 s on a fresh cache). Every role needs them (the fused ops serve prefill too).
+            from services.engine.attention_ops import load_kernels
+            load_kernels()
+        if opts.redis_url and opts.enable_prefix_caching:
+            engine.kv.record_prefix_events()      # before the engine's loop starts: no event is missed
+        return engine
 
     def current_state(self) -> str:
         """starting | serving | draining | drained (draining, and nothing left here) | stopping."""

@@ -2,6 +2,9 @@
 step errors end live streams instead of hanging them."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -247,3 +250,58 @@ def test_call_after_shutdown_raises_at_once(make_thread):
     t.shutdown()
     with pytest.raises(EngineDeadError):
         t.call(lambda e: 1, timeout=None)        # would block forever if it were queued
+
+
+def test_a_factory_builds_the_engine_on_the_thread_that_steps_it(tiny):
+    built_on = []
+
+    def factory():
+        built_on.append(threading.current_thread())
+        return new_engine(tiny)
+    t = EngineThread(factory, name="engine-factory-test")
+    try:
+        assert built_on == [t._thread]
+        out = t.submit(random_prompts([5], VOCAB, seed=3)[0], SamplingParams(max_tokens=3, ignore_eos=True)).result()
+        assert out.finished and len(out.token_ids) == 3
+    finally:
+        t.shutdown()
+    assert not t._thread.is_alive() and t.engine.kv.num_used_blocks == 0
+
+
+def test_a_failing_factory_raises_in_the_caller_and_leaves_no_thread():
+    def factory():
+        raise ValueError("no such model")
+    before = {th.name for th in threading.enumerate()}
+    with pytest.raises(ValueError, match="no such model"):
+        EngineThread(factory, name="engine-bad-factory")
+    assert "engine-bad-factory" not in {th.name for th in threading.enumerate()} - before
+
+
+SERIAL_ELSEWHERE = """
+import torch
+from services.engine import attention_ops
+from services.engine.builder import build_engine
+from services.engine.engine_thread import EngineThread, serial_torch_elsewhere
+from services.engine.sampling_params import SamplingParams
+
+def factory():
+    engine = build_engine("tiny", num_threads=2, num_blocks=64, block_size=8)
+    attention_ops.load_kernels()
+    return engine
+t = EngineThread(factory)
+serial_torch_elsewhere()
+out = t.submit(list(range(10, 60)), SamplingParams(max_tokens=4, ignore_eos=True)).result()
+print(torch.get_num_threads(), t.call(lambda e: torch.get_num_threads()), len(out.token_ids))
+t.shutdown()
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for a two-thread engine")
+def test_other_threads_go_serial_while_the_engine_thread_keeps_its_threads():
+    """After serial_torch_elsewhere() the caller runs torch serially and the engine thread keeps its
+    count through its first steps (the kernel module's own lazy thread init included). A child
+    process: the setting is process-wide."""
+    done = subprocess.run([sys.executable, "-c", SERIAL_ELSEWHERE], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "2", "4"], done.stdout

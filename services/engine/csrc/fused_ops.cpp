@@ -186,6 +186,9 @@ void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::T
 
 void register_fused_ops(pybind11::module& m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  // This module's copy of torch's lazy per-thread init (attention_ops.settle_threads_here).
+  m.def("init_parallel", [] { at::internal::lazy_init_num_threads(); },
+        "Settle the calling thread's torch thread count for this module's parallel loops");
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * w (HF rounding)", release());
   m.def("add_rms_norm", &add_rms_norm, "residual += delta (in place); out = RMSNorm(residual) * w", release());
   m.def("silu_mul", &silu_mul, "out = silu(gate) * up for gate_up = [gate | up]", release());
