@@ -99,12 +99,7 @@ class EngineThread:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], name: str = "tandem-engine"):
         """engine: a built LLMEngine, or a factory the new thread calls first, so that the engine's
         weights are loaded and its OpenMP team created on the thread that steps it (module doc).
-        Waits for the factory; its exception is raised here."""
-        self._thread = None
-        if not hasattr(engine, "step"):
-            engine = self._build_on_thread(engine, name)
-        self.engine = engine
-        self.load = EngineLoad(total_blocks=engine.kv.num_blocks, free_blocks=engine.kv.num_free_blocks)
+        Waits for the engine; a factory's exception is raised here (and no thread is left)."""
         self._step_ms = 0.0
         self._prefill_rate = 0.0
         # Called on the engine thread after each step that computed tokens, with (seconds, prefill
@@ -115,40 +110,34 @@ class EngineThread:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._ids = itertools.count()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-            self._thread.start()
-        else:
-            self._go.set()              # the thread that built the engine now runs the loop
-
-    def _build_on_thread(self, factory: Callable[[], LLMEngine], name: str) -> LLMEngine:
-        built: dict = {}
-        ready, self._go = threading.Event(), threading.Event()
-
-        def run() -> None:
-            try:
-                built["engine"] = factory()
-                # Settle this thread's count and its OpenMP team now, before serial_torch_elsewhere()
-                # changes the default: torch reads it lazily, and a thread whose first parallel
-                # region comes after that change was measured running serially.
-                torch.set_num_threads(torch.get_num_threads())
-                torch.ones(1 << 20).sum()
-                attention_ops.settle_threads_here()
-                log.info("%s: engine built on its own thread, %d torch threads", name, torch.get_num_threads())
-            except BaseException as e:      # noqa: BLE001 - handed to the constructor's caller
-                built["error"] = e
-                return
-            finally:
-                ready.set()
-            self._go.wait()
-            self._loop()
-        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        factory = engine if not hasattr(engine, "step") else (lambda: engine)
+        ready, failed = threading.Event(), []
+        self._thread = threading.Thread(target=self._run, args=(factory, ready, failed), name=name, daemon=True)
         self._thread.start()
         ready.wait()
-        if "error" in built:
+        if failed:
             self._thread.join()
-            raise built["error"]
-        return built["engine"]
+            raise failed[0]
+
+    def _run(self, factory: Callable[[], LLMEngine], ready: threading.Event, failed: list) -> None:
+        """The thread: get the engine, settle its torch threads, then run the loop."""
+        try:
+            engine = factory()
+            # Settle this thread's count and its OpenMP team now, before serial_torch_elsewhere()
+            # changes the default: torch reads it lazily, and a thread whose first parallel region
+            # came after that change was measured running serially.
+            torch.set_num_threads(torch.get_num_threads())
+            torch.ones(1 << 20).sum()
+            attention_ops.settle_threads_here()
+            self.engine = engine
+            self.load = EngineLoad(total_blocks=engine.kv.num_blocks, free_blocks=engine.kv.num_free_blocks)
+        except BaseException as e:      # noqa: BLE001 - handed to the constructor's caller
+            failed.append(e)
+            return
+        finally:
+            ready.set()
+        log.info("%s: engine thread running, %d torch threads", self._thread.name, torch.get_num_threads())
+        self._loop()
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str | None = None, priority: int = 0,

@@ -106,7 +106,8 @@ class Worker:
             raise ValueError(f"--role {opts.role!r} is not a role; use prefill, decode or colocated")
         pin_cores(opts.cpu_cores)
         self.instance_id = opts.instance_id or f"{opts.role}-{socket.gethostname()}-{os.getpid()}"
-        self.engine_thread = EngineThread(lambda: self._build_engine(opts), name=f"engine-{self.instance_id}")
+        self.engine_thread = EngineThread(lambda: self._build_engine(opts, self.role),
+                                          name=f"engine-{self.instance_id}")
         self.engine = self.engine_thread.engine
         serial_torch_elsewhere()       # the engine thread alone runs parallel torch ops (engine_thread.py)
         cfg = self.engine.config
@@ -138,13 +139,13 @@ class Worker:
         self._stopping = False
 
     @staticmethod
-    def _build_engine(opts: WorkerOptions) -> LLMEngine:
+    def _build_engine(opts: WorkerOptions, role: Role) -> LLMEngine:
         """The engine, built on the thread that will step it (EngineThread calls this there)."""
         from services.engine.builder import build_engine
         engine = build_engine(
             opts.model, dtype=opts.dtype, device=opts.device, block_size=opts.block_size, num_blocks=opts.num_blocks,
             kv_memory_gib=opts.kv_memory_gib, max_num_batched_tokens=opts.max_num_batched_tokens,
-            max_num_seqs=opts.max_num_seqs, role=Role.from_label(opts.role), num_threads=opts.threads or None,
+            max_num_seqs=opts.max_num_seqs, role=role, num_threads=opts.threads or None,
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
             gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
             aging_s=opts.queue_aging_s)
