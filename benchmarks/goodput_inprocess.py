@@ -73,6 +73,10 @@ def main() -> None:
     n = max(20, round(a.rate * a.probe_s))
     workload = build_workload(bg._config(args, 32000, max_requests=n, rate=a.rate, salt=1 + round(a.rate * 1000)))
     todo = [r for r in workload.requests if r.arrival_s >= a.start]
+    if not todo:
+        last = workload.requests[-1].arrival_s if workload.requests else 0.0
+        sys.exit(f"goodput_inprocess: --start {a.start:g}: no request arrives from then on (the last arrives at "
+                 f"{last:.1f} s at --rate {a.rate:g}); give a smaller --start")
     rng = np.random.default_rng(0)
     engine.generate([[int(x) for x in rng.integers(0, 32000, 400)]],
                     SamplingParams(max_tokens=8, ignore_eos=True))          # warm-up
@@ -103,6 +107,7 @@ def main() -> None:
     finally:
         if noise is not None:
             noise.kill()
+            noise.wait()
     ttft = np.array([ts[0] - arrival for arrival, ts in events.values()])
     tpot = np.array([(ts[-1] - ts[0]) / max(len(ts) - 1, 1) for _, ts in events.values()])
     miss_t, miss_p = ttft > a.ttft, tpot > a.tpot
