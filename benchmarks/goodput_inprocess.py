@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,6 +49,16 @@ while True:
 """
 
 
+def _busy(duty: float, burst: float) -> None:
+    """NOISE's loop on a thread: pure Python, so it holds the GIL while busy."""
+    import random
+    while True:
+        t = time.perf_counter()
+        while time.perf_counter() - t < burst:
+            pass
+        time.sleep(burst * (1 - duty) / duty * random.uniform(0.5, 1.5))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, default=2.0)
@@ -60,6 +71,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--noise", default="", metavar="DUTY,BURST_MS", help="run a busy process beside the engine")
     p.add_argument("--noise-nice", type=int, default=0)
+    p.add_argument("--gil-noise", default="", metavar="DUTY,BURST_MS",
+                   help="run the same busy loop on a thread of THIS process, so it holds the engine's GIL")
     a = p.parse_args()
 
     from loadgen import bench_goodput as bg
@@ -84,6 +97,9 @@ def main() -> None:
     if a.noise:
         duty, burst = a.noise.split(",")
         noise = subprocess.Popen(["nice", "-n", str(a.noise_nice), sys.executable, "-c", NOISE, duty, burst])
+    if a.gil_noise:
+        duty, burst = (float(x) for x in a.gil_noise.split(","))
+        threading.Thread(target=_busy, args=(duty, burst / 1000), daemon=True).start()
     events: dict[str, tuple[float, list[float]]] = {}
     steps = []
     try:
@@ -119,7 +135,7 @@ def main() -> None:
             by_batch[f"{lo}-{hi}"] = round(float(np.median(st[sel, 2])) * 1e3, 2)
     from benchmarks.host_info import host_line
     print(json.dumps({"host": host_line(), "rate": a.rate, "requests": len(events), "noise": a.noise or None,
-                      "noise_nice": a.noise_nice, "attainment": round(float(np.mean(~miss_t & ~miss_p)), 3),
+                      "noise_nice": a.noise_nice, "gil_noise": a.gil_noise or None, "attainment": round(float(np.mean(~miss_t & ~miss_p)), 3),
                       "miss_ttft": int(miss_t.sum()), "miss_tpot": int(miss_p.sum()),
                       "ttft_p90_s": round(float(np.percentile(ttft, 90)), 3),
                       "tpot_p90_ms": round(float(np.percentile(tpot, 90)) * 1e3, 1),

@@ -132,3 +132,47 @@ def test_prefill_attention_uses_the_kernel_where_it_is_built():
     assert pa.bf16_kernel(q.float(), q.float(), q.float()) is None                # float32: torch's paths
     odd = torch.zeros(8, 2, 48, dtype=torch.bfloat16)
     assert pa.bf16_kernel(odd, odd, odd) is None                                  # head_dim 48: not built
+
+
+def _amx_module():
+    mod = _bf16_module()
+    if not mod.prefill_attention_amx:
+        pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant the tile state): the kernel uses vdpbf16ps")
+    return mod
+
+
+# D 64 and 128 (the second takes two passes of four output tiles), GQA, rows not a multiple of the
+# 16-row tiles, contexts not multiples of the 32-key tiles, one query, a chunk after a long prefix
+@pytest.mark.parametrize("q_len,ctx,heads,kv_heads,d", [
+    (300, 300, 8, 8, 64), (37, 500, 8, 2, 64), (130, 130, 6, 3, 64), (1, 700, 8, 8, 64), (64, 1000, 8, 8, 128),
+    (5, 5, 9, 3, 64), (17, 33, 2, 1, 128), (1, 1, 8, 8, 64), (97, 2100, 8, 8, 64)])
+def test_amx_tiles_match_the_vdpbf16ps_path_and_the_reference(q_len, ctx, heads, kv_heads, d):
+    mod = _amx_module()
+    q, k, v = (x.bfloat16() for x in qkv(q_len, ctx, heads, kv_heads, d=d, seed=3))
+    amx, vec = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    mod.prefill_attention(amx, q, k, v, d ** -0.5, use_amx=True)
+    mod.prefill_attention(vec, q, k, v, d ** -0.5, use_amx=False)
+    ref = reference(q, k, v, d ** -0.5)
+    assert not amx.isnan().any()
+    torch.testing.assert_close(amx.float(), ref, atol=3e-2, rtol=2e-2)
+    # the same bf16 products summed in float32 in another order: within one bf16 rounding of each other
+    torch.testing.assert_close(amx.float(), vec.float(), atol=8e-3, rtol=8e-3)
+
+
+def test_amx_path_on_worker_threads_and_strided_views():
+    """Every OpenMP thread configures its own tiles; the model's strided q/k/v views work."""
+    mod = _amx_module()
+    t, h, hkv, d = 333, 8, 2, 64
+    fused = torch.randn(t, (h + 2 * hkv) * d, generator=torch.Generator().manual_seed(5)).bfloat16()
+    q = fused[:, :h * d].view(t, h, d)
+    k = fused[:, h * d:(h + hkv) * d].view(t, hkv, d)
+    v = fused[:, (h + hkv) * d:].view(t, hkv, d)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = torch.empty(t, h, d, dtype=torch.bfloat16)
+        mod.prefill_attention(out, q, k, v, d ** -0.5)
+        outs.append(out)
+    torch.set_num_threads(1)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outs[0].float(), reference(q, k, v, d ** -0.5), atol=3e-2, rtol=2e-2)

@@ -23,6 +23,16 @@
 // Work items are (kv head, tile of query positions), ordered so that any contiguous run of items
 // mixes early (short) and late (long) tiles: at::parallel_for hands each thread one run.
 //
+// AMX (Sapphire Rapids and later): the same packed layouts are AMX's bf16 tile layouts (a K block
+// is a 16-pair x 16-key B tile; a V key-pair block x 16 dims is a B tile; the Q rows and the bf16 P
+// rows are A tiles), so where the CPU has AMX-BF16 and Linux grants the tile state, the scores and
+// P.V run as tile products of 16 rows at a time (tdpbf16ps: bf16 pairs summed in float32, the same
+// arithmetic as vdpbf16ps up to the order of the float32 sums); the softmax stays the AVX-512 one.
+// The AMX functions carry their own target attribute, so this one build runs on Zen 4 (no AMX:
+// the vdpbf16ps path) and on AMX hosts alike; `prefill_attention_amx` says whether AMX is used.
+// On a 2-core Xeon with AMX, 8 layers of `small`'s causal attention at 2048 tokens: 210 ms with
+// vdpbf16ps (see prefill_attention.py for the AMX figures).
+//
 // Built into every variant of the kernel module; only the AVX512-BF16 build has the fast path
 // (`prefill_attention_bf16` is False elsewhere and the Python side keeps its own paths).
 
@@ -39,7 +49,10 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TANDEM_PREFILL_BF16 1
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include "pa_avx512.h"     // avx512::exp512
 #else
 #define TANDEM_PREFILL_BF16 0
@@ -206,8 +219,157 @@ void run_item(const uint16_t* q, uint16_t* out, const Shape& s, float scale, int
   }
 }
 
+
+// ------------------------------------------------------------------------------------------ AMX
+
+#define TANDEM_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+constexpr int64_t kAmxRows = 16;      // rows of an A/C tile: query rows per tile product
+
+// Whether this CPU has AMX-TILE and AMX-BF16 and Linux lets this process use the tile state
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; process-wide, asked once).
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;        // AMX-BF16, AMX-TILE
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes (16 float32 / 32 bf16 / 16 bf16 pairs): one config for both phases.
+TANDEM_AMX_TARGET void amx_begin() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+  // gcc's _tile_loadconfig tells the compiler it reads 8 bytes of cfg: make the whole struct's
+  // stores happen first, or they are dropped as dead and the tiles stay unconfigured (SIGILL)
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+TANDEM_AMX_TARGET void amx_end() { _tile_release(); }
+
+// scores[16][n_keys] (row stride ld floats) for the 16 rows of qt ([16][P] bf16 pairs) against the
+// packed K (pack_k); n_keys % 32 == 0. Tiles: 0, 3 scores of two key blocks; 1, 2 K; 4-7 Q.
 template <int D>
-void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, const Shape& s, float scale) {
+TANDEM_AMX_TARGET void amx_scores(const uint32_t* qt, const uint32_t* kp, int64_t n_keys, float* scores, int64_t ld) {
+  constexpr int P = D / 2;
+  constexpr int64_t kTile = 16 * 16;           // uint32 in one packed 16-pair x 16-key tile
+  _tile_loadd(4, qt, P * 4);
+  _tile_loadd(5, qt + 16, P * 4);
+  if constexpr (D == 128) {
+    _tile_loadd(6, qt + 32, P * 4);
+    _tile_loadd(7, qt + 48, P * 4);
+  }
+  for (int64_t kb = 0; kb < n_keys / kKeyBlock; kb += 2) {
+    const uint32_t* k0 = kp + kb * P * kKeyBlock;
+    const uint32_t* k1 = k0 + P * kKeyBlock;
+    _tile_zero(0);
+    _tile_zero(3);
+    _tile_loadd(1, k0, 64);
+    _tile_loadd(2, k1, 64);
+    _tile_dpbf16ps(0, 4, 1);
+    _tile_dpbf16ps(3, 4, 2);
+    _tile_loadd(1, k0 + kTile, 64);
+    _tile_loadd(2, k1 + kTile, 64);
+    _tile_dpbf16ps(0, 5, 1);
+    _tile_dpbf16ps(3, 5, 2);
+    if constexpr (D == 128) {
+      _tile_loadd(1, k0 + 2 * kTile, 64);
+      _tile_loadd(2, k1 + 2 * kTile, 64);
+      _tile_dpbf16ps(0, 6, 1);
+      _tile_dpbf16ps(3, 6, 2);
+      _tile_loadd(1, k0 + 3 * kTile, 64);
+      _tile_loadd(2, k1 + 3 * kTile, 64);
+      _tile_dpbf16ps(0, 7, 1);
+      _tile_dpbf16ps(3, 7, 2);
+    }
+    _tile_stored(0, scores + kb * kKeyBlock, ld * 4);
+    _tile_stored(3, scores + (kb + 1) * kKeyBlock, ld * 4);
+  }
+}
+
+// out[16][D] float32 = P[16][n_keys] . V over the packed V (pack_v); n_keys % 32 == 0, probs row
+// stride ld. Tiles: 0-3 four 16-dim column blocks of out; 4 P; 5-7 V.
+template <int D>
+TANDEM_AMX_TARGET void amx_pv(const uint16_t* probs, int64_t ld, const uint32_t* vp, int64_t n_keys, float* out) {
+  constexpr int NV = D / 16;
+  constexpr int64_t kRow = NV * 16;            // uint32 between a V tile's rows (one key pair)
+  for (int c = 0; c < NV; c += 4) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t jb = 0; jb < n_keys / 32; ++jb) {
+      const uint32_t* vb = vp + jb * 16 * kRow + c * 16;
+      _tile_loadd(4, probs + jb * 32, ld * 2);
+      _tile_loadd(5, vb, kRow * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, vb + 16, kRow * 4);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, vb + 32, kRow * 4);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, vb + 48, kRow * 4);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, out + c * 16, D * 4);
+    _tile_stored(1, out + (c + 1) * 16, D * 4);
+    _tile_stored(2, out + (c + 2) * 16, D * 4);
+    _tile_stored(3, out + (c + 3) * 16, D * 4);
+  }
+}
+
+// run_item with the tile products: rows padded to 16, then per 16 rows: scores, softmax, P.V.
+// Called between amx_begin and amx_end on this thread.
+template <int D>
+void run_item_amx(const uint16_t* q, uint16_t* out, const Shape& s, float scale, int64_t hk, int64_t t0, int64_t t1,
+                  const uint32_t* kp, const uint32_t* vp, std::vector<uint32_t>& qt_buf, std::vector<float>& score_buf,
+                  std::vector<uint16_t>& prob_buf) {
+  constexpr int P = D / 2, NV = D / 16;
+  const int64_t G = s.G;
+  const int64_t rows = (t1 - t0) * G, rows_pad = round_up(rows, kAmxRows);
+  const int64_t n_keys = round_up(s.start + t1, 2 * kKeyBlock);
+  qt_buf.assign(rows_pad * P, 0u);
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t g = 0; g < G; ++g)
+      std::memcpy(qt_buf.data() + ((t - t0) * G + g) * P, q + t * s.q_row + (hk * G + g) * s.q_head, D * 2);
+  score_buf.resize(kAmxRows * n_keys + kAmxRows * D);
+  prob_buf.resize(kAmxRows * n_keys);
+  float* scores = score_buf.data();
+  float* acc = scores + kAmxRows * n_keys;
+  for (int64_t r0 = 0; r0 < rows; r0 += kAmxRows) {
+    const int64_t last = std::min(r0 + kAmxRows, rows) - 1;
+    const int64_t keys = round_up(s.start + t0 + last / G + 1, 2 * kKeyBlock);   // what these rows may see
+    amx_scores<D>(qt_buf.data() + r0 * P, kp, keys, scores, n_keys);
+    float inv[kAmxRows];
+    for (int64_t r = 0; r < kAmxRows; ++r) {
+      const int64_t visible = r0 + r < rows ? s.start + t0 + (r0 + r) / G + 1 : 0;
+      const float sum = softmax_row(scores + r * n_keys, visible, keys, scale, prob_buf.data() + r * n_keys);
+      inv[r] = visible ? 1.0f / sum : 0.0f;
+    }
+    amx_pv<D>(prob_buf.data(), n_keys, vp, keys, acc);
+    for (int64_t r = 0; r < kAmxRows && r0 + r < rows; ++r) {
+      const int64_t t = t0 + (r0 + r) / G, g = (r0 + r) % G;
+      uint16_t* o = out + t * s.o_row + (hk * G + g) * s.o_head;
+      const __m512 f = _mm512_set1_ps(inv[r]);
+      for (int c = 0; c < NV; ++c)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * c), f)));
+    }
+  }
+}
+
+template <int D>
+void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, const Shape& s, float scale, bool amx) {
   const int64_t P = D / 2, NV = D / 16;
   const int64_t nkb = round_up(round_up(s.ctx, kKeyBlock) / kKeyBlock, 2);   // even: scores go 32 keys at a time
   const int64_t nkp = nkb * kKeyBlock / 2;
@@ -225,19 +387,26 @@ void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
     std::vector<uint32_t> qt;
     std::vector<float> scores;
     std::vector<uint16_t> probs;
+    if (amx) amx_begin();
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t hk = i / n_tiles, j = i % n_tiles;
       const int64_t tix = j % 2 == 0 ? j / 2 : n_tiles - 1 - j / 2;     // 0, n-1, 1, n-2, ...: short and long mixed
       const int64_t t0 = tix * tile, t1 = std::min(s.Lq, t0 + tile);
-      run_item<D>(q, out, s, scale, hk, t0, t1, kp.data() + hk * k_per_head, vp.data() + hk * v_per_head, qt, scores,
-                  probs);
+      if (amx)
+        run_item_amx<D>(q, out, s, scale, hk, t0, t1, kp.data() + hk * k_per_head, vp.data() + hk * v_per_head, qt,
+                        scores, probs);
+      else
+        run_item<D>(q, out, s, scale, hk, t0, t1, kp.data() + hk * k_per_head, vp.data() + hk * v_per_head, qt,
+                    scores, probs);
     }
+    if (amx) amx_end();
   });
 }
 
 #endif  // TANDEM_PREFILL_BF16
 
-void prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+void prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                       bool use_amx) {
 #if TANDEM_PREFILL_BF16
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "q, k, v, out must be 3-D");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &out}) {
@@ -258,10 +427,20 @@ void prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k,
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  if (s.D == 64) run<64>(qp, kp, vp, op, s, static_cast<float>(scale));
-  else run<128>(qp, kp, vp, op, s, static_cast<float>(scale));
+  const bool amx = use_amx && amx_usable();
+  if (s.D == 64) run<64>(qp, kp, vp, op, s, static_cast<float>(scale), amx);
+  else run<128>(qp, kp, vp, op, s, static_cast<float>(scale), amx);
 #else
+  (void)use_amx;
   TORCH_CHECK(false, "prefill_attention needs the avx512_bf16 build of the kernel module");
+#endif
+}
+
+bool prefill_amx() {
+#if TANDEM_PREFILL_BF16
+  return amx_usable();
+#else
+  return false;
 #endif
 }
 
@@ -270,7 +449,9 @@ void prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k,
 void register_prefill_attention(pybind11::module& m) {
   m.def("prefill_attention", &prefill_attention,
         "Causal bf16 prefill attention of one chunk (writes out); see prefill_attention.cpp",
-        py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
+        py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("use_amx") = true,
         py::call_guard<py::gil_scoped_release>());
   m.attr("prefill_attention_bf16") = static_cast<bool>(TANDEM_PREFILL_BF16);
+  // AMX tile products where the CPU has them and Linux grants the tile state (else vdpbf16ps)
+  m.attr("prefill_attention_amx") = prefill_amx();
 }
