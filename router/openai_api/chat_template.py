@@ -57,6 +57,8 @@ class ChatTemplate:
     def __init__(self, source: str, text: str, add_bos: bool, special_tokens: dict[str, str] | None = None):
         self.source, self.add_bos = source, add_bos
         self._special = dict(special_tokens or {})
+        # whether the template renders a `tools` list (else tools are described in a system message)
+        self.uses_tools = "tools" in text
         try:
             self._template = _environment().from_string(text)
         except jinja2.TemplateError as e:
@@ -93,11 +95,12 @@ class ChatTemplate:
             return cls.default()
         return cls(config_path, text, add_bos=False, special_tokens=special)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text. Raises ChatTemplateError with the template's own message when it refuses."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The prompt text; `tools`: the request's tool objects, for a template that `uses_tools`.
+        Raises ChatTemplateError with the template's own message when it refuses."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self._special)
+                                         tools=tools, documents=None, **self._special)
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:

@@ -77,18 +77,35 @@ def openapi_document(model_id: str, max_model_len: int) -> dict:
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "echo": {"type": "boolean"},
         "best_of": {"type": "integer", "minimum": 1}}}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+    function = {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
+    tool_call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+        "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name", "arguments"],
+                     "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+    message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"],
-            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]}}}
+            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]},
+        "tool_calls": {"type": "array", "items": tool_call},      # assistant: calls of an earlier reply
+        "tool_call_id": {"type": "string"}}}                      # tool: the call it answers
     chat = {"type": "object", "required": ["messages"], "additionalProperties": True, "properties": {
         **common,
         "messages": {"type": "array", "minItems": 1, "items": message},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": INT32},
         "logprobs": {"type": "boolean"},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-        "add_generation_prompt": {"type": "boolean"}}}
+        "add_generation_prompt": {"type": "boolean"},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]}, "function": function}}},
+        "tool_choice": {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                                  {"type": "object", "required": ["type", "function"], "properties": {
+                                      "type": {"type": "string", "enum": ["function"]},
+                                      "function": {"type": "object", "required": ["name"],
+                                                   "properties": {"name": {"type": "string"}}}}}]},
+        "parallel_tool_calls": {"type": "boolean"}}}
     model_card = {"type": "object", "required": ["id", "object"], "properties": {
         "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
         "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}}

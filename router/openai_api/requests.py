@@ -10,7 +10,9 @@ one prompt, its KV computed once: router/choices.py), `best_of` (completions; >=
 stream) and structured output (`response_format` text / json_object / json_schema on both
 endpoints, vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and
 `structured_outputs`, SGLang's `json_schema`, `regex`, `ebnf`: router/openai_api/structured.py);
-OpenAI's neutral values of parameters Tandem does not implement (no tools, ...).
+chat tool calls (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and `tool`
+messages: router/openai_api/tools.py); OpenAI's neutral values of parameters Tandem does not
+implement (legacy `functions`, `store`, ...).
 
 The extras vLLM and SGLang clients send: `repetition_penalty` (> 0, 1 is off), `top_k` (-1 or 0
 is off), `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `seed` are honoured;
@@ -32,6 +34,7 @@ the router's output-length predictor; 1..max_tokens, 0 or absent: none), `top_k`
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -40,6 +43,7 @@ from router.openai_api.errors import ApiError, invalid
 from router.openai_api.fields import (get_bool, get_dict, get_int, get_int_list, get_number, get_str,
                                       get_str_list)
 from router.openai_api.structured import FIELDS as STRUCTURED_FIELDS, parse_structured
+from router.openai_api.tools import ToolPlan, parse_tools, system_prompt
 from services.engine.sampling_params import LOGIT_BIAS_RANGE, PENALTY_RANGE
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
@@ -62,11 +66,8 @@ CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_l
 # Parameters accepted only at OpenAI's neutral value: (is it neutral?, what to do instead).
 _NEUTRAL = {
     "suffix": (lambda v: v == "", "insertion (suffix) is not supported; leave it out"),
-    "tools": (lambda v: v == [], "tool calling is not supported; leave tools out"),
-    "functions": (lambda v: v == [], "function calling is not supported; leave functions out"),
-    "tool_choice": (lambda v: v == "none", "tool calling is not supported; leave tool_choice out or use \"none\""),
-    "function_call": (lambda v: v == "none", "function calling is not supported; leave it out or use \"none\""),
-    "parallel_tool_calls": (lambda v: isinstance(v, bool), "must be true or false (no tools are called)"),
+    "functions": (lambda v: v == [], "the legacy functions field is not supported; send them as tools"),
+    "function_call": (lambda v: v == "none", "the legacy function_call field is not supported; use tool_choice"),
     "store": (lambda v: v is False, "stored completions are not supported; leave store out or false"),
     "metadata": (lambda v: v == {}, "metadata is kept only for stored completions, which are not supported"),
     "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported; use \"auto\""),
@@ -110,6 +111,7 @@ class ParsedRequest:
     rename: dict | None = None             # shared-validation field → this endpoint's JSON name
     n: int = 1                             # choices returned
     ignored: list[str] = field(default_factory=list)   # unknown fields (the module docstring's policy)
+    tools: ToolPlan | None = None          # chat with tools offered: how replies become tool calls
 
 
 def parse_completion(body: dict, model: ModelConfig, tokenizer: Tokenizer) -> ParsedRequest:
@@ -142,8 +144,15 @@ def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: C
     """Raises ApiError (400 naming the field, 404 for an unknown model)."""
     ignored = _check_params(body, CHAT_PARAMS, "/v1/chat/completions")
     messages = _messages(body.get("messages"))
+    plan = parse_tools(body)
+    offered = plan is not None and plan.offered
+    if offered and not template.uses_tools:       # tell the model in a system message instead
+        messages = [{"role": "system", "content": system_prompt(plan)}, *messages]
+    if not template.uses_tools:
+        messages = [_as_text(m) for m in messages]
     try:
-        text = template.render(messages, get_bool(body, "add_generation_prompt", True))
+        text = template.render(messages, get_bool(body, "add_generation_prompt", True),
+                               tools=[t.spec for t in plan.tools] if offered and template.uses_tools else None)
     except ChatTemplateError as e:
         raise invalid("messages", str(e)) from None
     req = serving_pb2.GenerateRequest(prompt_token_ids=tokenizer.encode(text, add_bos=template.add_bos))
@@ -161,6 +170,15 @@ def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: C
     parsed.rename = {"token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs",
                      "max_tokens": tokens_field, **parsed.rename}
     parsed.ignored = ignored
+    if plan is not None and plan.schema() is not None:
+        if req.params.HasField("structured_output"):
+            raise invalid("tool_choice", f"{plan.mode if plan.mode != 'named' else 'a named function'} constrains the "
+                                         f"output to tool calls; it cannot be combined with "
+                                         f"{parsed.rename.get('structured_output', 'response_format')}")
+        req.params.structured_output.CopyFrom(serving_pb2.StructuredOutput(
+            kind=serving_pb2.STRUCTURED_KIND_JSON_SCHEMA, spec=json.dumps(plan.schema())))
+        parsed.rename["structured_output"] = "tools"
+    parsed.tools = plan if plan is not None and plan.mode != "none" else None
     return parsed
 
 
@@ -303,11 +321,13 @@ def _prompt(prompt, req: serving_pb2.GenerateRequest) -> None:
     raise invalid("prompt", "must be a string, a list of token ids, or a list holding one of those")
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def _messages(messages) -> list[dict]:
-    """OpenAI chat messages → [{"role", "content", ("name")}] with text content."""
+    """OpenAI chat messages → [{"role", "content", ("name", "tool_calls", "tool_call_id")}] with text
+    content: assistant messages may carry the tool_calls of an earlier reply (content then may be
+    null), and "tool" messages answer one of them by tool_call_id."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "is required: a non-empty list of {\"role\", \"content\"} objects")
     out = []
@@ -315,21 +335,68 @@ def _messages(messages) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise invalid(where, "must be an object with role and content")
-        for key, value in m.items():
-            if value is not None and key not in ("role", "content", "name"):
-                raise invalid(f"{where}.{key}", "is not supported (no tool calling); send role, content and "
-                                                "optionally name")
         role = m.get("role")
-        if role in ("tool", "function"):
-            raise invalid(f"{where}.role", f"{role!r} messages need tool calling, which is not supported")
+        if role == "function":
+            raise invalid(f"{where}.role", "legacy 'function' messages are not supported; answer tool calls with "
+                                           "role 'tool' and their tool_call_id")
         if role not in _ROLES:
-            raise invalid(f"{where}.role", f"must be one of system, developer, user, assistant; got {role!r}")
-        message = {"role": _ROLES[role], "content": _content(m.get("content"), where)}
+            raise invalid(f"{where}.role", f"must be one of system, developer, user, assistant, tool; got {role!r}")
+        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set()) | \
+            ({"tool_call_id"} if role == "tool" else set())
+        for key, value in m.items():
+            if value is not None and key not in allowed:
+                raise invalid(f"{where}.{key}", f"is not supported on a {role} message; send "
+                                                f"{', '.join(sorted(allowed - {'role'}))}")
+        calls = _tool_calls(m.get("tool_calls"), where) if role == "assistant" else []
+        content = m.get("content")
+        message = {"role": _ROLES[role], "content": "" if content is None and calls else _content(content, where)}
         name = get_str(m, "name", None) if "name" in m else None
         if name:
             message["name"] = name
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid(f"{where}.tool_call_id", "is required: the id of the tool call this message answers")
+            message["tool_call_id"] = call_id
         out.append(message)
     return out
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's tool_calls, with arguments as objects (what chat templates expect)."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise invalid(f"{where}.tool_calls", "must be a list of {\"id\", \"type\": \"function\", \"function\"} objects")
+    out = []
+    for j, c in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or c.get("type", "function") != "function":
+            raise invalid(at, "must be {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}")
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise invalid(f"{at}.function.arguments", "must be JSON text of an object") from None
+        if not isinstance(arguments, dict):
+            raise invalid(f"{at}.function.arguments", "must be an object (or its JSON text)")
+        out.append({"id": str(c.get("id", "")), "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+def _as_text(message: dict) -> dict:
+    """For a template without tool support: an assistant's tool calls become its content (the JSON the
+    system message asks for), and tool messages keep their role and text."""
+    if not message.get("tool_calls"):
+        return message
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message["tool_calls"]]
+    text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+    return {"role": message["role"], "content": (message["content"] + "\n" if message["content"] else "") + text}
 
 
 def _content(content, where: str) -> str:

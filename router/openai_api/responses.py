@@ -14,6 +14,7 @@ import grpc
 
 from router.dispatch import RouteError
 from router.openai_api.requests import ParsedRequest
+from router.openai_api.tools import extract, maybe_call
 from services.engine.tokenizer import Tokenizer
 from tandem.v1 import serving_pb2
 
@@ -61,6 +62,13 @@ class Answer:
         self._logprobs: list = []          # chat entries, or completion (token, logprob, top) triples
         self._offset = len(parsed.echo_text or "")
         self._sent_role = False
+        self._sent_ids = False             # return_token_ids: the prompt's ids go with the first choice sent
+        # chat with tools: a reply that is (or may still become) a tool call is held back from the
+        # stream until it is known; _held is the folded delta not sent yet
+        self._tools = parsed.tools if parsed.kind == "chat" else None
+        self._holding = self._tools is not None
+        self._held: dict | None = None
+        self._tool_result: tuple[str | None, list[dict]] | None = None
 
     # ---- folding ------------------------------------------------------------------------------
     def add(self, m: serving_pb2.GenerateResponse) -> dict:
@@ -120,12 +128,29 @@ class Answer:
                 choice["prompt_token_ids"] = self.prompt_token_ids
         return choice
 
+    def tool_calls(self) -> tuple[str | None, list[dict]]:
+        """(content, tool calls) of the finished reply (tools.extract, once: call ids stay the same)."""
+        if self._tool_result is None:
+            self._tool_result = extract(self._tools, self.text) if self._tools is not None else (self.text, [])
+        return self._tool_result
+
+    def _finish_with_calls(self) -> str | None:
+        """OpenAI's finish_reason when the reply is tool calls: "tool_calls", except for a forced
+        (named) function, which ends with "stop"; a reply cut short keeps "length"."""
+        if self.finish_reason == "stop" and self._tools is not None and self._tools.mode != "named":
+            return "tool_calls"
+        return self.finish_reason
+
     def response(self) -> dict:
         """The whole (non-streaming) response object."""
         logprobs = self._render_logprobs(self._logprobs if self.parsed.logprobs is not None else None)
         if self.parsed.kind == "chat":
-            choice = {"index": self.index, "message": {"role": "assistant", "content": self.text}, "logprobs": logprobs,
-                      "finish_reason": self.finish_reason}
+            content, calls = self.tool_calls()
+            message = {"role": "assistant", "content": self.text}
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+            choice = {"index": self.index, "message": message, "logprobs": logprobs,
+                      "finish_reason": self._finish_with_calls() if calls else self.finish_reason}
             kind = "chat.completion"
         else:
             choice = {"index": self.index, "text": (self.parsed.echo_text or "") + self.text, "logprobs": logprobs,
@@ -137,11 +162,27 @@ class Answer:
     def chunks(self, delta: dict, finished: bool) -> list[dict]:
         """Stream chunks for one folded message (`delta` from add)."""
         first = not self._sent_role
+        first_ids = not self._sent_ids
         out = []
         if self.parsed.kind == "chat":
             if first:
                 out.append(self._chunk({"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                         "finish_reason": None}))
+                self._sent_role = True
+            if self._holding:
+                self._held = _merged(self._held, delta)
+                if not finished and (self._tools.constrained or maybe_call(self.text)):
+                    return out
+                self._holding = False
+                delta, self._held = self._held, None
+                content, calls = self.tool_calls() if finished else (None, [])
+                if calls:
+                    out.append(self._chunk(self._ids({
+                        "index": self.index, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
+                        "logprobs": self._render_logprobs(delta["logprobs"]), "finish_reason": self._finish_with_calls()},
+                        delta["token_ids"], first_ids)))
+                    self._sent_ids = True
+                    return out
             choice = {"index": self.index, "delta": {"content": delta["text"]} if delta["text"] or not finished else {},
                       "logprobs": self._render_logprobs(delta["logprobs"]),
                       "finish_reason": self.finish_reason if finished else None}
@@ -149,8 +190,8 @@ class Answer:
             text = (self.parsed.echo_text or "") + delta["text"] if first else delta["text"]
             choice = {"index": self.index, "text": text, "logprobs": self._render_logprobs(delta["logprobs"]),
                       "finish_reason": self.finish_reason if finished else None}
-        self._sent_role = True
-        out.append(self._chunk(self._ids(choice, delta["token_ids"], first)))
+        self._sent_role = self._sent_ids = True
+        out.append(self._chunk(self._ids(choice, delta["token_ids"], first_ids)))
         return out
 
     def usage_chunk(self) -> dict:
@@ -165,6 +206,15 @@ class Answer:
         if self.parsed.include_usage:
             chunk["usage"] = self.usage() if self.parsed.continuous_usage and choice else None
         return chunk
+
+
+def _merged(held: dict | None, delta: dict) -> dict:
+    """Two consecutive folded deltas as one."""
+    if held is None:
+        return delta
+    logprobs = None if held["logprobs"] is None else held["logprobs"] + (delta["logprobs"] or [])
+    return {"text": held["text"] + delta["text"], "token_ids": held["token_ids"] + delta["token_ids"],
+            "logprobs": logprobs}
 
 
 def combined_response(answers: list[Answer]) -> dict:

@@ -157,8 +157,9 @@ def test_openai_client_sees_a_bad_request(client, chat_model_dir):
     assert e.value.body["param"] == "n" and e.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_id(chat_model_dir), messages=[{"role": "user", "content": "x"}],
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert e.value.body["param"] == "tools"
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                       tool_choice={"type": "function", "function": {"name": "g"}})
+    assert e.value.body["param"] == "tool_choice.function.name"
 
 
 COMPLETIONS = "/v1/completions"
@@ -189,8 +190,7 @@ CHAT = "/v1/chat/completions"
      "response_format.json_schema.schema", "Unsatisfiable"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]",
      "text parts"),
-    (CHAT, {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, 400, "messages[0].tool_call_id",
-     "not supported"),
+    (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id", "is required"),
     (CHAT, {"messages": [], "max_tokens": 3}, 400, "messages", "non-empty"),
 ])
 def test_raw_http_errors_have_openai_shape(openai_cluster, path, body, status, param, words):
