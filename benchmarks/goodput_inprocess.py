@@ -6,9 +6,10 @@ the engine.
     python benchmarks/goodput_inprocess.py --rate 2.0 --ttft 0.24 --tpot 0.027
     python benchmarks/goodput_inprocess.py --rate 2.0 --noise 0.15,0.2   # + a process busy 15% in 0.2 ms bursts
     python benchmarks/goodput_inprocess.py --rate 2.0 --noise 0.15,0.2 --noise-nice 19
+    python benchmarks/goodput_inprocess.py --rate 3.48 --gil-noise 0.13,0.5   # + a busy thread in this process
 
 Prints one JSON line: attainment (share meeting both SLOs), misses by kind, TTFT and TPOT p90, and
-the median decode-only step time by batch size. `--start S` replays only the requests that arrive
+the median decode-only step time and the number of such steps by batch size. `--start S` replays only the requests that arrive
 from S seconds on (the burst of the Azure conversation slice at 2 req/s starts near 55 s).
 
 Measured 2026-12-06 (AMD EPYC Zen 4, 2 cores, AVX-512 bf16, torch 2.13.0+cpu, `small` bf16, the
@@ -22,6 +23,16 @@ Azure conversation slice at 2 req/s, SLOs TTFT <= 0.24 s / TPOT <= 27 ms, one ru
   batch 11-16 19.8 vs 13.0 ms, 17-22 24.5 vs 15.7 ms: the engine's 2-thread steps run ~1.5x
   slower beside the serving path's ~0.2 cores of work (router 0.09, client 0.05, worker's
   asyncio thread 0.06 at 3 req/s).
+
+Measured 2026-12-06 on an Intel Xeon with AMX (2 cores, AVX-512 bf16 + AMX, same model and slice,
+SLOs of that run's vLLM reference: TTFT <= 0.119 s / TPOT <= 27.4 ms, one run each, 3.48 req/s):
+- in process: TPOT p90 30-35 ms; decode-only steps at batch 23-64: 24.6-26.6 ms (156-229 of them);
+- `single` (router + worker + client): 42-46% over 6 runs, TPOT p90 67-70 ms, batch 23-64 steps
+  43-44 ms (the worker's own step log); vLLM at 3.92 req/s in its goodput run: TPOT p90 48 ms;
+- in process beside a process busy 12% of the time in 0.2 ms bursts: 44%, TPOT p90 71 ms, batch
+  23-64 steps 39.8 ms: the serving path's ~0.12 cores on the engine's two cores, not its code,
+  reproduce the whole gap; a thread of this process holding the GIL 13% of the time in 0.5 ms
+  bursts: 46%, TPOT p90 54 ms, 35.8 ms.
 """
 from __future__ import annotations
 
@@ -128,18 +139,20 @@ def main() -> None:
     tpot = np.array([(ts[-1] - ts[0]) / max(len(ts) - 1, 1) for _, ts in events.values()])
     miss_t, miss_p = ttft > a.ttft, tpot > a.tpot
     st = np.array(steps)
-    by_batch = {}
+    by_batch, counts = {}, {}
     for lo, hi in ((1, 4), (5, 10), (11, 16), (17, 22), (23, 64)):
         sel = (st[:, 1] == 0) & (st[:, 0] >= lo) & (st[:, 0] <= hi)
         if sel.any():
             by_batch[f"{lo}-{hi}"] = round(float(np.median(st[sel, 2])) * 1e3, 2)
+            counts[f"{lo}-{hi}"] = int(sel.sum())
     from benchmarks.host_info import host_line
     print(json.dumps({"host": host_line(), "rate": a.rate, "requests": len(events), "noise": a.noise or None,
                       "noise_nice": a.noise_nice, "gil_noise": a.gil_noise or None, "attainment": round(float(np.mean(~miss_t & ~miss_p)), 3),
                       "miss_ttft": int(miss_t.sum()), "miss_tpot": int(miss_p.sum()),
                       "ttft_p90_s": round(float(np.percentile(ttft, 90)), 3),
                       "tpot_p90_ms": round(float(np.percentile(tpot, 90)) * 1e3, 1),
-                      "decode_step_ms_by_batch": by_batch}))
+                      "decode_step_ms_by_batch": by_batch, "decode_steps_by_batch": counts,
+                      "steps": len(steps), "prefill_steps": int((st[:, 1] > 0).sum())}))
 
 
 if __name__ == "__main__":

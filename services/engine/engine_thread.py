@@ -87,6 +87,21 @@ class EngineLoad:
     paused: int = 0                     # held out of scheduling by a migration's stop phase
 
 
+OS_THREAD_NAME = "tandem-engine"     # the engine thread's name in top, ps -L and /proc (its OpenMP workers inherit it)
+
+
+def _name_os_thread(name: str) -> None:
+    """Name the calling thread in the OS (Linux prctl PR_SET_NAME, 15 bytes), so that tools and the
+    kernel's scheduler views tell the engine's threads (this one and the OpenMP team it starts next)
+    from the serving threads. A no-op where prctl is unavailable."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def serial_torch_elsewhere() -> None:
     """Make threads other than the engine's run torch ops serially: call on the main thread once the
     engine thread has built its engine. torch.set_num_threads(1) here is this thread's setting and
@@ -121,6 +136,7 @@ class EngineThread:
 
     def _run(self, factory: Callable[[], LLMEngine], ready: threading.Event, failed: list) -> None:
         """The thread: get the engine, settle its torch threads, then run the loop."""
+        _name_os_thread(OS_THREAD_NAME)
         try:
             engine = factory()
             # Settle this thread's count and its OpenMP team now, before serial_torch_elsewhere()

@@ -305,3 +305,15 @@ def test_other_threads_go_serial_while_the_engine_thread_keeps_its_threads():
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1", "2", "4"], done.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux's /proc")
+def test_engine_thread_is_named_in_the_os(make_thread):
+    """top / ps -L / py-spy tell the engine's thread from the serving threads by its OS name."""
+    from services.engine.engine_thread import OS_THREAD_NAME
+    t = make_thread()
+    tid = t.call(lambda e: threading.get_native_id())
+    with open(f"/proc/self/task/{tid}/comm") as f:
+        assert f.read().strip() == OS_THREAD_NAME
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        assert f.read().strip() != OS_THREAD_NAME          # only the engine's thread
