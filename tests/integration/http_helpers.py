@@ -40,6 +40,20 @@ def openai_cluster(chat_model_dir, tmp_path_factory):
         yield c
 
 
+@pytest.fixture(scope="session")
+def client(openai_cluster):
+    """The official openai client on the shared cluster's HTTP API (no retries: errors show)."""
+    import openai
+    with openai.OpenAI(base_url=f"http://{openai_cluster.http_address}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def name(chat_model_dir) -> str:
+    """The model name the shared cluster serves."""
+    return model_id(chat_model_dir)
+
+
 def model_id(model_dir: str) -> str:
     return os.path.basename(os.path.normpath(model_dir))
 

@@ -26,11 +26,6 @@ CHATS = [[{"role": "user", "content": "Hello there"}],
           {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
 
 
-@pytest.fixture(scope="module")
-def client(openai_cluster):
-    with openai.OpenAI(base_url=f"http://{openai_cluster.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
 
 @pytest.fixture(scope="module")
 def hf(chat_model_dir):

@@ -14,22 +14,13 @@ from services.engine.builder import build_engine
 from services.engine.sampling_params import SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.cluster_helpers import assert_no_leaks
-from tests.integration.http_helpers import http, model_id
+from tests.integration.http_helpers import http
 
 pytestmark = pytest.mark.timeout(600)
 EOS = 2
 PROMPTS = random_prompts([12, 40], 512, seed=5)
 
 
-@pytest.fixture(scope="module")
-def client(openai_cluster):
-    with openai.OpenAI(base_url=f"http://{openai_cluster.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def name(chat_model_dir):
-    return model_id(chat_model_dir)
 
 
 def ids(client, name, prompt, **kw) -> list[int]:

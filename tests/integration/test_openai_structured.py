@@ -15,7 +15,6 @@ from services.engine.builder import build_engine
 from services.engine.sampling_params import SamplingParams, StructuredKind, StructuredOutput
 from tests.conftest import random_prompts
 from tests.integration.cluster_helpers import assert_no_leaks
-from tests.integration.http_helpers import model_id
 
 pytestmark = pytest.mark.timeout(600)
 PROMPTS = random_prompts([10, 33], 512, seed=8)
@@ -23,17 +22,6 @@ PROMPTS = random_prompts([10, 33], 512, seed=8)
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "size"],
           "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}}}
 DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-
-
-@pytest.fixture(scope="module")
-def client(openai_cluster):
-    with openai.OpenAI(base_url=f"http://{openai_cluster.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def name(chat_model_dir):
-    return model_id(chat_model_dir)
 
 
 def follows(value) -> bool:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 
 from tests.integration.cluster_helpers import assert_no_leaks
-from tests.integration.http_helpers import model_id
 
 pytestmark = pytest.mark.timeout(600)
 # finite argument languages: the tiny random model must close them within max_tokens
@@ -24,15 +22,6 @@ LIGHTS = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def client(openai_cluster):
-    with openai.OpenAI(base_url=f"http://{openai_cluster.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def name(chat_model_dir):
-    return model_id(chat_model_dir)
 
 
 def valid(call_name: str, arguments: str) -> bool:

@@ -13,20 +13,9 @@ from router.openai_api.errors import ApiError, from_invalid_request, from_status
 from router.openai_api.requests import parse_chat, parse_completion
 from router.openai_api.responses import Answer, TokenTexts
 from services.engine.config import ModelConfigError
-from services.engine.loader import resolve_model
 from services.engine.sampling_params import InvalidRequestError
-from services.engine.tokenizer import Tokenizer
 from tandem.v1 import serving_pb2
 
-
-@pytest.fixture(scope="module")
-def model():
-    return resolve_model("tiny", weights=False).config
-
-
-@pytest.fixture(scope="module")
-def tok(model):
-    return Tokenizer.byte_level(model.vocab_size)
 
 
 def refused(fn, *args, status=400) -> ApiError:

@@ -12,8 +12,6 @@ from router.openai_api.errors import ApiError
 from router.openai_api.requests import parse_chat
 from router.openai_api.responses import Answer, TokenTexts
 from router.openai_api.tools import extract, maybe_call, parse_tools
-from services.engine.loader import resolve_model
-from services.engine.tokenizer import Tokenizer
 from tandem.v1 import serving_pb2
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -22,15 +20,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 TIME = {"type": "function", "function": {"name": "get_time"}}
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
-
-@pytest.fixture(scope="module")
-def model():
-    return resolve_model("tiny", weights=False).config
-
-
-@pytest.fixture(scope="module")
-def tok(model):
-    return Tokenizer.byte_level(model.vocab_size)
 
 
 def param_of(body) -> str:

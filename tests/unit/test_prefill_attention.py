@@ -65,6 +65,25 @@ def test_prefill_attention_either_path_matches_the_reference(q_len, ctx):
     torch.testing.assert_close(out.float(), reference(q, k, v, 0.125), atol=3e-2, rtol=2e-2)
 
 
+def fused_views(t, h, hkv, d, seed=0):
+    """q [t, h, d], k and v [t, hkv, d] in bf16: views of one fused [t, (h + 2 hkv) d] projection, as
+    the model passes them (row stride larger than the heads)."""
+    fused = torch.randn(t, (h + 2 * hkv) * d, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    return (fused[:, :h * d].view(t, h, d), fused[:, h * d:(h + hkv) * d].view(t, hkv, d),
+            fused[:, (h + hkv) * d:].view(t, hkv, d))
+
+
+def on_threads(mod, threads, q, k, v):
+    """The kernel's output for (q, k, v) run on `threads` torch threads (then back to one)."""
+    torch.set_num_threads(threads)
+    try:
+        out = torch.empty_like(q)
+        mod.prefill_attention(out, q, k, v, q.shape[-1] ** -0.5)
+        return out
+    finally:
+        torch.set_num_threads(1)
+
+
 def _bf16_module():
     from services.engine import attention_ops
     if "avx512_bf16" not in {v.name for v in attention_ops.runnable_variants(attention_ops.cpu_flags())}:
@@ -96,17 +115,8 @@ def test_bf16_kernel_takes_the_model_s_strided_views_and_any_thread_count():
     """q, k, v are views of one fused [T, q + 2kv] projection; results do not depend on threads."""
     mod = _bf16_module()
     t, h, hkv, d = 200, 8, 2, 64
-    fused = torch.randn(t, (h + 2 * hkv) * d).bfloat16()
-    q = fused[:, :h * d].view(t, h, d)
-    k = fused[:, h * d:(h + hkv) * d].view(t, hkv, d)
-    v = fused[:, (h + hkv) * d:].view(t, hkv, d)
-    outs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        out = torch.empty(t, h, d, dtype=torch.bfloat16)
-        mod.prefill_attention(out, q, k, v, d ** -0.5)
-        outs.append(out)
-    torch.set_num_threads(1)
+    q, k, v = fused_views(t, h, hkv, d)
+    outs = [on_threads(mod, threads, q, k, v) for threads in (1, 2)]
     contiguous = torch.empty(t, h, d, dtype=torch.bfloat16)
     mod.prefill_attention(contiguous, q.contiguous(), k.contiguous(), v.contiguous(), d ** -0.5)
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
@@ -163,16 +173,7 @@ def test_amx_path_on_worker_threads_and_strided_views():
     """Every OpenMP thread configures its own tiles; the model's strided q/k/v views work."""
     mod = _amx_module()
     t, h, hkv, d = 333, 8, 2, 64
-    fused = torch.randn(t, (h + 2 * hkv) * d, generator=torch.Generator().manual_seed(5)).bfloat16()
-    q = fused[:, :h * d].view(t, h, d)
-    k = fused[:, h * d:(h + hkv) * d].view(t, hkv, d)
-    v = fused[:, (h + hkv) * d:].view(t, hkv, d)
-    outs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        out = torch.empty(t, h, d, dtype=torch.bfloat16)
-        mod.prefill_attention(out, q, k, v, d ** -0.5)
-        outs.append(out)
-    torch.set_num_threads(1)
+    q, k, v = fused_views(t, h, hkv, d, seed=5)
+    outs = [on_threads(mod, threads, q, k, v) for threads in (1, 2)]
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
     torch.testing.assert_close(outs[0].float(), reference(q, k, v, d ** -0.5), atol=3e-2, rtol=2e-2)

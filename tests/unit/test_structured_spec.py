@@ -11,24 +11,13 @@ from router.openai_api.errors import ApiError, from_invalid_request
 from router.openai_api.requests import parse_chat, parse_completion
 from router.request_validation import build_request
 from services.engine.grammar import check_structured, grammar_of
-from services.engine.loader import resolve_model
 from services.engine.sampling_params import InvalidRequestError, SamplingParams, StructuredKind as K, StructuredOutput
-from services.engine.tokenizer import Tokenizer
 from services.proto_convert import sampling_params_from_proto, sampling_params_to_proto
 from tandem.v1 import serving_pb2
 
 CHAT = [{"role": "user", "content": "x"}]
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
-
-@pytest.fixture(scope="module")
-def model():
-    return resolve_model("tiny", weights=False).config
-
-
-@pytest.fixture(scope="module")
-def tok(model):
-    return Tokenizer.byte_level(model.vocab_size)
 
 
 def refused_spec(so: StructuredOutput, tok=None) -> InvalidRequestError:
