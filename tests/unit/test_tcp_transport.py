@@ -170,7 +170,11 @@ def test_an_opened_transfer_whose_expect_comes_too_late_is_refused_and_stays_ref
     receiver.expect("late", [4], ack([]))      # too late: a second sender must not commit into it
     again = sender.open("late", receiver.address, src)
     again.push([2], 0, 0, LAYERS)
-    with pytest.raises(KVTransportError, match="part of its KV was discarded"):
+    # Refused either way: as "part of its KV was discarded" (the late expect carries the miss), or,
+    # when the first transfer's own COMMIT frame reaches the receiver after the late expect (its
+    # connection thread was still behind the refused DATA frame: seen on a loaded host), that stale
+    # commit is the one NACKed with the miss and takes the entry with it, so this one is "unknown".
+    with pytest.raises(KVTransportError, match="part of its KV was discarded|never expected"):
         again.commit(16, {}, timeout=10)
     assert torch.count_nonzero(dst[4]) == 0 or not torch.equal(dst[4], src[1])
 
