@@ -175,7 +175,7 @@ class Answer:
                     return out
                 self._holding = False
                 delta, self._held = self._held, None
-                content, calls = self.tool_calls() if finished else (None, [])
+                calls = self.tool_calls()[1] if finished else []
                 if calls:
                     out.append(self._chunk(self._ids({
                         "index": self.index, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},

@@ -164,7 +164,7 @@ def extract(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
 def maybe_call(text: str) -> bool:
     """Whether an unfinished reply may still turn out to be a tool call (streams hold it meanwhile)."""
     head = text.lstrip()
-    return not head or head[0] in "{[" or "<tool_call>".startswith(head[:11]) or head.startswith("<tool_call>")
+    return not head or head[0] in "{[" or "<tool_call>".startswith(head[:11])
 
 
 def _tool_objects(text: str) -> list | None:
