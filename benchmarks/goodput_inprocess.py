@@ -49,19 +49,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 
-NOISE = """
-import random, sys, time
-duty, burst = float(sys.argv[1]), float(sys.argv[2]) / 1000
-while True:
-    t = time.perf_counter()
-    while time.perf_counter() - t < burst:
-        pass
-    time.sleep(burst * (1 - duty) / duty * random.uniform(0.5, 1.5))
-"""
+# the busy loop (_busy) in a process of its own: argv duty, burst in ms
+NOISE = (f"import sys; sys.path.insert(0, {os.path.dirname(HERE)!r}); "
+         "from benchmarks.goodput_inprocess import _busy; _busy(float(sys.argv[1]), float(sys.argv[2]) / 1000)")
 
 
 def _busy(duty: float, burst: float) -> None:
-    """NOISE's loop on a thread: pure Python, so it holds the GIL while busy."""
+    """Busy `duty` of the time in bursts of `burst` s (pure Python: on a thread of this process it holds
+    the GIL while busy; NOISE runs it in a process of its own)."""
     import random
     while True:
         t = time.perf_counter()

@@ -20,6 +20,7 @@ import json
 import os
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.engine.config import ModelConfigError
@@ -57,10 +58,11 @@ class ChatTemplate:
     def __init__(self, source: str, text: str, add_bos: bool, special_tokens: dict[str, str] | None = None):
         self.source, self.add_bos = source, add_bos
         self._special = dict(special_tokens or {})
-        # whether the template renders a `tools` list (else tools are described in a system message)
-        self.uses_tools = "tools" in text
         try:
-            self._template = _environment().from_string(text)
+            env = _environment()
+            self._template = env.from_string(text)
+            # whether the template reads a `tools` variable (else tools are described in a system message)
+            self.uses_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(text))
         except jinja2.TemplateError as e:
             raise ModelConfigError(f"the chat template in {source} does not compile: {e}; fix or remove it "
                                    f"(without one, chat uses the plain default template)") from e

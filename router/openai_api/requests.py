@@ -170,13 +170,14 @@ def parse_chat(body: dict, model: ModelConfig, tokenizer: Tokenizer, template: C
     parsed.rename = {"token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs",
                      "max_tokens": tokens_field, **parsed.rename}
     parsed.ignored = ignored
-    if plan is not None and plan.schema() is not None:
+    schema = plan.schema() if plan is not None else None
+    if schema is not None:
         if req.params.HasField("structured_output"):
             raise invalid("tool_choice", f"{plan.mode if plan.mode != 'named' else 'a named function'} constrains the "
                                          f"output to tool calls; it cannot be combined with "
                                          f"{parsed.rename.get('structured_output', 'response_format')}")
         req.params.structured_output.CopyFrom(serving_pb2.StructuredOutput(
-            kind=serving_pb2.STRUCTURED_KIND_JSON_SCHEMA, spec=json.dumps(plan.schema())))
+            kind=serving_pb2.STRUCTURED_KIND_JSON_SCHEMA, spec=json.dumps(schema)))
         parsed.rename["structured_output"] = "tools"
     parsed.tools = plan if plan is not None and plan.mode != "none" else None
     return parsed

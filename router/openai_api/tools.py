@@ -29,7 +29,7 @@ from router.openai_api.errors import invalid
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+_LEADING_SPACE = re.compile(r"\s*")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ToolPlan:
     @property
     def offered(self) -> bool:
         """Whether the model is told about the tools (every mode but none)."""
-        return self.mode != "none" and bool(self.tools)
+        return self.mode != "none"
 
     @property
     def constrained(self) -> bool:
@@ -163,8 +163,9 @@ def extract(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
 
 def maybe_call(text: str) -> bool:
     """Whether an unfinished reply may still turn out to be a tool call (streams hold it meanwhile)."""
-    head = text.lstrip()
-    return not head or head[0] in "{[" or "<tool_call>".startswith(head[:11])
+    start = _LEADING_SPACE.match(text).end()        # no copy of the whole reply: called on every chunk
+    head = text[start:start + 11]
+    return not head or head[0] in "{[" or "<tool_call>".startswith(head)
 
 
 def _tool_objects(text: str) -> list | None:
@@ -186,7 +187,7 @@ def _tool_objects(text: str) -> list | None:
 
 
 def _is_call(o, known: set[str]) -> bool:
-    if not isinstance(o, dict) or o.get("name") not in known:
+    if not isinstance(o, dict) or not isinstance(o.get("name"), str) or o["name"] not in known:
         return False
     args = o.get("arguments", o.get("parameters"))
     return isinstance(args, dict) and set(o) <= {"name", "arguments", "parameters"}

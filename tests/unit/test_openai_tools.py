@@ -80,7 +80,7 @@ def test_reading_replies_as_calls():
     assert len(extract(serial, listed)[1]) == 1
     for text in ("It is sunny.", '{"name": "unknown", "arguments": {}}', '{"name": "get_time"}',
                  '{"name": "get_time", "arguments": {}} and more', '<tool_call>{"name": "get_time", "arguments": {}}'
-                 '</tool_call> trailing text', '{"city": "Paris"}'):
+                 '</tool_call> trailing text', '{"city": "Paris"}', '{"name": ["get_time"], "arguments": {}}'):
         assert extract(auto, text) == (text, [])
     named = parse_tools({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     content, calls = extract(named, ' {"city" : "Rome"} ')
@@ -113,6 +113,7 @@ def test_template_with_tools_receives_them(model, tok):
     template = ChatTemplate("test", "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
                                     "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}", add_bos=False)
     assert template.uses_tools
+    assert not ChatTemplate("prose", "Our tools are great. {{ messages | length }}", add_bos=False).uses_tools
     p = parse_chat({"messages": USER, "tools": [WEATHER, TIME]}, model, tok, template)
     assert tok.decode(list(p.request.prompt_token_ids)) == "[get_weather][get_time]user:Weather in Paris?;"
 

@@ -30,7 +30,7 @@
 // arithmetic as vdpbf16ps up to the order of the float32 sums); the softmax stays the AVX-512 one.
 // The AMX functions carry their own target attribute, so this one build runs on Zen 4 (no AMX:
 // the vdpbf16ps path) and on AMX hosts alike; `prefill_attention_amx` says whether AMX is used.
-// On a 2-core Xeon with AMX, 8 layers of `small`'s causal attention at 2048 tokens: 210 ms with
+// On a 2-core Xeon with AMX, 8 layers of `small`'s causal attention at 2048 tokens: 208 ms with
 // vdpbf16ps (see prefill_attention.py for the AMX figures).
 //
 // Built into every variant of the kernel module; only the AVX512-BF16 build has the fast path
