@@ -53,9 +53,14 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I] = [gate | up] → silu(gate) * up: [T, I]."""
+    """gate_up: [T, 2I] = [gate | up] → silu(gate) * up: [T, I].
+
+    One pass on the CPU where the kernel module runs torch's own vector exp (AVX2 / AVX-512
+    builds): the same bits as torch's two ops, without the intermediate tensor. The scalar build's
+    exp is slower than torch's vectorised SiLU, so there torch's ops run.
+    """
     mod = _kernels(gate_up)
-    if mod is None or gate_up.stride(-1) != 1:
+    if mod is None or not getattr(mod, "silu_mul_vectorized", False) or gate_up.stride(-1) != 1:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
     out = torch.empty(gate_up.shape[0], gate_up.shape[-1] // 2, dtype=gate_up.dtype, device=gate_up.device)

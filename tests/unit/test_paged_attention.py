@@ -284,22 +284,7 @@ def test_kernel_bf16_dot_tails(kernels, head_dim):
 
 
 # --------------------------------------------------------------------------- every variant
-# Each variant module is built once per session (load_kernels caches it per process): ~20 s each
-# on a fresh kernel cache.
-
-
-@pytest.fixture(scope="module", params=[v.name for v in VARIANTS])
-def variant(request):
-    """(name, module) for each variant this host runs; a runnable variant that fails to build fails."""
-    name = request.param
-    if name not in attention_ops.available_variants():
-        pytest.skip(f"this CPU cannot run the {name} kernel variant")
-    if attention_ops.load_kernels() is None:
-        pytest.skip("CPU attention kernels unavailable (TANDEM_DISABLE_KERNELS set or no compiler; see log)")
-    mod = attention_ops.load_kernels(name)
-    if mod is None:
-        pytest.fail(f"kernel variant {name} failed to build: {attention_ops._loader.error(name)}")
-    return name, mod
+# (the `variant` fixture: tests/unit/conftest.py)
 
 
 def test_variant_module_reports_its_simd(variant):
