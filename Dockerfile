@@ -12,11 +12,12 @@ FROM ${PYTHON_IMAGE} AS base-cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # g++ builds the CPU kernel module on first use, in the best ISA variant this CPU runs (avx512_bf16,
 # avx512, avx2 or scalar, each with explicit flags, not -march=native); without g++ the engine falls
-# back to the pure-torch path.
+# back to the pure-torch path. libtcmalloc-minimal4: workers re-execute under tcmalloc
+# (services/allocator.py; faster steps than glibc malloc).
 # Not pinned: the base image's Debian release fixes the versions; pinning breaks on its point releases.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ \
+ && apt-get install -y --no-install-recommends g++ libtcmalloc-minimal4 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 tandem \
  && useradd --system --uid 10001 --gid tandem --create-home --home-dir /home/tandem --shell /usr/sbin/nologin tandem

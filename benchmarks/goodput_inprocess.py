@@ -151,4 +151,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from services.allocator import use_tcmalloc
+    use_tcmalloc()          # the allocator a worker runs (vLLM's CPU build runs under tcmalloc too)
     main()

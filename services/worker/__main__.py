@@ -1,9 +1,14 @@
 """`python -m services.worker --role prefill|decode|colocated ...`: one worker process."""
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
+
+if __name__ == "__main__":        # before torch is imported: the allocator must be there first
+    from services.allocator import use_tcmalloc
+    use_tcmalloc()
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
 
 from services import log_setup
 from services.engine.settings import EngineSettings

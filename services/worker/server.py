@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from services import allocator
 from services.engine.engine_thread import EngineThread, serial_torch_elsewhere
 from services.engine.settings import ENGINE_DEFAULTS
 from services.metrics_http import MetricsServer
@@ -269,8 +270,8 @@ class Worker:
         if self.publisher:
             await self.publisher.start()
         advertised = "" if self.kv_address == self.receiver.address else f" (advertised as {self.kv_address})"
-        log.info("worker %s (%s) serving on %s, KV on %s%s", self.instance_id, opts.role, self.address,
-                 self.receiver.address, advertised)
+        log.info("worker %s (%s) serving on %s, KV on %s%s, allocator %s", self.instance_id, opts.role, self.address,
+                 self.receiver.address, advertised, allocator.loaded())
         return self.address
 
     async def stop(self) -> None:
