@@ -177,9 +177,13 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self._emit(out, request, n)
             budget -= n
-            if key is not None:
-                computing.add(key)
+            if key is not None and request.num_computed_tokens < self._shareable_tokens(request):
+                computing.add(key)    # it computes the shared blocks; a twin that attached them does not
         return budget
+
+    def _shareable_tokens(self, request: Request) -> int:
+        """Prompt tokens a twin can attach from the cache: the full blocks before the last token."""
+        return (request.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
 
     def _twin_key(self, request: Request) -> int | None:
         """A key of the request's prompt when a twin (a request with the same prompt: the n choices
