@@ -328,10 +328,14 @@ class LLMEngine:
         self.last_step_decodes = len(out.decodes)
         if out.is_empty:
             return []
+        now = time.monotonic()
         for chunk in out.prefills:
             self._cached.setdefault(chunk.request.request_id, chunk.request.num_computed_tokens)
-            if chunk.request.first_scheduled_time is None:
-                chunk.request.first_scheduled_time = time.monotonic()
+            for r in [chunk.request, *chunk.followers]:
+                if r.first_scheduled_time is None:
+                    r.first_scheduled_time = now
+            for f in chunk.followers:             # a follower computes none of its prompt
+                self._cached[f.request_id] = f.num_prompt_tokens
         hook = self.on_prefill_layer
         on_layer = (lambda i: hook(out.prefills, i)) if hook is not None and out.prefills else None
         chunks, samples = self.runner.execute(out, on_layer)
@@ -344,9 +348,16 @@ class LLMEngine:
                 if samples.top_logprobs[i] is not None:
                     r.output_top_logprobs.append(samples.top_logprobs[i])
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
+        self.runner.copy_blocks(out.block_copies)
         outputs = []
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             r = chunk.request
+            if r.status == RequestStatus.WAITING:  # a follower that found no blocks: it runs later, unsampled
+                self._cached.pop(r.request_id, None)
+                r.output_logprobs.pop()
+                if samples.top_logprobs[i] is not None:
+                    r.output_top_logprobs.pop()
+                continue
             detok = self._detok.get(r.request_id)
             delta = detok.push(r.output_token_ids[-1]) if detok else ""
             if detok and detok.stopped:      # a stop string wins over LENGTH on the same token

@@ -143,7 +143,7 @@ class ModelRunner:
             ctx = start + n
             prefills.append(PrefillSeq(q_start, n, ctx, table[: cdiv(ctx, self.block_size)]))
             if chunk.samples:
-                sampling_rows.append(q_start + n - 1)
+                sampling_rows += [q_start + n - 1] * (1 + len(chunk.followers))   # followers share the row
             q_start += n
         if parts:
             ids_t = torch.cat([ids_t] + [x[0] for x in parts])      # [T]
@@ -159,6 +159,15 @@ class ModelRunner:
             decode_max_len=max(positions) + 1 if nd else 0)
         return StepInputs(ids_t, pos_t, torch.tensor(sampling_rows, dtype=torch.long), meta)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """kv[dst] = kv[src] (every layer, K and V) for each (src, dst) block pair; every source is
+        read before any destination is written."""
+        if not pairs:
+            return
+        src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.kv.device)   # [P]
+        dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.kv.device)
+        self.kv.index_copy_(0, dst, self.kv.index_select(0, src))
+
     def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
         """Run one step. Returns the chunks that produced a token (row order) and their samples.
 
@@ -168,7 +177,8 @@ class ModelRunner:
         has been queued on the current stream, not when it has finished: a reader of `kv` on
         another stream must wait for an event recorded on the current stream at that moment.
         """
-        sampled_chunks = out.decodes + [c for c in out.prefills if c.samples]
+        sampled_chunks = out.decodes + [x for c in out.prefills if c.samples
+                                        for x in [c, *(ScheduledChunk(f, 0) for f in c.followers)]]
         requests = [c.request for c in sampled_chunks]
         # structured output: the grammar masks are computed on a helper thread while the model runs
         pending = self.grammar.begin(requests) if self.grammar is not None else None

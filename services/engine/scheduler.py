@@ -21,6 +21,10 @@ from services.engine.request import FinishReason, Request, RequestStatus
 class ScheduledChunk:
     request: Request
     num_new_tokens: int              # compute positions [num_computed_tokens, + num_new_tokens)
+    # Twins of this chunk's prompt (the n choices of one request) that need no computation: when the
+    # chunk completes the prompt, each is sampled from the same logits row with its own parameters
+    # and takes a copy of the prompt's KV (the cached full blocks shared, the last block copied).
+    followers: list[Request] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -33,6 +37,9 @@ class SchedulerOutput:
     decodes: list[ScheduledChunk] = field(default_factory=list)    # one token each
     prefills: list[ScheduledChunk] = field(default_factory=list)   # prompt (or recompute) chunks
     preempted: list[str] = field(default_factory=list)
+    # (source block, destination block) KV copies update() decided (followers' last blocks): the
+    # engine applies them right after update(), before anything reads the destinations.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -154,16 +161,26 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         computing = None          # keys of the prompts being computed now (see _twin_key)
+        completing: dict[int, ScheduledChunk] = {}   # key → this step's chunk that completes that prompt
+        for chunk in out.prefills:
+            if chunk.samples and not chunk.request.num_output_tokens and self._twin_key(chunk.request, True) is not None:
+                completing.setdefault(self._prompt_key(chunk.request), chunk)
         for request in self.policy.admission_order(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs:
                 break
             key = self._twin_key(request)
+            if key is not None and key in completing and \
+                    request.prompt_token_ids == completing[key].request.prompt_token_ids:
+                self._follow(completing[key], request)   # sampled from its twin's row, no tokens computed
+                continue
+            if budget <= 0:
+                break
             if key is not None:
                 if computing is None:
                     computing = {self._prompt_key(r) for r in self.running
                                  if r.num_computed_tokens < r.num_prompt_tokens and not r.num_output_tokens}
                 if key in computing:
-                    continue      # its twin computes this prompt: it attaches the cached blocks afterwards
+                    continue      # its twin computes this prompt: it follows the chunk that completes it
             if not self.kv.has_request(request.request_id):   # attach cached prefix blocks, if any
                 request.num_computed_tokens = self.kv.allocate(request.request_id, request.all_token_ids, 0) or 0
             n = self._tokens_wanted(request, budget)
@@ -179,20 +196,29 @@ class Scheduler:
             budget -= n
             if key is not None and request.num_computed_tokens < self._shareable_tokens(request):
                 computing.add(key)    # it computes the shared blocks; a twin that attached them does not
+            if key is not None and out.prefills[-1].samples:
+                completing.setdefault(key, out.prefills[-1])
         return budget
+
+    def _follow(self, chunk: ScheduledChunk, request: Request) -> None:
+        """Run `request` (a waiting twin of chunk's prompt) as a follower of `chunk` this step."""
+        self.waiting.remove(request)
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        chunk.followers.append(request)
 
     def _shareable_tokens(self, request: Request) -> int:
         """Prompt tokens a twin can attach from the cache: the full blocks before the last token."""
         return (request.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
 
-    def _twin_key(self, request: Request) -> int | None:
+    def _twin_key(self, request: Request, admitted: bool = False) -> int | None:
         """A key of the request's prompt when a twin (a request with the same prompt: the n choices
         of one prompt, a client's retry) could share its KV: prefix caching on, the prompt longer
         than one block, nothing computed or generated yet. A twin waits while another computes the
         prompt, then attaches its cached blocks and computes only the last partial block, so the
         n choices of a prompt cost about one prefill. None: admit as usual."""
         if (not self.kv.enable_prefix_caching or request.num_prompt_tokens <= self.kv.block_size
-                or request.num_output_tokens or self.kv.has_request(request.request_id)):
+                or request.num_output_tokens or (not admitted and self.kv.has_request(request.request_id))):
             return None
         return self._prompt_key(request)
 
@@ -249,14 +275,36 @@ class Scheduler:
             request = chunk.request
             request.num_computed_tokens += chunk.num_new_tokens
             self.kv.cache_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
-            token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                finished.append(self.finish(request.request_id, reason))
+            followers = [f for f in chunk.followers if self._fork(request, f, out)]
+            for r in [request, *followers]:
+                self._append(r, sampled.get(r.request_id), finished)
         return finished
+
+    def _fork(self, source: Request, follower: Request, out: SchedulerOutput) -> bool:
+        """Give `follower` the KV of `source`'s just-completed prompt: the cached full blocks
+        attached, the rest on new blocks queued in out.block_copies. False (the follower is back in
+        the waiting queue, its sample dropped) when blocks run out."""
+        n = follower.num_prompt_tokens
+        cached = self.kv.allocate(follower.request_id, follower.all_token_ids, n)
+        if cached is None:
+            self.running.remove(follower)
+            follower.status = RequestStatus.WAITING
+            self.waiting.append(follower)
+            return False
+        src, dst = self.kv.block_table(source.request_id), self.kv.block_table(follower.request_id)
+        out.block_copies += [(src[i], dst[i]) for i in range(cached // self.kv.block_size, len(dst))]
+        follower.num_computed_tokens = n
+        self.kv.cache_blocks(follower.request_id, follower.all_token_ids, n)
+        return True
+
+    def _append(self, request: Request, token: int | None, finished: list[Request]) -> None:
+        """Append a sampled token and finish the request on a token-level stop."""
+        if token is None:
+            return
+        request.output_token_ids.append(token)
+        reason = self._stop_reason(request, token)
+        if reason is not None:
+            finished.append(self.finish(request.request_id, reason))
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.sampling_params

@@ -34,7 +34,8 @@ def tiny():
 def engine(tiny, **kw):
     kw.setdefault("block_size", 8)
     kw.setdefault("num_blocks", 256)
-    return build_engine("tiny", loaded=tiny, dtype="float32", max_num_batched_tokens=128, **kw)
+    kw.setdefault("max_num_batched_tokens", 128)
+    return build_engine("tiny", loaded=tiny, dtype="float32", **kw)
 
 
 def finals(e) -> dict:
@@ -115,9 +116,10 @@ def test_plain_requests_take_no_adjustment(tiny):
 
 
 def test_twins_compute_the_prompt_once(tiny):
-    """Four requests of one 70-token prompt added together: one computes it, the other three attach
-    its cached blocks and compute only the last partial block (70 = 8 blocks of 8 + 6), all three in
-    the step after it (a twin that attached the blocks does not hold the next one back)."""
+    """Four requests of one 70-token prompt added together: one computes it and the other three
+    follow it in the same step — sampled from its last row with their own seeds, its cached full
+    blocks shared and its last partial block copied (70 = 8 blocks of 8 + 6) — so the prompt is
+    computed once, in one step, and every output equals its own separate run."""
     prompt = random_prompts([70], VOCAB, seed=8)[0]
     e = engine(tiny)
     for s in range(4):
@@ -130,9 +132,57 @@ def test_twins_compute_the_prompt_once(tiny):
                 out[o.request_id] = o
         if e.last_step_prefill_tokens:
             prefill_steps.append(e.last_step_prefill_tokens)
-    assert prefill_steps == [70, 3 * 6]
-    assert sorted(o.num_cached_tokens for o in out.values()) == [0, 64, 64, 64]
+    assert prefill_steps == [70]
+    assert sorted(o.num_cached_tokens for o in out.values()) == [0, 70, 70, 70]
     seeded = {s: engine(tiny).generate([prompt], SamplingParams(max_tokens=3, temperature=1.0, seed=s,
                                                                 ignore_eos=True))[0].token_ids for s in range(4)}
     assert sorted(o.token_ids for o in out.values()) == sorted(seeded.values())
     e.check_integrity()
+    assert e.kv.num_used_blocks == 0
+
+
+def test_twins_follow_a_chunked_prompt_on_its_last_chunk_and_greedy_matches(tiny):
+    """A prompt prefilled in chunks: its twins wait for the chunk that completes it, then follow it;
+    greedy choices equal a single run's tokens; nothing leaks."""
+    prompt = random_prompts([100], VOCAB, seed=9)[0]
+    e = engine(tiny, max_num_batched_tokens=32)
+    for _ in range(3):
+        e.add_request(prompt, SamplingParams(max_tokens=5, ignore_eos=True))
+    prefill_tokens = 0
+    finals = []
+    while e.has_unfinished():
+        finals += [o for o in e.step() if o.finished]
+        prefill_tokens += e.last_step_prefill_tokens
+    assert prefill_tokens == 100
+    single = engine(tiny).generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids
+    assert [o.token_ids for o in finals] == [single] * 3
+    e.check_integrity()
+    assert e.kv.num_used_blocks == 0
+
+
+def test_a_twin_without_blocks_waits_and_runs_later(tiny):
+    """When the follower's last block cannot be allocated it goes back to the queue unsampled (no
+    stray logprob) and is served normally once blocks free up."""
+    prompt = random_prompts([70], VOCAB, seed=10)[0]
+    e = engine(tiny)
+    for _ in range(2):
+        e.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True, logprobs=0))
+    real = e.kv.allocate
+    refused = []
+
+    def allocate(request_id, token_ids, num_tokens):
+        if request_id.endswith("1") and not refused and num_tokens == len(prompt):
+            refused.append(request_id)
+            return None
+        return real(request_id, token_ids, num_tokens)
+
+    e.kv.allocate = allocate
+    finals = []
+    while e.has_unfinished():
+        finals += [o for o in e.step() if o.finished]
+    assert refused
+    single = engine(tiny).generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids
+    assert [o.token_ids for o in finals] == [single] * 2
+    assert all(len(o.logprobs) == 2 for o in finals)
+    e.check_integrity()
+    assert e.kv.num_used_blocks == 0
