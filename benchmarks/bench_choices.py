@@ -1,8 +1,9 @@
 """What n > 1 costs at prefill: n choices of one prompt against one choice, in one engine, one run.
 
 The router turns a request with n choices into n requests of the same prompt (router/choices.py);
-the engine's scheduler lets one compute the prompt while the others wait, then they attach its
-cached blocks and compute only the last partial block (Scheduler._twin_key). Measured here:
+the engine's scheduler lets one compute the prompt while the others wait, and they follow the chunk
+that completes it: sampled from its last row in the same step, its KV shared and its last block
+copied (Scheduler._twin_key, ScheduledChunk.followers). Measured here:
 
   n1        one request (max_tokens 1: its prefill and first token)
   n4        four requests of one prompt (seeds 0..3, temperature 1), added together: the time until

@@ -214,9 +214,11 @@ class Scheduler:
     def _twin_key(self, request: Request, admitted: bool = False) -> int | None:
         """A key of the request's prompt when a twin (a request with the same prompt: the n choices
         of one prompt, a client's retry) could share its KV: prefix caching on, the prompt longer
-        than one block, nothing computed or generated yet. A twin waits while another computes the
-        prompt, then attaches its cached blocks and computes only the last partial block, so the
-        n choices of a prompt cost about one prefill. None: admit as usual."""
+        than one block, nothing computed or generated yet (`admitted`: a running request's key). A
+        twin waits while another computes the prompt and follows the chunk that completes it (see
+        ScheduledChunk.followers), so the n choices of a prompt cost one prefill. A twin that
+        arrives later attaches the cached blocks and computes only the last block. None: admit as
+        usual."""
         if (not self.kv.enable_prefix_caching or request.num_prompt_tokens <= self.kv.block_size
                 or request.num_output_tokens or (not admitted and self.kv.has_request(request.request_id))):
             return None
