@@ -1,6 +1,6 @@
 """What n > 1 costs at prefill: n choices of one prompt against one choice, in one engine, one run.
 
-The router turns a request with n choices into n requests of the same prompt (router/choices.py);
+The router turns a request with n choices into n requests of the same prompt (router/request/choices.py);
 the engine's scheduler lets one compute the prompt while the others wait, and they follow the chunk
 that completes it: sampled from its last row in the same step, its KV shared and its last block
 copied (Scheduler._twin_key, ScheduledChunk.followers). Measured here:

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.host_info import host_line                                   # noqa: E402
 from loadgen.metrics import summarize                                        # noqa: E402
 from loadgen.workloads import WorkloadConfig, build_workload                 # noqa: E402
-from router.migration_policy import PolicyConfig                             # noqa: E402
-from router.role_policy import RolePolicyConfig                              # noqa: E402
+from router.migration.policy import PolicyConfig                             # noqa: E402
+from router.cluster.role_policy import RolePolicyConfig                              # noqa: E402
 from tandem.sim import planner                                               # noqa: E402
 from tandem.sim.costmodel import load_profile, save_profile                  # noqa: E402
 from tandem.sim.router import RouterConfig                                   # noqa: E402

@@ -5,12 +5,12 @@ import argparse
 import asyncio
 import sys
 
-from router.autoscaler_cli import (AutoscalerSetupError, add_autoscaler_args, autoscaler_settings,
-                                    serve_with_autoscaler)
-from router.pools_args import add_pools_args, pools_kwargs
-from router.rescheduler_args import add_rescheduler_args, rescheduler_kwargs
-from router.routing_args import add_routing_args, routing_kwargs
-from router.sched_args import add_sched_args, sched_kwargs
+from router.autoscale.cli import (AutoscalerSetupError, add_autoscaler_args, autoscaler_settings,
+                                  serve_with_autoscaler)
+from router.cluster.pools_args import add_pools_args, pools_kwargs
+from router.migration.args import add_rescheduler_args, rescheduler_kwargs
+from router.request.routing_args import add_routing_args, routing_kwargs
+from router.request.sched_args import add_sched_args, sched_kwargs
 from router.server import Router, serve
 from router.settings import RouterSettings
 from services import log_setup

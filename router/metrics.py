@@ -76,7 +76,7 @@ class RouterMetrics:
         self.kv_fallbacks = Counter("tandem_kv_fallbacks_total", "Requests whose KV transfer failed, so that "
                                     "the decode instance recomputed the prompt instead", ["api"], registry=reg)
         self.redispatches = Counter("tandem_redispatches_total", "Requests carried on elsewhere after the instance "
-                                    "serving them was lost (router/redispatch.py), by reason", ["reason"],
+                                    "serving them was lost (router/request/redispatch.py), by reason", ["reason"],
                                     registry=reg)
         self.api_key_requests = Counter("tandem_api_key_requests_total", "Client calls accepted, by API key (its "
                                         "sha256 label, never the key; router/client_auth.py)", ["key"], registry=reg)

@@ -10,24 +10,24 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from router import choices
+from router.request import choices
 from router.client_auth import ClientAuth
-from router.dispatch import Dispatcher, RouteError, RoutedRequest
+from router.request.dispatch import Dispatcher, RouteError, RoutedRequest
 from router.http_frontends import HttpFrontends
-from router.leader_lock import LeaderLock
+from router.cluster.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
-from router.migration_policy import PolicyConfig
-from router.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
-from router.pools_args import DEFAULT_POOLS
-from router.prefix_index import PrefixIndex, PrefixIndexFollower
-from router.routing_args import DEFAULT_ROUTING, ROUTING_MODES
-from router.redispatch import DEFAULT_MAX_REDISPATCHES, Redispatcher
-from router.registry import InstanceRegistry
-from router.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
-from router.role_policy import RolePolicyConfig
-from router.role_switcher import RoleSwitcher
-from router.request_validation import build_request_async
-from router.request_sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
+from router.migration.policy import PolicyConfig
+from router.request.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
+from router.cluster.pools_args import DEFAULT_POOLS
+from router.cluster.prefix_index import PrefixIndex, PrefixIndexFollower
+from router.request.routing_args import DEFAULT_ROUTING, ROUTING_MODES
+from router.request.redispatch import DEFAULT_MAX_REDISPATCHES, Redispatcher
+from router.cluster.registry import InstanceRegistry
+from router.migration.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
+from router.cluster.role_policy import RolePolicyConfig
+from router.cluster.role_switcher import RoleSwitcher
+from router.request.validation import build_request_async
+from router.request.sched import RequestScheduling, ScheduledRequests, SchedulingCollector, load_warm_start
 from router.settings import RESCHEDULE_INTERVAL_S, ROUTER_DEFAULTS
 from services.auth import cluster_token
 from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
@@ -214,7 +214,7 @@ class Router:
         # What both APIs stream from: the dispatcher, resumed elsewhere when a worker dies mid-request.
         self.requests = Redispatcher(self.dispatcher, max_redispatches=max_redispatches,
                                      on_redispatch=lambda reason: self.metrics.redispatches.labels(reason).inc())
-        # Output-length prediction, queue order and SLO admission around every request (router/request_sched.py).
+        # Output-length prediction, queue order and SLO admission around every request (router/request/sched.py).
         self.sched = RequestScheduling(self._prefill_rate, queue_policy=queue_policy, aging_s=queue_aging_s,
                                        admission=admission, slo_ttft_s=(role_policy or RolePolicyConfig()).ttft_slo_s,
                                        max_queued=max_queued_requests)

@@ -1,6 +1,6 @@
 """A worker's prefix cache, told to routers through Redis: full state once, then diffs.
 
-Key (read by router/prefix_index.py):
+Key (read by router/cluster/prefix_index.py):
 
     tandem:{cluster}:prefix:{instance_id}     a Redis stream; every entry has the fields
         epoch   this worker process's incarnation (a random hex string, new on every start)

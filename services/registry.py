@@ -1,6 +1,6 @@
 """A worker's presence in Redis: its LoadReport under a heartbeat TTL.
 
-Key (shared with the router, which reads it in router/registry.py):
+Key (shared with the router, which reads it in router/cluster/registry.py):
 
     tandem:{cluster}:instance:{instance_id}              LoadReport as JSON, expires after ttl_s
 

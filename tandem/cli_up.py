@@ -7,10 +7,10 @@ import signal
 import sys
 import time
 
-from router.pools_args import DEFAULT_POOLS, POOL_MODES
-from router.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
-from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
-from router.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP, add_max_queued_arg
+from router.cluster.pools_args import DEFAULT_POOLS, POOL_MODES
+from router.request.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
+from router.request.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
+from router.request.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP, add_max_queued_arg
 from router.settings import RouterSettings
 from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.engine.settings import EngineSettings

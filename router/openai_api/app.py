@@ -21,14 +21,14 @@ import urllib.parse
 
 from aiohttp import web
 
-from router import choices
-from router.dispatch import RouteError
+from router.request import choices
+from router.request.dispatch import RouteError
 from router.openai_api.chat_template import ChatTemplate
 from router.openai_api.openapi import openapi_document
 from router.openai_api.errors import ApiError, from_invalid_request, from_status, invalid
 from router.openai_api.requests import ParsedRequest, parse_chat, parse_completion
 from router.openai_api.responses import Answer, TokenTexts, combined_response, combined_usage
-from router.request_validation import build_request_async
+from router.request.validation import build_request_async
 from services.engine.sampling_params import InvalidRequestError
 from services.metrics_http import metrics_response
 

@@ -6,7 +6,7 @@ Everything is checked here or by the shared validation after it. Supported: `mod
 `echo` (completions, without logprobs), `stream`, `stream_options.include_usage`, `user`
 (accepted for its purpose: it only identifies the caller), `presence_penalty`,
 `frequency_penalty` ([-2, 2]), `logit_bias` ({"token id": bias in [-100, 100]}), `n` (choices of
-one prompt, its KV computed once: router/choices.py), `best_of` (completions; >= n, not with
+one prompt, its KV computed once: router/request/choices.py), `best_of` (completions; >= n, not with
 stream) and structured output (`response_format` text / json_object / json_schema on both
 endpoints, vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and
 `structured_outputs`, SGLang's `json_schema`, `regex`, `ebnf`: router/openai_api/structured.py);

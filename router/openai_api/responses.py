@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from router.dispatch import RouteError
+from router.request.dispatch import RouteError
 from router.openai_api.requests import ParsedRequest
 from router.openai_api.tools import extract, maybe_call
 from services.engine.tokenizer import Tokenizer

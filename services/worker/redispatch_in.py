@@ -1,6 +1,6 @@
 """A re-dispatched request arriving at this worker: its old instance died mid-stream.
 
-The router (router/redispatch.py) sends Generate with WorkerRequest.output_token_ids = the tokens
+The router (router/request/redispatch.py) sends Generate with WorkerRequest.output_token_ids = the tokens
 the client already has. This instance (decode or colocated) adopts the request as a preempted one:
 the engine recomputes the KV of prompt + output[:-1] like any recompute, then samples the token at
 output index len(output) on. Sampling is keyed by (seed, output index) (services/engine/sampler.py),

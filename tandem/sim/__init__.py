@@ -6,7 +6,8 @@ a discrete-event simulator running the router's own policies on simulated instan
 - clock.py      virtual clock / event loop
 - request.py    a simulated request (the engine's two counters)
 - instance.py   a simulated instance (the engine scheduler's batching rules, fast-forwarded decodes)
-- router.py     the simulated router (imports router.placement, role_policy, migration_policy)
+- router.py     the simulated router (imports router.request.placement, router.cluster.role_policy,
+                router.migration.policy)
 - simulator.py  one run: shape + profile + workload → per-request results
 - report.py     loadgen-format reports
 - profile.py    measuring the engine (`tandem profile`)

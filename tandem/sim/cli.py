@@ -9,9 +9,9 @@ import argparse
 import json
 import sys
 
-from router.migration_policy import POLICIES as MIGRATION_POLICIES
-from router.migration_policy import PolicyConfig
-from router.role_policy import RolePolicyConfig
+from router.migration.policy import POLICIES as MIGRATION_POLICIES
+from router.migration.policy import PolicyConfig
+from router.cluster.role_policy import RolePolicyConfig
 
 
 class CliError(ValueError):

@@ -18,7 +18,7 @@ from services.engine.policy import POLICIES as QUEUE_POLICIES
 from tandem.sim.costmodel import Profile
 from tandem.sim.router import RouterConfig
 from tandem.sim.simulator import SimConfig, simulate
-from router.role_policy import RolePolicyConfig
+from router.cluster.role_policy import RolePolicyConfig
 
 MAX_NUM_SEQS = (256, 64, 16)
 BUDGETS = (2048, 512)

@@ -1,7 +1,7 @@
 """The simulated router: Tandem's own placement, role switching and rescheduling policies, imported
-(router/placement.py, router/role_policy.py, router/migration_policy.py), driving SimInstances.
+(router/request/placement.py, router/cluster/role_policy.py, router/migration/policy.py), driving SimInstances.
 
-Request path, as router/dispatch.py runs it:
+Request path, as router/request/dispatch.py runs it:
 1. Adaptive pools with a switched instance: `pick_whole_request` may take the request whole.
 2. Prefill and decode pools: `pick_decode` (freeness) reserves the prompt's KV blocks on D, then
    `pick_prefill` (least predicted TTFT) queues the prompt on P with a handoff. At P's first token
@@ -23,7 +23,9 @@ import dataclasses
 import itertools
 import math
 
-from router import migration_policy, placement, role_policy
+from router.migration import policy as migration_policy
+from router.request import placement
+from router.cluster import role_policy
 from router.settings import RESCHEDULE_INTERVAL_S
 from services.roles import WorkerState
 from tandem.sim.clock import EventLoop

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from router.leader_lock import LeaderLock, leader_key
+from router.cluster.leader_lock import LeaderLock, leader_key
 from tandem.redis_server import RedisServer
 
 CLUSTER = "test"

@@ -202,7 +202,7 @@ def test_aborts_during_a_stage(golden, redis_url, tmp_path):
 
 def test_destination_frees_the_reservation_when_the_source_dies(golden, redis_url, tmp_path):
     """The source dies mid-migration: the destination's reservation runs out, and the router
-    re-dispatches the request (router/redispatch.py), which goes on with HF's tokens."""
+    re-dispatches the request (router/request/redispatch.py), which goes on with HF's tokens."""
     model_dir, prompts, expected = golden
     with cluster(model_dir, redis_url, tmp_path, ENDLESS) as c:
         s = Stream(c.address, "source-dies", prompts[0], MAX_TOKENS)
@@ -303,11 +303,11 @@ def test_preemption_on_the_source_aborts_the_migration(golden, redis_url, tmp_pa
 
 
 def test_autoscaler_drain_empties_a_real_decode_instance(golden, redis_url, tmp_path):
-    """The autoscaler's drain_instance (router/autoscaler_drain.py) against a real router and
+    """The autoscaler's drain_instance (router/autoscale/drain.py) against a real router and
     workers: the requests move, the instance ends drained, the callable answers True."""
     import asyncio
 
-    from router.autoscaler_drain import AdminDrain
+    from router.autoscale.drain import AdminDrain
 
     model_dir, prompts, expected = golden
     with cluster(model_dir, redis_url, tmp_path, router_args=[]) as c:

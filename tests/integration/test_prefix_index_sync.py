@@ -11,7 +11,7 @@ import random
 import pytest
 import redis
 
-from router.prefix_index import PrefixIndex, PrefixIndexFollower
+from router.cluster.prefix_index import PrefixIndex, PrefixIndexFollower
 from services.engine.kv_cache import KVCacheManager
 from services.prefix_stream import PrefixPublisher, prefix_key
 

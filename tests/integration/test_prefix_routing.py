@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from router.prefix_index import PrefixIndex, PrefixIndexFollower
+from router.cluster.prefix_index import PrefixIndex, PrefixIndexFollower
 from services.engine.kv_cache import prefix_block_hashes
 from tandem.local_cluster import LocalCluster
 from tests.conftest import random_prompts

@@ -13,8 +13,8 @@ import time
 import pytest
 import redis
 
-from router.leader_lock import leader_key
-from router.registry import InstanceRegistry
+from router.cluster.leader_lock import leader_key
+from router.cluster.registry import InstanceRegistry
 from services.redis_url import RedisUrlError, check_url, connect, parse_sentinel_url
 from services.registry import InstancePublisher, instance_pattern
 from tandem.local_cluster import LocalCluster

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from router.registry import InstanceRegistry
+from router.cluster.registry import InstanceRegistry
 from services.registry import InstancePublisher, instance_key, now_unix_ms
 from tandem.redis_server import RedisServer, RedisServerError
 from tandem.v1 import worker_pb2

@@ -11,7 +11,7 @@ helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK
 import kubernetes_validate  # noqa: E402
 
 from k8s import render as chart_render  # noqa: E402
-from router.autoscaler import Band, Bounds, Pool  # noqa: E402
+from router.autoscale.autoscaler import Band, Bounds, Pool  # noqa: E402
 from tests.k8s.test_chart import (K8S_VERSIONS, _container_env, _expand, by_kind_name,  # noqa: E402
                                   example, objects)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.admission import DEFAULT_ADMISSION
-from router.autoscaler_config import AutoscalerConfig
-from router.pools_args import DEFAULT_POOLS
-from router.role_policy import RolePolicyConfig
-from router.routing_args import DEFAULT_ROUTING
+from router.request.admission import DEFAULT_ADMISSION
+from router.autoscale.config import AutoscalerConfig
+from router.cluster.pools_args import DEFAULT_POOLS
+from router.cluster.role_policy import RolePolicyConfig
+from router.request.routing_args import DEFAULT_ROUTING
 from router.settings import ROUTER_DEFAULTS
 from services.engine.settings import ENGINE_DEFAULTS
 from services.worker.settings import WORKER_DEFAULTS

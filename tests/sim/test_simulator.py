@@ -6,7 +6,9 @@ import pytest
 
 from loadgen import report as rep
 from loadgen.workloads import RequestSpec, WorkloadConfig, build_workload
-from router import migration_policy, placement, role_policy
+from router.migration import policy as migration_policy
+from router.request import placement
+from router.cluster import role_policy
 from services.engine.policy import POLICIES, SchedulingPolicy
 from tandem.sim import report as sim_report
 from tandem.sim.costmodel import CostModel, Profile

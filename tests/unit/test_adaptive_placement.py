@@ -1,7 +1,7 @@
 """Adaptive pools' placement: when a switched instance serves a request whole (pure functions)."""
 from __future__ import annotations
 
-from router.placement import InflightLedger, mixed_prefill_rate, pick_whole_request
+from router.request.placement import InflightLedger, mixed_prefill_rate, pick_whole_request
 from tandem.v1 import worker_pb2
 
 P, D, C = worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 import router.__main__ as router_main
-from router.autoscaler import Band, Bounds, Pool
-from router.autoscaler_cli import (AutoscalerSetupError, add_autoscaler_args, autoscaler_settings,
-                                   local_address, serve_with_autoscaler)
+from router.autoscale.autoscaler import Band, Bounds, Pool
+from router.autoscale.cli import (AutoscalerSetupError, add_autoscaler_args, autoscaler_settings,
+                                  local_address, serve_with_autoscaler)
 from tests.unit.test_k8s_scaler import NS, FakeApiServer, write_kubeconfig
 
 REQUIRED = ["--autoscale", "--autoscale-prefill-deployment=tandem-prefill",

@@ -8,7 +8,7 @@ import functools
 import grpc
 import pytest
 
-from router.autoscaler_drain import AdminDrain
+from router.autoscale.drain import AdminDrain
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
 

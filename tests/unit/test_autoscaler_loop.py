@@ -9,10 +9,10 @@ import logging
 
 import pytest
 
-from router.autoscaler import AutoscalerConfig, Bounds, Pool
-from router.autoscaler_loop import Autoscaler
-from router.k8s_scaler import (DeploymentScaler, ScaleConflict, ScalePermissionDenied,
-                               load_api_client)
+from router.autoscale.autoscaler import AutoscalerConfig, Bounds, Pool
+from router.autoscale.loop import Autoscaler
+from router.autoscale.k8s_scaler import (DeploymentScaler, ScaleConflict, ScalePermissionDenied,
+                                         load_api_client)
 from tandem.v1 import worker_pb2
 from tests.unit.test_k8s_scaler import NS, FakeApiServer, write_kubeconfig
 
@@ -153,7 +153,7 @@ def test_a_failed_drain_keeps_the_replica_and_waits_a_cooldown(result, caplog):
         clock.now += 1
         await a.tick()
         assert drain.calls == ["d2", "d2"]
-    with caplog.at_level(logging.WARNING, logger="router.autoscaler_loop"):
+    with caplog.at_level(logging.WARNING, logger="router.autoscale.loop"):
         asyncio.run(body())
     assert any("keeping the replica" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
@@ -206,7 +206,7 @@ def test_api_errors_are_logged_once_and_retried(caplog):
         clock.now += 15
         await a.tick()                               # not recorded as done: tried again at once
         assert scaler.replicas["tandem-prefill"] > 1
-    with caplog.at_level(logging.INFO, logger="router.autoscaler_loop"):
+    with caplog.at_level(logging.INFO, logger="router.autoscale.loop"):
         asyncio.run(body())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("ScalePermissionDenied" in w for w in warnings) == 1
@@ -262,7 +262,7 @@ def test_end_to_end_with_the_kubernetes_client(tmp_path, monkeypatch, caplog):
             clock.now += 15
             assert await a.tick() is not None
             assert api.deployments[(NS, "tandem-prefill")]["replicas"] == 1
-        with caplog.at_level(logging.WARNING, logger="router.autoscaler_loop"):
+        with caplog.at_level(logging.WARNING, logger="router.autoscale.loop"):
             asyncio.run(body())
     assert any("HTTP 403" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
@@ -282,7 +282,7 @@ def test_a_failing_tick_is_logged_once_with_its_traceback_and_the_loop_goes_on(c
         while len(calls) < 4:
             await asyncio.sleep(0)
         await a.stop()
-    with caplog.at_level(logging.WARNING, logger="router.autoscaler_loop"):
+    with caplog.at_level(logging.WARNING, logger="router.autoscale.loop"):
         asyncio.run(body())
     failures = [r for r in caplog.records if "tick failed" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from router.autoscaler import (AutoscalerConfig, Band, Bounds, Pool, PoolHistory, ScalerState,
-                               decide, decide_decode, decide_prefill, kv_ratio, least_loaded,
-                               queue_ratio, tpot_ratio)
+from router.autoscale.autoscaler import (AutoscalerConfig, Band, Bounds, Pool, PoolHistory, ScalerState,
+                                         decide, decide_decode, decide_prefill, kv_ratio, least_loaded,
+                                         queue_ratio, tpot_ratio)
 from tandem.v1 import worker_pb2
 
 P, D = worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from router.k8s_scaler import (DeploymentNotFound, DeploymentScaler, ScaleConflict,
-                               ScalePermissionDenied, ScalerConfigError, ScalerError,
-                               ScalerUnavailable, load_api_client)
+from router.autoscale.k8s_scaler import (DeploymentNotFound, DeploymentScaler, ScaleConflict,
+                                         ScalePermissionDenied, ScalerConfigError, ScalerError,
+                                         ScalerUnavailable, load_api_client)
 
 NS = "tandem"
 TOKEN = "test-token"

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from router.migration_policy import (InstanceLoad, MigrationDecision, PolicyConfig, decide,
+from router.migration.policy import (InstanceLoad, MigrationDecision, PolicyConfig, decide,
                                      freeness, virtual_usage)
 from tandem.v1 import worker_pb2
 

@@ -10,7 +10,7 @@ import logging
 import grpc
 import pytest
 
-from router.dispatch import RouteError
+from router.request.dispatch import RouteError
 from router.metrics import RouterMetrics
 from services import log_setup
 from services.transport import TransferStats

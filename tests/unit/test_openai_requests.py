@@ -295,7 +295,7 @@ def test_completion_answer_with_logprobs_and_echo(model, tok):
 
 
 def test_out_of_order_messages_are_an_internal_error(model, tok):
-    from router.dispatch import RouteError
+    from router.request.dispatch import RouteError
     a = Answer(parse_completion({"prompt": "a"}, model, tok), "r", "tiny", 1, TokenTexts(tok), [1])
     with pytest.raises(RouteError):
         a.add(_msg(3, [5], "x"))

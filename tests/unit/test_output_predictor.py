@@ -1,4 +1,4 @@
-"""router/output_predictor.py: learns planted relations online; quantiles; live error; warm start."""
+"""router/request/output_predictor.py: learns planted relations online; quantiles; live error; warm start."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from router.output_predictor import OutputPredictor, PredictionError, Quantiles
+from router.request.output_predictor import OutputPredictor, PredictionError, Quantiles
 
 APPS = {0: 12, 1: 40, 2: 90, 3: 200}         # application → mean output tokens
 MAX_TOKENS = 256
@@ -89,7 +89,7 @@ def test_hint_is_scaled_by_what_hints_turned_out_to_mean():
 
 
 def test_memory_is_bounded(monkeypatch):
-    import router.output_predictor as op
+    import router.request.output_predictor as op
     monkeypatch.setattr(op, "HISTORY", 50)
     monkeypatch.setattr(op, "MAX_PREFIXES", 20)
     p = OutputPredictor()

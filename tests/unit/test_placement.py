@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from router.placement import (DEFAULT_PREFILL_TOKENS_PER_S, InflightLedger, InflightLoad,
-                              freeness, pick_colocated, pick_decode, pick_prefill,
-                              predicted_ttft_s)
+from router.prefill_rate import DEFAULT_PREFILL_TOKENS_PER_S
+from router.request.placement import (InflightLedger, InflightLoad, freeness, pick_colocated, pick_decode,
+                                      pick_prefill, predicted_ttft_s)
 from tandem.v1 import worker_pb2
 
 DECODE, PREFILL = worker_pb2.ROLE_DECODE, worker_pb2.ROLE_PREFILL

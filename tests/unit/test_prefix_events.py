@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from router.placement import InflightLedger, pick_by_prefix, pick_prefill
-from router.prefix_index import PrefixIndex, cached_tokens
+from router.request.placement import InflightLedger, pick_by_prefix, pick_prefill
+from router.cluster.prefix_index import PrefixIndex, cached_tokens
 from services.engine.kv_cache import KVCacheManager, PrefixEvent, hash_block, prefix_block_hashes
 from services.prefix_stream import net_changes, pack_hashes, unpack_hashes
 from tandem.v1 import worker_pb2

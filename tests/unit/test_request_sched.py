@@ -1,4 +1,4 @@
-"""router/request_sched.py and router/admission.py: prediction into the worker request, who is
+"""router/request/sched.py and router/request/admission.py: prediction into the worker request, who is
 ahead, SLO admission decisions, learning from finished and client-closed streams; bad input."""
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import asyncio
 import grpc
 import pytest
 
-from router.admission import StartRate, predicted_ttft_s, retry_after_s
-from router.dispatch import RouteError
+from router.request.admission import StartRate, predicted_ttft_s, retry_after_s
+from router.request.dispatch import RouteError
 from router.openai_api.errors import ApiError
 from router.openai_api.requests import parse_completion
-from router.request_sched import RequestScheduling, SchedulingCollector, load_warm_start
-from router.request_validation import build_request
+from router.request.sched import RequestScheduling, SchedulingCollector, load_warm_start
+from router.request.validation import build_request
 from services.engine.loader import resolve_model
 from services.engine.sampling_params import InvalidRequestError
 from services.engine.tokenizer import Tokenizer

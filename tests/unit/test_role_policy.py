@@ -1,7 +1,7 @@
 """Adaptive pools' switch decisions, on hand-made load reports (no cluster, no clock)."""
 from __future__ import annotations
 
-from router.role_policy import BOTH, DECODE, PREFILL, RolePolicyConfig, decide, mixed_tokens
+from router.cluster.role_policy import BOTH, DECODE, PREFILL, RolePolicyConfig, decide, mixed_tokens
 from tandem.v1 import worker_pb2
 
 C = RolePolicyConfig(ttft_slo_s=1.0, tpot_slo_s=0.05, dwell_s=2.0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from router.freeness import freeness
-from router.migration_policy import InstanceLoad, PolicyConfig, freeness as policy_freeness
-from router.placement import freeness as placement_freeness
+from router.migration.policy import InstanceLoad, PolicyConfig, freeness as policy_freeness
+from router.request.placement import freeness as placement_freeness
 from services.engine.blocks import cdiv
 from services.roles import LIVE_STATES, ROLE_LABELS, Role, WORKER_STATES, WorkerState, role_label
 from tandem.v1 import worker_pb2

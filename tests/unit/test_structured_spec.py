@@ -9,7 +9,7 @@ import pytest
 from router.openai_api.chat_template import ChatTemplate
 from router.openai_api.errors import ApiError, from_invalid_request
 from router.openai_api.requests import parse_chat, parse_completion
-from router.request_validation import build_request
+from router.request.validation import build_request
 from services.engine.grammar import check_structured, grammar_of
 from services.engine.sampling_params import InvalidRequestError, SamplingParams, StructuredKind as K, StructuredOutput
 from services.proto_convert import sampling_params_from_proto, sampling_params_to_proto

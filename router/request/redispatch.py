@@ -34,8 +34,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from router.dispatch import Dispatcher, RouteError, RoutedRequest, WorkerLost, _from_chunk, _Holder
-from router.placement import pick_colocated, pick_decode
+from router.request.dispatch import Dispatcher, RouteError, RoutedRequest, WorkerLost, _from_chunk, _Holder
+from router.request.placement import pick_colocated, pick_decode
 from services.engine.blocks import cdiv
 from tandem.v1 import serving_pb2, worker_pb2
 

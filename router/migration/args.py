@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from router.migration_policy import PolicyConfig
+from router.migration.policy import PolicyConfig
 from router.settings import RouterSettings
 from services.settings import add_flags
 

@@ -14,7 +14,7 @@ the prompt and first token instead, and its stream goes on as usual. Colocated p
 stream on a colocated instance. Any exit other than a normal finish (client cancel, deadline,
 abort, error) sends Release to every worker that may hold something for the request. An instance
 lost while it serves the request (UNAVAILABLE, or a stream that ends unfinished) raises WorkerLost:
-router/redispatch.py carries the request on elsewhere.
+router/request/redispatch.py carries the request on elsewhere.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from router.placement import (InflightLedger, pick_by_prefix, pick_colocated, pick_decode, pick_prefill,
-                              pick_whole_request)
-from router.prefix_index import PrefixIndex, cached_tokens
-from router.registry import InstanceRegistry
+from router.request.placement import (InflightLedger, pick_by_prefix, pick_colocated, pick_decode, pick_prefill,
+                                      pick_whole_request)
+from router.cluster.prefix_index import PrefixIndex, cached_tokens
+from router.cluster.registry import InstanceRegistry
 from services.engine.blocks import cdiv
 from services.worker.settings import LEASE_MS
 from services.worker_pool import WorkerPool
@@ -66,7 +66,7 @@ class RouteError(Exception):
 
 class WorkerLost(RouteError):
     """The instance serving the request died or dropped its stream (UNAVAILABLE, or a stream that
-    ended unfinished). UNAVAILABLE for the client unless router/redispatch.py resumes the request
+    ended unfinished). UNAVAILABLE for the client unless router/request/redispatch.py resumes the request
     elsewhere; `reason` is the label of tandem_redispatches_total."""
 
     def __init__(self, instance_id: str, reason: str, message: str):

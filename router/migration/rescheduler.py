@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from router.migration_policy import InstanceLoad, MigrationDecision, PolicyConfig, decide
-from router.registry import InstanceRegistry
+from router.migration.policy import InstanceLoad, MigrationDecision, PolicyConfig, decide
+from router.cluster.registry import InstanceRegistry
 from router.settings import RESCHEDULE_INTERVAL_S
 from services.async_tasks import stop_task
 from services.roles import LIVE_STATES, Role, WorkerState

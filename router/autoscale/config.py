@@ -1,6 +1,6 @@
 """The autoscaler's settings and memory: pools, hysteresis bands, replica bounds, the frozen
 AutoscalerConfig (validated once, at construction) and the ScalerState that decide() carries from
-one decision to the next (router/autoscaler.py)."""
+one decision to the next (router/autoscale/autoscaler.py)."""
 from __future__ import annotations
 
 import dataclasses

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from router.placement import DEFAULT_PREFILL_TOKENS_PER_S
+from router.prefill_rate import prefill_rate
 from services.roles import Role, WorkerState
 from tandem.v1 import worker_pb2
 
@@ -65,7 +65,7 @@ class RoleDecision:
 
 
 def prefill_wait_s(r: LoadReport) -> float:
-    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    rate = prefill_rate(r)
     return r.queued_prefill_tokens / rate
 
 
@@ -80,7 +80,7 @@ def _decode_pressed(r: LoadReport, c: RolePolicyConfig) -> bool:
 
 def mixed_tokens(r: LoadReport, c: RolePolicyConfig) -> int:
     """Prompt tokens per step r can add beside its decodes (rule 1 of the module docstring)."""
-    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    rate = prefill_rate(r)
     room_s = c.tpot_target * c.tpot_slo_s - (r.step_time_ms / 1e3 if r.running else 0.0)
     return int(min(c.max_mixed_tokens, max(c.min_mixed_tokens, room_s * rate * c.amortize_steps)))
 

@@ -21,14 +21,11 @@ import itertools
 from collections.abc import Iterable, Mapping
 
 from router.freeness import freeness as load_freeness
+from router.prefill_rate import prefill_rate
 from services.roles import Role, WorkerState
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport
-
-# Prompt tokens per second assumed for an instance that has not measured its rate yet. Low on
-# purpose: an unmeasured instance should not look faster than measured ones.
-DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +109,7 @@ def predicted_ttft_s(r: LoadReport, prompt_tokens: int, inflight: InflightLedger
     """Seconds until this prompt's first token on r: every prompt token ahead of it (queued on
     the instance and in flight to it) plus its own, at `rate` tokens/s when given, else r's
     measured prefill rate (or DEFAULT_PREFILL_TOKENS_PER_S while r reports none)."""
-    rate = rate or (r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S)
+    rate = rate or prefill_rate(r)
     ahead = r.queued_prefill_tokens + inflight.for_instance(r.instance_id).prompt_tokens
     return (ahead + prompt_tokens) / rate
 
@@ -176,7 +173,7 @@ def credited_ttft_s(r: LoadReport, prompt_tokens: int, cached_tokens: int, infli
                     overlap_weight: float = OVERLAP_WEIGHT) -> float:
     """predicted_ttft_s over the tokens r does not cache, less (overlap_weight - 1) x the time the
     cached ones save: a score for comparing instances (may be negative), not a TTFT."""
-    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    rate = prefill_rate(r)
     return (predicted_ttft_s(r, max(0, prompt_tokens - cached_tokens), inflight)
             - (overlap_weight - 1.0) * cached_tokens / rate)
 
@@ -245,7 +242,7 @@ def pick_whole_request(reports: Iterable[LoadReport], prompt_tokens: int, blocks
 def mixed_prefill_rate(r: LoadReport) -> float:
     """Prompt tokens per second an instance that caps prefill beside decodes gets through: its
     measured rate, or at most one cap per step while it has decodes running."""
-    rate = r.prefill_tokens_per_s if r.prefill_tokens_per_s > 0 else DEFAULT_PREFILL_TOKENS_PER_S
+    rate = prefill_rate(r)
     if r.mixed_prefill_tokens and r.running and r.step_time_ms > 0:
         rate = min(rate, r.mixed_prefill_tokens / (r.step_time_ms / 1e3))
     return rate

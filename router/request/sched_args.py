@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from router.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
+from router.request.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 
 QUEUE_POLICY_HELP = ("fcfs (default): arrival order; sjf: shortest predicted work first (prompt tokens left + the "

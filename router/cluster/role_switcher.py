@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import grpc
 
-from router.registry import InstanceRegistry
-from router.role_policy import RoleDecision, RolePolicyConfig, decide
+from router.cluster.registry import InstanceRegistry
+from router.cluster.role_policy import RoleDecision, RolePolicyConfig, decide
 from services.async_tasks import stop_task
 from services.roles import Role, role_label
 from services.worker_pool import WorkerPool

@@ -1,5 +1,5 @@
 """The autoscaler's controller: every interval_s, while this router holds the leader lock, read
-loads and replica counts, decide (router/autoscaler.py), drain a decode instance by migration when
+loads and replica counts, decide (router/autoscale/autoscaler.py), drain a decode instance by migration when
 one is to go, and set the Deployments' replicas.
 
     autoscaler = Autoscaler(config, deployments={Pool.PREFILL: "tandem-prefill", ...},
@@ -9,9 +9,9 @@ one is to go, and set the Deployments' replicas.
 
 Contracts of the collaborators:
 - scaler: `get_replicas(name) -> int` and `set_replicas(name, n, expected=m) -> int`, synchronous
-  (run in a worker thread), raising ScalerError subclasses (router/k8s_scaler.py);
+  (run in a worker thread), raising ScalerError subclasses (router/autoscale/k8s_scaler.py);
 - loads: returns every instance record now (the router's InstanceRegistry.all);
-- leader: has `is_leader` (router/leader_lock.py); a router that does not lead does nothing;
+- leader: has `is_leader` (router/cluster/leader_lock.py); a router that does not lead does nothing;
 - drain_instance(instance_id) -> bool, async: True once the instance is drained (its requests
   migrated away, it takes no new work), at once for one already drained; False if it could not,
   in which case the callable leaves the instance serving. The replica is removed only after True, then drain_settle_s later (so the
@@ -30,9 +30,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
-from router.autoscaler import (AutoscalerConfig, Decision, Pool, PoolDecision, ScalerState,
-                               decide)
-from router.k8s_scaler import ScalerError
+from router.autoscale.autoscaler import (AutoscalerConfig, Decision, Pool, PoolDecision, ScalerState,
+                                         decide)
+from router.autoscale.k8s_scaler import ScalerError
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from router.dispatch import RoutedRequest
+from router.request.dispatch import RoutedRequest
 from services.engine.sampling_params import InvalidRequestError
 from tandem.v1 import serving_pb2, worker_pb2
 

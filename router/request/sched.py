@@ -5,12 +5,12 @@ Both front doors wrap the dispatcher's stream with it (one code path):
 
     stream = router.metrics.track(rr, router.sched.run(rr, router.dispatcher.generate(rr)), api)
 
-`run` predicts the output length (router/output_predictor.py) and writes the median into the
+`run` predicts the output length (router/request/output_predictor.py) and writes the median into the
 worker request (the engines' sjf order reads it), refuses at once a request that finds
 `--max-queued-requests` admitted requests still without a first token (RESOURCE_EXHAUSTED / 429
 naming the flag, retry-after: the excess at the measured start rate; whatever the admission
 mode, so the router's queue and memory stay bounded under any burst), refuses what cannot meet its TTFT SLO
-under `--admission slo` (router/admission.py: RouteError RESOURCE_EXHAUSTED with retry_after_s,
+under `--admission slo` (router/request/admission.py: RouteError RESOURCE_EXHAUSTED with retry_after_s,
 INVALID_ARGUMENT for an SLO no instance can meet), then yields the dispatcher's messages
 unchanged, timing first tokens for the start rate, and finally teaches the predictor the number
 of tokens the request produced. A request the client closed after some tokens counts with what
@@ -30,10 +30,10 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from router.admission import (DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED, StartRate, predicted_ttft_s,
-                              queue_retry_after_s, retry_after_s)
-from router.dispatch import RouteError, RoutedRequest
-from router.output_predictor import OutputPredictor, PredictionError, Quantiles
+from router.request.admission import (DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED, StartRate, predicted_ttft_s,
+                                      queue_retry_after_s, retry_after_s)
+from router.request.dispatch import RouteError, RoutedRequest
+from router.request.output_predictor import OutputPredictor, PredictionError, Quantiles
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, order_key
 from tandem.v1 import serving_pb2
 

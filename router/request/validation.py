@@ -9,8 +9,8 @@ import asyncio
 import time
 import uuid
 
-from router.choices import check_choices
-from router.dispatch import RoutedRequest
+from router.request.choices import check_choices
+from router.request.dispatch import RoutedRequest
 from services.engine.config import ModelConfig
 from services.engine.engine import validate_prompt
 from services.engine.sampling_params import InvalidRequestError

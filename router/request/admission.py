@@ -25,7 +25,7 @@ import math
 ADMISSION_MODES = ("none", "slo")
 DEFAULT_ADMISSION = "none"
 # Admitted requests without a first token a router holds before it refuses more (any admission
-# mode): bounds its queue and memory under a burst (router/request_sched.py).
+# mode): bounds its queue and memory under a burst (router/request/sched.py).
 DEFAULT_MAX_QUEUED = 1024
 START_GAPS = 64          # first-token gaps (with a backlog) the start rate is measured over
 

@@ -1,7 +1,7 @@
 """Autoscaler policy: instance loads → replica targets for the prefill and decode Deployments.
 
 Pure: `decide(loads, replicas, state, now, config)` reads nothing and changes nothing; the
-controller (router/autoscaler_loop.py) feeds it the LoadReports the router already polls from Redis
+controller (router/autoscale/loop.py) feeds it the LoadReports the router already polls from Redis
 and the Deployments' current replica counts, then acts on the Decision.
 
 Signals, each a ratio compared with a hysteresis Band (scale up above `up`, down below `down`,
@@ -26,7 +26,7 @@ scale_down_stabilization_s (a load that swings back up resets it), and waits
 scale_down_cooldown_s after the pool's last change either way; a scale-up waits
 scale_up_cooldown_s after the last scale-up and nothing else (react fast, shrink slowly). Bounds
 (min/max replicas) apply to the Deployment's replicas and override cooldowns. Settings and state
-types live in router/autoscaler_config.py and are importable from here too.
+types live in router/autoscale/config.py and are importable from here too.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 
-from router.autoscaler_config import (AutoscalerConfig, Band, Bounds, Pool, PoolHistory,  # noqa: F401
-                                      ScalerState)
+from router.autoscale.config import (AutoscalerConfig, Band, Bounds, Pool, PoolHistory,  # noqa: F401
+                                     ScalerState)
 from services.roles import OUT_OF_SERVICE, WorkerState
 from tandem.v1 import worker_pb2
 

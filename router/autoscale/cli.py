@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 from collections.abc import Awaitable, Callable
 
-from router.autoscaler import AutoscalerConfig, Band, Bounds, Pool
+from router.autoscale.autoscaler import AutoscalerConfig, Band, Bounds, Pool
 
 _DEFAULTS = AutoscalerConfig()
 
@@ -129,10 +129,10 @@ async def serve_with_autoscaler(router, settings: AutoscalerSettings,
                                 serve: Callable[[object], Awaitable[None]]) -> None:
     """Run `serve(router)` with the Autoscaler beside it, and stop the Autoscaler after.
     Raises AutoscalerSetupError before serving when there are no Kubernetes credentials."""
-    from router.autoscaler_drain import AdminDrain
-    from router.autoscaler_loop import Autoscaler
-    from router.k8s_scaler import DeploymentScaler, ScalerConfigError, default_namespace, load_api_client
-    from router.leader_lock import LeaderLock
+    from router.autoscale.drain import AdminDrain
+    from router.autoscale.loop import Autoscaler
+    from router.autoscale.k8s_scaler import DeploymentScaler, ScalerConfigError, default_namespace, load_api_client
+    from router.cluster.leader_lock import LeaderLock
 
     try:
         api = load_api_client(settings.kubeconfig)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from router.role_policy import RolePolicyConfig
+from router.cluster.role_policy import RolePolicyConfig
 
 POOL_MODES = ("fixed", "adaptive")
 DEFAULT_POOLS = "adaptive"

@@ -1,0 +1,1 @@
+"""Live migration between decode instances: the policy, the rescheduler loop, its flags."""
