@@ -163,7 +163,7 @@ class Scheduler:
         computing = None          # keys of the prompts being computed now (see _twin_key)
         completing: dict[int, ScheduledChunk] = {}   # key → this step's chunk that completes that prompt
         for chunk in out.prefills:
-            if chunk.samples and not chunk.request.num_output_tokens and self._twin_key(chunk.request, True) is not None:
+            if self._may_lead(chunk):
                 completing.setdefault(self._prompt_key(chunk.request), chunk)
         for request in self.policy.admission_order(self.waiting):
             if len(self.running) >= self.config.max_num_seqs:
@@ -196,9 +196,18 @@ class Scheduler:
             budget -= n
             if key is not None and request.num_computed_tokens < self._shareable_tokens(request):
                 computing.add(key)    # it computes the shared blocks; a twin that attached them does not
-            if key is not None and out.prefills[-1].samples:
+            if key is not None and self._may_lead(out.prefills[-1]):
                 completing.setdefault(key, out.prefills[-1])
         return budget
+
+    def _may_lead(self, chunk: ScheduledChunk) -> bool:
+        """Whether twins may follow `chunk`: it completes a prompt nothing was generated from yet,
+        on an instance that keeps the KV. A prefill instance's requests (handoff) hand their KV over
+        layer by layer while the step runs, which a follower's copied block would miss: there twins
+        attach the cached blocks and compute their last block instead."""
+        r = chunk.request
+        return (chunk.samples and not r.num_output_tokens and not r.handoff
+                and self._twin_key(r, admitted=True) is not None)
 
     def _follow(self, chunk: ScheduledChunk, request: Request) -> None:
         """Run `request` (a waiting twin of chunk's prompt) as a follower of `chunk` this step."""
