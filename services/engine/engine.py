@@ -104,6 +104,9 @@ class LLMEngine:
         self._ids = itertools.count()
         # Called after each model layer of a step that has prefill chunks: (prefill_chunks, layer_index).
         self.on_prefill_layer = None
+        # on_forked(requests), when set, runs on the engine thread once the followers of this step's
+        # prompts (ScheduledChunk.followers) hold their KV: a prefill instance pushes it whole from there.
+        self.on_forked = None
         self.last_step_prefill_tokens = 0     # what the last step computed (for rate estimates)
         self.last_step_decodes = 0
 
@@ -349,6 +352,10 @@ class LLMEngine:
                     r.output_top_logprobs.append(samples.top_logprobs[i])
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         self.runner.copy_blocks(out.block_copies)
+        if self.on_forked is not None:
+            forked = [f for c in out.prefills for f in c.followers if f.status != RequestStatus.WAITING]
+            if forked:
+                self.on_forked(forked)
         outputs = []
         for i, chunk in enumerate(chunks):
             r = chunk.request

@@ -9,12 +9,15 @@ tensors; it deals in request ids, counts and (through KVCacheManager) block ids.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from services.engine.config import SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
 from services.engine.policy import make_policy
 from services.engine.request import FinishReason, Request, RequestStatus
+
+log = logging.getLogger("tandem.engine")
 
 
 @dataclass
@@ -201,13 +204,10 @@ class Scheduler:
         return budget
 
     def _may_lead(self, chunk: ScheduledChunk) -> bool:
-        """Whether twins may follow `chunk`: it completes a prompt nothing was generated from yet,
-        on an instance that keeps the KV. A prefill instance's requests (handoff) hand their KV over
-        layer by layer while the step runs, which a follower's copied block would miss: there twins
-        attach the cached blocks and compute their last block instead."""
+        """Whether twins may follow `chunk`: it completes a prompt nothing was generated from yet.
+        (A follower on a prefill instance has its whole KV pushed after the step: on_forked.)"""
         r = chunk.request
-        return (chunk.samples and not r.num_output_tokens and not r.handoff
-                and self._twin_key(r, admitted=True) is not None)
+        return chunk.samples and not r.num_output_tokens and self._twin_key(r, admitted=True) is not None
 
     def _follow(self, chunk: ScheduledChunk, request: Request) -> None:
         """Run `request` (a waiting twin of chunk's prompt) as a follower of `chunk` this step."""
@@ -215,6 +215,8 @@ class Scheduler:
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         chunk.followers.append(request)
+        log.debug("request %s follows %s (same prompt: sampled from its row, KV copied)",
+                  request.request_id, chunk.request.request_id)
 
     def _shareable_tokens(self, request: Request) -> int:
         """Prompt tokens a twin can attach from the cache: the full blocks before the last token."""

@@ -99,6 +99,22 @@ class PrefillPusher:
                 else:
                     self._push(rid, transfer, *args)
 
+    def push_whole(self, requests: list) -> None:
+        """Push every layer of each registered request's prompt blocks at once: the followers of a
+        step's prompt (LLMEngine.on_forked), whose KV was copied after the step, not computed in it."""
+        with self._lock:
+            for r in requests:
+                entry = self._transfers.get(r.request_id)
+                if entry is None:
+                    continue
+                transfer = entry[0]
+                entry[1] = 0
+                args = (self._block_table(r.request_id)[:cdiv(r.num_prompt_tokens, self._bs)], 0, 0, self._num_layers)
+                if transfer is None:
+                    entry[2].append(args)
+                else:
+                    self._push(r.request_id, transfer, *args)
+
     # ---- under the lock ------------------------------------------------------------------------
     def _push(self, rid: str, transfer, blocks: list[int], first_index: int, l0: int, l1: int) -> bool:
         """One push; a failure stops this request's pushes only (the engine step goes on)."""

@@ -127,6 +127,7 @@ class Worker:
             self.pusher = PrefillPusher(self.engine.kv.block_table, cfg.cache.block_size, cfg.model.num_layers,
                                         opts.layer_group)
             self.engine.on_prefill_layer = self.pusher
+            self.engine.on_forked = self.pusher.push_whole
         self.state = WorkerState.STARTING
         self.address = ""
         self.publisher = None

@@ -186,21 +186,3 @@ def test_a_twin_without_blocks_waits_and_runs_later(tiny):
     assert all(len(o.logprobs) == 2 for o in finals)
     e.check_integrity()
     assert e.kv.num_used_blocks == 0
-
-
-def test_prefill_instance_twins_compute_their_last_block_instead_of_following(tiny):
-    """On a prefill instance (handoff requests) the KV leaves layer by layer during the step, so a
-    twin does not follow: it attaches the cached blocks and computes its last block a step later."""
-    prompt = random_prompts([70], VOCAB, seed=11)[0]
-    e = engine(tiny)
-    for _ in range(3):
-        e.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True), handoff=True)
-    prefill_steps = []
-    while e.has_unfinished():
-        e.step()
-        if e.last_step_prefill_tokens:
-            prefill_steps.append(e.last_step_prefill_tokens)
-    assert prefill_steps == [70, 2 * 6]
-    for rid in list(e.kv._tables):        # the hand-off keeps the blocks for the transfer: free them
-        e.kv.free(rid)
-    e.check_integrity()
