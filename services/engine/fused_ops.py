@@ -68,6 +68,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def write_kv_rows(kv_rows: torch.Tensor, rows: torch.Tensor, kv_new: torch.Tensor) -> None:
+    """kv_rows[rows[a, t]] = kv_new[t, a] for a in (K, V): every new token's K and V into its slot.
+
+    kv_rows: [R, W] view of the KV tensor (written); rows: int64 [2, T]; kv_new: [T, 2, W] (a view
+    of the fused projection: W contiguous).
+    """
+    mod = _kernels(kv_rows)
+    if (mod is None or not hasattr(mod, "write_kv_rows") or kv_new.stride(-1) != 1 or kv_rows.stride(-1) != 1
+            or rows.dtype != torch.int64):
+        kv_rows.index_put_((rows,), kv_new.transpose(0, 1))
+        return
+    mod.write_kv_rows(kv_rows, rows, kv_new)
+
+
 class Rotary:
     """RoPE for one step: positions [T] int64 plus the float32 tables [max_pos, D/2].
 

@@ -95,8 +95,7 @@ class DecoderLayer(nn.Module):
         step.rotary.rotate_(qk)                                                  # [T, H + Hkv, D]
         q = qk[:, :cfg.num_heads]                                                # [T, H, D]
         # K and V of every new token in one write: rows [2, T] of the KV tensor's [*, Hkv * D] view.
-        step.kv_rows.index_put_((step.slot_rows[self.layer_idx],),
-                                qkv[:, cfg.q_size:].view(t, 2, cfg.kv_size).transpose(0, 1))
+        fused_ops.write_kv_rows(step.kv_rows, step.slot_rows[self.layer_idx], qkv[:, cfg.q_size:].view(t, 2, cfg.kv_size))
         nd = meta.num_decode
         if nd == t:                    # decodes only: the kernel's output is the attention output
             attn = attention_ops.paged_decode_attention(

@@ -89,3 +89,25 @@ def test_rope_refuses_positions_past_the_table():
     x = torch.randn(1, 2, rope.cos.shape[1] * 2)
     with pytest.raises(RuntimeError, match="out of range"):
         fused_ops.Rotary(torch.tensor([rope.cos.shape[0]]), rope.cos, rope.sin).rotate_(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_write_kv_rows_equals_index_put(unfused, dtype, tokens):
+    """New tokens' K and V land in their rows as index_put_ puts them (from a strided fused view)."""
+    g = torch.Generator().manual_seed(tokens)
+    width = 48
+    kv1 = torch.randn(300, width, generator=g).to(dtype)
+    kv2 = kv1.clone()
+    rows = torch.randperm(300, generator=g)[:2 * tokens].view(2, tokens)             # [2, T], distinct
+    qkv = torch.randn(tokens, 64 + 2 * width, generator=g).to(dtype)
+    new = qkv[:, 64:].view(tokens, 2, width)                                         # strided rows
+    fused_ops.write_kv_rows(kv1, rows, new)
+    unfused(fused_ops.write_kv_rows, kv2, rows, new)
+    assert torch.equal(kv1, kv2)
+
+
+def test_write_kv_rows_refuses_a_row_out_of_range():
+    kv = torch.zeros(10, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        attention_ops.load_kernels().write_kv_rows(kv, torch.tensor([[1], [10]]), torch.zeros(1, 2, 8))

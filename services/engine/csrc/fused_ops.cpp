@@ -253,6 +253,35 @@ void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::T
   });
 }
 
+// dst: [R, W] (rows contiguous, any row stride); rows: int64 [2, T]; src: [T, 2, W] (W contiguous,
+// any other strides). dst[rows[a][t]] = src[t][a]: the K (a = 0) and V (a = 1) of each new token into
+// its KV slot, one row copy each (what index_put_ does, without its generic indexing machinery).
+void write_kv_rows(torch::Tensor dst, torch::Tensor rows, torch::Tensor src) {
+  TORCH_CHECK(dst.dim() == 2 && dst.stride(1) == 1, "dst must be [rows, width] with contiguous rows");
+  TORCH_CHECK(src.dim() == 3 && src.size(1) == 2 && src.size(2) == dst.size(1) && src.stride(2) == 1,
+              "src must be [T, 2, width] with a contiguous last dim");
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "src and dst dtypes differ");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == 2 && rows.size(1) == src.size(0),
+              "rows must be int64 [2, T]");
+  const int64_t T = src.size(0), R = dst.size(0);
+  const int64_t bytes = dst.size(1) * dst.element_size();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t rs0 = rows.stride(0), rs1 = rows.stride(1);
+  for (int64_t a = 0; a < 2; ++a)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = rp[a * rs0 + t * rs1];
+      TORCH_CHECK(r >= 0 && r < R, "KV row ", r, " out of range [0, ", R, ")");
+    }
+  auto* dp = static_cast<char*>(dst.data_ptr());
+  const auto* sp = static_cast<const char*>(src.data_ptr());
+  const int64_t es = src.element_size(), ds0 = dst.stride(0) * dst.element_size();
+  const int64_t ss0 = src.stride(0) * es, ss1 = src.stride(1) * es;
+  for_rows(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t a = 0; a < 2; ++a) std::memcpy(dp + rp[a * rs0 + t * rs1] * ds0, sp + t * ss0 + a * ss1, bytes);
+  });
+}
+
 }  // namespace
 
 void register_fused_ops(pybind11::module& m) {
@@ -265,5 +294,7 @@ void register_fused_ops(pybind11::module& m) {
   // Whether silu_mul runs torch's vector exp here (else a scalar loop, slower than torch's ops).
   m.attr("silu_mul_vectorized") = pybind11::bool_(kSiluMulVectorized);
   m.def("silu_mul", &silu_mul, "out = silu(gate) * up for gate_up = [gate | up]", release());
+  m.def("write_kv_rows", &write_kv_rows, "dst[rows[a][t]] = src[t][a]: new tokens' K and V into their slots",
+        release());
   m.def("rope_", &rope_, "rotate [T, heads, D] in place by positions (HF rotate_half)", release());
 }
