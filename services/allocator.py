@@ -43,7 +43,7 @@ def tcmalloc_path() -> str | None:
     return next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
 
 
-def loaded() -> str | None:
+def loaded() -> str:
     """Which allocator this process runs: "tcmalloc" when the library is mapped, else "system"."""
     try:
         with open("/proc/self/maps") as f:

@@ -75,8 +75,7 @@ def write_kv_rows(kv_rows: torch.Tensor, rows: torch.Tensor, kv_new: torch.Tenso
     of the fused projection: W contiguous).
     """
     mod = _kernels(kv_rows)
-    if (mod is None or not hasattr(mod, "write_kv_rows") or kv_new.stride(-1) != 1 or kv_rows.stride(-1) != 1
-            or rows.dtype != torch.int64):
+    if mod is None or kv_new.stride(-1) != 1 or kv_rows.stride(-1) != 1 or rows.dtype != torch.int64:
         kv_rows.index_put_((rows,), kv_new.transpose(0, 1))
         return
     mod.write_kv_rows(kv_rows, rows, kv_new)
