@@ -192,7 +192,7 @@ class Router:
         self.pool = WorkerPool()
         self.registry = InstanceRegistry(   # channels to instances that left are closed
             redis_url, cluster, poll_interval_s=poll_interval_s,
-            on_change=lambda view: self.pool.forget({r.address for r in view.values()}))
+            on_change=self._instances_changed)
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing {routing!r}: use one of {', '.join(ROUTING_MODES)}")
         self.routing = routing
@@ -260,6 +260,13 @@ class Router:
         await self.http.start()
         return self.address
 
+    def _instances_changed(self, view: dict) -> None:
+        """The registry's view changed: close channels to workers that left, and keep an Outputs
+        stream open to each registered one (router/request/outputs_hub.py)."""
+        live = {r.address for r in view.values()}
+        self.pool.forget(live)
+        self.dispatcher.outputs.watch(live)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.http.stop()
@@ -268,6 +275,7 @@ class Router:
         await self.leader.stop()
         if self.server:
             await self.server.stop(grace_s)
+        await self.dispatcher.outputs.close()
         await self.pool.close()
         if self.prefix_follower is not None:
             await self.prefix_follower.stop()

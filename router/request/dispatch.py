@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from router.request.outputs_hub import OutputsHub
 from router.request.placement import (InflightLedger, pick_by_prefix, pick_colocated, pick_decode, pick_prefill,
                                       pick_whole_request)
 from router.cluster.prefix_index import PrefixIndex, cached_tokens
@@ -109,6 +110,7 @@ class _Holder:
     instance_id: str
     call: object
     moves: int = 0
+    outputs: str = ""          # the OutputsHub subscription `call` was made with ("": none)
 
 
 class Dispatcher:
@@ -126,6 +128,7 @@ class Dispatcher:
         # under sjf only the first in that order tries to place; fcfs lets every waiter try.
         self.queue_policy, self.aging_s = queue_policy, aging_s
         self.queued: dict[str, RoutedRequest] = {}
+        self.outputs = OutputsHub(pool)        # workers' Outputs streams: a step's tokens in one message
 
     def _cached(self, rr: RoutedRequest, pool: list) -> dict[str, int] | None:
         """--routing prefix: instance → prompt tokens its prefix cache holds; None under load routing."""
@@ -300,9 +303,9 @@ class Dispatcher:
         def start_decode() -> asyncio.Future:
             """D's Decode stream, started once; the future of its reservation (_reservation)."""
             if not reservation:
-                holder.call = self.pool.stub(d.address).Decode(
-                    worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=1, request=rr.worker_request,
-                                             lease_ms=self.lease_ms), timeout=self._stream_timeout(rr))
+                holder.call, holder.outputs = self.outputs.call(d.address, "Decode", worker_pb2.DecodeRequest(
+                    request_id=rr.request_id, start_index=1, request=rr.worker_request, lease_ms=self.lease_ms),
+                    self._stream_timeout(rr))
                 rr.calls.append(holder.call)
                 reservation.append(asyncio.ensure_future(_reservation(holder.call)))
             return reservation[0]
@@ -467,27 +470,28 @@ class Dispatcher:
         moved = False
         while True:
             migrated = None
-            async for chunk in holder.call:
-                if chunk.HasField("migrated"):
-                    migrated = worker_pb2.Migrated()
-                    migrated.CopyFrom(chunk.migrated)
-                    if chunk.token_ids:
-                        yield chunk, moved
-                        moved = False
-                    break
-                yield chunk, moved
-                moved = False
-                if chunk.finished:
-                    return
+            async with contextlib.aclosing(self.outputs.follow(holder.call, holder.outputs, rr.request_id)) as chunks:
+                async for chunk in chunks:
+                    if chunk.HasField("migrated"):
+                        migrated = worker_pb2.Migrated()
+                        migrated.CopyFrom(chunk.migrated)
+                        if chunk.token_ids:
+                            yield chunk, moved
+                            moved = False
+                        break
+                    yield chunk, moved
+                    moved = False
+                    if chunk.finished:
+                        return
             if migrated is None:
                 raise WorkerLost(holder.instance_id, "stream_ended",
                                  f"instance {holder.instance_id} ended the stream before the request finished")
-            call = self.pool.stub(migrated.address).Decode(
-                worker_pb2.DecodeRequest(request_id=rr.request_id, start_index=migrated.next_index),
-                timeout=self._stream_timeout(rr))
+            call, sub = self.outputs.call(migrated.address, "Decode", worker_pb2.DecodeRequest(
+                request_id=rr.request_id, start_index=migrated.next_index), self._stream_timeout(rr))
             rr.calls.remove(holder.call)
             rr.calls.append(call)
-            holder.address, holder.instance_id, holder.call = migrated.address, migrated.instance_id, call
+            holder.address, holder.instance_id, holder.call, holder.outputs = (migrated.address, migrated.instance_id,
+                                                                               call, sub)
             holder.moves += 1
             moved = True
 
@@ -509,9 +513,9 @@ class Dispatcher:
                 break
             c, needed = placed
             token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=self._uncached(rr, c), running=1)
-            call = self.pool.stub(c.address).Generate(rr.worker_request, timeout=self._stream_timeout(rr))
+            call, sub = self.outputs.call(c.address, "Generate", rr.worker_request, self._stream_timeout(rr))
             rr.calls.append(call)
-            holder = _Holder(c.address, c.instance_id, call)
+            holder = _Holder(c.address, c.instance_id, call, outputs=sub)
             sent = 0
             finished = False
             try:

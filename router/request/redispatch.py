@@ -138,12 +138,11 @@ class Redispatcher:
         survivor = await self._find_running(previous_id, len(delivered), lost)
         if survivor is not None:
             attach = dataclasses.replace(child, request_id=previous_id)
-            call = self.dispatcher.pool.stub(survivor.address).Decode(
-                worker_pb2.DecodeRequest(request_id=previous_id, start_index=len(delivered)),
-                timeout=self.dispatcher._stream_timeout(rr))
+            call, sub = self.dispatcher.outputs.call(survivor.address, "Decode", worker_pb2.DecodeRequest(
+                request_id=previous_id, start_index=len(delivered)), self.dispatcher._stream_timeout(rr))
             log.info("request %s: attached to %s, where it runs already (migrated)", rr.request_id,
                      survivor.instance_id)
-            stream = self._stream(rr, attach, _Holder(survivor.address, survivor.instance_id, call))
+            stream = self._stream(rr, attach, _Holder(survivor.address, survivor.instance_id, call, outputs=sub))
             try:
                 async with contextlib.aclosing(stream):
                     async for message in stream:
@@ -197,9 +196,9 @@ class Redispatcher:
                 await asyncio.sleep(d.queue_poll_s)
                 continue
             token = d.ledger.add(inst.instance_id, blocks=needed, running=1)
-            call = d.pool.stub(inst.address).Generate(child.worker_request, timeout=d._stream_timeout(rr))
+            call, sub = d.outputs.call(inst.address, "Generate", child.worker_request, d._stream_timeout(rr))
             refused = None
-            stream = self._stream(rr, child, _Holder(inst.address, inst.instance_id, call),
+            stream = self._stream(rr, child, _Holder(inst.address, inst.instance_id, call, outputs=sub),
                                   on_first=lambda: d.ledger.remove(token))
             try:
                 async with contextlib.aclosing(stream):

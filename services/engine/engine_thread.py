@@ -40,6 +40,10 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """Iterate for RequestOutput deltas; the last one has finished=True. Closing early aborts."""
 
+    # Streams read on an asyncio loop name it here and take items in `_put_now` on that loop: the
+    # engine thread then hands a step's outputs for all of them over in one call (one wake-up).
+    loop = None
+
     def __init__(self, owner: "EngineThread", request_id: str):
         self.request_id, self._owner = request_id, owner
         self._queue: queue.Queue = queue.Queue()
@@ -47,6 +51,9 @@ class RequestStream:
 
     def _put(self, item) -> None:
         self._queue.put(item)
+
+    def _put_now(self, item) -> None:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[RequestOutput]:
         try:
@@ -88,6 +95,12 @@ class EngineLoad:
 
 
 OS_THREAD_NAME = "tandem-engine"     # the engine thread's name in top, ps -L and /proc (its OpenMP workers inherit it)
+
+
+def _hand_over(items: list) -> None:
+    """On a stream's event loop: the engine's outputs of one step, in order."""
+    for stream, item in items:
+        stream._put_now(item)
 
 
 def _name_os_thread(name: str) -> None:
@@ -250,8 +263,7 @@ class EngineThread:
                 t0 = time.perf_counter()
                 outputs = self.engine.step()
                 self._measure(time.perf_counter() - t0)
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_step(outputs)
             error: BaseException = EngineDeadError("engine stopped")
         except BaseException as e:     # fail the streams, never leave a caller hanging
             error = e
@@ -334,6 +346,27 @@ class EngineThread:
                     done(False, e)
                 else:
                     done(True, result)
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their streams; those read on an event loop get theirs in one
+        call_soon_threadsafe per loop instead of one per stream."""
+        by_loop: dict = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+                if stream is None:
+                    continue
+                if stream.loop is None:
+                    stream._put(out)
+                else:
+                    by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:          # the loop closed (its server stopped): nobody reads these
+                pass
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:

@@ -15,15 +15,18 @@ class AsyncRequestStream(RequestStream):
 
     def __init__(self, owner, request_id: str, *, loop: asyncio.AbstractEventLoop):
         super().__init__(owner, request_id)
-        self._loop = loop
+        self.loop = loop                # EngineThread hands a step's outputs to the loop at once
         self._aq: asyncio.Queue = asyncio.Queue()
 
     @classmethod
     def factory(cls, loop: asyncio.AbstractEventLoop):
         return lambda owner, request_id: cls(owner, request_id, loop=loop)
 
-    def _put(self, item) -> None:           # engine thread
-        self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+    def _put(self, item) -> None:           # engine thread (errors, aborts: one at a time)
+        self.loop.call_soon_threadsafe(self._aq.put_nowait, item)
+
+    def _put_now(self, item) -> None:       # on self.loop
+        self._aq.put_nowait(item)
 
     async def next_batch(self) -> list[RequestOutput]:
         """Wait for at least one output, then take every output already queued (in order).

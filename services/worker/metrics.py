@@ -139,6 +139,9 @@ class WorkerSnapshot:
     kv_received_bytes: int = 0
     kv_received_transfers: int = 0
     kv_receive_refusals: int = 0
+    outputs_streams: int = 0            # routers' open Outputs streams (output_sinks.py)
+    output_chunks_muxed: int = 0        # token chunks sent through them
+    output_chunks_own: int = 0          # token chunks sent on their request's own stream
 
 
 class _WorkerCollector:
@@ -182,6 +185,15 @@ class _WorkerCollector:
         yield gauge("tandem_queued_prefill_tokens", "Prompt tokens queued for prefill, not computed yet",
                     lambda s: s.queued_prefill_tokens)
         yield gauge("tandem_leases", "Live decode reservations", lambda s: s.leases)
+        yield gauge("tandem_worker_outputs_streams", "Routers' open Outputs streams (a step's tokens per message)",
+                    lambda s: s.outputs_streams)
+        chunks = CounterMetricFamily("tandem_worker_output_chunks", "Token chunks streamed to routers, by path: "
+                                     "outputs (a router's Outputs stream) or own (the request's stream)",
+                                     labels=["instance", "path"])
+        for s in snaps:
+            chunks.add_metric([s.instance, "outputs"], s.output_chunks_muxed)
+            chunks.add_metric([s.instance, "own"], s.output_chunks_own)
+        yield chunks
         info = GaugeMetricFamily("tandem_worker_info", "Static facts about the instance (value 1)",
                                  labels=["instance", "role", "model", "kv_transport", "dtype"])
         state = GaugeMetricFamily("tandem_worker_state", "1 for the instance's current state, 0 for the others",

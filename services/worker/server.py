@@ -29,6 +29,7 @@ from services.worker.migration_out import MigrationConfig
 from services.worker.observed_sender import ObservedSender
 from services.worker.request_context import SERVICE_PREFIX as WORKER_SERVICE, RequestContextInterceptor
 from services.grpc_backlog import SERVER_BACKLOG_OPTIONS
+from services.worker.output_sinks import OutputSinks
 from services.worker.servicer import WorkerServicer
 from services.worker.settings import WORKER_DEFAULTS
 from tandem.v1 import worker_pb2, worker_pb2_grpc
@@ -215,6 +216,7 @@ class Worker:
     def metrics_snapshot(self) -> worker_metrics.WorkerSnapshot:
         """This worker's state for a /metrics scrape (the load report plus the transport's totals)."""
         r, sent, received = self.report(), self.sender.stats(), self.receiver.stats()
+        outputs = self.servicer.outputs if self.servicer is not None else OutputSinks()
         return worker_metrics.WorkerSnapshot(
             instance=self.instance_id, role=self.opts.role, state=r.state, model=r.model,
             kv_transport=self.opts.kv_transport, dtype=self.dtype, total_blocks=r.total_blocks,
@@ -224,7 +226,9 @@ class Worker:
             kv_send_failures=sent.get("failures", 0), kv_send_aborts=sent.get("aborts", 0),
             kv_received_bytes=received.get("bytes_received", 0),
             kv_received_transfers=received.get("transfers_committed", 0),
-            kv_receive_refusals=received.get("transfers_refused", 0))
+            kv_receive_refusals=received.get("transfers_refused", 0),
+            outputs_streams=len(outputs), output_chunks_muxed=outputs.muxed_chunks,
+            output_chunks_own=outputs.own_chunks)
 
     async def _start_metrics(self) -> None:
         """Serve /metrics first, so a port clash fails before the worker registers anywhere."""
@@ -287,6 +291,8 @@ class Worker:
             await self.publisher.stop()       # leave placement first
         if self.prefix_publisher:
             await self.prefix_publisher.stop()
+        if self.servicer:
+            self.servicer.outputs.drain()     # routers' Outputs streams end with the last request using them
         if self.server:
             await self.server.stop(self.opts.grace_s)
         if self.servicer:

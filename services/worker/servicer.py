@@ -27,6 +27,7 @@ from services.proto_convert import (FINISH_TO_PROTO, outputs_to_chunk, sampling_
                                     top_logprobs_to_proto)
 from services.transport import KVHandshakeError, KVTransportError
 from services.worker.async_stream import AsyncRequestStream
+from services.worker.output_sinks import OutputSinks
 from services.worker.kv_push import PrefillPusher
 from services.worker import metrics as worker_metrics
 from services.worker.leases import Lease, LeaseNotFound, LeaseReleased, LeaseState, LeaseTable
@@ -63,6 +64,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.leases = LeaseTable(self._adopt, self._release_lease, receiver.forget)
         self._prefills: dict[str, AsyncRequestStream] = {}
         self._decoding: set[str] = set()      # requests whose Decode stream claimed their lease
+        self.outputs = OutputSinks()          # routers' Outputs streams (output_sinks.py)
         migration = migration or MigrationConfig(transfer_timeout_s=transfer_timeout_s)
         self.peers = WorkerPool()          # channels to other workers (migration destinations)
         block_size = self.engine.kv.block_size
@@ -217,15 +219,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was already claimed or abandoned")
             stream = claimed.stream
             self._decoding.add(rid)
-            first = True
-            async for chunk in _token_chunks(stream, len(claimed.output_token_ids),
-                                             claimed.params.logprobs is not None, context, self.sources.moved_to):
-                if first:
-                    chunk.first_decode_s = time.monotonic() - claimed.committed_at
-                    first = False
-                if (chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished
-                        or chunk.HasField("migrated")):
-                    yield _from_index(chunk, request.start_index)
+
+            async def chunks():
+                first = True
+                async for chunk in _token_chunks(stream, len(claimed.output_token_ids),
+                                                 claimed.params.logprobs is not None, context, self.sources.moved_to):
+                    if first:
+                        chunk.first_decode_s = time.monotonic() - claimed.committed_at
+                        first = False
+                    if (chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished
+                            or chunk.HasField("migrated")):
+                        yield _from_index(chunk, request.start_index)
+            async for chunk in self.outputs.relay(chunks(), context, rid):
+                yield chunk
         finally:
             if stream is not None:
                 self._decoding.discard(rid)
@@ -373,8 +379,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.output_token_ids:       # re-dispatched after its instance died: recompute here, go on
             stream, params = await start_resumed(self, request, context)
             try:
-                async for chunk in _token_chunks(stream, len(request.output_token_ids), params.logprobs is not None,
-                                                 context, self.sources.moved_to):
+                async for chunk in self.outputs.relay(_token_chunks(stream, len(request.output_token_ids),
+                                                                    params.logprobs is not None, context,
+                                                                    self.sources.moved_to), context, stream.request_id):
                     yield chunk
             finally:
                 stream.cancel()
@@ -392,10 +399,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
-            async for chunk in _token_chunks(stream, 0, params.logprobs is not None, context, self.sources.moved_to):
+            async for chunk in self.outputs.relay(_token_chunks(stream, 0, params.logprobs is not None, context,
+                                                                self.sources.moved_to), context, stream.request_id):
                 yield chunk
         finally:
             stream.cancel()
+
+    async def Outputs(self, request: worker_pb2.OutputsRequest, context):
+        try:
+            sink = self.outputs.open(request.id)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS if request.id else grpc.StatusCode.INVALID_ARGUMENT,
+                                str(e))
+        log.debug("Outputs stream %s opened", request.id)
+        try:
+            while chunks := await sink.take():
+                yield worker_pb2.OutputBatch(chunks=chunks)
+        finally:
+            self.outputs.close(sink)
+            log.debug("Outputs stream %s closed", request.id)
 
     # ---- both ---------------------------------------------------------------------------------
     async def Release(self, request: worker_pb2.ReleaseRequest, context):

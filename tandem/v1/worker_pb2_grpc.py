@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Outputs = channel.unary_stream(
+                '/tandem.v1.Worker/Outputs',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.OutputsRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.OutputBatch.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/tandem.v1.Worker/Release',
                 request_serializer=tandem_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
@@ -141,6 +146,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Outputs(self, request, context):
+        """One stream per router carrying the non-final chunks of its Decode/Generate streams (those
+        started with metadata "tandem-outputs": OutputsRequest.id), coalesced per engine step: one message
+        per step instead of one per request. Each request stream still ends with its own final chunk,
+        whose muxed_chunks says how many went here. ALREADY_EXISTS for an id that is open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Free everything this instance holds for the request (reservation, blocks, running state).
         """
@@ -217,6 +232,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.WorkerRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.TokenChunk.SerializeToString,
+            ),
+            'Outputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Outputs,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.OutputsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.OutputBatch.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -389,6 +409,33 @@ class Worker:
             '/tandem.v1.Worker/Generate',
             tandem_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Outputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.Worker/Outputs',
+            tandem_dot_v1_dot_worker__pb2.OutputsRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.OutputBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,11 @@ def test_metrics_move_under_a_small_load(openai_cluster):
     assert delta("decode-0", "tandem_kv_transfer_bytes_total", direction="received") == \
         delta("prefill-0", "tandem_kv_transfer_bytes_total", direction="sent")
     assert delta("decode-0", "tandem_engine_tokens_total", kind="decode") == n * (max_tokens - 1)
+    # the router reads every decode worker's tokens from one Outputs stream: each request's own stream
+    # carried only its last chunk, the rest came a step at a time through the router's stream
+    assert value(after["decode-0"], "tandem_worker_outputs_streams") == 1
+    assert delta("decode-0", "tandem_worker_output_chunks_total", path="own") == n
+    assert delta("decode-0", "tandem_worker_output_chunks_total", path="outputs") >= n
     for worker in ("prefill-0", "decode-0"):
         assert value(after[worker], "tandem_kv_blocks_total") == 400
         assert value(after[worker], "tandem_leases") == 0

@@ -1,0 +1,134 @@
+"""The worker's end of Outputs streams: one per router, carrying the tokens of all its requests.
+
+Without it every token of every request is one gRPC message on its own stream: at batch 30 that
+is 30 sends here and 30 receives on the router per engine step, and each wakes a thread that then
+takes a core from the engine's two OpenMP threads (issue 15's profile: the serving path's ~0.2
+cores slow the engine's steps ~1.5x on 2 cores). With it a step's chunks leave in one message.
+
+    sink = sinks.open(router_id)            # the Outputs RPC, for as long as it lives
+    async for chunk in sinks.relay(chunks, context, request_id):
+        yield chunk                          # only the stream's last chunk, when a sink takes the rest
+
+A request stream picks its path once, at its start: through the caller's sink when the call
+carried OUTPUTS_KEY naming an open one, else every chunk on its own stream, as before. Its last
+chunk (finished, or migrated) always travels on its own stream and says in `muxed_chunks` how many
+went through the sink, so the caller yields it after those. A sink that closes under a stream
+ends the stream UNAVAILABLE: the chunks queued in it are lost, and the router re-dispatches.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tandem.v1 import worker_pb2
+
+OUTPUTS_KEY = "tandem-outputs"          # call metadata: the id of the caller's open Outputs stream
+
+
+class OutputSink:
+    """Chunks for one Outputs stream; put() from the event loop's thread, take() in its handler."""
+
+    def __init__(self, sink_id: str):
+        self.sink_id = sink_id
+        self.closed = False
+        self.users = 0                  # request streams sending through it now
+        self.draining = False           # the worker stops: end once no stream uses it
+        self._chunks: list[worker_pb2.TokenChunk] = []
+        self._ready = asyncio.Event()
+
+    def put(self, chunk: worker_pb2.TokenChunk) -> None:
+        self._chunks.append(chunk)
+        self._ready.set()
+
+    def drain(self) -> None:
+        self.draining = True
+        self._ready.set()
+
+    def left(self) -> None:
+        """A request stream stopped using the sink."""
+        self.users -= 1
+        if self.draining:
+            self._ready.set()
+
+    async def take(self) -> list[worker_pb2.TokenChunk]:
+        """Wait for at least one chunk; return every chunk queued (in order). Returns [] once
+        draining with nothing queued and no stream using it (the Outputs stream then ends)."""
+        while not self._chunks:
+            if self.draining and self.users == 0:
+                return []
+            self._ready.clear()
+            await self._ready.wait()
+        chunks, self._chunks = self._chunks, []
+        return chunks
+
+
+class OutputSinks:
+    """The open sinks of a worker, by the id their router chose."""
+
+    def __init__(self):
+        self._sinks: dict[str, OutputSink] = {}
+        self.muxed_chunks = 0           # chunks sent through a sink, since the worker started
+        self.own_chunks = 0             # chunks sent on their request's own stream
+
+    def __len__(self) -> int:
+        return len(self._sinks)
+
+    def open(self, sink_id: str) -> OutputSink:
+        """Raises ValueError for an empty id or one that is open."""
+        if not sink_id:
+            raise ValueError("OutputsRequest.id is empty; send a unique id per router")
+        if sink_id in self._sinks:
+            raise ValueError(f"an Outputs stream with id {sink_id!r} is open already; send a unique id per router")
+        sink = self._sinks[sink_id] = OutputSink(sink_id)
+        return sink
+
+    def drain(self) -> None:
+        """The worker stops: each Outputs stream ends once its request streams have (module doc)."""
+        for sink in self._sinks.values():
+            sink.drain()
+
+    def close(self, sink: OutputSink) -> None:
+        sink.closed = True
+        if self._sinks.get(sink.sink_id) is sink:
+            del self._sinks[sink.sink_id]
+
+    def for_call(self, context) -> OutputSink | None:
+        """The open sink the call's metadata names, or None."""
+        if not self._sinks:
+            return None
+        for key, value in context.invocation_metadata() or ():
+            if key == OUTPUTS_KEY:
+                return self._sinks.get(value)
+        return None
+
+    async def relay(self, chunks: AsyncIterator[worker_pb2.TokenChunk], context,
+                    request_id: str) -> AsyncIterator[worker_pb2.TokenChunk]:
+        """A request stream's chunks: those before its last go to the sink the call names (module
+        doc), the rest are yielded for the request's own stream. Aborts UNAVAILABLE when the sink
+        closes under it."""
+        sink = self.for_call(context)
+        if sink is None:
+            async for chunk in chunks:
+                self.own_chunks += 1
+                yield chunk
+            return
+        muxed = 0
+        sink.users += 1
+        try:
+            async for chunk in chunks:
+                if chunk.finished or chunk.HasField("migrated"):
+                    chunk.muxed_chunks = muxed
+                    self.own_chunks += 1
+                    yield chunk
+                    continue
+                if sink.closed:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {request_id!r}: the router's Outputs "
+                                        f"stream closed under it after {muxed} chunks; the router re-dispatches it")
+                chunk.request_id = request_id
+                sink.put(chunk)
+                muxed += 1
+                self.muxed_chunks += 1
+        finally:
+            sink.left()
