@@ -413,6 +413,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 str(e))
         log.debug("Outputs stream %s opened", request.id)
         try:
+            await context.send_initial_metadata(())     # open: the caller need not wait for a token to know
             while chunks := await sink.take():
                 yield worker_pb2.OutputBatch(chunks=chunks)
         finally:
