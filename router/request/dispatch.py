@@ -40,7 +40,6 @@ from tandem.v1 import serving_pb2, worker_pb2
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 SETTLE_TRIES, SETTLE_S = 8, 0.02      # waits (0.02 s, 0.04 s, ...; 0.72 s in all) for a worker to drop a cancelled attempt
-RESERVED_KEY = "tandem-reserved"       # a decode instance's Decode initial metadata once it reserved
 
 
 class _DecodeRefused(Exception):

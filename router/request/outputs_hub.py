@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.worker.output_sinks import OUTPUTS_KEY
+from services.worker.call_metadata import OUTPUTS_KEY
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2
 

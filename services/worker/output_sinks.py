@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.worker.call_metadata import OUTPUTS_KEY
 from tandem.v1 import worker_pb2
 
-OUTPUTS_KEY = "tandem-outputs"          # call metadata: the id of the caller's open Outputs stream
 
 
 class OutputSink:

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from router.request.outputs_hub import OutputsHub
+from services.worker.call_metadata import OUTPUTS_KEY
 from services.worker.output_sinks import OutputSinks
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2, worker_pb2_grpc
@@ -141,7 +142,7 @@ async def test_without_a_subscription_the_request_stream_carries_everything():
         assert (worker.outputs.muxed_chunks, worker.outputs.own_chunks) == (0, 3)
         # a call naming a subscription the worker does not have falls back the same way
         call = pool.stub(address).Generate(worker_pb2.WorkerRequest(request_id="s", prompt_token_ids=[8, 9]),
-                                           metadata=(("tandem-outputs", "nobody"),))
+                                           metadata=((OUTPUTS_KEY, "nobody"),))
         assert [list(c.token_ids) async for c in call] == [[8], [9]]
     finally:
         await hub.close()

@@ -22,7 +22,8 @@ from services.engine.sampling_params import SamplingParams
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker.kv_push import PrefillPusher
 from services.worker.leases import LeaseState
-from services.worker.servicer import RESERVED_KEY, WorkerServicer
+from services.worker.call_metadata import RESERVED_KEY
+from services.worker.servicer import WorkerServicer
 from tandem.v1 import serving_pb2, worker_pb2
 from tests.conftest import random_prompts
 

@@ -152,11 +152,11 @@ def test_sender_refuses_a_receiver_that_names_another_transport():
 def test_a_receive_path_the_receiver_cannot_build_is_refused_at_the_handshake(monkeypatch):
     """E.g. a CUDA stream that cannot be created: HELLO_ERR with the reason, not an accepted
     handshake followed by a dropped connection."""
-    from services.transport import control_plane
+    from services.transport import control_receiver
 
     def broken(*args):
         raise RuntimeError("no CUDA stream could be created")
-    monkeypatch.setattr(control_plane, "_receive_path", broken)
+    monkeypatch.setattr(control_receiver, "receive_path", broken)
     kv = _kv()
     layout = KVLayout.of(kv, "tiny")
     receiver = make_receiver("auto", layout, kv, timeout_s=10)
