@@ -100,6 +100,7 @@ class RouterMetrics:
         bind_request_id(rr.request_id)
         self.prompt_tokens.labels(api).inc(len(rr.prompt_token_ids))
         in_flight = self.in_flight.labels(api)
+        generated = self.generation_tokens.labels(api)      # looked up once, not per message
         in_flight.inc()
         outcome, finish, tokens = "cancelled", None, 0
         t_first = t_last = None
@@ -112,7 +113,7 @@ class RouterMetrics:
                             t_first = t_last
                             self.ttft.labels(api).observe(t_first - rr.arrival)
                         tokens += len(message.token_ids)
-                        self.generation_tokens.labels(api).inc(len(message.token_ids))
+                        generated.inc(len(message.token_ids))
                     if message.finished:
                         finish = message.finish_reason
                         outcome = "aborted" if finish == serving_pb2.FINISH_REASON_ABORT else "finished"

@@ -61,11 +61,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         index = 0
         indices: dict[int, int] = {}               # choice → its next token index
         try:
-            n, best_of = choices.check_choices(request.params)
-            children = choices.split(rr)
-            stream = choices.best_of_stream(
-                choices.merged(children, lambda c: r.metrics.track(c, r.requests.generate(c), "grpc")),
-                n, best_of, keep_logprobs=request.params.HasField("logprobs"))
+            stream = choices.stream(rr, lambda c: r.metrics.track(c, r.requests.generate(c), "grpc"),
+                                    keep_logprobs=request.params.HasField("logprobs"))
             async for message in stream:
                 index = indices.get(message.choice, 0)
                 if message.index != index:        # the contract the client relies on

@@ -122,9 +122,8 @@ class OpenAIApi:
             n, best_of = choices.check_choices(parsed.request.params)
             answers = [Answer(parsed, rr.request_id, r.model.model_id, len(rr.prompt_token_ids), self.token_texts,
                               rr.prompt_token_ids, index=i) for i in range(n)]
-            stream = choices.best_of_stream(
-                choices.merged(choices.split(rr), lambda c: r.metrics.track(c, r.requests.generate(c), API)),
-                n, best_of, keep_logprobs=parsed.logprobs is not None)
+            stream = choices.stream(rr, lambda c: r.metrics.track(c, r.requests.generate(c), API),
+                                    keep_logprobs=parsed.logprobs is not None)
             async with contextlib.aclosing(stream):
                 if parsed.stream:
                     return await _stream(request, parsed, rr, stream, answers)

@@ -78,6 +78,18 @@ def split(rr: RoutedRequest) -> list[RoutedRequest]:
     return children
 
 
+def stream(rr: RoutedRequest, run: Callable[[RoutedRequest], AsyncIterator[serving_pb2.GenerateResponse]],
+           keep_logprobs: bool) -> AsyncIterator[serving_pb2.GenerateResponse]:
+    """The client's messages for rr: run(rr) itself for one choice (no layer in between: every
+    token passes here), else its children's `merged`, ranked by `best_of_stream` when best_of > n.
+    Raises InvalidRequestError as check_choices."""
+    n, best_of = check_choices(rr.worker_request.params)
+    children = split(rr)
+    if len(children) == 1:
+        return run(children[0])
+    return best_of_stream(merged(children, run), n, best_of, keep_logprobs)
+
+
 async def merged(children: list[RoutedRequest],
                  run: Callable[[RoutedRequest], AsyncIterator[serving_pb2.GenerateResponse]]
                  ) -> AsyncIterator[serving_pb2.GenerateResponse]:
