@@ -11,9 +11,9 @@ are open (a NetworkPolicy is then the only fence). Health and metrics stay open 
 
 Clients send `authorization: Bearer <key>` (gRPC metadata; the HTTP header for the OpenAI API).
 Cluster members send `tandem-cluster-token: <token>` on every tandem.v1.Worker call; the KV data
-plane proves the token by challenge-response in its handshake (services/transport/control_plane.py:
-the receiver sends a fresh nonce, the sender answers HMAC-SHA256(token, nonce), the receiver proves
-it too), so the token never crosses the wire and a replayed handshake fails. Every comparison is
+plane proves the token by challenge-response in its handshake (services/transport/
+control_connection.py and control_receiver.py: the receiver sends a fresh nonce, the sender answers
+HMAC-SHA256(token, nonce), the receiver proves it too), so the token never crosses the wire and a replayed handshake fails. Every comparison is
 constant-time (hmac.compare_digest).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Turns a client's GenerateRequest into a RoutedRequest, or an InvalidRequestError naming the field.
 
 The one place a request is validated: workers trust what the router sends them and re-check only
-what is cheap (services/worker/servicer.py).
+what is cheap (services/worker/servicer.py, _request_fields).
 """
 from __future__ import annotations
 

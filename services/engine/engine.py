@@ -346,24 +346,24 @@ class LLMEngine:
         if samples is not None:
             for i, chunk in enumerate(chunks):
                 sampled[chunk.request.request_id] = samples.token_ids[i]
-                r = chunk.request
-                r.output_logprobs.append(samples.logprobs[i])
-                if samples.top_logprobs[i] is not None:
-                    r.output_top_logprobs.append(samples.top_logprobs[i])
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
+        if samples is not None:             # logprobs of the tokens update() appended (not a refused follower's)
+            for i, chunk in enumerate(chunks):
+                r = chunk.request
+                if r.status != RequestStatus.WAITING:
+                    r.output_logprobs.append(samples.logprobs[i])
+                    if samples.top_logprobs[i] is not None:
+                        r.output_top_logprobs.append(samples.top_logprobs[i])
         self.runner.copy_blocks(out.block_copies)
         if self.on_forked is not None:
             forked = [f for c in out.prefills for f in c.followers if f.status != RequestStatus.WAITING]
             if forked:
                 self.on_forked(forked)
         outputs = []
-        for i, chunk in enumerate(chunks):
+        for chunk in chunks:
             r = chunk.request
             if r.status == RequestStatus.WAITING:  # a follower that found no blocks: it runs later, unsampled
                 self._cached.pop(r.request_id, None)
-                r.output_logprobs.pop()
-                if samples.top_logprobs[i] is not None:
-                    r.output_top_logprobs.pop()
                 continue
             detok = self._detok.get(r.request_id)
             delta = detok.push(r.output_token_ids[-1]) if detok else ""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.transport import KVLayout, KVTransportError, make_receiver, make_sender
-from services.transport import control_sender
+from services.transport import control_connection
 from services.transport.paths import SendPath, TcpSendPath
 from services.transport.watchdog import Watchdog, WatchdogExpired, wait
 
@@ -99,7 +99,7 @@ def test_a_hung_device_send_fails_the_transfer_through_the_watchdog_not_the_comm
         path = HungDevicePath(TcpSendPath(kv, layout), watchdog or sender.watchdog(), on_broken, 0.05)
         paths.append(path)
         return path
-    monkeypatch.setattr(control_sender, "send_path", send_path)
+    monkeypatch.setattr(control_connection, "send_path", send_path)
     src, dst = torch.ones(4, 2, 2, 4, 1, 8), torch.zeros(4, 2, 2, 4, 1, 8)
     layout = KVLayout.of(src, "tiny")
     receiver = make_receiver("tcp", layout, dst, timeout_s=10)
