@@ -468,7 +468,8 @@ class Dispatcher:
         a move. Raises RouteError when a stream ends without finishing; AioRpcError as it comes."""
         moved = False
         while True:
-            migrated = None
+            migrated = last = None
+            # The stream's reader is closed before its last chunk goes on (the caller stops there).
             async with contextlib.aclosing(self.outputs.follow(holder.call, holder.outputs, rr.request_id)) as chunks:
                 async for chunk in chunks:
                     if chunk.HasField("migrated"):
@@ -478,10 +479,14 @@ class Dispatcher:
                             yield chunk, moved
                             moved = False
                         break
+                    if chunk.finished:
+                        last = chunk
+                        break
                     yield chunk, moved
                     moved = False
-                    if chunk.finished:
-                        return
+            if last is not None:
+                yield last, moved
+                return
             if migrated is None:
                 raise WorkerLost(holder.instance_id, "stream_ended",
                                  f"instance {holder.instance_id} ended the stream before the request finished")

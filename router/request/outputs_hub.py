@@ -11,9 +11,10 @@ two back into the one ordered stream the dispatcher reads, as if it had all come
 
 A subscription opens when the worker registers (`watch`, from the registry) or on its first call,
 and lives while the worker is registered; a call made before the worker opened it simply streams
-everything itself. When a subscription ends (the
-worker died, the channel closed), the requests that were reading from it fail UNAVAILABLE, as their
-own streams would, and the dispatcher re-dispatches them; the next call opens a new one.
+everything itself. When a subscription ends (the worker died or stops, the channel closed), a
+request that was reading from it finishes if every chunk its last one counts had arrived, else
+fails UNAVAILABLE, as its own stream would, and the dispatcher re-dispatches it; the next call
+opens a new subscription.
 """
 from __future__ import annotations
 
@@ -145,8 +146,9 @@ class OutputsHub:
     async def follow(self, call, sub: str, request_id: str) -> AsyncIterator[worker_pb2.TokenChunk]:
         """Every chunk of `call` (made by `call()` with subscription `sub`), in order, until its
         stream ends: those that came through the subscription, then its last one. Raises what
-        reading `call` raises, and AioRpcError UNAVAILABLE when the subscription ends before the
-        chunks the last one counts arrived."""
+        reading `call` raises, and AioRpcError UNAVAILABLE when the subscription ended before the
+        chunks the last one counts arrived (a worker whose subscription closes under a stream
+        ends that stream UNAVAILABLE itself at its next chunk)."""
         if not sub:
             async for chunk in call:
                 yield chunk
@@ -166,15 +168,14 @@ class OutputsHub:
             pending.add_done_callback(route.from_call)
         try:
             read()
-            received, last = 0, None
+            received, last, dead = 0, None, None
             while True:
                 kind, value = await route.queue.get()
                 if kind == _MUX:
                     received += 1
                     yield value
-                elif kind == _DEAD:
-                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                               details=f"request {request_id}: {value}")
+                elif kind == _DEAD:         # nothing more comes that way; the last chunk says if any was lost
+                    dead = value
                 else:
                     chunk = value.result()
                     if chunk is grpc.aio.EOF:
@@ -187,6 +188,10 @@ class OutputsHub:
                 if last is not None and received >= last.muxed_chunks:
                     yield last
                     return
+                if last is not None and dead is not None:
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                               details=f"request {request_id}: {dead} after {received} of its "
+                                                       f"{last.muxed_chunks} chunks")
         finally:
             if self._routes.get(key) is route:
                 del self._routes[key]

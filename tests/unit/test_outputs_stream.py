@@ -2,7 +2,8 @@
 Generate streams scripted chunks through the worker's own OutputSinks.relay: the router reads every
 chunk in order whichever path it took and however late the Outputs stream delivers it; without a
 subscription everything comes on the request's stream; a subscription that ends fails the requests
-reading it (UNAVAILABLE) on both ends; nothing is left open afterwards."""
+reading it UNAVAILABLE when chunks were lost with it, and lets it finish when none were; a draining
+worker's stream ends after its last request; nothing is left open afterwards."""
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +37,6 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         self.gate = asyncio.Event()
         self.gate.set()
         self.kill_outputs = asyncio.Event()
-        self.relay_errors: list[grpc.StatusCode] = []
         self.proceed = asyncio.Event()       # Generate waits for it before its last chunk when `hold`
         self.hold = False
 
@@ -48,31 +48,30 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     await self.proceed.wait()
                 yield worker_pb2.TokenChunk(index=i, token_ids=[token], finished=i == n - 1)
                 await asyncio.sleep(0)
-        try:
-            async for chunk in self.outputs.relay(chunks(), context, request.request_id):
-                yield chunk
-        except BaseException:
-            self.relay_errors.append(context.code())
-            raise
+        async for chunk in self.outputs.relay(chunks(), context, request.request_id):
+            yield chunk
 
     async def Outputs(self, request, context):
         sink = self.outputs.open(request.id)
         try:
             while True:
-                take = asyncio.ensure_future(sink.take())
-                killed = asyncio.ensure_future(self.kill_outputs.wait())
-                await asyncio.wait({take, killed}, return_when=asyncio.FIRST_COMPLETED)
-                if killed.done():
-                    take.cancel()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: the Outputs stream dies")
-                killed.cancel()
-                chunks = take.result()
+                chunks = await self._unless_killed(sink.take(), context)
                 if not chunks:
                     return
-                await self.gate.wait()
+                await self._unless_killed(self.gate.wait(), context)
                 yield worker_pb2.OutputBatch(chunks=chunks)
         finally:
             self.outputs.close(sink)
+
+    async def _unless_killed(self, awaitable, context):
+        """awaitable's result; the Outputs stream aborts instead once kill_outputs is set."""
+        work, killed = asyncio.ensure_future(awaitable), asyncio.ensure_future(self.kill_outputs.wait())
+        await asyncio.wait({work, killed}, return_when=asyncio.FIRST_COMPLETED)
+        if killed.done():
+            work.cancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: the Outputs stream dies")
+        killed.cancel()
+        return work.result()
 
 
 async def serving(worker):
@@ -151,29 +150,63 @@ async def test_without_a_subscription_the_request_stream_carries_everything():
 
 
 @run
-async def test_an_outputs_stream_that_dies_fails_its_requests_on_both_ends():
+async def test_an_outputs_stream_that_dies_with_chunks_in_it_fails_their_request():
     worker = ScriptedWorker()
     server, address = await serving(worker)
     pool = WorkerPool()
     hub = OutputsHub(pool)
     try:
         await subscribed(hub, worker, address)
-        worker.hold = True             # the request stops before its last chunk; its others went out
+        worker.hold = True             # the request stops before its last chunk; its others are held
+        worker.gate.clear()            # in the Outputs stream, which dies with them
         reading = asyncio.ensure_future(read(hub, address, "r", [1, 2, 3, 4]))
         for _ in range(500):
             if worker.outputs.muxed_chunks == 3:
                 break
             await asyncio.sleep(0.01)
         worker.kill_outputs.set()
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await reading
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "Outputs stream" in e.value.details()
-        worker.proceed.set()           # the worker's side notices when it next sends
         for _ in range(500):
-            if worker.relay_errors or len(worker.outputs) == 0 and hub.followers == 0:
+            if hub.subscriptions == 0:
                 break
             await asyncio.sleep(0.01)
+        assert hub.subscriptions == 0
+        assert not reading.done()      # lost chunks show once the last chunk counts them
+        worker.proceed.set()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await reading
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "after 0 of its 3 chunks" in e.value.details()
         assert hub.followers == 0 and len(worker.outputs) == 0
+    finally:
+        await hub.close()
+        await pool.close()
+        await server.stop(None)
+
+
+@run
+async def test_a_request_whose_chunks_all_arrived_finishes_though_its_outputs_stream_died():
+    worker = ScriptedWorker()
+    server, address = await serving(worker)
+    pool = WorkerPool()
+    hub = OutputsHub(pool)
+    try:
+        await subscribed(hub, worker, address)
+        worker.hold = True
+        got = []
+        call, sub = hub.call(address, "Generate", worker_pb2.WorkerRequest(request_id="r", prompt_token_ids=[1, 2, 3]),
+                             30.0)
+        follower = hub.follow(call, sub, "r")
+        while len(got) < 2:            # both chunks before the last reached the router
+            got.append((await follower.__anext__()).index)
+        worker.kill_outputs.set()
+        for _ in range(500):
+            if hub.subscriptions == 0:
+                break
+            await asyncio.sleep(0.01)
+        worker.proceed.set()
+        last = await follower.__anext__()
+        assert (got, last.index, last.finished, last.muxed_chunks) == ([0, 1], 2, True, 2)
+        await follower.aclose()
+        assert hub.followers == 0
     finally:
         await hub.close()
         await pool.close()
