@@ -3,7 +3,6 @@ the TTL or at once on release, nobody leads while Redis is down, fencing by toke
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import redis
 
 from router.cluster.leader_lock import LeaderLock, leader_key
 from tandem.redis_server import RedisServer
+from tests.aio import run
 
 CLUSTER = "test"
 TTL_S = 0.6
@@ -23,14 +23,6 @@ async def wait_until(predicate, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting until {what}")
         await asyncio.sleep(0.02)
-
-
-def run(test):
-    """Run an async test body on a fresh event loop (the suite does not use pytest-asyncio)."""
-    @functools.wraps(test)
-    def sync(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return sync
 
 
 def leaders(locks) -> list[LeaderLock]:

@@ -3,20 +3,13 @@ Admin server that answers as scripted: drained â†’ True; not drained or failed â
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import grpc
 import pytest
 
 from router.autoscale.drain import AdminDrain
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-
-
-def run(test):
-    @functools.wraps(test)
-    def sync(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return sync
+from tests.aio import run
 
 
 class Admin(admin_pb2_grpc.AdminServicer):

@@ -4,7 +4,6 @@ the real kubernetes client against the local scale-subresource server end to end
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 
 import pytest
@@ -15,18 +14,12 @@ from router.autoscale.k8s_scaler import (DeploymentScaler, ScaleConflict, ScaleP
                                          load_api_client)
 from tandem.v1 import worker_pb2
 from tests.unit.test_k8s_scaler import NS, FakeApiServer, write_kubeconfig
+from tests.aio import run
 
 P, D = worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE
 CFG = AutoscalerConfig(prefill=Bounds(1, 4), decode=Bounds(1, 4), scale_up_cooldown_s=30,
                        scale_down_cooldown_s=300, scale_down_stabilization_s=300)
 DEPLOYMENTS = {Pool.PREFILL: "tandem-prefill", Pool.DECODE: "tandem-decode"}
-
-
-def run(test):
-    @functools.wraps(test)
-    def sync(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return sync
 
 
 def rec(iid, role=D, state="serving", used=0, **kw):

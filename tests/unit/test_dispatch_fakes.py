@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 
 import grpc
@@ -19,16 +18,10 @@ from services.engine.sampling_params import SamplingParams
 from services.worker.output_sinks import OutputSinks
 from services.worker_pool import WorkerPool
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
+from tests.aio import run
 
 pytestmark = pytest.mark.timeout(60)
 FIRST_TOKEN = 100          # output index i is token FIRST_TOKEN + i on every fake
-
-
-def run(test):
-    @functools.wraps(test)
-    def sync(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return sync
 
 
 @dataclasses.dataclass

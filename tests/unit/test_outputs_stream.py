@@ -7,7 +7,7 @@ worker's stream ends after its last request; nothing is left open afterwards."""
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 
 import grpc
 import pytest
@@ -17,15 +17,9 @@ from services.worker.call_metadata import OUTPUTS_KEY
 from services.worker.output_sinks import OutputSinks
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2, worker_pb2_grpc
+from tests.aio import run
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def run(test):
-    @functools.wraps(test)
-    def sync(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return sync
 
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
@@ -82,6 +76,22 @@ async def serving(worker):
     return server, f"127.0.0.1:{port}"
 
 
+@contextlib.asynccontextmanager
+async def harness():
+    """(worker, its address, a router's pool, its hub): a ScriptedWorker on a real port and the
+    router's end, all closed afterwards."""
+    worker = ScriptedWorker()
+    server, address = await serving(worker)
+    pool = WorkerPool()
+    hub = OutputsHub(pool)
+    try:
+        yield worker, address, pool, hub
+    finally:
+        await hub.close()
+        await pool.close()
+        await server.stop(None)
+
+
 async def subscribed(hub: OutputsHub, worker: ScriptedWorker, address: str) -> None:
     hub.watch({address})
     for _ in range(500):
@@ -103,11 +113,7 @@ def expected(tokens: list[int]):
 
 @run
 async def test_chunks_come_in_order_through_the_outputs_stream_even_when_it_lags():
-    worker = ScriptedWorker()
-    server, address = await serving(worker)
-    pool = WorkerPool()
-    hub = OutputsHub(pool)
-    try:
+    async with harness() as (worker, address, pool, hub):
         await subscribed(hub, worker, address)
         worker.gate.clear()            # the Outputs stream holds 5 chunks while the last one arrives
         asyncio.get_running_loop().call_later(0.3, worker.gate.set)
@@ -121,20 +127,12 @@ async def test_chunks_come_in_order_through_the_outputs_stream_even_when_it_lags
         for k, (_, got) in enumerate(many, start=1):
             assert got == expected([k * 10 + j for j in range(1, 9)])
         assert hub.followers == 0
-    finally:
-        await hub.close()
-        await pool.close()
-        await server.stop(None)
     assert hub.subscriptions == 0
 
 
 @run
 async def test_without_a_subscription_the_request_stream_carries_everything():
-    worker = ScriptedWorker()
-    server, address = await serving(worker)
-    pool = WorkerPool()
-    hub = OutputsHub(pool)
-    try:
+    async with harness() as (worker, address, pool, hub):
         call = pool.stub(address).Generate(worker_pb2.WorkerRequest(request_id="r", prompt_token_ids=[5, 6, 7]))
         got = [(c.index, list(c.token_ids), c.finished) async for c in hub.follow(call, "", "r")]
         assert got == expected([5, 6, 7])
@@ -143,19 +141,11 @@ async def test_without_a_subscription_the_request_stream_carries_everything():
         call = pool.stub(address).Generate(worker_pb2.WorkerRequest(request_id="s", prompt_token_ids=[8, 9]),
                                            metadata=((OUTPUTS_KEY, "nobody"),))
         assert [list(c.token_ids) async for c in call] == [[8], [9]]
-    finally:
-        await hub.close()
-        await pool.close()
-        await server.stop(None)
 
 
 @run
 async def test_an_outputs_stream_that_dies_with_chunks_in_it_fails_their_request():
-    worker = ScriptedWorker()
-    server, address = await serving(worker)
-    pool = WorkerPool()
-    hub = OutputsHub(pool)
-    try:
+    async with harness() as (worker, address, pool, hub):
         await subscribed(hub, worker, address)
         worker.hold = True             # the request stops before its last chunk; its others are held
         worker.gate.clear()            # in the Outputs stream, which dies with them
@@ -176,19 +166,11 @@ async def test_an_outputs_stream_that_dies_with_chunks_in_it_fails_their_request
             await reading
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "after 0 of its 3 chunks" in e.value.details()
         assert hub.followers == 0 and len(worker.outputs) == 0
-    finally:
-        await hub.close()
-        await pool.close()
-        await server.stop(None)
 
 
 @run
 async def test_a_request_whose_chunks_all_arrived_finishes_though_its_outputs_stream_died():
-    worker = ScriptedWorker()
-    server, address = await serving(worker)
-    pool = WorkerPool()
-    hub = OutputsHub(pool)
-    try:
+    async with harness() as (worker, address, pool, hub):
         await subscribed(hub, worker, address)
         worker.hold = True
         got = []
@@ -207,20 +189,12 @@ async def test_a_request_whose_chunks_all_arrived_finishes_though_its_outputs_st
         assert (got, last.index, last.finished, last.muxed_chunks) == ([0, 1], 2, True, 2)
         await follower.aclose()
         assert hub.followers == 0
-    finally:
-        await hub.close()
-        await pool.close()
-        await server.stop(None)
     assert hub.subscriptions == 0
 
 
 @run
 async def test_a_draining_sink_ends_its_stream_once_its_requests_are_done():
-    worker = ScriptedWorker()
-    server, address = await serving(worker)
-    pool = WorkerPool()
-    hub = OutputsHub(pool)
-    try:
+    async with harness() as (worker, address, pool, hub):
         await subscribed(hub, worker, address)
         worker.hold = True
         reading = asyncio.ensure_future(read(hub, address, "r", [1, 2, 3]))
@@ -237,10 +211,6 @@ async def test_a_draining_sink_ends_its_stream_once_its_requests_are_done():
                 break
             await asyncio.sleep(0.01)
         assert len(worker.outputs) == 0 and hub.subscriptions == 0
-    finally:
-        await hub.close()
-        await pool.close()
-        await server.stop(None)
 
 
 def test_sink_ids_are_checked():
