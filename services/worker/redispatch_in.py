@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import grpc
 
-from services.engine.engine_thread import EngineDeadError
 from services.engine.sampling_params import InvalidRequestError
 from services.roles import Role, WorkerState
 from services.worker.async_stream import AsyncRequestStream
+from services.worker.submit_errors import REFUSALS, abort_refused
 from tandem.v1 import worker_pb2
 
 
@@ -48,10 +48,6 @@ async def start_resumed(servicer, request: worker_pb2.WorkerRequest, context):
             raise InvalidRequestError("output_token_ids", "prompt + output fill the context: nothing to resume")
         stream = servicer.et.adopt(rid, prompt, output, params, request.priority,
                                    stream_cls=AsyncRequestStream.factory(servicer._loop()), recompute=True)
-    except InvalidRequestError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except ValueError as e:
-        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-    except EngineDeadError as e:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except REFUSALS as e:
+        await abort_refused(context, e)
     return stream, params

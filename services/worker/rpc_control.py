@@ -19,12 +19,7 @@ log = logging.getLogger("tandem.worker")
 
 
 class ControlRpcs:
-    """Release, migration, state, role and stats.
-
-    A part of WorkerServicer (servicer.py), whose __init__ sets the state
-    these methods share (`et`, `engine`, `role`, `leases`, the KV sender, receiver and pusher,
-    migration `sources` and `targets`, `outputs`) and which holds the helpers they call
-    (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`)."""
+    """Release, migration, state, role and stats. A part of WorkerServicer (servicer.py)."""
 
     async def Release(self, request: worker_pb2.ReleaseRequest, context):
         rid = request.request_id

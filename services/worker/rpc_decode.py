@@ -24,12 +24,7 @@ log = logging.getLogger("tandem.worker")
 
 
 class DecodeRpcs:
-    """Reserve, Decode, Recompute and the lease callbacks.
-
-    A part of WorkerServicer (servicer.py), whose __init__ sets the state
-    these methods share (`et`, `engine`, `role`, `leases`, the KV sender, receiver and pusher,
-    migration `sources` and `targets`, `outputs`) and which holds the helpers they call
-    (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`)."""
+    """Reserve, Decode, Recompute and the lease callbacks. A part of WorkerServicer (servicer.py)."""
 
     async def Reserve(self, request: worker_pb2.ReserveRequest, context):
         await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Reserve")

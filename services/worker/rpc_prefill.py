@@ -23,12 +23,7 @@ log = logging.getLogger("tandem.worker")
 
 
 class PrefillRpcs:
-    """Prefill and the KV transfer it opens.
-
-    A part of WorkerServicer (servicer.py), whose __init__ sets the state
-    these methods share (`et`, `engine`, `role`, `leases`, the KV sender, receiver and pusher,
-    migration `sources` and `targets`, `outputs`) and which holds the helpers they call
-    (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`)."""
+    """Prefill and the KV transfer it opens. A part of WorkerServicer (servicer.py)."""
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
         """Compute the prompt while pushing its KV to the destination, commit, return the first token.

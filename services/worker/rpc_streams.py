@@ -11,22 +11,17 @@ import grpc
 from services.roles import Role
 from services.engine.engine_thread import EngineDeadError
 from services.engine.request import FinishReason
-from services.engine.sampling_params import InvalidRequestError
 from services.proto_convert import outputs_to_chunk
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.redispatch_in import start_resumed
+from services.worker.submit_errors import REFUSALS, abort_refused
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.worker")
 
 
 class StreamRpcs:
-    """Generate and Outputs.
-
-    A part of WorkerServicer (servicer.py), whose __init__ sets the state
-    these methods share (`et`, `engine`, `role`, `leases`, the KV sender, receiver and pusher,
-    migration `sources` and `targets`, `outputs`) and which holds the helpers they call
-    (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`)."""
+    """Generate and Outputs. A part of WorkerServicer (servicer.py)."""
 
     async def Generate(self, request: worker_pb2.WorkerRequest, context):
         if request.output_token_ids:       # re-dispatched after its instance died: recompute here, go on
@@ -45,12 +40,8 @@ class StreamRpcs:
             stream = self.et.submit(prompt, params, request.request_id or None, request.priority, handoff=False,
                                     stream_cls=AsyncRequestStream.factory(self._loop()), validated=True,
                                     predicted_output_tokens=request.predicted_output_tokens)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-        except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except REFUSALS as e:
+            await abort_refused(context, e)
         try:
             chunks = token_chunks(stream, 0, params.logprobs is not None, context, self.sources.moved_to)
             async for chunk in self.outputs.relay(chunks, context, stream.request_id):

@@ -10,8 +10,10 @@ frames until the reservation lands. Requests come validated by the router: worke
 what is cheap and would crash the engine (ids out of the vocabulary, lengths, their own capacity).
 
 The RPCs live by side: rpc_decode.py (Reserve, Decode, Recompute), rpc_prefill.py (Prefill),
-rpc_streams.py (Generate, Outputs), rpc_control.py (Release, migration, SetState, SetRole, Stats).
-This class holds the state they share and the helpers they call.
+rpc_streams.py (Generate, Outputs), rpc_control.py (Release, migration, SetState, SetRole, Stats),
+each a mixin of WorkerServicer. This class holds the state they share (`et`, `engine`, `role`,
+`leases`, the KV sender, receiver and pusher, migration `sources` and `targets`, `outputs`) and the
+helpers they call (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`).
 """
 from __future__ import annotations
 
