@@ -1,8 +1,8 @@
 """The router's request path (Dispatcher, Redispatcher, OutputsHub) against scripted in-process
-workers: real gRPC servers whose Generate/Decode/Release answer as each test says, with or
-without the router's Outputs streams. Each test checks the exact calls the workers saw: a full
-instance refusing, a client cancel, a worker dying mid-stream, a migration. No cluster, no Redis:
-these run in well under a second each."""
+workers: real gRPC servers whose Generate/Decode/Prefill/Recompute/Release answer as each test
+says, with or without the router's Outputs streams. Each test checks the exact calls the workers
+saw: a full instance refusing, a client cancel, a worker dying mid-stream, a migration, a KV that
+did not move (recomputed on the decode instance). No cluster, no Redis: well under a second each."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +15,7 @@ import pytest
 from router.request.dispatch import Dispatcher, RoutedRequest
 from router.request.redispatch import Redispatcher
 from services.engine.sampling_params import SamplingParams
+from services.worker.call_metadata import RESERVED_KEY
 from services.worker.output_sinks import OutputSinks
 from services.worker_pool import WorkerPool
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
@@ -33,6 +34,8 @@ class Script:
     migrate_after: int | None = None          # end with `migrated` to `migrate_to` at this index
     migrate_to: "Fake | None" = None
     hold_after: int | None = None             # stop sending at this index until cancelled
+    role: int = worker_pb2.ROLE_COLOCATED
+    kv_fallback: str = ""                     # a prefill instance's answer: the KV did not move
 
 
 class Fake(worker_pb2_grpc.WorkerServicer):
@@ -41,6 +44,7 @@ class Fake(worker_pb2_grpc.WorkerServicer):
         self.outputs = OutputSinks()
         self.cancelled: list[str] = []
         self.address = ""
+        self.adopted = asyncio.Event()          # a reserved request's KV arrived (here: Recompute)
 
     def _record(self, method: str, rid: str, **detail) -> None:
         self.calls.append((self.instance_id, method, rid, detail))
@@ -74,8 +78,20 @@ class Fake(worker_pb2_grpc.WorkerServicer):
                                               request.request_id):
             yield chunk
 
+    async def Prefill(self, request, context):
+        self._record("Prefill", request.request.request_id, to=request.destination.instance_id)
+        return worker_pb2.PrefillResponse(first_token_id=FIRST_TOKEN, kv_fallback=self.script.kv_fallback)
+
+    async def Recompute(self, request, context):
+        self._record("Recompute", request.request_id, first=request.first_token_id)
+        self.adopted.set()
+        return worker_pb2.RecomputeResponse()
+
     async def Decode(self, request, context):
-        self._record("Decode", request.request_id, start=request.start_index)
+        self._record("Decode", request.request_id, start=request.start_index, reserves=request.HasField("request"))
+        if request.HasField("request"):     # reserve, say so, and wait for the KV (or its recompute)
+            await context.send_initial_metadata(((RESERVED_KEY, "1"),))
+            await self.adopted.wait()
         async for chunk in self.outputs.relay(self._tokens(request.request_id, request.start_index, context),
                                               context, request.request_id):
             yield chunk
@@ -129,9 +145,10 @@ class Bench:
             fake.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
             await server.start()
             self.servers.append(server)
-        reports = [worker_pb2.LoadReport(instance_id=i, address=f.address, role=worker_pb2.ROLE_COLOCATED,
-                                         home_role=worker_pb2.ROLE_COLOCATED, state="serving", block_size=16,
-                                         total_blocks=100, free_blocks=100 - k)
+        reports = [worker_pb2.LoadReport(instance_id=i, address=f.address, role=f.script.role,
+                                         home_role=f.script.role, state="serving", block_size=16,
+                                         total_blocks=100, free_blocks=100 - k, kv_transport="tcp",
+                                         kv_address=f.address)
                    for k, (i, f) in enumerate(self.fakes.items())]
         self.registry = Registry(reports)
         self.pool = WorkerPool()
@@ -153,6 +170,10 @@ class Bench:
     def streams(self) -> list[tuple[str, str, dict]]:
         """The stream calls the fakes saw, in order: (instance, method, detail)."""
         return [(i, m, d) for i, m, _, d in self.calls if m in ("Generate", "Decode")]
+
+    def methods(self) -> list[tuple[str, str]]:
+        """Every call the fakes saw but Release (fire-and-forget, unordered): (instance, method)."""
+        return [(i, m) for i, m, _, _ in self.calls if m != "Release"]
 
     def releases(self) -> set[str]:
         return {i for i, m, _, _ in self.calls if m == "Release"}
@@ -241,3 +262,20 @@ async def test_a_migrated_request_goes_on_from_the_next_index_on_the_destination
         assert await tokens_of(b.dispatcher.generate(request())) == list(range(100, 108))
         assert [(i, m, d.get("start")) for i, m, d in b.streams()] == [("a", "Generate", None), ("b", "Decode", 3)]
         assert not b.releases()             # it finished where it moved: nothing to free
+
+
+@both_paths
+@run
+async def test_a_kv_that_did_not_move_is_recomputed_on_the_decode_instance(outputs):
+    scripts = {"p": Script(role=worker_pb2.ROLE_PREFILL, kv_fallback="scripted: the KV transfer failed"),
+               "d": Script(role=worker_pb2.ROLE_DECODE, total=6)}
+    async with Bench(scripts, outputs) as b:
+        rr = request()
+        assert await tokens_of(b.dispatcher.generate(rr)) == list(range(100, 106))
+        # P and D start together (either may be first), then D recomputes, then D's tokens from index 1
+        assert sorted(b.methods()[:2]) == [("d", "Decode"), ("p", "Prefill")]
+        assert b.methods()[2:] == [("d", "Recompute")]
+        (_, _, decode), = b.streams()
+        assert (decode["start"], decode["reserves"]) == (1, True)
+        assert rr.kv_fallback == "scripted: the KV transfer failed"
+        assert not b.releases()
