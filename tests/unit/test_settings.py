@@ -72,3 +72,5 @@ def test_environment_is_read_typed_in_one_module(tmp_path):
     assert env.model_cache(e) == Path(tmp_path) and env.kernel_cache(e) is None
     assert env.kernels_disabled(e) and env.in_kubernetes(e) and not env.in_kubernetes({})
     assert env.peer_venv({"PEER_VENV": "/v"}) == "/v"
+    assert env.allocator({}) == "auto" and env.allocator({"TANDEM_ALLOCATOR": " TCMalloc "}) == "tcmalloc"
+    assert env.allocator_reexecuted({"TANDEM_ALLOCATOR_REEXEC": "1"}) and not env.allocator_reexecuted({})
