@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
+from router.cluster.leader_rounds import fresh_reports, leads, rounds
 from router.cluster.registry import InstanceRegistry
 from router.cluster.role_policy import RoleDecision, RolePolicyConfig, decide
 from services.async_tasks import stop_task
@@ -51,28 +52,15 @@ class RoleSwitcher:
 
     @property
     def acting(self) -> bool:
-        return self.leader is None or self.leader.is_leader
+        return leads(self.leader)
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            if not self.acting:
-                continue
-            try:
-                await self.round()
-            except Exception:              # a bad round must not end adaptation
-                log.exception("role switching round failed")
+        await rounds(self.interval_s, lambda: self.acting, self.round, log, "role switching")
 
     async def loads(self) -> list[worker_pb2.LoadReport]:
         """Fresh reports of every serving instance that answers Stats in time."""
         reports = [r for role in SWITCHABLE_ROLES for r in self.registry.instances(role)]
-
-        async def fetch(r: worker_pb2.LoadReport):
-            try:
-                return await self.pool.stub(r.address).Stats(worker_pb2.StatsRequest(), timeout=self.stats_timeout_s)
-            except grpc.aio.AioRpcError:
-                return None
-        return [r for r in await asyncio.gather(*(fetch(r) for r in reports)) if r is not None]
+        return await fresh_reports(self.pool, reports, self.stats_timeout_s)
 
     async def round(self) -> RoleDecision | None:
         """One decision (made and applied), or None."""

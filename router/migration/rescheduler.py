@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from router.migration.policy import InstanceLoad, MigrationDecision, PolicyConfig, decide
+from router.cluster.leader_rounds import fresh_reports, leads, rounds
 from router.cluster.registry import InstanceRegistry
 from router.settings import RESCHEDULE_INTERVAL_S
 from services.async_tasks import stop_task
@@ -71,33 +72,17 @@ class Rescheduler:
 
     @property
     def acting(self) -> bool:
-        return self.leader is None or self.leader.is_leader
+        return leads(self.leader)
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            if not self.acting:
-                continue
-            try:
-                await self.round()
-            except Exception:                # a bad round must not end rescheduling
-                log.exception("rescheduling round failed")
+        await rounds(self.interval_s, lambda: self.acting, self.round, log, "rescheduling")
 
     # ---- one round ---------------------------------------------------------------------------
     async def loads(self) -> list[tuple[worker_pb2.LoadReport, InstanceLoad]]:
         """Fresh loads of every decode/colocated instance that answers Stats in time."""
         reports = [r for role in MIGRATING_ROLES for r in self.registry.instances(role, LIVE_STATES)]
-
-        async def fetch(r: worker_pb2.LoadReport):
-            try:
-                return await self.pool.stub(r.address).Stats(worker_pb2.StatsRequest(), timeout=self.stats_timeout_s)
-            except grpc.aio.AioRpcError:
-                return None
-        fresh = await asyncio.gather(*(fetch(r) for r in reports))
         out = []
-        for report in fresh:
-            if report is None:
-                continue
+        for report in await fresh_reports(self.pool, reports, self.stats_timeout_s):
             load = InstanceLoad.from_report(report)
             if report.instance_id in self._busy:          # counts until the worker's own report shows it
                 load = _with_in_flight(load, max(load.migrations_in_flight, 1))
