@@ -19,7 +19,7 @@ from services.worker.call_metadata import RESERVED_KEY
 from services.worker.output_sinks import OutputSinks
 from services.worker_pool import WorkerPool
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
-from tests.aio import run
+from tests.aio import run, serve_worker
 
 pytestmark = pytest.mark.timeout(60)
 FIRST_TOKEN = 100          # output index i is token FIRST_TOKEN + i on every fake
@@ -140,10 +140,7 @@ class Bench:
     async def __aenter__(self):
         self.servers = []
         for fake in self.fakes.values():
-            server = grpc.aio.server()
-            worker_pb2_grpc.add_WorkerServicer_to_server(fake, server)
-            fake.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-            await server.start()
+            server, fake.address = await serve_worker(fake)
             self.servers.append(server)
         reports = [worker_pb2.LoadReport(instance_id=i, address=f.address, role=f.script.role,
                                          home_role=f.script.role, state="serving", block_size=16,

@@ -17,7 +17,7 @@ from services.worker.call_metadata import OUTPUTS_KEY
 from services.worker.output_sinks import OutputSinks
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2, worker_pb2_grpc
-from tests.aio import run
+from tests.aio import run, serve_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,20 +68,12 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         return work.result()
 
 
-async def serving(worker):
-    server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 @contextlib.asynccontextmanager
 async def harness():
     """(worker, its address, a router's pool, its hub): a ScriptedWorker on a real port and the
     router's end, all closed afterwards."""
     worker = ScriptedWorker()
-    server, address = await serving(worker)
+    server, address = await serve_worker(worker)
     pool = WorkerPool()
     hub = OutputsHub(pool)
     try:

@@ -12,7 +12,7 @@ from router.cluster.role_switcher import RoleSwitcher
 from services.roles import WorkerState
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2, worker_pb2_grpc
-from tests.aio import run
+from tests.aio import run, serve_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,10 +73,7 @@ class Pools:
     async def __aenter__(self):
         self.servers = []
         for fake in self.fakes.values():
-            server = grpc.aio.server()
-            worker_pb2_grpc.add_WorkerServicer_to_server(fake, server)
-            fake.report.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-            await server.start()
+            server, fake.report.address = await serve_worker(fake)
             self.servers.append(server)
         self.registry = Registry(self.fakes)
         self.pool = WorkerPool()
