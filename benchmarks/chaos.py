@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.host_info import host_line  # noqa: E402
 from tandem.local_cluster import LocalCluster  # noqa: E402
+from services.load import used_blocks  # noqa: E402
 from tandem.redis_server import RedisServer  # noqa: E402
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
@@ -121,10 +122,10 @@ def leaked(address: str, timeout_s: float = 30.0) -> tuple[int, list[str]]:
         for inst in live_instances(address):
             with grpc.insecure_channel(inst.address) as ch:
                 s = worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(check_integrity=True), timeout=30)
-            held = (s.total_blocks - s.free_blocks) + s.leases + s.reserved_blocks + s.running + s.waiting
+            held = used_blocks(s) + s.leases + s.reserved_blocks + s.running + s.waiting
             held += bool(s.integrity_error)
             if held:
-                problems.append(f"{inst.instance_id}: used {s.total_blocks - s.free_blocks}, leases {s.leases}, "
+                problems.append(f"{inst.instance_id}: used {used_blocks(s)}, leases {s.leases}, "
                                 f"reserved {s.reserved_blocks}, running {s.running}, waiting {s.waiting}, "
                                 f"integrity {s.integrity_error or 'ok'}")
             total += held

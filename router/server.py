@@ -17,6 +17,7 @@ from router.http_frontends import HttpFrontends
 from router.cluster.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
 from router.migration.policy import PolicyConfig
+from router.prefill_rate import fastest_prefill_rate
 from router.request.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
 from router.cluster.pools_args import DEFAULT_POOLS
 from router.cluster.prefix_index import PrefixIndex, PrefixIndexFollower
@@ -231,9 +232,8 @@ class Router:
 
     def _prefill_rate(self) -> float | None:
         """The fastest measured prefill rate (prompt tokens/s) among serving instances that prefill."""
-        rates = [r.prefill_tokens_per_s for r in self.registry.all() if r.state == WorkerState.SERVING
-                 and r.prefill_tokens_per_s > 0 and worker_pb2.ROLE_DECODE not in (r.role, r.home_role)]
-        return max(rates, default=None)
+        return fastest_prefill_rate(r for r in self.registry.all() if r.state == WorkerState.SERVING
+                                    and worker_pb2.ROLE_DECODE not in (r.role, r.home_role))
 
     async def start(self) -> str:
         await self.registry.start()

@@ -36,6 +36,8 @@ from collections.abc import Iterable, Mapping
 
 from router.autoscale.config import (AutoscalerConfig, Band, Bounds, Pool, PoolHistory,  # noqa: F401
                                      ScalerState)
+from router.prefill_rate import pool_prefill_rate
+from services.load import used_blocks
 from services.roles import OUT_OF_SERVICE, WorkerState
 from tandem.v1 import worker_pb2
 
@@ -102,18 +104,15 @@ def queue_ratio(serving: list[LoadReport], ttft_slo_s: float) -> float | None:
     instance has measured its rate yet. Instances without a measured rate count at the mean of
     those with one."""
     queued = sum(r.queued_prefill_tokens for r in serving)
-    rates = [r.prefill_tokens_per_s for r in serving if r.prefill_tokens_per_s > 0]
     if queued == 0:
         return 0.0
-    if not rates:
-        return None
-    total_rate = sum(rates) / len(rates) * len(serving)
-    return queued / total_rate / ttft_slo_s
+    total_rate = pool_prefill_rate(serving)
+    return None if total_rate is None else queued / total_rate / ttft_slo_s
 
 
 def kv_ratio(serving: list[LoadReport]) -> float:
     total = sum(r.total_blocks for r in serving)
-    return sum(r.total_blocks - r.free_blocks for r in serving) / total if total else 0.0
+    return sum(used_blocks(r) for r in serving) / total if total else 0.0
 
 
 def tpot_ratio(serving: list[LoadReport], tpot_slo_s: float) -> float:
@@ -124,13 +123,9 @@ def tpot_ratio(serving: list[LoadReport], tpot_slo_s: float) -> float:
     return sum(r.step_time_ms * r.running for r in serving) / running / 1000 / tpot_slo_s
 
 
-def _used(r: LoadReport) -> int:
-    return r.total_blocks - r.free_blocks
-
-
 def least_loaded(serving: list[LoadReport]) -> LoadReport:
     """The cheapest instance to drain: fewest used blocks, then fewest requests, then id."""
-    return min(serving, key=lambda r: (_used(r), r.running + r.waiting, r.instance_id))
+    return min(serving, key=lambda r: (used_blocks(r), r.running + r.waiting, r.instance_id))
 
 
 def _bounded(pool, current, bounds, signals) -> PoolDecision | None:
@@ -254,7 +249,7 @@ def _decode(cfg, view, current, history, now, kv, tpot, signals) -> PoolDecision
         return _hold(pool, current, f"decode below band; {blocked}", signals)
     victim = least_loaded(view.serving)
     remaining_blocks = sum(r.total_blocks for r in view.serving) - victim.total_blocks
-    kv_after = sum(_used(r) for r in view.serving) / remaining_blocks if remaining_blocks else 1.0
+    kv_after = sum(used_blocks(r) for r in view.serving) / remaining_blocks if remaining_blocks else 1.0
     if kv_after > cfg.kv.target or tpot * n / (n - 1) > cfg.tpot.target:
         return _hold(pool, current, "one replica fewer would exceed a decode target", signals)
     return PoolDecision(pool, current, current - 1,

@@ -1,7 +1,8 @@
 """Rescheduler policy: which decode instance should move a request to which, and why.
 
-Pure functions over load snapshots (no I/O, no clock, no randomness); the rescheduler loop in the
-router builds an InstanceLoad per decode instance from its LoadReport every 50–100 ms, calls
+Pure functions over load records (no I/O, no clock, no randomness): a load is a decode instance's
+tandem.v1.LoadReport (services/load.py), or anything with its field names (the simulator's
+instances). The rescheduler loop in the router reads fresh reports every 50–100 ms, calls
 `decide`, and asks each decision's source to `Migrate` one request chosen by the decision's
 selector. Follows Llumnix (OSDI'24).
 
@@ -27,8 +28,8 @@ Moving one request (the estimate every rule below uses)
 Eligibility (every policy)
 --------------------------
 - An instance appears in at most one decision per round, as source or as destination, and only
-  while migrations_in_flight < max_migrations_per_instance (the in-flight count includes both
-  directions). At most max_decisions_per_round decisions are returned.
+  while its migrations in flight < max_migrations_per_instance (the in-flight count includes both
+  directions: the report's migrations_in_flight, or the caller's `in_flight` count when higher). At most max_decisions_per_round decisions are returned.
 - A destination is in state "serving", is not the source, and has room: after taking `moved`
   blocks it keeps its watermark free beyond its virtual usage,
       total − virtual_usage(dst) − moved ≥ watermark(dst),
@@ -65,42 +66,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from router.freeness import freeness as load_freeness
+from services.load import used_blocks
 from services.roles import WorkerState
 
 POLICIES = ("drain", "defrag", "priority", "balance")
+Load = Any      # a tandem.v1.LoadReport or an object with its fields (module docstring)
 SELECTORS = ("shortest", "longest", "lowest_priority")
-
-
-@dataclasses.dataclass(frozen=True)
-class InstanceLoad:
-    """One decode instance as the rescheduler sees it (a LoadReport's relevant fields)."""
-    instance_id: str
-    total_blocks: int
-    free_blocks: int
-    running: int
-    waiting: int
-    head_waiting_blocks: int = 0     # blocks the head-of-line waiting request needs (0: none waits)
-    high_priority_running: int = 0   # running requests with priority > 0
-    high_priority_blocks: int = 0    # blocks they hold
-    migrations_in_flight: int = 0
-    state: str = WorkerState.SERVING   # a WorkerState (a LoadReport carries the string)
-
-    @classmethod
-    def from_report(cls, report) -> "InstanceLoad":
-        """From a tandem.v1.LoadReport (any object with its field names)."""
-        return cls(instance_id=report.instance_id, total_blocks=report.total_blocks,
-                   free_blocks=report.free_blocks, running=report.running,
-                   waiting=report.waiting, head_waiting_blocks=report.head_waiting_blocks,
-                   high_priority_running=report.high_priority_running,
-                   high_priority_blocks=report.high_priority_blocks,
-                   migrations_in_flight=report.migrations_in_flight, state=report.state)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.total_blocks - self.free_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,26 +116,28 @@ class MigrationDecision:
     request_id: str = ""  # empty: the source picks with `selector`
 
 
-def virtual_usage(load: InstanceLoad, config: PolicyConfig,
+def virtual_usage(load: Load, config: PolicyConfig,
                   pending_demand_blocks: int = 0) -> float:
     """Blocks used, plus head-of-line waiting demand, plus high-priority headroom, plus
     pending_demand_blocks (the defrag target's queued request)."""
-    return (load.used_blocks + load.head_waiting_blocks + pending_demand_blocks
+    return (used_blocks(load) + load.head_waiting_blocks + pending_demand_blocks
             + load.high_priority_running * config.high_priority_headroom_blocks)
 
 
-def freeness(load: InstanceLoad, config: PolicyConfig, pending_demand_blocks: int = 0) -> float:
+def freeness(load: Load, config: PolicyConfig, pending_demand_blocks: int = 0) -> float:
     """(total − virtual usage) / max(running, 1) (router/freeness.py); −inf for a draining instance."""
     if load.state == WorkerState.DRAINING:
         return -math.inf
     return load_freeness(load.total_blocks - virtual_usage(load, config, pending_demand_blocks), load.running)
 
 
-def decide(loads: Sequence[InstanceLoad], config: PolicyConfig,
-           pending_demand_blocks: int = 0) -> list[MigrationDecision]:
+def decide(loads: Sequence[Load], config: PolicyConfig, pending_demand_blocks: int = 0,
+           in_flight: Mapping[str, int] | None = None) -> list[MigrationDecision]:
     """This round's migrations, by the rules in the module docstring; [] when nothing is worth
-    moving. Raises ValueError if two loads share an instance_id."""
-    rnd = _Round(loads, config, pending_demand_blocks)
+    moving. in_flight: instance_id → migrations the caller launched that a report may not show
+    yet (the larger of it and the report's count holds). Raises ValueError if two loads share an
+    instance_id."""
+    rnd = _Round(loads, config, pending_demand_blocks, in_flight or {})
     for policy in config.policies:
         _POLICY_STEPS[policy](rnd)
     return rnd.decisions
@@ -169,8 +146,9 @@ def decide(loads: Sequence[InstanceLoad], config: PolicyConfig,
 class _Round:
     """One call of decide: the loads, which instances are claimed, the decisions so far."""
 
-    def __init__(self, loads: Sequence[InstanceLoad], config: PolicyConfig, pending: int):
+    def __init__(self, loads: Sequence[Load], config: PolicyConfig, pending: int, in_flight: Mapping[str, int]):
         self.config = config
+        self.in_flight = in_flight
         self.loads = sorted(loads, key=lambda load: load.instance_id)
         ids = [load.instance_id for load in self.loads]
         if len(set(ids)) != len(ids):
@@ -185,26 +163,26 @@ class _Round:
     def full(self) -> bool:
         return len(self.decisions) >= self.config.max_decisions_per_round
 
-    def available(self, load: InstanceLoad) -> bool:
-        return (load.instance_id not in self.claimed
-                and load.migrations_in_flight < self.config.max_migrations_per_instance)
+    def available(self, load: Load) -> bool:
+        in_flight = max(load.migrations_in_flight, self.in_flight.get(load.instance_id, 0))
+        return load.instance_id not in self.claimed and in_flight < self.config.max_migrations_per_instance
 
-    def usage(self, load: InstanceLoad) -> float:
+    def usage(self, load: Load) -> float:
         return virtual_usage(load, self.config, self.pending.get(load.instance_id, 0))
 
-    def freeness(self, load: InstanceLoad) -> float:
+    def freeness(self, load: Load) -> float:
         return freeness(load, self.config, self.pending.get(load.instance_id, 0))
 
-    def has_room(self, dst: InstanceLoad, moved: int) -> bool:
+    def has_room(self, dst: Load, moved: int) -> bool:
         return dst.total_blocks - self.usage(dst) - moved >= _watermark(dst, self.config)
 
-    def after_move(self, load: InstanceLoad, moved: int, incoming: bool) -> float:
+    def after_move(self, load: Load, moved: int, incoming: bool) -> float:
         """The load's freeness once one request of `moved` blocks has left or arrived."""
         delta = 1 if incoming else -1
         return ((load.total_blocks - (self.usage(load) + delta * moved))
                 / max(load.running + delta, 1))
 
-    def move_from(self, src: InstanceLoad, reason: str, selector: str, moved: int,
+    def move_from(self, src: Load, reason: str, selector: str, moved: int,
                   accept: Callable[[float, float, float], bool]) -> None:
         """Pair src with the freest available destination that has room for `moved` blocks
         and for which accept(F_dst, F_dst', F_src') holds; no decision if there is none."""
@@ -219,7 +197,7 @@ class _Round:
                                                         reason, selector))
                 return
 
-    def move_to_less_loaded(self, src: InstanceLoad, reason: str, selector: str,
+    def move_to_less_loaded(self, src: Load, reason: str, selector: str,
                             moved: int) -> None:
         """move_from with the rule defrag and priority use: F_dst > F_src and F_dst' ≥ F_src.
         Their sources have negative F and the room rule keeps a destination's F' ≥ 0, so this
@@ -229,27 +207,27 @@ class _Round:
                        lambda f_dst, f_dst_after, _: f_dst > f_src and f_dst_after >= f_src)
 
 
-def _watermark(load: InstanceLoad, config: PolicyConfig) -> int:
+def _watermark(load: Load, config: PolicyConfig) -> int:
     w = config.free_watermark_blocks
     return math.ceil(w * load.total_blocks) if w < 1 else math.ceil(w)
 
 
-def _average_request_blocks(load: InstanceLoad) -> int:
+def _average_request_blocks(load: Load) -> int:
     if load.running == 0:
         return load.head_waiting_blocks
-    return math.ceil(load.used_blocks / load.running)
+    return math.ceil(used_blocks(load) / load.running)
 
 
-def _average_normal_request_blocks(load: InstanceLoad) -> int:
-    normal_blocks = max(load.used_blocks - load.high_priority_blocks, 0)
+def _average_normal_request_blocks(load: Load) -> int:
+    normal_blocks = max(used_blocks(load) - load.high_priority_blocks, 0)
     return math.ceil(normal_blocks / (load.running - load.high_priority_running))
 
 
-def _headroom_need(load: InstanceLoad, config: PolicyConfig) -> int:
+def _headroom_need(load: Load, config: PolicyConfig) -> int:
     return load.high_priority_running * config.high_priority_headroom_blocks
 
 
-def _defrag_target(loads: Sequence[InstanceLoad], demand: int) -> InstanceLoad | None:
+def _defrag_target(loads: Sequence[Load], demand: int) -> Load | None:
     """The instance to free room on for a queued request of `demand` blocks, or None when
     there is no demand, some serving instance already has room, or none could ever hold it."""
     serving = [load for load in loads if load.state == WorkerState.SERVING]

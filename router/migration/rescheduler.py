@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from router.migration.policy import InstanceLoad, MigrationDecision, PolicyConfig, decide
+from router.migration.policy import MigrationDecision, PolicyConfig, decide
 from router.cluster.leader_rounds import fresh_reports, leads, rounds
 from router.cluster.registry import InstanceRegistry
 from router.settings import RESCHEDULE_INTERVAL_S
@@ -78,29 +78,25 @@ class Rescheduler:
         await rounds(self.interval_s, lambda: self.acting, self.round, log, "rescheduling")
 
     # ---- one round ---------------------------------------------------------------------------
-    async def loads(self) -> list[tuple[worker_pb2.LoadReport, InstanceLoad]]:
+    async def loads(self) -> list[worker_pb2.LoadReport]:
         """Fresh loads of every decode/colocated instance that answers Stats in time."""
         reports = [r for role in MIGRATING_ROLES for r in self.registry.instances(role, LIVE_STATES)]
-        out = []
-        for report in await fresh_reports(self.pool, reports, self.stats_timeout_s):
-            load = InstanceLoad.from_report(report)
-            if report.instance_id in self._busy:          # counts until the worker's own report shows it
-                load = _with_in_flight(load, max(load.migrations_in_flight, 1))
-            out.append((report, load))
-        return out
+        return await fresh_reports(self.pool, reports, self.stats_timeout_s)
 
     async def round(self, only_source: str | None = None) -> list[MigrationDecision]:
         """Decide and launch this round's migrations (not awaited). With `only_source`, only
         decisions that move requests off that instance."""
         self.stats.rounds += 1
         loads = await self.loads()
-        by_id = {report.instance_id: report for report, _ in loads}
+        by_id = {report.instance_id: report for report in loads}
+        # A migration this router launched counts until the worker's own report shows it.
+        in_flight = dict.fromkeys(self._busy, 1)
         # Migrations only happen within one role: decode ↔ decode, colocated ↔ colocated.
         decisions = []
         for role in MIGRATING_ROLES:
-            group = [load for report, load in loads if report.role == role]
+            group = [report for report in loads if report.role == role]
             if len(group) >= 2:
-                decisions += decide(group, self.config, self.demand_fn())
+                decisions += decide(group, self.config, self.demand_fn(), in_flight)
         launched = []
         for d in decisions:
             if only_source is not None and d.source != only_source:
@@ -168,8 +164,3 @@ class Rescheduler:
             return await self.pool.stub(record.address).Stats(worker_pb2.StatsRequest(), timeout=self.stats_timeout_s)
         except grpc.aio.AioRpcError:
             return None
-
-
-def _with_in_flight(load: InstanceLoad, n: int) -> InstanceLoad:
-    import dataclasses
-    return dataclasses.replace(load, migrations_in_flight=n)

@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +27,7 @@ from services.engine import attention_ops
 from services.engine.engine import LLMEngine, RequestOutput
 from services.engine.request import FinishReason
 from services.engine.sampling_params import SamplingParams
+from tandem.v1 import worker_pb2
 
 _CLOSE = object()
 log = logging.getLogger("tandem.engine")
@@ -76,22 +76,6 @@ class RequestStream:
         for last in self:
             pass
         return last
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """A snapshot of the engine's load, refreshed by the engine thread after every loop turn."""
-    total_blocks: int = 0
-    free_blocks: int = 0
-    running: int = 0
-    waiting: int = 0
-    queued_prefill_tokens: int = 0      # prompt (or recompute) tokens not computed yet
-    step_time_ms: float = 0.0           # moving average over recent non-empty steps
-    prefill_tokens_per_s: float = 0.0   # moving average over recent steps that ran prefill chunks
-    high_priority_running: int = 0      # running requests with priority > 0
-    high_priority_blocks: int = 0       # blocks they hold
-    head_waiting_blocks: int = 0        # blocks the next waiting request to admit still needs
-    paused: int = 0                     # held out of scheduling by a migration's stop phase
 
 
 OS_THREAD_NAME = "tandem-engine"     # the engine thread's name in top, ps -L and /proc (its OpenMP workers inherit it)
@@ -159,7 +143,7 @@ class EngineThread:
             torch.ones(1 << 20).sum()
             attention_ops.settle_threads_here()
             self.engine = engine
-            self.load = EngineLoad(total_blocks=engine.kv.num_blocks, free_blocks=engine.kv.num_free_blocks)
+            self.load = worker_pb2.LoadReport(total_blocks=engine.kv.num_blocks, free_blocks=engine.kv.num_free_blocks)
         except BaseException as e:      # noqa: BLE001 - handed to the constructor's caller
             failed.append(e)
             return
@@ -293,9 +277,14 @@ class EngineThread:
         high = [r for r in sched.running if r.priority > 0]
         head = min(sched.waiting, key=sched.policy.key, default=None)     # the next one admission takes
         head_blocks = kv.blocks_needed(head.request_id, head.num_tokens + 1) if head else 0
-        self.load = EngineLoad(kv.num_blocks, kv.num_free_blocks, len(sched.running), len(sched.waiting),
-                               queued, self._step_ms, self._prefill_rate, len(high),
-                               sum(len(kv.block_table(r.request_id)) for r in high), head_blocks, len(sched.paused))
+        paused = len(sched.paused)
+        # The engine's fields of the load record (services/load.py), a new message each turn: readers
+        # on other threads take the reference and never see one half-written.
+        self.load = worker_pb2.LoadReport(
+            total_blocks=kv.num_blocks, free_blocks=kv.num_free_blocks, running=len(sched.running) + paused,
+            paused=paused, waiting=len(sched.waiting), queued_prefill_tokens=queued, step_time_ms=self._step_ms,
+            prefill_tokens_per_s=self._prefill_rate, high_priority_running=len(high),
+            high_priority_blocks=sum(len(kv.block_table(r.request_id)) for r in high), head_waiting_blocks=head_blocks)
 
     def _fail_pending_calls(self) -> None:
         while True:

@@ -31,7 +31,9 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from services.roles import WORKER_STATES
+from services.load import used_blocks
+from services.roles import WORKER_STATES, role_label
+from tandem.v1 import worker_pb2
 
 prometheus_client.disable_created_metrics()
 
@@ -118,20 +120,9 @@ def step_observer(instance: str, role: str) -> Callable[[float, int, int], None]
 # ---- state gauges, read at scrape time ----------------------------------------------------------
 @dataclass(frozen=True)
 class WorkerSnapshot:
-    """What a worker reports at one scrape. Counters (`kv_*`) are totals since the worker started."""
-    instance: str
-    role: str
-    state: str
-    model: str
-    kv_transport: str
-    dtype: str
-    total_blocks: int
-    free_blocks: int
-    reserved_blocks: int
-    running: int
-    waiting: int
-    queued_prefill_tokens: int
-    leases: int
+    """What a worker shows at one scrape: its load record and the totals that are not load.
+    Counters (`kv_*`, `output_chunks_*`) are totals since the worker started."""
+    report: worker_pb2.LoadReport       # the one load record (services/load.py); series are labelled by home_role
     kv_sent_bytes: int = 0
     kv_sent_transfers: int = 0
     kv_send_failures: int = 0
@@ -142,6 +133,14 @@ class WorkerSnapshot:
     outputs_streams: int = 0            # routers' open Outputs streams (output_sinks.py)
     output_chunks_muxed: int = 0        # token chunks sent through them
     output_chunks_own: int = 0          # token chunks sent on their request's own stream
+
+    @property
+    def instance(self) -> str:
+        return self.report.instance_id
+
+    @property
+    def role(self) -> str:
+        return role_label(self.report.home_role)
 
 
 class _WorkerCollector:
@@ -172,19 +171,19 @@ class _WorkerCollector:
                 g.add_metric([s.instance, s.role], value_of(s))
             return g
 
-        yield gauge("tandem_kv_blocks_total", "KV blocks in this instance's pool", lambda s: s.total_blocks)
+        yield gauge("tandem_kv_blocks_total", "KV blocks in this instance's pool", lambda s: s.report.total_blocks)
         yield gauge("tandem_kv_blocks_free", "KV blocks free (evictable prefix-cache blocks count as free)",
-                    lambda s: s.free_blocks)
+                    lambda s: s.report.free_blocks)
         yield gauge("tandem_kv_blocks_used", "KV blocks held by requests or reservations",
-                    lambda s: s.total_blocks - s.free_blocks)
+                    lambda s: used_blocks(s.report))
         yield gauge("tandem_kv_blocks_reserved", "KV blocks held by leases whose KV has not arrived (part of used)",
-                    lambda s: s.reserved_blocks)
-        yield gauge("tandem_engine_running_requests", "Requests in the engine's running set", lambda s: s.running)
+                    lambda s: s.report.reserved_blocks)
+        yield gauge("tandem_engine_running_requests", "Requests in the engine's running set", lambda s: s.report.running)
         yield gauge("tandem_engine_waiting_requests", "Requests queued in the engine (queue length)",
-                    lambda s: s.waiting)
+                    lambda s: s.report.waiting)
         yield gauge("tandem_queued_prefill_tokens", "Prompt tokens queued for prefill, not computed yet",
-                    lambda s: s.queued_prefill_tokens)
-        yield gauge("tandem_leases", "Live decode reservations", lambda s: s.leases)
+                    lambda s: s.report.queued_prefill_tokens)
+        yield gauge("tandem_leases", "Live decode reservations", lambda s: s.report.leases)
         yield gauge("tandem_worker_outputs_streams", "Routers' open Outputs streams (a step's tokens per message)",
                     lambda s: s.outputs_streams)
         chunks = CounterMetricFamily("tandem_worker_output_chunks", "Token chunks streamed to routers, by path: "
@@ -199,9 +198,10 @@ class _WorkerCollector:
         state = GaugeMetricFamily("tandem_worker_state", "1 for the instance's current state, 0 for the others",
                                   labels=["instance", "role", "state"])
         for s in snaps:
-            info.add_metric([s.instance, s.role, s.model, s.kv_transport, s.dtype], 1)
-            for name in WORKER_STATES + (() if s.state in WORKER_STATES else (s.state,)):
-                state.add_metric([s.instance, s.role, name], 1 if name == s.state else 0)
+            r = s.report
+            info.add_metric([s.instance, s.role, r.model, r.kv_transport, r.dtype], 1)
+            for name in WORKER_STATES + (() if r.state in WORKER_STATES else (r.state,)):
+                state.add_metric([s.instance, s.role, name], 1 if name == r.state else 0)
         yield info
         yield state
         yield from self._transfer_counters(snaps)

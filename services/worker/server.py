@@ -167,7 +167,7 @@ class Worker:
         if self.state != WorkerState.DRAINING or self.servicer is None:
             return self.state
         load, sv = self.engine_thread.load, self.servicer
-        empty = not (load.running or load.waiting or load.paused or len(sv.leases) or len(sv.sources)
+        empty = not (load.running or load.waiting or len(sv.leases) or len(sv.sources)
                      or len(sv.targets))
         return WorkerState.DRAINED if empty else WorkerState.DRAINING
 
@@ -194,35 +194,27 @@ class Worker:
             asyncio.ensure_future(self.publisher.publish_now())
 
     def report(self) -> worker_pb2.LoadReport:
-        load, cfg = self.engine_thread.load, self.engine.config
-        leases = self.servicer.leases if self.servicer else None
-        sv = self.servicer
-        return worker_pb2.LoadReport(
-            high_priority_running=load.high_priority_running, high_priority_blocks=load.high_priority_blocks,
-            head_waiting_blocks=load.head_waiting_blocks,
-            migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
+        """This worker's load record now: its own fields merged with the engine thread's latest."""
+        cfg, sv = self.engine.config, self.servicer
+        leases = sv.leases if sv else None
+        report = worker_pb2.LoadReport(
             instance_id=self.instance_id, role=sv.role if sv else self.role, home_role=self.role,
+            address=self.address, kv_address=self.kv_address, state=self.current_state(), model=cfg.model.model_id,
+            block_size=cfg.cache.block_size, max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size,
+            kv_transport=self.opts.kv_transport, dtype=self.dtype, updated_unix_ms=int(time.time() * 1e3),
             mixed_prefill_tokens=sv.mixed_prefill_tokens if sv else 0, role_switches=sv.role_switches if sv else 0,
-            address=self.address,
-            kv_address=self.kv_address, state=self.current_state(), model=cfg.model.model_id,
-            total_blocks=load.total_blocks, free_blocks=load.free_blocks,
+            migrations_in_flight=(len(sv.sources) + len(sv.targets)) if sv else 0,
             reserved_blocks=(leases.reserved_blocks + sv.targets.reserved_blocks) if leases is not None else 0,
-            running=load.running + load.paused, waiting=load.waiting,
-            queued_prefill_tokens=load.queued_prefill_tokens, step_time_ms=load.step_time_ms,
-            prefill_tokens_per_s=load.prefill_tokens_per_s, block_size=cfg.cache.block_size,
-            max_model_len=cfg.max_model_len, vocab_size=cfg.model.vocab_size, kv_transport=self.opts.kv_transport,
-            dtype=self.dtype, updated_unix_ms=int(time.time() * 1e3), leases=len(leases) if leases is not None else 0)
+            leases=len(leases) if leases is not None else 0)
+        report.MergeFrom(self.engine_thread.load)        # the engine's fields: blocks, requests, rates
+        return report
 
     def metrics_snapshot(self) -> worker_metrics.WorkerSnapshot:
         """This worker's state for a /metrics scrape (the load report plus the transport's totals)."""
         r, sent, received = self.report(), self.sender.stats(), self.receiver.stats()
         outputs = self.servicer.outputs if self.servicer is not None else OutputSinks()
         return worker_metrics.WorkerSnapshot(
-            instance=self.instance_id, role=self.opts.role, state=r.state, model=r.model,
-            kv_transport=self.opts.kv_transport, dtype=self.dtype, total_blocks=r.total_blocks,
-            free_blocks=r.free_blocks, reserved_blocks=r.reserved_blocks, running=r.running, waiting=r.waiting,
-            queued_prefill_tokens=r.queued_prefill_tokens, leases=r.leases,
-            kv_sent_bytes=sent.get("bytes_sent", 0), kv_sent_transfers=sent.get("transfers", 0),
+            report=r, kv_sent_bytes=sent.get("bytes_sent", 0), kv_sent_transfers=sent.get("transfers", 0),
             kv_send_failures=sent.get("failures", 0), kv_send_aborts=sent.get("aborts", 0),
             kv_received_bytes=received.get("bytes_received", 0),
             kv_received_transfers=received.get("transfers_committed", 0),

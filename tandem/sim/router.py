@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 
 from router.migration import policy as migration_policy
 from router.request import placement
@@ -212,12 +211,8 @@ class SimRouter:
     def _reschedule_round(self) -> None:
         cands = [i for i in self.instances if i.state == WorkerState.SERVING and i.role in (DECODE, COLOCATED)]
         if len(cands) > 1 and any(i.run_q for i in cands):
-            loads = [migration_policy.InstanceLoad(
-                instance_id=i.instance_id, total_blocks=i.total_blocks, free_blocks=i.free_blocks, running=i.running,
-                waiting=i.waiting, head_waiting_blocks=i.head_waiting_blocks,
-                migrations_in_flight=i.migrations_in_flight, state=i.state) for i in cands]
             by_id = {i.instance_id: i for i in cands}
-            for dec in migration_policy.decide(loads, self.config.migration_policy, self.pending_demand_blocks()):
+            for dec in migration_policy.decide(cands, self.config.migration_policy, self.pending_demand_blocks()):
                 self._migrate(by_id[dec.source], by_id[dec.destination], dec.selector)
         if self.live or self.queue:
             self.loop.after(self.config.reschedule_interval_s, self._reschedule_round)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -54,6 +55,32 @@ def make_thread(tiny):
 def idle_state(thread: EngineThread):
     """(used blocks, unfinished requests), read on the engine thread between steps."""
     return thread.call(lambda e: (e.check_integrity(), e.kv.num_used_blocks, e.has_unfinished())[1:])
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    """Poll until condition() is true (the engine thread publishes its load after each loop turn)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_the_load_record_follows_the_engine(make_thread):
+    """EngineThread.load is the engine's part of the one load record (services/load.py)."""
+    thread = make_thread()
+    load = thread.load
+    assert (load.total_blocks, load.free_blocks, load.running, load.waiting) == (512, 512, 0, 0)
+    streams = [iter(thread.submit(p, LONG)) for p in random_prompts([40, 17], VOCAB)]
+    for stream in streams:
+        next(stream)                             # each has its first token: both run
+    wait_for(lambda: thread.load.running == 2)
+    load = thread.load
+    assert load.waiting == 0 and load.paused == 0 and load.step_time_ms > 0 and load.prefill_tokens_per_s > 0
+    assert load.free_blocks < 512                # both hold blocks
+    for stream in streams:
+        stream.close()
+    wait_for(lambda: thread.load.running == 0)
+    assert thread.load.free_blocks == 512
 
 
 # ---------------------------------------------------------------- concurrency

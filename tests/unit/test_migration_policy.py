@@ -8,9 +8,12 @@ import random
 
 import pytest
 
-from router.migration.policy import (InstanceLoad, MigrationDecision, PolicyConfig, decide,
-                                     freeness, virtual_usage)
+from types import SimpleNamespace
+
+from router.migration.policy import MigrationDecision, PolicyConfig, decide, freeness, virtual_usage
 from tandem.v1 import worker_pb2
+
+LoadReport = worker_pb2.LoadReport      # the one load record the policy reads (services/load.py)
 
 STATES = ("serving", "draining", "drained", "starting", "stopping")
 POLICIES = ("drain", "defrag", "priority", "balance")
@@ -21,9 +24,18 @@ CFG = PolicyConfig(gap_threshold=5.0, high_priority_headroom_blocks=10, free_wat
                    max_migrations_per_instance=1, max_decisions_per_round=8)
 
 
-def load(instance_id, free, running, total=100, **kw) -> InstanceLoad:
-    return InstanceLoad(instance_id, total_blocks=total, free_blocks=free, running=running,
-                        waiting=kw.pop("waiting", 0), **kw)
+def load(instance_id, free, running, total=100, **kw) -> LoadReport:
+    return LoadReport(instance_id=instance_id, total_blocks=total, free_blocks=free, running=running,
+                      state=kw.pop("state", "serving"), **kw)
+
+
+def replaced(report: LoadReport, **fields) -> LoadReport:
+    """A copy of report with fields changed."""
+    copy = LoadReport()
+    copy.CopyFrom(report)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
 
 
 def pairs(decisions):
@@ -45,12 +57,12 @@ class Inst:
     requests: list[Req]
     state: str = "serving"
 
-    def load(self) -> InstanceLoad:
+    def load(self) -> LoadReport:
         used = sum(r.blocks for r in self.requests)
         high = [r for r in self.requests if r.priority > 0]
-        return InstanceLoad(self.instance_id, self.total, self.total - used, len(self.requests), 0,
-                            high_priority_running=len(high),
-                            high_priority_blocks=sum(r.blocks for r in high), state=self.state)
+        return LoadReport(instance_id=self.instance_id, total_blocks=self.total, free_blocks=self.total - used,
+                          running=len(self.requests), high_priority_running=len(high),
+                          high_priority_blocks=sum(r.blocks for r in high), state=self.state)
 
 
 def apply(cluster: dict[str, Inst], decision: MigrationDecision) -> Req:
@@ -91,14 +103,15 @@ def test_virtual_usage_and_freeness():
     assert freeness(load("d", free=100, running=0, state="draining"), CFG) == -math.inf
 
 
-def test_from_report_reads_every_field():
-    report = worker_pb2.LoadReport(instance_id="d1", state="draining", total_blocks=512,
-                                   free_blocks=100, running=7, waiting=2, head_waiting_blocks=9,
-                                   high_priority_running=1, high_priority_blocks=30,
-                                   migrations_in_flight=1)
-    assert InstanceLoad.from_report(report) == InstanceLoad(
-        "d1", 512, 100, 7, 2, head_waiting_blocks=9, high_priority_running=1,
-        high_priority_blocks=30, migrations_in_flight=1, state="draining")
+def test_reads_the_report_and_counts_the_callers_migrations_in_flight():
+    busy, idle = load("busy", free=10, running=9), load("idle", free=100, running=0)
+    assert pairs(decide([busy, idle], CFG)) == [("busy", "idle", "balance")]
+    # A migration the caller launched counts before the worker's report shows it...
+    assert decide([busy, idle], CFG, in_flight={"idle": 1}) == []
+    # ...and the report's own count holds when it is the higher one.
+    shown = load("idle", free=100, running=0, migrations_in_flight=1)
+    assert decide([busy, shown], CFG, in_flight={"idle": 0}) == []
+    assert pairs(decide([busy, idle], CFG, in_flight={"other": 1})) == [("busy", "idle", "balance")]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -304,8 +317,8 @@ def test_priority_moves_normal_requests_off_an_instance_short_of_headroom():
     only = dataclasses.replace(CFG, policies=("priority",))
     assert decide(loads, only) == [MigrationDecision("hot", "b", "priority", "lowest_priority")]
     # Enough headroom, or nothing but high-priority requests running: nothing to do.
-    assert decide([dataclasses.replace(hot, free_blocks=30), *loads[1:]], only) == []
-    all_high = dataclasses.replace(hot, high_priority_running=5, high_priority_blocks=88)
+    assert decide([replaced(hot, free_blocks=30), *loads[1:]], only) == []
+    all_high = replaced(hot, high_priority_running=5, high_priority_blocks=88)
     assert decide([all_high, *loads[1:]], only) == []
 
 
@@ -316,7 +329,7 @@ def test_priority_never_eats_a_destinations_headroom():
     vip = load("vip", free=30, running=2, high_priority_running=2, high_priority_blocks=40)
     only = dataclasses.replace(CFG, policies=("priority",))
     assert decide([hot, vip], only) == []
-    roomy = dataclasses.replace(vip, free_blocks=34)                  # 34 - 14 = 20: just fits
+    roomy = replaced(vip, free_blocks=34)                  # 34 - 14 = 20: just fits
     assert pairs(decide([hot, roomy], only)) == [("hot", "vip", "priority")]
 
 
@@ -332,7 +345,7 @@ def test_result_does_not_depend_on_input_order():
 
 
 # ---------------------------------------------------------------- randomised invariants
-def random_load(rng: random.Random, instance_id: str) -> InstanceLoad:
+def random_load(rng: random.Random, instance_id: str) -> LoadReport:
     total = rng.choice([16, 64, 256, rng.randint(1, 2000)])
     free = total if rng.random() < 0.2 else rng.randint(0, total)
     used = total - free
@@ -340,8 +353,8 @@ def random_load(rng: random.Random, instance_id: str) -> InstanceLoad:
     high = rng.randint(0, running) if rng.random() < 0.4 else 0
     high_blocks = rng.randint(high, used - (running - high)) if high else 0
     waiting = rng.choice([0, 0, 0, rng.randint(1, 6)])
-    return InstanceLoad(
-        instance_id, total, free, running, waiting,
+    return LoadReport(
+        instance_id=instance_id, total_blocks=total, free_blocks=free, running=running, waiting=waiting,
         head_waiting_blocks=rng.randint(1, total) if waiting else 0,
         high_priority_running=high, high_priority_blocks=high_blocks,
         migrations_in_flight=rng.choice([0, 0, 0, 1, 2]),
@@ -359,38 +372,39 @@ def random_config(rng: random.Random) -> PolicyConfig:
         selector=rng.choice(SELECTORS))
 
 
-def oracle_headroom(x: InstanceLoad, cfg: PolicyConfig) -> int:
+def oracle_headroom(x: LoadReport, cfg: PolicyConfig) -> int:
     return x.high_priority_running * cfg.high_priority_headroom_blocks
 
 
-def oracle_usage(x: InstanceLoad, cfg: PolicyConfig, pending: int = 0) -> int:
+def oracle_usage(x: LoadReport, cfg: PolicyConfig, pending: int = 0) -> int:
     used = x.total_blocks - x.free_blocks
     return used + x.head_waiting_blocks + pending + oracle_headroom(x, cfg)
 
 
-def oracle_freeness(x: InstanceLoad, cfg: PolicyConfig, pending: int = 0) -> float:
+def oracle_freeness(x: LoadReport, cfg: PolicyConfig, pending: int = 0) -> float:
     if x.state == "draining":
         return -math.inf
     return (x.total_blocks - oracle_usage(x, cfg, pending)) / max(x.running, 1)
 
 
-def oracle_moved_blocks(x: InstanceLoad, reason: str) -> int:
+def oracle_moved_blocks(x: LoadReport, reason: str) -> int:
     used = x.total_blocks - x.free_blocks
     if reason == "priority":
         return math.ceil((used - x.high_priority_blocks) / (x.running - x.high_priority_running))
     return math.ceil(used / x.running) if x.running else x.head_waiting_blocks
 
 
-def oracle_watermark(x: InstanceLoad, cfg: PolicyConfig) -> int:
+def oracle_watermark(x: LoadReport, cfg: PolicyConfig) -> int:
     w = cfg.free_watermark_blocks
     return math.ceil(w * x.total_blocks if w < 1 else w)
 
 
-def moved(x: InstanceLoad, blocks: int, incoming: bool) -> InstanceLoad:
+def moved(x: LoadReport, blocks: int, incoming: bool) -> LoadReport:
     """x after one request of `blocks` blocks arrived or left (block accounting only)."""
     sign = 1 if incoming else -1
-    return dataclasses.replace(x, free_blocks=x.free_blocks - sign * blocks,
-                               running=x.running + sign)
+    fields = {f.name: getattr(x, f.name) for f in x.DESCRIPTOR.fields if f.name != "requests"}
+    fields.update(free_blocks=x.free_blocks - sign * blocks, running=x.running + sign)
+    return SimpleNamespace(**fields)      # may go below zero, which a LoadReport's uint32 cannot
 
 
 def check_decisions(loads, cfg, demand, decisions, seen):

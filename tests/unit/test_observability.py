@@ -60,11 +60,12 @@ def test_lease_expiry_and_engine_steps():
 
 
 def _snapshot(**over):
-    base = dict(instance="inst-g", role="decode", state="serving", model="tiny", kv_transport="tcp", dtype="float32",
-                total_blocks=100, free_blocks=70, reserved_blocks=5, running=3, waiting=2, queued_prefill_tokens=40,
-                leases=1, kv_sent_bytes=0, kv_received_bytes=4096, kv_received_transfers=2, kv_receive_refusals=1)
-    base.update(over)
-    return wm.WorkerSnapshot(**base)
+    report = dict(instance_id="inst-g", home_role=worker_pb2.ROLE_DECODE, state="serving", model="tiny",
+                  kv_transport="tcp", dtype="float32", total_blocks=100, free_blocks=70, reserved_blocks=5,
+                  running=3, waiting=2, queued_prefill_tokens=40, leases=1)
+    report.update(over)
+    return wm.WorkerSnapshot(worker_pb2.LoadReport(**report), kv_sent_bytes=0, kv_received_bytes=4096,
+                             kv_received_transfers=2, kv_receive_refusals=1)
 
 
 def test_gauges_are_read_at_scrape_time_and_untracked_workers_vanish():

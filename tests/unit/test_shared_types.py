@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from router.freeness import freeness
-from router.migration.policy import InstanceLoad, PolicyConfig, freeness as policy_freeness
+from router.migration.policy import PolicyConfig, freeness as policy_freeness
 from router.request.placement import freeness as placement_freeness
 from services.engine.blocks import cdiv
 from services.roles import LIVE_STATES, ROLE_LABELS, Role, WORKER_STATES, WorkerState, role_label
@@ -38,8 +38,8 @@ def test_freeness_callers_keep_their_numbers():
     assert freeness(10, 0) == 10 and freeness(-3, 2) == -1.5
     r = worker_pb2.LoadReport(free_blocks=40, running=2, waiting=1)
     assert placement_freeness(r) == 40 / 3 and placement_freeness(r, extra_running=1, extra_blocks=8) == 32 / 4
-    load = InstanceLoad("d", total_blocks=100, free_blocks=40, running=3, waiting=2, head_waiting_blocks=5,
-                        high_priority_running=1)
+    load = worker_pb2.LoadReport(instance_id="d", total_blocks=100, free_blocks=40, running=3, waiting=2,
+                                 head_waiting_blocks=5, high_priority_running=1, state="serving")
     cfg = PolicyConfig()                      # 16 blocks of headroom per high-priority request
     assert policy_freeness(load, cfg) == (100 - (60 + 5 + 16)) / 3
-    assert policy_freeness(InstanceLoad("e", 100, 40, 0, 0, state="draining"), cfg) == float("-inf")
+    assert policy_freeness(worker_pb2.LoadReport(total_blocks=100, free_blocks=40, state="draining"), cfg) == float("-inf")
