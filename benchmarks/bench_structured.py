@@ -1,7 +1,7 @@
 """What structured output costs at decode: batch 16 constrained (json_schema) against unconstrained,
 on one engine, in one run.
 
-Sixteen chat prompts of the real model (smollm2-135m by default) asking for JSON. Three cases,
+Sixteen chat prompts of the real model (smollm2-135m by default) asking for JSON. Four cases,
 taking turns over the rounds (A B C / B C A / ...), each decoding the sixteen together:
 
   plain           no constraint (ignore_eos, so every row runs its max_tokens)
@@ -9,7 +9,9 @@ taking turns over the rounds (A B C / B C A / ...), each decoding the sixteen to
                   cannot end before max_tokens (every row stays in the batch); masks computed
                   inline in the sampler
   json_overlap    the same, masks computed on the helper thread while the forward pass runs
-                  (`engine_default` says which of the two the engine picks on this host)
+  json_measured   the same, the two alternated and the faster kept (services/engine/mask_mode.py);
+                  `engine_default` says which mode the engine runs on this host, `measured_choice`
+                  what the measurement kept
 
 Decode throughput counts only steps that decoded all 16 rows (no prefill in them): tokens / s =
 16 x steps / their seconds; medians over rounds, and (for a host shared with other jobs, where whole
@@ -101,6 +103,7 @@ def main() -> None:
     from services.engine import grammar
     from services.engine.builder import build_engine
     from services.engine.loader import resolve_model
+    from services.engine.mask_mode import MaskModeChooser
     from services.engine.sampling_params import SamplingParams, StructuredKind, StructuredOutput
 
     print(json.dumps(host_line()), flush=True)
@@ -113,11 +116,15 @@ def main() -> None:
         "plain": SamplingParams(max_tokens=args.tokens, ignore_eos=True),        # text too, as the others
         "json_inline": SamplingParams(max_tokens=args.tokens, structured_output=structured),
         "json_overlap": SamplingParams(max_tokens=args.tokens, structured_output=structured),
+        "json_measured": SamplingParams(max_tokens=args.tokens, structured_output=structured),
     }
     masker = engine.runner.grammar
-    default = "json_overlap" if masker.overlap else "json_inline"
-    _run(engine, prompts[:2], cases["json_inline"])           # warm-up: kernels, tokenizer view, grammar
+    default = "json_" + masker.mode
+    for mode in ("inline", "overlap"):                      # warm-up: kernels, tokenizer view, grammar, executors
+        masker.mode = mode
+        _run(engine, prompts[:2], cases["json_" + mode])
     _run(engine, prompts[:2], cases["plain"])
+    masker.chooser = MaskModeChooser()                      # the measured case starts measuring afresh
     rates = {name: [] for name in cases}
     step_s = {name: [] for name in cases}
     grammar_ms = {name: {"compute": [], "waited": []} for name in cases if name != "plain"}
@@ -125,7 +132,7 @@ def main() -> None:
     names = list(cases)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            masker.overlap = name == "json_overlap"
+            masker.mode = name.removeprefix("json_") if name != "plain" else default.removeprefix("json_")
             before = grammar.MaskStats(**vars(masker.stats))
             res = _run(engine, prompts, cases[name])
             rates[name].append(BATCH * res["steps"] / res["seconds"] if res["seconds"] else 0.0)
@@ -145,6 +152,7 @@ def main() -> None:
         "bench": "structured", "model": args.model, "dtype": str(engine.config.dtype).removeprefix("torch."),
         "device": args.device, "batch": BATCH, "max_tokens": args.tokens, "rounds": args.rounds,
         "library": grammar.LIBRARY, "library_version": grammar.LIBRARY_VERSION, "engine_default": default,
+        "measured_choice": {None: "still measuring", True: "overlap", False: "inline"}[masker.chooser.chosen],
         "decode_tok_s": {k: round(v, 1) for k, v in med.items()},
         "decode_tok_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "cost_vs_plain": {k: round(1 - med[k] / med["plain"], 4) for k in med if k != "plain"},

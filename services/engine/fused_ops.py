@@ -12,6 +12,8 @@ per-op dispatch (4-6 ops each, ~2-5 us per op, 100+ ops per step) cost more than
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,25 @@ def write_kv_rows(kv_rows: torch.Tensor, rows: torch.Tensor, kv_new: torch.Tenso
         kv_rows.index_put_((rows,), kv_new.transpose(0, 1))
         return
     mod.write_kv_rows(kv_rows, rows, kv_new)
+
+
+@functools.lru_cache(maxsize=None)
+def _blocked_by_byte(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte value i is 0 (LSB first)."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return (bits == 0).to(device)
+
+
+def mask_tokens_(x: torch.Tensor, bits: torch.Tensor) -> None:
+    """x: [n, V] float32 logits (written); bits: [n, ceil(V/32)] int32, token t allowed when bit
+    t % 32 of word t // 32 is set (llguidance's layout). Disallowed entries become -inf in place."""
+    mod = _kernels(x)
+    if mod is not None and x.dtype == torch.float32 and x.stride(-1) == 1 and bits.device == x.device:
+        mod.mask_tokens_(x, bits.contiguous())
+        return
+    n, vocab = x.shape
+    b = bits.to(x.device, non_blocking=True).view(torch.uint8).long()                       # [n, 4W]
+    x.masked_fill_(_blocked_by_byte(x.device)[b].view(n, -1)[:, :vocab], float("-inf"))   # [n, V] bool
 
 
 class Rotary:

@@ -18,11 +18,12 @@ Compile and check (router and worker, the same function):
 
 Enforcement (GrammarMasker, one per runner, on the engine thread):
 
-    masker.begin(requests)   before the forward pass: for the constrained rows, a helper thread
-                             advances each row's matcher over the output tokens it has not seen
-                             (normally the one sampled last step) and fills the next-token
-                             bitmask, while the model runs (where a core is free for it; else the
-                             same work runs inline in apply); None when no row is constrained
+    masker.begin(requests)   before the forward pass: for the constrained rows, each row's matcher
+                             is advanced over the output tokens it has not seen (normally the one
+                             sampled last step) and fills the next-token bitmask, either on a
+                             helper thread while the model runs (overlap) or in apply, on every
+                             core the forward pass used (inline); `mode` says which (see
+                             GrammarMasker); None when no row is constrained
     pending.apply(x)         in the sampler, after the other adjustments: waits for the helper,
                              sets disallowed tokens to -inf; a row whose grammar is complete and
                              cannot go on (or broke) gets EOS only
@@ -48,6 +49,8 @@ import llguidance
 import torch
 from llguidance import LLExecutor, LLMatcher, LLParserLimits, LLTokenizer
 
+from services.engine import fused_ops
+from services.engine.mask_mode import MaskModeChooser
 from services.engine.request import Request
 from services.engine.sampling_params import InvalidRequestError, StructuredKind, StructuredOutput
 from services.engine.tokenizer import Tokenizer
@@ -149,8 +152,10 @@ class _State:
 class PendingMask:
     """The mask of one step, being computed: `rows` (batch rows it constrains, ascending) and `apply`."""
 
-    def __init__(self, masker: "GrammarMasker", rows: list[int], future: Future | None, requests: list[Request]):
+    def __init__(self, masker: "GrammarMasker", rows: list[int], future: Future | None, requests: list[Request],
+                 overlap: bool):
         self.rows, self._masker, self._future, self._requests = rows, masker, future, requests
+        self.overlap, self._started = overlap, time.perf_counter()
         self._result: tuple[torch.Tensor, list[int]] | None = None
 
     def wait(self) -> tuple[torch.Tensor, list[int]]:
@@ -158,7 +163,7 @@ class PendingMask:
         if self._result is None:
             t0 = time.perf_counter()
             self._result = self._future.result() if self._future is not None else \
-                self._masker._compute(self._requests)
+                self._masker._compute(self._requests, self._masker.inline_threads)
             self._masker.stats.wait_s += time.perf_counter() - t0
         return self._result
 
@@ -166,39 +171,45 @@ class PendingMask:
         """x: [len(rows), V] float32 logits of `rows` (after the other adjustments): changed in place."""
         bits, eos_only = self.wait()
         self._masker.mask_logits(x, bits, eos_only)
+        self._masker._applied(self.overlap, time.perf_counter() - self._started)
 
 
 @dataclass
 class MaskStats:
-    """Cumulative: steps with constrained rows, rows masked, seconds computing masks (helper thread
-    or inline) and seconds the engine thread waited for them (what the overlap did not hide)."""
+    """Cumulative: steps with constrained rows (and how many of them overlapped), rows masked,
+    seconds computing masks (helper thread or inline) and seconds the engine thread waited for them
+    (what the overlap did not hide)."""
     steps: int = 0
+    overlapped_steps: int = 0
     rows: int = 0
     compute_s: float = 0.0
     wait_s: float = 0.0
 
 
+MASK_MODES = ("overlap", "inline", "measured")
+
+
 class GrammarMasker:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, device: torch.device, overlap: bool | None = None,
-                 threads: int = 1):
-        """overlap: compute masks on a helper thread while the forward pass runs (False: inline, in
-        the sampler). None: overlap where a core is free for it, i.e. the model runs on a GPU or
-        torch uses fewer threads than the host has cores. Measured (make bench-structured, 2-core
-        host, torch on both cores): the helper thread took a core from the forward pass, batch-16
-        masks took 4.2 ms there against 2.3 ms inline, and decode cost 12% against 9% inline.
-        threads: llguidance's own workers for a batch of rows."""
-        if overlap is None:
-            overlap = device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
-        self.tokenizer, self.vocab_size, self.device, self.overlap = tokenizer, vocab_size, device, overlap
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, device: torch.device, mode: str | None = None):
+        """mode: "overlap" (a helper thread computes masks while the forward pass runs), "inline" (the
+        sampler computes them after it, with llguidance on `inline_threads` workers: every core the
+        forward pass used) or "measured" (both alternately on the live batch, the faster kept and
+        re-measured now and then: services/engine/mask_mode.py). None: overlap where a core is free
+        for the helper (a GPU model, or torch on fewer threads than the host has cores), measured
+        otherwise: which of the two wins on a CPU whose cores all run the model depends on the host."""
+        if mode is None:
+            spare_core = device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+            mode = "overlap" if spare_core else "measured"
+        if mode not in MASK_MODES:
+            raise ValueError(f"mask mode {mode!r}: choose from {list(MASK_MODES)}")
+        self.tokenizer, self.vocab_size, self.device = tokenizer, vocab_size, device
+        self.mode = mode
+        self.chooser = MaskModeChooser()
+        self.inline_threads = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
         self._states: dict[str, _State] = {}
-        self._threads = threads
-        self._executor: LLExecutor | None = None
+        self._executors: dict[int, LLExecutor] = {}      # by worker count: 1 on the helper, inline_threads inline
         self._helper: ThreadPoolExecutor | None = None
         self._bitmask = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
-        # byte value → its 8 bits, LSB first, as "disallowed" (llguidance's bitmask is little-endian
-        # int32 words: token t is bit t % 8 of byte t // 8)
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1                    # [256, 8]
-        self._blocked_by_byte = (bits == 0).to(device)
         self._eos = list(tokenizer.eos_token_ids)
         self.stats = MaskStats()
 
@@ -213,12 +224,19 @@ class GrammarMasker:
         if not rows:
             return None
         chosen = [requests[i] for i in rows]
+        overlap = self.mode == "overlap" or (self.mode == "measured" and self.chooser.overlap())
         future = None
-        if self.overlap:
+        if overlap:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-            future = self._helper.submit(self._compute, chosen)
-        return PendingMask(self, rows, future, chosen)
+            future = self._helper.submit(self._compute, chosen, 1)
+            self.stats.overlapped_steps += 1
+        return PendingMask(self, rows, future, chosen, overlap)
+
+    def _applied(self, overlap: bool, seconds: float) -> None:
+        """A step's mask was applied `seconds` after begin(): what the measured mode compares."""
+        if self.mode == "measured":
+            self.chooser.record(overlap, seconds)
 
     def release(self, request_id: str) -> None:
         """Drop a request's grammar state. Safe no-op for an unknown id."""
@@ -230,16 +248,16 @@ class GrammarMasker:
             self._helper = None
 
     # ---- the step ---------------------------------------------------------------------------
-    def _compute(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+    def _compute(self, requests: list[Request], threads: int) -> tuple[torch.Tensor, list[int]]:
         t0 = time.perf_counter()
         try:
-            return self._compute_masks(requests)
+            return self._compute_masks(requests, threads)
         finally:
             self.stats.steps += 1
             self.stats.rows += len(requests)
             self.stats.compute_s += time.perf_counter() - t0
 
-    def _compute_masks(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+    def _compute_masks(self, requests: list[Request], threads: int) -> tuple[torch.Tensor, list[int]]:
         n = len(requests)
         if self._bitmask.shape[0] < n:
             self._bitmask = torch.empty(max(n, 2 * self._bitmask.shape[0]), self._bitmask.shape[1], dtype=torch.int32)
@@ -249,9 +267,10 @@ class GrammarMasker:
         skip = set(eos_only)
         live = [(s.matcher, j) for j, s in enumerate(states) if j not in skip]
         if live:
-            if self._executor is None:
-                self._executor = LLExecutor(num_threads=self._threads)
-            self._executor.unsafe_compute_mask_ptr(live, bits.data_ptr(), bits.shape[1] * 4, n)
+            executor = self._executors.get(threads)
+            if executor is None:
+                executor = self._executors[threads] = LLExecutor(num_threads=threads)
+            executor.unsafe_compute_mask_ptr(live, bits.data_ptr(), bits.shape[1] * 4, n)
         return bits.clone(), eos_only
 
     def _sync(self, r: Request) -> _State:
@@ -273,10 +292,7 @@ class GrammarMasker:
     def mask_logits(self, x: torch.Tensor, bits: torch.Tensor, eos_only: list[int]) -> None:
         """x [n, V] float32: entries whose bit is 0 in bits [n, ceil(V/32)] int32 become -inf; rows
         eos_only keep only the first EOS id."""
-        n, vocab = x.shape
-        b = bits.to(x.device, non_blocking=True).view(torch.uint8).long()                   # [n, 4W]
-        blocked = self._blocked_by_byte[b].view(n, -1)[:, :vocab]                            # [n, V] bool
-        x.masked_fill_(blocked, float("-inf"))
+        fused_ops.mask_tokens_(x, bits)
         if eos_only:
             rows = torch.tensor(eos_only, device=x.device)
             x[rows] = float("-inf")

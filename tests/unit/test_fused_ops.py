@@ -111,3 +111,48 @@ def test_write_kv_rows_refuses_a_row_out_of_range():
     kv = torch.zeros(10, 8)
     with pytest.raises(RuntimeError, match="out of range"):
         attention_ops.load_kernels().write_kv_rows(kv, torch.tensor([[1], [10]]), torch.zeros(1, 2, 8))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+@pytest.mark.parametrize("vocab", [49152, 1000, 33])
+def test_mask_tokens_equals_the_torch_path(unfused, rows, vocab):
+    """Every disallowed token becomes -inf and nothing else changes: words all 0, all 1 and mixed,
+    a vocabulary that ends mid-word, strided logits rows."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    words = (vocab + 31) // 32
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, words), generator=g, dtype=torch.int32)
+    kind = torch.randint(0, 3, (rows, words), generator=g)
+    bits[kind == 0] = 0                                   # a whole word disallowed
+    bits[kind == 1] = -1                                  # a whole word allowed
+    wide = torch.randn(rows, vocab + 7, generator=g)
+    logits = wide[:, :vocab]
+    a, b = wide.clone()[:, :vocab], wide.clone()[:, :vocab]                # rows strided by vocab + 7
+    assert a.stride(0) == vocab + 7
+    fused_ops.mask_tokens_(a, bits)
+    unfused(fused_ops.mask_tokens_, b, bits)
+    assert torch.equal(a, b)
+    allowed = (bits.view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1        # [rows, 4W, 8]
+    allowed = allowed.view(rows, -1)[:, :vocab].bool()
+    assert torch.equal(a[allowed], logits[allowed]) and bool((a[~allowed] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 33])
+def test_mask_tokens_kernel_is_exact_on_every_variant(variant, vocab):
+    """Each ISA build (AVX-512 masked stores, AVX2 blends, scalar) leaves allowed logits untouched
+    and sets every other one to -inf, on words all 0, all 1 and mixed, with a partial last word."""
+    _, mod = variant
+    g = torch.Generator().manual_seed(vocab)
+    rows, words = 9, (vocab + 31) // 32
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, words), generator=g, dtype=torch.int32)
+    kind = torch.randint(0, 3, (rows, words), generator=g)
+    bits[kind == 0], bits[kind == 1] = 0, -1
+    logits = torch.randn(rows, vocab, generator=g)
+    out = logits.clone()
+    mod.mask_tokens_(out, bits)
+    allowed = ((bits.view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1).view(rows, -1)[:, :vocab].bool()
+    assert torch.equal(out, torch.where(allowed, logits, torch.full_like(logits, float("-inf"))))
+
+
+def test_mask_tokens_refuses_a_short_mask():
+    with pytest.raises(RuntimeError, match="bits must be"):
+        attention_ops.load_kernels().mask_tokens_(torch.zeros(2, 100), torch.zeros(2, 3, dtype=torch.int32))

@@ -14,6 +14,7 @@ import torch
 from services.engine.builder import build_engine
 from services.engine.config import Role
 from services.engine.loader import resolve_model
+from services.engine.mask_mode import MaskModeChooser
 from services.engine.request import FinishReason
 from services.engine.sampling_params import SamplingParams, StructuredKind as K, StructuredOutput
 from tests.conftest import random_prompts
@@ -117,12 +118,19 @@ def test_the_grammar_end_forces_eos_before_min_tokens(tiny, alone):
     assert out.text == "ok" and out.finish_reason == FinishReason.STOP
 
 
-def test_inline_masks_equal_overlapped_ones(tiny, alone):
+@pytest.mark.parametrize("mode", ["inline", "overlap", "measured"])
+def test_every_mask_mode_gives_the_same_tokens(tiny, alone, mode):
+    """Inline, overlapped and measured (both, switching every 2 steps here) masks are the same masks."""
     prompts, ref = alone
     e = engine(tiny)
-    e.runner.grammar.overlap = False
+    masker = e.runner.grammar
+    masker.mode, masker.chooser = mode, MaskModeChooser(run_steps=2, samples=1, keep_steps=2)
     out = e.generate([prompts[0]] * len(CONSTRAINED), CONSTRAINED)
     assert [o.token_ids for o in out] == [ref[(0, j)].token_ids for j in range(len(CONSTRAINED))]
+    steps, overlapped = masker.stats.steps, masker.stats.overlapped_steps
+    assert overlapped == {"inline": 0, "overlap": steps, "measured": overlapped}[mode]
+    if mode == "measured":
+        assert 0 < overlapped < steps and masker.chooser.choices >= 1
 
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "hobbies"],

@@ -16,9 +16,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -282,6 +284,61 @@ void write_kv_rows(torch::Tensor dst, torch::Tensor rows, torch::Tensor src) {
   });
 }
 
+
+// w[j] = -inf for the 32 j whose bit of m is 0: two masked stores on AVX-512, a blend per 8 on AVX2.
+inline void mask_word(float* w, uint32_t m, float neg) {
+#if defined(__AVX512F__)
+  const __m512 n16 = _mm512_set1_ps(neg);
+  _mm512_mask_storeu_ps(w, static_cast<__mmask16>(~m & 0xffffu), n16);
+  _mm512_mask_storeu_ps(w + 16, static_cast<__mmask16>(~m >> 16), n16);
+#elif defined(__AVX2__)
+  const __m256 n8 = _mm256_set1_ps(neg);
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int j = 0; j < 32; j += 8) {
+    const __m256i byte = _mm256_set1_epi32(static_cast<int>((m >> j) & 0xffu));
+    const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bits), lane_bits);   // all ones: allowed
+    _mm256_storeu_ps(w + j, _mm256_blendv_ps(n8, _mm256_loadu_ps(w + j), _mm256_castsi256_ps(kept)));
+  }
+#else
+  for (int j = 0; j < 32; ++j) w[j] = ((m >> j) & 1u) ? w[j] : neg;
+#endif
+}
+
+// x: [n, V] float32 (rows contiguous, any row stride); bits: [n, W] int32, contiguous, 32 W >= V. Token t
+// of row r stays when bit t % 32 of bits[r][t / 32] is set (llguidance's little-endian words); every
+// other entry becomes -inf. Grammar masks are mostly whole words of 0 or of 1, so a word is tested
+// before its bits are.
+void mask_tokens_(torch::Tensor x, torch::Tensor bits) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
+              "x must be float32 [rows, vocab] with contiguous rows");
+  TORCH_CHECK(bits.dim() == 2 && bits.is_contiguous() && bits.scalar_type() == at::kInt && bits.size(0) == x.size(0)
+              && 32 * bits.size(1) >= x.size(1), "bits must be contiguous int32 [rows, >= vocab / 32]");
+  const int64_t V = x.size(1), W = bits.size(1), xs0 = x.stride(0);
+  float* xp = x.data_ptr<float>();
+  const auto* bp = reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>());
+  const float neg = -std::numeric_limits<float>::infinity();
+  // Rows in parallel from 4 up: a row of a 49k vocabulary is ~0.2 MB of writes when little is allowed.
+  at::parallel_for(0, x.size(0), 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* row = xp + r * xs0;
+      const uint32_t* words = bp + r * W;
+      for (int64_t k = 0; 32 * k < V; ++k) {
+        const uint32_t m = words[k];
+        if (m == 0xffffffffu) continue;
+        float* w = row + 32 * k;
+        const int64_t n = std::min<int64_t>(32, V - 32 * k);
+        if (m == 0) {
+          std::fill(w, w + n, neg);
+        } else if (n == 32) {
+          mask_word(w, m, neg);
+        } else {
+          for (int64_t j = 0; j < n; ++j) w[j] = ((m >> j) & 1u) ? w[j] : neg;
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void register_fused_ops(pybind11::module& m) {
@@ -297,4 +354,6 @@ void register_fused_ops(pybind11::module& m) {
   m.def("write_kv_rows", &write_kv_rows, "dst[rows[a][t]] = src[t][a]: new tokens' K and V into their slots",
         release());
   m.def("rope_", &rope_, "rotate [T, heads, D] in place by positions (HF rotate_half)", release());
+  m.def("mask_tokens_", &mask_tokens_, "x[r][t] = -inf where bit t of bits[r] is 0 (a grammar's token mask)",
+        release());
 }
