@@ -3,6 +3,10 @@
     TANDEM_API_KEYS          comma-separated client API keys the router requires (services/auth.py)
     TANDEM_API_KEY           the key the `tandem` command line sends (else the cluster token)
     TANDEM_CLUSTER_TOKEN     the secret every router and worker of a cluster shares
+    TANDEM_TLS_CERT          PEM certificate a member presents (services/member_tls.py), with
+    TANDEM_TLS_KEY           its PEM private key and
+    TANDEM_TLS_CA            the PEM CA that signed every member's certificate: mutual TLS on worker gRPC
+    TANDEM_TLS_SERVER_NAME   the name worker certificates carry (default tandem-worker)
     TANDEM_MODEL_CACHE       where named real models are kept (default ~/.cache/tandem/models)
     TANDEM_KERNEL_CACHE      where the fused CPU attention kernels are built (default under ~/.cache/tandem)
     TANDEM_DISABLE_KERNELS   1/true/yes/on: never build them, use the pure-torch path
@@ -25,6 +29,10 @@ from pathlib import Path
 API_KEYS = "TANDEM_API_KEYS"
 API_KEY = "TANDEM_API_KEY"
 CLUSTER_TOKEN = "TANDEM_CLUSTER_TOKEN"
+TLS_CERT = "TANDEM_TLS_CERT"
+TLS_KEY = "TANDEM_TLS_KEY"
+TLS_CA = "TANDEM_TLS_CA"
+TLS_SERVER_NAME = "TANDEM_TLS_SERVER_NAME"
 MODEL_CACHE = "TANDEM_MODEL_CACHE"
 KERNEL_CACHE = "TANDEM_KERNEL_CACHE"
 DISABLE_KERNELS = "TANDEM_DISABLE_KERNELS"
@@ -52,6 +60,15 @@ def api_key(environ: Mapping[str, str] | None = None) -> str | None:
 
 def cluster_token(environ: Mapping[str, str] | None = None) -> str | None:
     return _text(CLUSTER_TOKEN, environ) or None
+
+
+def tls_files(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The TLS variables that are set: {TANDEM_TLS_CERT: path, ...} (cert, key, CA)."""
+    return {name: _text(name, environ) for name in (TLS_CERT, TLS_KEY, TLS_CA) if _text(name, environ)}
+
+
+def tls_server_name(environ: Mapping[str, str] | None = None) -> str | None:
+    return _text(TLS_SERVER_NAME, environ) or None
 
 
 def model_cache(environ: Mapping[str, str] | None = None) -> Path | None:

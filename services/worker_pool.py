@@ -6,16 +6,20 @@ import asyncio
 import grpc
 
 from services.auth import cluster_interceptors, cluster_token
+from services.member_tls import MemberTLS, member_tls
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 class WorkerPool:
-    """token: the cluster token sent on every call (services/auth.py); default TANDEM_CLUSTER_TOKEN."""
+    """token: the cluster token sent on every call (services/auth.py); default TANDEM_CLUSTER_TOKEN.
+    tls: mutual TLS to the workers (services/member_tls.py); default from TANDEM_TLS_* (None: plaintext).
+    Raises MemberTLSError for incomplete TLS settings."""
 
-    def __init__(self, token: str | None = None):
+    def __init__(self, token: str | None = None, tls: MemberTLS | None = None):
         self._interceptors = cluster_interceptors(token or cluster_token())
+        self._tls = tls if tls is not None else member_tls()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._background: set[asyncio.Task] = set()
@@ -23,8 +27,13 @@ class WorkerPool:
     def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
-                                                interceptors=self._interceptors or None)
+            if self._tls is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                    interceptors=self._interceptors or None)
+            else:
+                channel = grpc.aio.secure_channel(address, self._tls.channel_credentials(),
+                                                  options=CHANNEL_OPTIONS + self._tls.channel_options(),
+                                                  interceptors=self._interceptors or None)
             self._channels[address], stub = channel, worker_pb2_grpc.WorkerStub(channel)
             self._stubs[address] = stub
         return stub

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -68,12 +69,15 @@ class LocalCluster:
                  cluster: str = "default", log_dir: str | None = None, inherit_output: bool = False,
                  ready_timeout_s: float = 180.0, http_port: int | None = None, metrics_port: int | None = None,
                  log_format: str | None = None, pools: str | None = None,
-                 routing: str | None = None, api_keys: list[str] | None = None, cluster_token: str | None = None):
+                 routing: str | None = None, api_keys: list[str] | None = None, cluster_token: str | None = None,
+                 env: Mapping[str, str] | None = None):
         """pools: the router's --pools (fixed | adaptive; None: the router's default, adaptive).
         routing: the router's --routing (load | prefix; None: the router's default, load).
         api_keys: client API keys the router requires (TANDEM_API_KEYS in its environment; None: open).
         cluster_token: the secret every child shares (TANDEM_CLUSTER_TOKEN; None: worker RPCs and the
-        KV data plane are open, as in the tests, which call workers directly)."""
+        KV data plane are open, as in the tests, which call workers directly).
+        env: more environment for every child, over this process's (e.g. TANDEM_TLS_* for mutual TLS
+        between the members: services/member_tls.py)."""
         if prefill < 0 or decode < 0 or colocated < 0 or prefill + decode + colocated == 0:
             raise ValueError("a cluster needs at least one worker: give --prefill/--decode or --colocated")
         if (prefill == 0) != (decode == 0):
@@ -94,6 +98,7 @@ class LocalCluster:
         self.http_port, self.metrics_port, self.log_format = http_port, metrics_port, log_format
         self.pools, self.routing = pools, routing
         self.api_keys, self.cluster_token = list(api_keys or []), cluster_token
+        self.env = dict(env or {})
         self.address = self.http_address = self.metrics_address = ""
         self.worker_metrics: dict[str, str] = {}     # instance id → host:port of its /metrics
         self.redis: RedisServer | None = None
@@ -148,7 +153,7 @@ class LocalCluster:
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = None if self.inherit_output else open(os.path.join(self.log_dir, f"{name}.log"), "ab")
         parent = os.getpid()
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.pop(CLUSTER_TOKEN_ENV, None)
         env.pop(API_KEYS_ENV, None)
         if self.cluster_token:

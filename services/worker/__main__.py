@@ -12,6 +12,7 @@ import asyncio  # noqa: E402
 
 from services import log_setup
 from services.engine.settings import EngineSettings
+from services.member_tls import member_tls
 from services.redis_url import url_argument
 from services.settings import add_flags, help_of
 from services.worker.server import WorkerOptions, serve
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     log_setup.configure("worker", opts.log_format, opts.log_level, instance=opts.instance_id)
     try:
+        member_tls()                # incomplete TLS settings fail here, before the model loads
         asyncio.run(serve(opts))
     except Exception as e:          # a startup error a user can fix: one line, no traceback
         from services.engine.config import ModelConfigError

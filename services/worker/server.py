@@ -21,6 +21,7 @@ from services.metrics_http import MetricsServer
 from services.prefix_stream import PrefixPublisher
 from services.registry import InstancePublisher
 from services.auth import MetadataAuthInterceptor, cluster_token, cluster_token_check
+from services.member_tls import member_tls
 from services.roles import Role, WorkerState
 from services.transport import KVLayout, make_receiver, make_sender
 from services.worker import metrics as worker_metrics
@@ -251,9 +252,15 @@ class Worker:
             watermark_blocks=int(opts.migration_watermark * self.engine.kv.num_blocks), kv_address=self.kv_address)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_insecure_port(f"{opts.host}:{opts.port}")
+        tls = member_tls()
+        listen = f"{opts.host}:{opts.port}"
+        port = self.server.add_insecure_port(listen) if tls is None else \
+            self.server.add_secure_port(listen, tls.server_credentials())
         if port == 0:
             raise OSError(f"cannot listen on {opts.host}:{opts.port}")
+        if tls is not None:
+            log.info("worker %s: mutual TLS on its gRPC port (certificates of the cluster's CA only, name %s)",
+                     self.instance_id, tls.server_name)
         self.address = f"{opts.host}:{port}"
         await self.server.start()
         self.state = WorkerState.SERVING

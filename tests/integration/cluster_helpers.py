@@ -5,6 +5,7 @@ import time
 
 import grpc
 
+from services.member_tls import MemberTLS
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
@@ -28,20 +29,27 @@ def instances(address: str) -> list[worker_pb2.LoadReport]:
         return list(admin_pb2_grpc.AdminStub(channel).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10).instances)
 
 
-def worker_stats(worker_address: str, check_integrity: bool = True) -> worker_pb2.LoadReport:
-    with grpc.insecure_channel(worker_address) as channel:
+def worker_channel(worker_address: str, tls: MemberTLS | None = None) -> grpc.Channel:
+    """A channel to a worker: plaintext, or mutual TLS with a member's certificate (services/member_tls.py)."""
+    if tls is None:
+        return grpc.insecure_channel(worker_address)
+    return grpc.secure_channel(worker_address, tls.channel_credentials(), options=tls.channel_options())
+
+
+def worker_stats(worker_address: str, check_integrity: bool = True, tls: MemberTLS | None = None) -> worker_pb2.LoadReport:
+    with worker_channel(worker_address, tls) as channel:
         return worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(check_integrity=check_integrity),
                                                          timeout=30)
 
 
-def assert_no_leaks(address: str, timeout_s: float = 30.0) -> None:
+def assert_no_leaks(address: str, timeout_s: float = 30.0, tls: MemberTLS | None = None) -> None:
     """Every instance: integrity check passes, no lease, no running request, no used block (the
     prefix cache's evictable blocks count as free). Cleanup is asynchronous, so poll."""
     deadline = time.monotonic() + timeout_s
     while True:
         problems = []
         for inst in instances(address):
-            s = worker_stats(inst.address)
+            s = worker_stats(inst.address, tls=tls)
             if s.integrity_error:
                 problems.append(f"{inst.instance_id}: {s.integrity_error}")
             if s.free_blocks != s.total_blocks or s.leases or s.reserved_blocks or s.running or s.waiting:

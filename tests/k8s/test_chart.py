@@ -341,9 +341,26 @@ def test_pdbs_for_prefill_and_decode():
         assert pdb["selector"]["matchLabels"]["app.kubernetes.io/component"] == role
 
 
-def test_tls_secret_mounted_read_only():
-    objs = by_kind_name(objects({"tls": {"enabled": True, "secretName": "tandem-tls"}}))
+def test_tls_secret_mounted_read_only_and_named_to_every_member():
+    objs = by_kind_name(objects({"tls": {"enabled": True, "secretName": "tandem-tls", "serverName": "w.tandem"}}))
     for name in ("tandem-router", "tandem-prefill", "tandem-decode"):
         pod = objs[("Deployment", name)]["spec"]["template"]["spec"]
         assert {"name": "tls", "secret": {"secretName": "tandem-tls"}} in pod["volumes"]
         assert {"name": "tls", "mountPath": "/etc/tandem/tls", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert (env["TANDEM_TLS_CERT"], env["TANDEM_TLS_KEY"], env["TANDEM_TLS_CA"], env["TANDEM_TLS_SERVER_NAME"]) == \
+            ("/etc/tandem/tls/tls.crt", "/etc/tandem/tls/tls.key", "/etc/tandem/tls/ca.crt", "w.tandem")
+
+
+@pytest.mark.parametrize("metrics", [True, False])
+def test_tls_workers_are_probed_without_grpc(metrics):
+    """The kubelet's gRPC probe cannot present a client certificate: TCP, and /health for readiness."""
+    values = {"tls": {"enabled": True, "secretName": "tandem-tls"}, "workers": {"metrics": {"enabled": metrics}}}
+    objs = by_kind_name(objects(values))
+    c = objs[("Deployment", "tandem-decode")]["spec"]["template"]["spec"]["containers"][0]
+    assert "grpc" not in c["startupProbe"] and "grpc" not in c["livenessProbe"] and "grpc" not in c["readinessProbe"]
+    assert "tcpSocket" in c["livenessProbe"]
+    assert ("httpGet" in c["readinessProbe"]) == metrics
+    plain = by_kind_name(objects())[("Deployment", "tandem-decode")]["spec"]["template"]["spec"]["containers"][0]
+    assert plain["readinessProbe"]["grpc"]["service"] == "tandem.v1.Worker"
+    assert "TANDEM_TLS_CERT" not in {e["name"] for e in plain["env"]}

@@ -93,6 +93,18 @@ redis://{{ include "tandem.fullname" . }}-redis:{{ .Values.redis.port }}/0
       key: cluster-token
       optional: {{ not .Values.auth.clusterToken }}
 {{- end }}
+{{- if .Values.tls.enabled }}
+- name: TANDEM_TLS_CERT
+  value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- name: TANDEM_TLS_KEY
+  value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+- name: TANDEM_TLS_CA
+  value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- with .Values.tls.serverName }}
+- name: TANDEM_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The Secret holding api-keys and cluster-token: the operator's existingSecret or the chart's own. */}}
@@ -283,6 +295,29 @@ spec:
               containerPort: {{ $w.metrics.port }}
               protocol: TCP
             {{- end }}
+          {{- if $root.Values.tls.enabled }}
+          # Mutual TLS on the gRPC port: the kubelet's gRPC probe cannot present a certificate, so the
+          # port is probed by TCP and readiness (NOT ready while draining) reads the metrics port's /health.
+          startupProbe:
+            tcpSocket:
+              port: {{ $w.grpcPort }}
+            periodSeconds: 5
+            failureThreshold: 120
+          readinessProbe:
+            {{- if $w.metrics.enabled }}
+            httpGet:
+              path: /health
+              port: {{ $w.metrics.port }}
+            {{- else }}
+            tcpSocket:                      # workers.metrics.enabled makes a draining pod un-ready
+              port: {{ $w.grpcPort }}
+            {{- end }}
+            periodSeconds: 5
+            failureThreshold: 2
+          livenessProbe:
+            tcpSocket:
+              port: {{ $w.grpcPort }}
+          {{- else }}
           startupProbe:
             grpc:
               port: {{ $w.grpcPort }}
@@ -297,6 +332,7 @@ spec:
           livenessProbe:
             grpc:
               port: {{ $w.grpcPort }}
+          {{- end }}
             periodSeconds: 10
             timeoutSeconds: 5
             failureThreshold: 6
