@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from services.engine.engine import RequestOutput
 from services.engine.engine_thread import EngineDeadError, RequestStream
@@ -17,6 +18,9 @@ class AsyncRequestStream(RequestStream):
         super().__init__(owner, request_id)
         self.loop = loop                # EngineThread hands a step's outputs to the loop at once
         self._aq: asyncio.Queue = asyncio.Queue()
+        # Set by an Outputs sink's relay (output_sinks.py): takes an unfinished output on the loop as
+        # the engine hands it over, instead of waking the stream's task; returns False to queue it.
+        self.divert: Callable[[RequestOutput], bool] | None = None
 
     @classmethod
     def factory(cls, loop: asyncio.AbstractEventLoop):
@@ -26,6 +30,11 @@ class AsyncRequestStream(RequestStream):
         self.loop.call_soon_threadsafe(self._aq.put_nowait, item)
 
     def _put_now(self, item) -> None:       # on self.loop
+        # Diverted only behind an empty queue, so outputs keep their order; errors and the finished
+        # output always go to the task.
+        if (self.divert is not None and self._aq.empty() and isinstance(item, RequestOutput) and not item.finished
+                and self.divert(item)):
+            return
         self._aq.put_nowait(item)
 
     async def next_batch(self) -> list[RequestOutput]:

@@ -6,7 +6,8 @@ takes a core from the engine's two OpenMP threads (issue 15's profile: the servi
 cores slow the engine's steps ~1.5x on 2 cores). With it a step's chunks leave in one message.
 
     sink = sinks.open(router_id)            # the Outputs RPC, for as long as it lives
-    async for chunk in sinks.relay(chunks, context, request_id):
+    async for chunk in sinks.relay(token_chunks(stream, cursor, context, moved), context, request_id,
+                                   stream, cursor):
         yield chunk                          # only the stream's last chunk, when a sink takes the rest
 
 A request stream picks its path once, at its start: through the caller's sink when the call
@@ -14,6 +15,11 @@ carried OUTPUTS_KEY naming an open one, else every chunk on its own stream, as b
 chunk (finished, or migrated) always travels on its own stream and says in `muxed_chunks` how many
 went through the sink, so the caller yields it after those. A sink that closes under a stream
 ends the stream UNAVAILABLE: the chunks queued in it are lost, and the router re-dispatches.
+
+Given the engine stream and its cursor, the relay also takes the stream's outputs straight from
+the engine's hand-over on the event loop (`AsyncRequestStream.divert`) instead of waking the
+stream's task for each: at batch 40 that is 40 task switches of the loop's thread per step less,
+time during which that thread held the GIL the engine thread needed (py-spy, issue 15).
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.worker.async_stream import AsyncRequestStream
 from services.worker.call_metadata import OUTPUTS_KEY
+from services.worker.token_chunks import ChunkCursor
 from tandem.v1 import worker_pb2
 
 
@@ -103,11 +111,15 @@ class OutputSinks:
                 return self._sinks.get(value)
         return None
 
-    async def relay(self, chunks: AsyncIterator[worker_pb2.TokenChunk], context,
-                    request_id: str) -> AsyncIterator[worker_pb2.TokenChunk]:
+    async def relay(self, chunks: AsyncIterator[worker_pb2.TokenChunk], context, request_id: str,
+                    stream: AsyncRequestStream | None = None,
+                    cursor: ChunkCursor | None = None) -> AsyncIterator[worker_pb2.TokenChunk]:
         """A request stream's chunks: those before its last go to the sink the call names (module
         doc), the rest are yielded for the request's own stream. Aborts UNAVAILABLE when the sink
-        closes under it."""
+        closes under it. With the engine `stream` and the `cursor` that `chunks` reads it through
+        (token_chunks.py), outputs the engine hands over while the sink is open are converted and
+        put in the sink right there on the loop (`stream.divert`): the stream's task wakes only for
+        its last chunk, an error, or outputs that arrived behind queued ones."""
         sink = self.for_call(context)
         if sink is None:
             async for chunk in chunks:
@@ -115,7 +127,25 @@ class OutputSinks:
                 yield chunk
             return
         muxed = 0
+
+        def put(chunk: worker_pb2.TokenChunk) -> None:
+            nonlocal muxed
+            chunk.request_id = request_id
+            sink.put(chunk)
+            muxed += 1
+            self.muxed_chunks += 1
+
+        def divert(output) -> bool:
+            if sink.closed:
+                return False            # queued: the task finds the sink closed and ends the stream
+            chunk = cursor.chunk([output])
+            if chunk is not None:
+                put(chunk)
+            return True
+
         sink.users += 1
+        if stream is not None:
+            stream.divert = divert
         try:
             async for chunk in chunks:
                 if chunk.finished or chunk.HasField("migrated"):
@@ -126,9 +156,8 @@ class OutputSinks:
                 if sink.closed:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {request_id!r}: the router's Outputs "
                                         f"stream closed under it after {muxed} chunks; the router re-dispatches it")
-                chunk.request_id = request_id
-                sink.put(chunk)
-                muxed += 1
-                self.muxed_chunks += 1
+                put(chunk)
         finally:
+            if stream is not None:
+                stream.divert = None
             sink.left()

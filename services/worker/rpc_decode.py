@@ -17,7 +17,7 @@ from services.worker.async_stream import AsyncRequestStream
 from services.worker import metrics as worker_metrics
 from services.worker.leases import Lease, LeaseNotFound, LeaseReleased, LeaseState
 from services.worker.call_metadata import RESERVED_KEY
-from services.worker.rpc_streams import from_index, token_chunks
+from services.worker.token_chunks import ChunkCursor, token_chunks
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.worker")
@@ -133,17 +133,10 @@ class DecodeRpcs:
             stream = claimed.stream
             self._decoding.add(rid)
 
-            async def chunks():
-                first = True
-                async for chunk in token_chunks(stream, len(claimed.output_token_ids),
-                                                claimed.params.logprobs is not None, context, self.sources.moved_to):
-                    if first:
-                        chunk.first_decode_s = time.monotonic() - claimed.committed_at
-                        first = False
-                    if (chunk.index + len(chunk.token_ids) > request.start_index or chunk.finished
-                            or chunk.HasField("migrated")):
-                        yield from_index(chunk, request.start_index)
-            async for chunk in self.outputs.relay(chunks(), context, rid):
+            cursor = ChunkCursor(len(claimed.output_token_ids), claimed.params.logprobs is not None,
+                                 start_index=request.start_index, first_decode_since=claimed.committed_at)
+            chunks = token_chunks(stream, cursor, context, self.sources.moved_to)
+            async for chunk in self.outputs.relay(chunks, context, rid, stream, cursor):
                 yield chunk
         finally:
             if stream is not None:
