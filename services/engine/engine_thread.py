@@ -27,6 +27,7 @@ from services.engine import attention_ops
 from services.engine.engine import LLMEngine, RequestOutput
 from services.engine.request import FinishReason
 from services.engine.sampling_params import SamplingParams
+from services.engine.step_rates import StepRates
 from tandem.v1 import worker_pb2
 
 _CLOSE = object()
@@ -112,8 +113,7 @@ class EngineThread:
         """engine: a built LLMEngine, or a factory the new thread calls first, so that the engine's
         weights are loaded and its OpenMP team created on the thread that steps it (module doc).
         Waits for the engine; a factory's exception is raised here (and no thread is left)."""
-        self._step_ms = 0.0
-        self._prefill_rate = 0.0
+        self._rates = StepRates()
         # Called on the engine thread after each step that computed tokens, with (seconds, prefill
         # tokens, decoded requests); it must be quick and must not raise (the worker's metrics).
         self.on_step = None
@@ -264,13 +264,9 @@ class EngineThread:
         """Refresh `load`; the last step's duration feeds the moving averages."""
         engine, sched = self.engine, self.engine.scheduler
         last = engine.last_step_prefill_tokens
-        if last or engine.last_step_decodes:
-            self._step_ms = 0.8 * self._step_ms + 0.2 * step_s * 1e3 if self._step_ms else step_s * 1e3
-            if self.on_step is not None:
-                self.on_step(step_s, last, engine.last_step_decodes)
-        if last and step_s > 0:
-            rate = last / step_s
-            self._prefill_rate = 0.8 * self._prefill_rate + 0.2 * rate if self._prefill_rate else rate
+        if (last or engine.last_step_decodes) and self.on_step is not None:
+            self.on_step(step_s, last, engine.last_step_decodes)
+        self._rates.observe(step_s, last, engine.last_step_decodes)
         queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
         queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running if r.num_output_tokens == 0)
         kv = engine.kv
@@ -282,8 +278,8 @@ class EngineThread:
         # on other threads take the reference and never see one half-written.
         self.load = worker_pb2.LoadReport(
             total_blocks=kv.num_blocks, free_blocks=kv.num_free_blocks, running=len(sched.running) + paused,
-            paused=paused, waiting=len(sched.waiting), queued_prefill_tokens=queued, step_time_ms=self._step_ms,
-            prefill_tokens_per_s=self._prefill_rate, high_priority_running=len(high),
+            paused=paused, waiting=len(sched.waiting), queued_prefill_tokens=queued, step_time_ms=self._rates.step_ms,
+            prefill_tokens_per_s=self._rates.prefill_tokens_per_s, high_priority_running=len(high),
             high_priority_blocks=sum(len(kv.block_table(r.request_id)) for r in high), head_waiting_blocks=head_blocks)
 
     def _fail_pending_calls(self) -> None:
