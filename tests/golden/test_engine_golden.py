@@ -71,6 +71,7 @@ def test_decode_steps_of_every_batch_size_match_hf(tiny_golden):
     engine.check_integrity()
 
 
+@pytest.mark.slow          # the `small` model against transformers (~10 s)
 def test_small_matches_hf(export_named):
     d = export_named("small")
     prompts = random_prompts(PROMPT_LENGTHS, 32000, seed=2)

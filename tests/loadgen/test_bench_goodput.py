@@ -43,6 +43,7 @@ def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow          # real-time probes (~5 s)
 def test_flow_on_fake_systems(tmp_path, capsys, fake_systems):
     rc = bench_goodput.main(["--trace", "synthetic:n=40,input=64,output=4", *FAST, "--out-dir", str(tmp_path),
                               "--systems", "vllm,fixed,adaptive,colocated"])

@@ -95,6 +95,7 @@ def capacity_sim():
     targets.unregister_simulator()
 
 
+@pytest.mark.slow          # real-time load runs (~12 s)
 def test_goodput_search_finds_known_capacity(tmp_path, capacity_sim):
     out = tmp_path / "r.json"
     rc = main(["run", "--target", "sim:one-slot", "--trace", "synthetic:n=40,input=4,output=1",
@@ -114,6 +115,7 @@ def test_goodput_search_finds_known_capacity(tmp_path, capacity_sim):
     assert (tmp_path / "r.csv").read_text().count("\n") == 41
 
 
+@pytest.mark.slow          # real-time load runs (~6 s)
 def test_goodput_search_that_runs_out_of_bracket_steps_reports_a_lower_bound(tmp_path, capacity_sim):
     out = tmp_path / "r.json"
     rc = main(["run", "--target", "sim:one-slot", "--trace", "synthetic:n=20,input=4,output=1",

@@ -174,6 +174,7 @@ def test_corrupt_tokenizer_exits_2(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- as a real process
+@pytest.mark.slow          # real processes (~6 s)
 def test_subprocess_exit_codes_and_no_traceback(tmp_path):
     good = write_lines(tmp_path / "good.jsonl", [{"prompt": "hi", "max_tokens": 2}, {"token_ids": [1, 9]}])
     bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "hi"}, "not json"])

@@ -119,6 +119,7 @@ def test_admin_unreachable_exits_1(capsys):
     assert err.startswith("tandem admin instances: UNAVAILABLE: ") and out == ""
 
 
+@pytest.mark.slow          # real processes (~4 s)
 def test_subprocess_generate_and_error_without_traceback(addr, router):
     def tandem(*args):
         return subprocess.run([sys.executable, "-m", "tandem.cli", *args], cwd=ROOT, capture_output=True,

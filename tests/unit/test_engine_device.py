@@ -201,6 +201,7 @@ print(json.dumps({"device": worker.engine.config.device, "tokens": len(out.token
 """
 
 
+@pytest.mark.slow          # a fresh interpreter (~4 s)
 def test_cpu_machine_never_initialises_cuda_or_imports_cupy():
     """Import the packages, build a worker (engine, engine thread, its KV sender and receiver) on
     device "auto" and generate: with no GPU visible, CUDA stays uninitialised and CuPy unimported."""

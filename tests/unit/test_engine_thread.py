@@ -323,6 +323,7 @@ t.shutdown()
 """
 
 
+@pytest.mark.slow          # a fresh interpreter (~4 s)
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for a two-thread engine")
 def test_other_threads_go_serial_while_the_engine_thread_keeps_its_threads():
     """After serial_torch_elsewhere() the caller runs torch serially and the engine thread keeps its
