@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/serving.proto\x12\ttandem.v1\"\xc9\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\r \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\r\n\x05min_p\x18\x0e \x01(\x02\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\t\n\x01n\x18\x10 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x11 \x01(\r\x12\x36\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"Z\n\x10StructuredOutput\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.tandem.v1.StructuredKind\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x03 \x03(\t\",\n\nSloTargets\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x02\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x02\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\"\n\x03slo\x18\x06 \x01(\x0b\x32\x15.tandem.v1.SloTargets\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1e\n\x16\x65xpected_output_tokens\x18\x08 \x01(\x05\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xbe\x01\n\rTtftBreakdown\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x66irst_decode_s\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bkv_fallback\x18\x06 \x01(\t\x12\x16\n\x0erouter_queue_s\x18\x07 \x01(\x01\x12\x0e\n\x06path_s\x18\x08 \x01(\x01\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\"\xee\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12.\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x30\n\x0ettft_breakdown\x18\n \x01(\x0b\x32\x18.tandem.v1.TtftBreakdown\x12\x18\n\x10prefill_instance\x18\x0b \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x0c \x01(\t\x12\x0e\n\x06\x63hoice\x18\r \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo*\xc7\x01\n\x0eStructuredKind\x12\x1f\n\x1bSTRUCTURED_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTRUCTURED_KIND_JSON_OBJECT\x10\x01\x12\x1f\n\x1bSTRUCTURED_KIND_JSON_SCHEMA\x10\x02\x12\x19\n\x15STRUCTURED_KIND_REGEX\x10\x03\x12\x1a\n\x16STRUCTURED_KIND_CHOICE\x10\x04\x12\x1b\n\x17STRUCTURED_KIND_GRAMMAR\x10\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd7\x01\n\x07Serving\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/serving.proto\x12\ttandem.v1\"\xc9\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\r \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\r\n\x05min_p\x18\x0e \x01(\x02\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\t\n\x01n\x18\x10 \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x11 \x01(\r\x12\x36\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"Z\n\x10StructuredOutput\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.tandem.v1.StructuredKind\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x03 \x03(\t\",\n\nSloTargets\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x02\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x02\"\x82\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\"\n\x03slo\x18\x06 \x01(\x0b\x32\x15.tandem.v1.SloTargets\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1e\n\x16\x65xpected_output_tokens\x18\x08 \x01(\x05\x12!\n\x06resume\x18\t \x01(\x0b\x32\x11.tandem.v1.Resume\"%\n\x06Resume\x12\x1b\n\x13\x64\x65livered_token_ids\x18\x01 \x03(\x05\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xbe\x01\n\rTtftBreakdown\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x66irst_decode_s\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bkv_fallback\x18\x06 \x01(\t\x12\x16\n\x0erouter_queue_s\x18\x07 \x01(\x01\x12\x0e\n\x06path_s\x18\x08 \x01(\x01\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\"\xee\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12,\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12.\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x30\n\x0ettft_breakdown\x18\n \x01(\x0b\x32\x18.tandem.v1.TtftBreakdown\x12\x18\n\x10prefill_instance\x18\x0b \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x0c \x01(\t\x12\x0e\n\x06\x63hoice\x18\r \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo*\xc7\x01\n\x0eStructuredKind\x12\x1f\n\x1bSTRUCTURED_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTRUCTURED_KIND_JSON_OBJECT\x10\x01\x12\x1f\n\x1bSTRUCTURED_KIND_JSON_SCHEMA\x10\x02\x12\x19\n\x15STRUCTURED_KIND_REGEX\x10\x03\x12\x1a\n\x16STRUCTURED_KIND_CHOICE\x10\x04\x12\x1b\n\x17STRUCTURED_KIND_GRAMMAR\x10\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd7\x01\n\x07Serving\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_STRUCTUREDKIND']._serialized_start=1911
-  _globals['_STRUCTUREDKIND']._serialized_end=2110
-  _globals['_FINISHREASON']._serialized_start=2112
-  _globals['_FINISHREASON']._serialized_end=2232
+  _globals['_STRUCTUREDKIND']._serialized_start=1985
+  _globals['_STRUCTUREDKIND']._serialized_end=2184
+  _globals['_FINISHREASON']._serialized_start=2186
+  _globals['_FINISHREASON']._serialized_end=2306
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=624
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=505
@@ -46,25 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLOTARGETS']._serialized_start=718
   _globals['_SLOTARGETS']._serialized_end=762
   _globals['_GENERATEREQUEST']._serialized_start=765
-  _globals['_GENERATEREQUEST']._serialized_end=988
-  _globals['_TOPLOGPROBS']._serialized_start=990
-  _globals['_TOPLOGPROBS']._serialized_end=1040
-  _globals['_USAGE']._serialized_start=1042
-  _globals['_USAGE']._serialized_end=1129
-  _globals['_TTFTBREAKDOWN']._serialized_start=1132
-  _globals['_TTFTBREAKDOWN']._serialized_end=1322
-  _globals['_GENERATERESPONSE']._serialized_start=1325
-  _globals['_GENERATERESPONSE']._serialized_end=1691
-  _globals['_ABORTREQUEST']._serialized_start=1693
-  _globals['_ABORTREQUEST']._serialized_end=1727
-  _globals['_ABORTRESPONSE']._serialized_start=1729
-  _globals['_ABORTRESPONSE']._serialized_end=1759
-  _globals['_LISTMODELSREQUEST']._serialized_start=1761
-  _globals['_LISTMODELSREQUEST']._serialized_end=1780
-  _globals['_MODELINFO']._serialized_start=1782
-  _globals['_MODELINFO']._serialized_end=1848
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1850
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1908
-  _globals['_SERVING']._serialized_start=2235
-  _globals['_SERVING']._serialized_end=2450
+  _globals['_GENERATEREQUEST']._serialized_end=1023
+  _globals['_RESUME']._serialized_start=1025
+  _globals['_RESUME']._serialized_end=1062
+  _globals['_TOPLOGPROBS']._serialized_start=1064
+  _globals['_TOPLOGPROBS']._serialized_end=1114
+  _globals['_USAGE']._serialized_start=1116
+  _globals['_USAGE']._serialized_end=1203
+  _globals['_TTFTBREAKDOWN']._serialized_start=1206
+  _globals['_TTFTBREAKDOWN']._serialized_end=1396
+  _globals['_GENERATERESPONSE']._serialized_start=1399
+  _globals['_GENERATERESPONSE']._serialized_end=1765
+  _globals['_ABORTREQUEST']._serialized_start=1767
+  _globals['_ABORTREQUEST']._serialized_end=1801
+  _globals['_ABORTRESPONSE']._serialized_start=1803
+  _globals['_ABORTRESPONSE']._serialized_end=1833
+  _globals['_LISTMODELSREQUEST']._serialized_start=1835
+  _globals['_LISTMODELSREQUEST']._serialized_end=1854
+  _globals['_MODELINFO']._serialized_start=1856
+  _globals['_MODELINFO']._serialized_end=1922
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1924
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1982
+  _globals['_SERVING']._serialized_start=2309
+  _globals['_SERVING']._serialized_end=2524
 # @@protoc_insertion_point(module_scope)

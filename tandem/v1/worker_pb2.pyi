@@ -270,20 +270,22 @@ class LoadReport(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., high_priority_running: _Optional[int] = ..., high_priority_blocks: _Optional[int] = ..., head_waiting_blocks: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., home_role: _Optional[_Union[Role, str]] = ..., mixed_prefill_tokens: _Optional[int] = ..., role_switches: _Optional[int] = ..., paused: _Optional[int] = ...) -> None: ...
 
 class RunningRequest(_message.Message):
-    __slots__ = ("request_id", "priority", "num_tokens", "num_output_tokens", "num_blocks", "running")
+    __slots__ = ("request_id", "priority", "num_tokens", "num_output_tokens", "num_blocks", "running", "parked")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     priority: int
     num_tokens: int
     num_output_tokens: int
     num_blocks: int
     running: bool
-    def __init__(self, request_id: _Optional[str] = ..., priority: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...
+    parked: bool
+    def __init__(self, request_id: _Optional[str] = ..., priority: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., running: _Optional[bool] = ..., parked: _Optional[bool] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
     __slots__ = ("request_id", "selector", "destination_instance_id", "destination_address", "reason", "recompute")
