@@ -60,7 +60,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                                 f"request_id {rr.request_id!r} is already running; use a unique id")
         r.live[rr.request_id] = rr
         index = 0
-        indices: dict[int, int] = {}               # choice → its next token index
+        # choice → its next token index; a resumed request goes on after the tokens the client has
+        indices: dict[int, int] = {0: len(rr.resume_token_ids)} if rr.resume_token_ids else {}
         try:
             stream = choices.stream(rr, lambda c: r.metrics.track(c, r.requests.generate(c), "grpc"),
                                     keep_logprobs=request.params.HasField("logprobs"))

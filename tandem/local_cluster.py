@@ -100,6 +100,8 @@ class LocalCluster:
         self.api_keys, self.cluster_token = list(api_keys or []), cluster_token
         self.env = dict(env or {})
         self.address = self.http_address = self.metrics_address = ""
+        self.routers: dict[str, str] = {}            # router replica name → its gRPC address ("router" first)
+        self._router_ports: dict[str, tuple] = {}     # name → (port, http port, metrics port) it restarts on
         self.worker_metrics: dict[str, str] = {}     # instance id → host:port of its /metrics
         self.redis: RedisServer | None = None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -113,7 +115,7 @@ class LocalCluster:
             for spec in self.specs:
                 self._spawn(spec.instance_id, self.worker_command(spec))
             self._spawn("router", self.router_command())
-            self.address = self._wait_router_address()
+            self.address = self._wait_router_address("router")
             self.wait_instances(len(self.specs))
             if self.metrics_port is not None:
                 self.worker_metrics = self._wait_worker_metrics()
@@ -122,13 +124,18 @@ class LocalCluster:
             raise
         return self
 
-    def router_command(self) -> list[str]:
+    def router_command(self, port: int | None = None, http_port: int | None = None,
+                       metrics_port: int | None = None) -> list[str]:
+        """The router's command line; port/http_port/metrics_port override the cluster's (a replica,
+        a restart on the ports it had)."""
+        http_port = self.http_port if http_port is None else http_port
+        metrics_port = self.metrics_port if metrics_port is None else metrics_port
         cmd = [sys.executable, "-m", "router", "--model", self.model, "--redis", self.redis_url,
-               "--cluster", self.cluster, "--host", self.host, "--port", str(self.port)]
-        if self.http_port is not None:
-            cmd += ["--http-port", str(self.http_port)]
-        if self.metrics_port is not None:
-            cmd += ["--metrics-port", str(self.metrics_port)]
+               "--cluster", self.cluster, "--host", self.host, "--port", str(self.port if port is None else port)]
+        if http_port is not None:
+            cmd += ["--http-port", str(http_port)]
+        if metrics_port is not None:
+            cmd += ["--metrics-port", str(metrics_port)]
         if self.log_format:
             cmd += ["--log-format", self.log_format]
         if self.pools:
@@ -158,20 +165,34 @@ class LocalCluster:
         env.pop(API_KEYS_ENV, None)
         if self.cluster_token:
             env[CLUSTER_TOKEN_ENV] = self.cluster_token
-        if self.api_keys and name == "router":
+        if self.api_keys and name.startswith("router"):
             env[API_KEYS_ENV] = ",".join(self.api_keys)
         # The router's stdout is read for its ready line; a worker's stdout (its own `ready ID ADDRESS`
         # line) joins its log: the log file, or this process's stderr when inheriting, so that the only
         # `ready` line on this process's stdout is the one `tandem up` prints for the router.
-        stdout = subprocess.PIPE if name == "router" else (out if out is not None else 2)
+        stdout = subprocess.PIPE if name.startswith("router") else (out if out is not None else 2)
         proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=out, preexec_fn=lambda: die_with_parent(parent))
         if out is not None:
             out.close()
         self.procs[name] = proc
         return proc
 
-    def _wait_router_address(self) -> str:
-        proc = self.procs["router"]
+    def add_router(self, name: str = "router-1") -> str:
+        """Start another router replica of this cluster (same Redis, same workers; its own free
+        ports) and return its gRPC address once it serves. Names start with "router"."""
+        if not name.startswith("router") or name in self.procs:
+            raise ValueError(f"router name {name!r}: give a new name starting with 'router'")
+        free = lambda p: None if p is None else 0          # noqa: E731 - a replica never clashes on ports
+        self._spawn(name, self.router_command(0, free(self.http_port), free(self.metrics_port)))
+        return self._wait_router_address(name)
+
+    def _port_of(self, address: str) -> int | None:
+        return int(address.rsplit(":", 1)[1]) if address else None
+
+    def _wait_router_address(self, name: str) -> str:
+        """Read router `name`'s ready line; records its addresses (the first router's are the
+        cluster's `address`, `http_address` and `metrics_address`)."""
+        proc = self.procs[name]
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if not select.select([proc.stdout], [], [], 0.5)[0]:     # never block past the deadline
@@ -181,11 +202,16 @@ class LocalCluster:
             line = proc.stdout.readline().decode()
             if line.startswith("ready "):          # ready ADDRESS [http=HOST:PORT] [metrics=HOST:PORT]
                 extra = dict(word.split("=", 1) for word in line.split()[2:] if "=" in word)
-                self.http_address, self.metrics_address = extra.get("http", ""), extra.get("metrics", "")
-                return line.split()[1]
+                address = line.split()[1]
+                if name == "router":
+                    self.http_address, self.metrics_address = extra.get("http", ""), extra.get("metrics", "")
+                self.routers[name] = address
+                self._router_ports[name] = (self._port_of(address), self._port_of(extra.get("http", "")),
+                                            self._port_of(extra.get("metrics", "")))
+                return address
             if not line and proc.poll() is not None:
                 break
-        raise ClusterStartError(f"the router did not start: {self.log_tail('router')}")
+        raise ClusterStartError(f"{name} did not start: {self.log_tail(name)}")
 
     def wait_instances(self, count: int, timeout_s: float | None = None) -> list:
         """Block until the router lists `count` serving instances; returns their LoadReports."""
@@ -254,8 +280,17 @@ class LocalCluster:
         proc.wait()
 
     def restart(self, name: str) -> None:
-        """Start a worker that was killed (or exited) again with its original command; it registers
-        anew (its new address in its new record). ValueError for the router or a running worker."""
+        """Start a worker or router that was killed (or exited) again with its original command. A
+        worker registers anew (its new address in its new record); a router comes back on the
+        ports it had (clients reconnect to the same address) and this returns once it serves.
+        ValueError for an unknown or running child."""
+        if name in self.routers:
+            if self.procs[name].poll() is None:
+                raise ValueError(f"{name} is still running; kill it first")
+            self.procs[name].stdout.close()
+            self._spawn(name, self.router_command(*self._router_ports[name]))
+            self._wait_router_address(name)
+            return
         spec = next((s for s in self.specs if s.instance_id == name), None)
         if spec is None:
             raise ValueError(f"{name!r} is not a worker of this cluster")
@@ -264,8 +299,9 @@ class LocalCluster:
         self._spawn(name, self.worker_command(spec))
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every child (router first), wait up to grace_s, SIGKILL the rest; stop Redis. Idempotent."""
-        order = ["router"] + [n for n in self.procs if n != "router"]
+        """SIGTERM every child (routers first), wait up to grace_s, SIGKILL the rest; stop Redis. Idempotent."""
+        routers = [n for n in self.procs if n.startswith("router")]
+        order = routers + [n for n in self.procs if n not in routers]
         for name in order:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:

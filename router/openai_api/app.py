@@ -121,7 +121,8 @@ class OpenAIApi:
         try:
             n, best_of = choices.check_choices(parsed.request.params)
             answers = [Answer(parsed, rr.request_id, r.model.model_id, len(rr.prompt_token_ids), self.token_texts,
-                              rr.prompt_token_ids, index=i) for i in range(n)]
+                              rr.prompt_token_ids, index=i, resumed_after=len(rr.resume_token_ids or ()))
+                       for i in range(n)]
             stream = choices.stream(rr, lambda c: r.metrics.track(c, r.requests.generate(c), API),
                                     keep_logprobs=parsed.logprobs is not None)
             async with contextlib.aclosing(stream):

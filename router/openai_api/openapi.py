@@ -46,6 +46,7 @@ def _common(max_model_len: int) -> dict:
         "request_id": {"type": "string", "maxLength": 256},
         "priority": {"type": "integer"},
         "expected_output_tokens": {"type": "integer", "minimum": 0},
+        "resume_token_ids": _TOKEN_IDS,
         "slo": {"type": "object", "properties": {"ttft_s": {"type": "number", "minimum": 0},
                                                  "tpot_s": {"type": "number", "minimum": 0}}},
         "response_format": {"type": "object", "required": ["type"], "properties": {

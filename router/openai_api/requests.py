@@ -29,7 +29,8 @@ endpoint (`messages` on /v1/completions, `best_of` on chat, ...) is a 400.
 Tandem's extras (extra body fields): `request_id`, `priority` (int, higher first), `slo`
 (`{"ttft_s": s, "tpot_s": s}`), `expected_output_tokens` (the output length you expect, a hint for
 the router's output-length predictor; 1..max_tokens, 0 or absent: none), `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`
-(token ids in each choice), `stream_options.continuous_usage_stats` (usage on every chunk) and
+(token ids in each choice), `resume_token_ids` (with `request_id`: resume a request whose router died
+from the tokens already received; the answer holds only what follows them, its usage counts all), `stream_options.continuous_usage_stats` (usage on every chunk) and
 `add_generation_prompt` (chat, default true).
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ _INT32 = 2 ** 31 - 1
 # Parameters of both endpoints, and per endpoint.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
            "frequency_penalty", "presence_penalty", "logit_bias",
-           "request_id", "priority", "slo", "expected_output_tokens", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids",
+           "request_id", "priority", "slo", "expected_output_tokens", "resume_token_ids", "top_k", "ignore_eos", "stop_token_ids", "min_tokens", "return_token_ids",
            "repetition_penalty", "min_p"} | set(STRUCTURED_FIELDS)
 COMPLETION_PARAMS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
@@ -239,6 +240,8 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     req.request_id = request_id
     req.priority = get_int(body, "priority", 0, minimum=-_INT32 - 1, maximum=_INT32)
     req.expected_output_tokens = get_int(body, "expected_output_tokens", 0, minimum=0, maximum=_INT32)
+    if body.get("resume_token_ids") is not None:      # a client resuming after its router died
+        req.resume.delivered_token_ids.extend(get_int_list(body, "resume_token_ids"))
     _slo(body, req)
     stream = get_bool(body, "stream", False)
     options = get_dict(body, "stream_options") or {}
@@ -251,7 +254,8 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     continuous = get_bool(options, "continuous_usage_stats", False)
     return ParsedRequest(kind, req, stream, include_usage or continuous, continuous, logprobs,
                          return_token_ids=get_bool(body, "return_token_ids", False), n=n,
-                         rename={"structured_output": structured_from} if structured_from else {})
+                         rename={"resume.delivered_token_ids": "resume_token_ids", "resume": "resume_token_ids",
+                                 **({"structured_output": structured_from} if structured_from else {})})
 
 
 def _adjustments(body: dict, params: serving_pb2.SamplingParams) -> None:

@@ -48,8 +48,11 @@ class Answer:
     """One request's answer in OpenAI's shapes. Call `add` for every message, in order."""
 
     def __init__(self, parsed: ParsedRequest, request_id: str, model_id: str, prompt_tokens: int,
-                 token_texts: TokenTexts, prompt_token_ids: list[int], index: int = 0):
+                 token_texts: TokenTexts, prompt_token_ids: list[int], index: int = 0, resumed_after: int = 0):
+        """resumed_after: the tokens the client had when it resumed the request (resume_token_ids);
+        the answer holds what follows them, its usage counts them too."""
         self.parsed, self.model_id, self.prompt_tokens = parsed, model_id, prompt_tokens
+        self.resumed_after = resumed_after
         self.index = index                 # the choice it renders (n > 1: one Answer per choice)
         self.prompt_token_ids = prompt_token_ids
         self.id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + request_id
@@ -73,8 +76,9 @@ class Answer:
     # ---- folding ------------------------------------------------------------------------------
     def add(self, m: serving_pb2.GenerateResponse) -> dict:
         """Fold one message; returns its part as a `choice` delta: text, token_ids, logprobs."""
-        if m.index != len(self.token_ids):
-            raise RouteError(grpc.StatusCode.INTERNAL, f"token index {m.index} arrived, {len(self.token_ids)} expected")
+        expected = self.resumed_after + len(self.token_ids)
+        if m.index != expected:
+            raise RouteError(grpc.StatusCode.INTERNAL, f"token index {m.index} arrived, {expected} expected")
         self.token_ids += m.token_ids
         self.text += m.text
         if m.finished:
@@ -96,7 +100,7 @@ class Answer:
 
     # ---- rendering ----------------------------------------------------------------------------
     def usage(self) -> dict:
-        n = len(self.token_ids)
+        n = self.resumed_after + len(self.token_ids)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 

@@ -89,6 +89,9 @@ class RoutedRequest:
     expected_output_tokens: int = 0                 # the client's hint (0: none), validated
     slo_ttft_s: float = 0.0                         # the request's TTFT SLO (0: the cluster default)
     predicted_output_tokens: float = 0.0            # the router's median prediction (0: none yet)
+    # A client resuming after its router died (GenerateRequest.resume): the tokens it has. None: a
+    # new request. The stream starts at index len(resume_token_ids) (router/request/redispatch.py).
+    resume_token_ids: list[int] | None = None
 
     def order_fields(self) -> tuple[int, float, float]:
         """(priority, arrival, predicted work) for services/engine/queue_order.py."""

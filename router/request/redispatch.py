@@ -11,6 +11,11 @@ anything the dead attempt left on a surviving instance):
 - nothing delivered yet: placed again from scratch (prefill elsewhere, transfer, decode). A prefill
   instance that dies during the prefill is already retried on another by Dispatcher._prefill; this
   covers the decode instance dying before the first token.
+- a client resumes the request on another router, the one it ran on having died (GenerateRequest.
+  resume: the tokens it has): the instances are asked for any attempt of the request they still
+  hold; the newest one parked there (services/worker/parked.py: kept decoding for the orphan grace
+  period) is attached to from the client's index, the rest released; if none is, it is recomputed
+  as below under the next attempt id.
 - tokens delivered: first, if the request migrated (or was migrating) and the surviving side
   already runs it, the router attaches there (Decode from index len(delivered)); otherwise a
   decode-capable instance gets Generate with output_token_ids = delivered and recomputes prompt +
@@ -45,9 +50,31 @@ DEFAULT_MAX_REDISPATCHES = 3          # re-dispatches of one request before the 
 PROBE_TIMEOUT_S = 2.0                 # a Stats probe for the surviving side of a migration
 
 
+ATTEMPT_SEP = "~r"
+PARK_WAIT_S = 2.0                     # a resumed request waits this long for its old attempt to be parked
+PARK_POLL_S = 0.1
+
+
 def attempt_id(request_id: str, attempt: int) -> str:
     """The id workers know attempt `attempt` (>= 1) of a request by."""
-    return f"{request_id}~r{attempt}"
+    return f"{request_id}{ATTEMPT_SEP}{attempt}"
+
+
+def attempt_number(worker_id: str, request_id: str) -> int | None:
+    """Which attempt of request_id the worker-side id is (0: the first), or None if of another request."""
+    if worker_id == request_id:
+        return 0
+    prefix = request_id + ATTEMPT_SEP
+    tail = worker_id[len(prefix):] if worker_id.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+@dataclasses.dataclass
+class _Found:
+    """An attempt of a resumed request that an instance holds."""
+    attempt: int
+    instance: object                  # its registry record
+    request: worker_pb2.RunningRequest
 
 
 class Redispatcher:
@@ -62,10 +89,16 @@ class Redispatcher:
     async def generate(self, rr: RoutedRequest) -> AsyncIterator[serving_pb2.GenerateResponse]:
         """Dispatcher.generate(rr), resumed elsewhere after each WorkerLost (up to max_redispatches).
         Messages carry rr.request_id whatever attempt produced them; indexes stay contiguous."""
-        delivered: list[int] = []
+        delivered: list[int] = list(rr.resume_token_ids or ())
         lost: set[str] = set()
-        current, attempt = rr, 0
-        stream = self.dispatcher.generate(rr)
+        if rr.resume_token_ids is None:
+            current, attempt, first = rr, 0, 0
+            stream = self.dispatcher.generate(rr)
+        else:                           # its client lost the router that ran it (router death)
+            found = await self._find_attempts(rr.request_id)
+            attempt = first = max((a.attempt for a in found), default=0) + 1
+            current = _attempt(rr, attempt, delivered)
+            stream = self._failover(rr, current, delivered, found)
         watch = _Watch(rr)
         self._watched.add(watch)
         if self._watcher is None or self._watcher.done():
@@ -93,9 +126,9 @@ class Redispatcher:
                         raise
                     watch.reset()
                     lost.add(e.instance_id)
-                    if attempt >= self.max_redispatches:
+                    if attempt - first >= self.max_redispatches:
                         raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{e.message}; the request was re-dispatched "
-                                         f"{attempt} times and lost its instance again; retry") from None
+                                         f"{attempt - first} times and lost its instance again; retry") from None
                     attempt += 1
                     self.on_redispatch(e.reason)
                     log.warning("request %s: %s (%s); re-dispatching attempt %d with %d tokens delivered",
@@ -131,6 +164,58 @@ class Redispatcher:
                                 watch.rr.request_id, holder)
                     for call in list(watch.rr.calls):
                         call.cancel()
+
+    # ---- a client resumes after its router died: attach to the attempt that still runs -----------
+    async def _find_attempts(self, request_id: str) -> list[_Found]:
+        """Every attempt of request_id (request_id itself, or request_id~rN) that an instance still
+        holds. An attempt that runs but is not parked yet (its worker has not seen the dead router's
+        stream close) is probed again for up to PARK_WAIT_S, so the resume does not race the park."""
+        d = self.dispatcher
+        deadline = time.monotonic() + PARK_WAIT_S
+
+        async def probe(inst) -> list[_Found]:
+            try:
+                s = await d.pool.stub(inst.address).Stats(worker_pb2.StatsRequest(list_requests=True),
+                                                          timeout=PROBE_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return []
+            return [_Found(n, inst, q) for q in s.requests if (n := attempt_number(q.request_id, request_id)) is not None]
+        while True:
+            found = [f for fs in await asyncio.gather(*(probe(i) for i in d.registry.instances(None))) for f in fs]
+            if all(f.request.parked or not f.request.running for f in found) or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(PARK_POLL_S)
+
+    async def _failover(self, rr: RoutedRequest, child: RoutedRequest, delivered: list[int], found: list[_Found]):
+        """rr resumed by its client at len(delivered): attach to the newest parked attempt (a Decode
+        from that index; the worker replays what it kept), releasing the others; else `child` (a new
+        attempt id) recomputes prompt + delivered, or starts afresh when nothing was delivered."""
+        best = max((f for f in found if f.request.parked), key=lambda f: f.attempt, default=None)
+        for f in found:
+            if f is not best:
+                self.dispatcher.pool.release_later(f.instance.address, f.request.request_id)
+        if best is not None:
+            attach = dataclasses.replace(child, request_id=best.request.request_id)
+            call, sub = self.dispatcher.outputs.call(best.instance.address, "Decode", worker_pb2.DecodeRequest(
+                request_id=attach.request_id, start_index=len(delivered)), self.dispatcher._stream_timeout(rr))
+            log.info("request %s: resumed at index %d on %s, which kept it running (its router died)",
+                     rr.request_id, len(delivered), best.instance.instance_id)
+            stream = self._stream(rr, attach, _Holder(best.instance.address, best.instance.instance_id, call,
+                                                      outputs=sub))
+            try:
+                async with contextlib.aclosing(stream):
+                    async for message in stream:
+                        yield message
+                return
+            except _Refused as e:      # it finished, expired or was taken in between: recompute it
+                log.info("request %s: %s could not be attached to (%s)", rr.request_id, best.instance.instance_id,
+                         e.details)
+                self.dispatcher.pool.release_later(best.instance.address, attach.request_id)
+        log.info("request %s: resumed at index %d by recompute (no instance kept it)", rr.request_id, len(delivered))
+        stream = self._recompute(rr, child, delivered, set()) if delivered else self.dispatcher.generate(child)
+        async with contextlib.aclosing(stream):
+            async for message in stream:
+                yield message
 
     # ---- tokens delivered: attach to the surviving side, or recompute on another instance --------
     async def _resume(self, rr: RoutedRequest, previous_id: str, child: RoutedRequest, delivered: list[int],

@@ -12,7 +12,8 @@ naming the flag, retry-after: the excess at the measured start rate; whatever th
 mode, so the router's queue and memory stay bounded under any burst), refuses what cannot meet its TTFT SLO
 under `--admission slo` (router/request/admission.py: RouteError RESOURCE_EXHAUSTED with retry_after_s,
 INVALID_ARGUMENT for an SLO no instance can meet), then yields the dispatcher's messages
-unchanged, timing first tokens for the start rate, and finally teaches the predictor the number
+unchanged (a resumed request, GenerateRequest.resume, skips admission and the queue count: it was
+admitted by the router that died, and runs already), timing first tokens for the start rate, and finally teaches the predictor the number
 of tokens the request produced. A request the client closed after some tokens counts with what
 it received: that is the work it cost (as a chat UI that stops reading ends the answer there).
 Errors teach nothing.
@@ -114,14 +115,17 @@ class RequestScheduling:
                   stream: AsyncIterator[serving_pb2.GenerateResponse]) -> AsyncIterator[serving_pb2.GenerateResponse]:
         """Yield `stream`'s messages unchanged after prediction and admission (module docstring).
         Closes `stream` when closed itself, and when admission refuses (it never started)."""
+        resumed = rr.resume_token_ids is not None
         try:
             predicted = self.predict(rr)
-            self.admit(rr)
+            if not resumed:          # admitted before its router died: it runs already, refusing it loses work
+                self.admit(rr)
         except BaseException:
             await stream.aclose()
             raise
-        self.not_started[rr.request_id] = rr
-        tokens, learn = 0, False
+        if not resumed:
+            self.not_started[rr.request_id] = rr
+        tokens, learn = len(rr.resume_token_ids or ()), False     # it produced what the client has, too
         try:
             async for message in stream:
                 if message.token_ids and rr.request_id in self.not_started:

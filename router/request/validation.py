@@ -52,8 +52,29 @@ def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenize
     if not 0 <= req.expected_output_tokens <= params.max_tokens:
         raise InvalidRequestError("expected_output_tokens", f"{req.expected_output_tokens} is not in [1, max_tokens "
                                   f"({params.max_tokens})]; give the output length you expect, or 0 for no hint")
+    resume = _resume_tokens(req, params, model.vocab_size) if req.HasField("resume") else None
     request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
     wr = worker_pb2.WorkerRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=req.params,
                                   priority=req.priority)
     return RoutedRequest(request_id, prompt_ids, params, wr, arrival or time.monotonic(), timeout,
-                         expected_output_tokens=req.expected_output_tokens, slo_ttft_s=req.slo.ttft_s)
+                         expected_output_tokens=req.expected_output_tokens, slo_ttft_s=req.slo.ttft_s,
+                         resume_token_ids=resume)
+
+
+def _resume_tokens(req: serving_pb2.GenerateRequest, params, vocab_size: int) -> list[int]:
+    """The delivered tokens of a resumed request (GenerateRequest.resume), checked: the request is
+    found again by its id, one choice only, and something is left to generate."""
+    delivered = list(req.resume.delivered_token_ids)
+    if not req.request_id:
+        raise InvalidRequestError("request_id", "is required with resume: send the id of the request being resumed")
+    if req.params.n > 1 or req.params.best_of > 1:
+        raise InvalidRequestError("resume", "resumes a single-choice request; n and best_of must be 1 "
+                                  "(send the request again without resume)")
+    if len(delivered) >= params.max_tokens:
+        raise InvalidRequestError("resume.delivered_token_ids", f"holds {len(delivered)} tokens, not fewer than "
+                                  f"max_tokens ({params.max_tokens}): nothing is left to generate")
+    bad = next((t for t in delivered if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError("resume.delivered_token_ids", f"token id {bad} is outside the vocabulary "
+                                  f"[0, {vocab_size}); send the ids the stream delivered")
+    return delivered

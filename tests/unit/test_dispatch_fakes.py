@@ -45,6 +45,7 @@ class Fake(worker_pb2_grpc.WorkerServicer):
         self.cancelled: list[str] = []
         self.address = ""
         self.adopted = asyncio.Event()          # a reserved request's KV arrived (here: Recompute)
+        self.holds: list[worker_pb2.RunningRequest] = []      # what Stats lists (parked requests)
 
     def _record(self, method: str, rid: str, **detail) -> None:
         self.calls.append((self.instance_id, method, rid, detail))
@@ -95,6 +96,9 @@ class Fake(worker_pb2_grpc.WorkerServicer):
         async for chunk in self.outputs.relay(self._tokens(request.request_id, request.start_index, context),
                                               context, request.request_id):
             yield chunk
+
+    async def Stats(self, request, context):
+        return worker_pb2.LoadReport(instance_id=self.instance_id, requests=self.holds)
 
     async def Release(self, request, context):
         self._record("Release", request.request_id)
@@ -276,3 +280,60 @@ async def test_a_kv_that_did_not_move_is_recomputed_on_the_decode_instance(outpu
         assert (decode["start"], decode["reserves"]) == (1, True)
         assert rr.kv_fallback == "scripted: the KV transfer failed"
         assert not b.releases()
+
+
+def resumed(rid: str, delivered: list[int]) -> RoutedRequest:
+    rr = request(rid)
+    rr.resume_token_ids = list(delivered)
+    return rr
+
+
+async def tokens_from(stream, start: int) -> list[int]:
+    out = []
+    async for message in stream:
+        assert message.index == start + len(out)
+        out += message.token_ids
+    return out
+
+
+def parked(rid: str, outputs: int) -> worker_pb2.RunningRequest:
+    return worker_pb2.RunningRequest(request_id=rid, num_output_tokens=outputs, running=True, parked=True)
+
+
+@both_paths
+@run
+async def test_a_resumed_request_attaches_to_the_newest_parked_attempt_and_releases_the_rest(outputs):
+    """Its router died: instance a parked the first attempt, b a re-dispatched one (r~r1); the
+    client resumes at index 4 on a new router, which attaches to r~r1 on b and releases r on a."""
+    async with Bench({"a": Script(total=10), "b": Script(total=10)}, outputs) as b:
+        b.fakes["a"].holds = [parked("r", 7)]
+        b.fakes["b"].holds = [parked("r~r1", 8), parked("other", 3)]
+        redispatcher = Redispatcher(b.dispatcher)
+        assert await tokens_from(redispatcher.generate(resumed("r", range(100, 104))), 4) == list(range(104, 110))
+        assert b.streams() == [("b", "Decode", {"start": 4, "reserves": False})]
+        assert [c[2] for c in b.calls if c[1] == "Decode"] == ["r~r1"]
+        await b.released("a")
+        assert {(i, rid) for i, m, rid, _ in b.calls if m == "Release"} == {("a", "r")}
+
+
+@both_paths
+@run
+async def test_a_resumed_request_no_instance_holds_is_recomputed_under_a_new_attempt_id(outputs):
+    async with Bench({"a": Script(total=10)}, outputs) as b:
+        redispatcher = Redispatcher(b.dispatcher)
+        assert await tokens_from(redispatcher.generate(resumed("r", range(100, 103))), 3) == list(range(103, 110))
+        assert [(i, m, rid) for i, m, rid, _ in b.calls if m == "Generate"] == [("a", "Generate", "r~r1")]
+        assert b.streams()[0][2]["resumed"] == [100, 101, 102]
+
+
+@run
+async def test_a_resume_waits_for_a_running_attempt_to_be_parked():
+    """The old router's stream may not have closed on the worker yet: the new router probes again
+    until the attempt shows as parked (or the wait ends), instead of recomputing at once."""
+    async with Bench({"a": Script(total=10)}, False) as b:
+        fake = b.fakes["a"]
+        fake.holds = [worker_pb2.RunningRequest(request_id="r", num_output_tokens=5, running=True)]
+        asyncio.get_running_loop().call_later(0.3, lambda: fake.holds.__setitem__(0, parked("r", 6)))
+        redispatcher = Redispatcher(b.dispatcher)
+        assert await tokens_from(redispatcher.generate(resumed("r", range(100, 105))), 5) == list(range(105, 110))
+        assert b.streams() == [("a", "Decode", {"start": 5, "reserves": False})]

@@ -199,3 +199,43 @@ def test_queue_full_refusals_are_a_metric():
         s.admit(routed("y"))
     refused = next(m for m in SchedulingCollector(s).collect() if m.name == "tandem_admission_refused")
     assert {sample.labels["reason"]: sample.value for sample in refused.samples} == {"slo": 0, "queue_full": 1}
+
+
+def test_a_resumed_request_skips_admission_and_learns_its_whole_length():
+    """A request resumed after its router died (GenerateRequest.resume) was admitted by that router:
+    a full queue does not refuse it, it is not counted as waiting, and what the client had counts."""
+    s = RequestScheduling(lambda: None, max_queued=1)
+    s.not_started["x"] = routed("x")
+    req = serving_pb2.GenerateRequest(request_id="back", prompt_token_ids=[5] * 8,
+                                      params=serving_pb2.SamplingParams(max_tokens=64),
+                                      resume=serving_pb2.Resume(delivered_token_ids=[9] * 10))
+    rr = build_request(req, MODEL, TOKENIZER, None)
+    assert rr.resume_token_ids == [9] * 10
+    with pytest.raises(RouteError):
+        s.admit(routed("y"))                               # the bound holds for new requests
+    assert len(drain(s.run(rr, chunks(5)))) == 5
+    assert "back" not in s.not_started and s.predictor.observations == 1
+    assert [a for *_, a in s.error._pairs] == [15]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"resume_token_ids": [1, 2]}, "request_id"),
+    ({"request_id": "r", "resume_token_ids": [1] * 8}, "resume_token_ids"),
+    ({"request_id": "r", "resume_token_ids": [-1]}, "resume_token_ids"),
+    ({"request_id": "r", "resume_token_ids": "12"}, "resume_token_ids"),
+])
+def test_bad_resume_is_refused_at_the_edge_naming_the_field(body, field):
+    with pytest.raises((ApiError, InvalidRequestError)) as e:
+        parsed = parse_completion({"prompt": [5, 6], "max_tokens": 8, **body}, MODEL, TOKENIZER)
+        build_request(parsed.request, MODEL, TOKENIZER, None)
+    name = e.value.param if isinstance(e.value, ApiError) else e.value.field
+    if isinstance(e.value, InvalidRequestError):
+        name = parsed.rename.get(name, name)
+    assert name == field
+
+
+def test_resume_token_ids_reach_the_request():
+    parsed = parse_completion({"prompt": [5, 6], "max_tokens": 8, "request_id": "r", "resume_token_ids": [7, 8]},
+                              MODEL, TOKENIZER)
+    rr = build_request(parsed.request, MODEL, TOKENIZER, None)
+    assert rr.resume_token_ids == [7, 8] and rr.request_id == "r"
