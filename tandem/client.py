@@ -7,19 +7,31 @@
 
 The two clients differ only in I/O. They share `build_generate_request` (keyword arguments →
 GenerateRequest), `parse_generate_response` (GenerateResponse → Chunk), `_StreamCheck` (the
-protocol check), `CompletionBuilder` (timed chunks → Completion) and `_retry_delay` (the retry
-policy).
+protocol check), `CompletionBuilder` (timed chunks → Completion), `_Routers` (the router replicas
+and which one is current), `_Sends` (what each send of a Generate call carries and the wait
+before it) and `_retry_delay` (whether to try again, and after how long).
 
 Contracts of both clients:
+- `address` names one router or several replicas of it: "h1:1,h2:2" or a list/tuple of
+  addresses. Calls go to the current router; an UNAVAILABLE moves the client on to the next one
+  (round-robin), where its retry or resume goes.
 - `generate()` raises ValueError before any RPC unless exactly one of `prompt` and `token_ids` is
   given, and returns an iterator that yields one Chunk per server message as it arrives. Closing
   it early (break, close()/aclose(), garbage collection, cancelling the consuming task) cancels
   the RPC, so the server stops the request.
-- `timeout` (else the client's) is one deadline for the whole call, retries included.
-- UNAVAILABLE is retried up to `max_retries` times with exponential backoff from 50 ms, only
-  while no chunk has been yielded; afterwards it raises UnavailableError.
-- A stream whose indexes are not contiguous from 0, or which ends without a finished message,
-  raises InternalError (and the RPC is cancelled).
+- `timeout` (else the client's) is one deadline for the whole call, retries and resumes included.
+- UNAVAILABLE while no chunk has been yielded is retried, the same request on the next router, up
+  to `max_retries` times. UNAVAILABLE after a chunk (the router died: its stream broke) resumes a
+  resumable request (n and best_of 1): the same request, same request_id, goes to the next router
+  with `resume.delivered_token_ids` = every token yielded so far, up to `max_resumes` times, and
+  the stream carries on at the next index, so each token is yielded exactly once. Both wait 50 ms
+  doubling to 1 s, and never past the deadline. Anything else (n > 1, the tries spent, the deadline
+  too near) raises UnavailableError; an UNAVAILABLE after the finished message ends the stream as
+  usual, since nothing is missing.
+- A resumable request without a request_id gets `req-<16 hex digits>` from the SDK before its
+  first send, so that a resend names the same request.
+- A stream whose indexes are not contiguous from 0 (across resumes), or which ends without a
+  finished message, raises InternalError (and the RPC is cancelled).
 - Every failed RPC raises the typed error of `tandem.errors` for its status.
 """
 from __future__ import annotations
@@ -27,9 +39,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import grpc
 
@@ -40,6 +55,11 @@ from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, 
 MAX_MESSAGE_BYTES = 64 << 20
 _BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
+# A restarted router on the same address is found again within ~2 s (gRPC's default backoff
+# grows to 120 s); the caller's `options` override these.
+_CHANNEL_OPTIONS = {"grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+                    "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+                    "grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 2000}
 _FINISH_REASONS = {serving_pb2.FINISH_REASON_STOP: "stop", serving_pb2.FINISH_REASON_LENGTH: "length",
                    serving_pb2.FINISH_REASON_ABORT: "abort"}
 
@@ -181,13 +201,21 @@ def _model(info: serving_pb2.ModelInfo) -> dict:
 
 
 class _StreamCheck:
-    """The protocol of one Generate stream: indexes contiguous from 0, a finished message last."""
+    """The protocol of one Generate call: indexes contiguous from 0, a finished message last.
+
+    One check spans every send of a call, so a resumed stream must start at the index after the
+    last token accepted; `token_ids` are the tokens accepted so far, in order.
+    """
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.tokens = 0
+        self.token_ids: list[int] = []
         self.messages = 0
         self.finished = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
     def accept(self, msg: serving_pb2.GenerateResponse) -> Chunk:
         """The message's Chunk; InternalError when it breaks the protocol."""
@@ -198,7 +226,7 @@ class _StreamCheck:
                                 request_id=self.request_id or None)
         chunk = parse_generate_response(msg, self.request_id)
         self.request_id = chunk.request_id
-        self.tokens += len(chunk.token_ids)
+        self.token_ids.extend(chunk.token_ids)
         self.messages += 1
         self.finished = chunk.finished
         return chunk
@@ -263,18 +291,83 @@ class _Deadline:
         return None if self._end is None else max(0.0, self._end - time.monotonic())
 
 
-def _retry_delay(error: grpc.RpcError, attempt: int, max_retries: int, deadline: _Deadline,
-                 started: bool = False) -> float | None:
-    """Seconds to wait before retrying failed attempt number `attempt` (from 0), or None to give up.
-
-    Only UNAVAILABLE is retried, only before anything was yielded (`started`), at most
-    `max_retries` times, and never when the wait would pass the deadline.
+def _retry_delay(error: grpc.RpcError, attempt: int, limit: int, deadline: _Deadline) -> float | None:
+    """Seconds to wait before trying again after failed try number `attempt` (from 0): 50 ms
+    doubling to 1 s; None to give up. Only UNAVAILABLE is tried again, at most `limit` times, and
+    never when the wait would reach the deadline.
     """
-    if error.code() != grpc.StatusCode.UNAVAILABLE or started or attempt >= max_retries:
+    if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= limit:
         return None
     delay = min(_BACKOFF_S * 2 ** attempt, _MAX_BACKOFF_S)
     remaining = deadline.remaining()
     return None if remaining is not None and remaining <= delay else delay
+
+
+def _resumable(request: serving_pb2.GenerateRequest) -> bool:
+    """Whether a router can resume the request after the client lost its router: one choice only
+    (n and best_of 0 or 1), as the router requires of `resume`."""
+    return request.params.n <= 1 and request.params.best_of <= 1
+
+
+def _assign_request_id(request: serving_pb2.GenerateRequest) -> None:
+    """Give a resumable request without an id one, `req-<16 hex digits>` (the router's own form),
+    so a resend names the request the first router started. A safe no-op otherwise."""
+    if not request.request_id and _resumable(request):
+        request.request_id = f"req-{secrets.token_hex(8)}"
+
+
+class _Sends:
+    """The sends of one Generate call: the protocol check over every chunk yielded so far, the
+    request each send carries, and the wait before the next (the module docstring's contract).
+
+    Before any chunk, a send is the request as given (max_retries of them after the first). After
+    one, a resumable request is re-sent with `resume.delivered_token_ids` = the tokens yielded
+    (max_resumes of them); the router streams from index len(delivered), which `check` expects.
+    """
+
+    def __init__(self, request: serving_pb2.GenerateRequest, max_retries: int, max_resumes: int,
+                 deadline: _Deadline) -> None:
+        _assign_request_id(request)
+        self._request = request
+        self._max_retries, self._max_resumes = max_retries, max_resumes
+        self._retries = self._resumes = 0
+        self._deadline = deadline
+        self.check = _StreamCheck(request.request_id)
+
+    def request(self) -> serving_pb2.GenerateRequest:
+        """What the next send carries."""
+        if self.check.messages == 0:
+            return self._request
+        resend = serving_pb2.GenerateRequest()
+        resend.CopyFrom(self._request)
+        resend.resume.SetInParent()            # present even when the chunks so far held no token
+        resend.resume.delivered_token_ids.extend(self.check.token_ids)
+        return resend
+
+    def delay(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next send after `error` broke this one; None to give up."""
+        if self.check.messages == 0:
+            self._retries += 1
+            return _retry_delay(error, self._retries - 1, self._max_retries, self._deadline)
+        if not _resumable(self._request):
+            return None                        # a router cannot carry n choices on
+        self._resumes += 1
+        return _retry_delay(error, self._resumes - 1, self._max_resumes, self._deadline)
+
+
+def _addresses(address: str | Sequence[str]) -> list[str]:
+    """The router addresses of `address`: one, several joined by commas, or a list/tuple of them.
+    ValueError when it names none."""
+    parts = address.split(",") if isinstance(address, str) else list(address)
+    addresses = [a.strip() for a in parts if a.strip()]
+    if not addresses:
+        raise ValueError(f"no router address in {address!r}")
+    return addresses
+
+
+def _channel_options(options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The SDK's channel options with the caller's merged over them (the caller's win)."""
+    return list({**_CHANNEL_OPTIONS, **dict(options)}.items())
 
 
 def _credentials(tls) -> grpc.ChannelCredentials | None:
@@ -289,25 +382,59 @@ def _credentials(tls) -> grpc.ChannelCredentials | None:
         return grpc.ssl_channel_credentials(root_certificates=f.read())
 
 
+@dataclass(frozen=True)
+class _Router:
+    """One router replica: its channel and the stubs on it."""
+    address: str
+    channel: grpc.Channel | grpc.aio.Channel
+    serving: serving_pb2_grpc.ServingStub
+    admin: admin_pb2_grpc.AdminStub
+
+
+class _Routers:
+    """The router replicas of a client and which one is current; safe to share between threads."""
+
+    def __init__(self, routers: list[_Router]) -> None:
+        self.all = routers
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> tuple[int, _Router]:
+        """The router calls go to now, with its position for `failed()`."""
+        i = self._current
+        return i, self.all[i]
+
+    def failed(self, i: int) -> None:
+        """Router `i` answered UNAVAILABLE: move on to the next one, unless another call already
+        moved on from `i` (two calls failing on one router must not skip a healthy one)."""
+        with self._lock:
+            if self._current == i:
+                self._current = (i + 1) % len(self.all)
+
+
 class _ClientBase:
-    """Channel, stubs, auth metadata and defaults shared by both clients; `_grpc` picks the I/O."""
+    """Channels, stubs, auth metadata and defaults shared by both clients; `_grpc` picks the I/O."""
 
     _grpc = grpc
 
-    def __init__(self, address: str, *, api_key: str | None = None,
-                 tls: bool | grpc.ChannelCredentials | str = False, max_retries: int = 2,
+    def __init__(self, address: str | Sequence[str], *, api_key: str | None = None,
+                 tls: bool | grpc.ChannelCredentials | str = False, max_retries: int = 2, max_resumes: int = 8,
                  timeout: float | None = None, options: Sequence[tuple[str, object]] = ()) -> None:
-        channel_options = {"grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-                           "grpc.max_receive_message_length": MAX_MESSAGE_BYTES, **dict(options)}
+        addresses = _addresses(address)
+        channel_options = _channel_options(options)
         credentials = _credentials(tls)
-        if credentials is None:
-            self._channel = self._grpc.insecure_channel(address, options=list(channel_options.items()))
-        else:
-            self._channel = self._grpc.secure_channel(address, credentials, options=list(channel_options.items()))
-        self._serving = serving_pb2_grpc.ServingStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        routers = []
+        for a in addresses:
+            if credentials is None:
+                channel = self._grpc.insecure_channel(a, options=channel_options)
+            else:
+                channel = self._grpc.secure_channel(a, credentials, options=channel_options)
+            routers.append(_Router(a, channel, serving_pb2_grpc.ServingStub(channel),
+                                   admin_pb2_grpc.AdminStub(channel)))
+        self._routers = _Routers(routers)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._max_retries = max_retries
+        self._max_resumes = max_resumes
         self._timeout = timeout
 
     def _deadline(self, timeout: float | None) -> _Deadline:
@@ -315,12 +442,15 @@ class _ClientBase:
 
 
 class Client(_ClientBase):
-    """A blocking client. Thread-safe; `close()` (or leaving the `with` block) ends the channel.
+    """A blocking client. Thread-safe; `close()` (or leaving the `with` block) ends the channels.
 
-    `Client(address, *, api_key=None, tls=False, max_retries=2, timeout=None, options=())`:
+    `Client(address, *, api_key=None, tls=False, max_retries=2, max_resumes=8, timeout=None, options=())`:
+    `address` is one router or several replicas ("h1:1,h2:2" or a list), one channel each;
     `api_key` is sent as `authorization: Bearer <key>` on every call; `tls` is False, True, a
-    `grpc.ChannelCredentials` or a root-certificate path; `timeout` is the default deadline of
-    every call; `options` are extra gRPC channel options (messages up to 64 MiB by default).
+    `grpc.ChannelCredentials` or a root-certificate path; `max_retries` bounds the retries of
+    UNAVAILABLE before a chunk, `max_resumes` the resumes after one; `timeout` is the default
+    deadline of every call; `options` are extra gRPC channel options, over the SDK's (messages up
+    to 64 MiB, reconnect backoff 100 ms to 2 s).
     """
 
     def __enter__(self) -> Client:
@@ -330,8 +460,9 @@ class Client(_ClientBase):
         self.close()
 
     def close(self) -> None:
-        """End the channel; calls in flight are cancelled. A second close is a no-op."""
-        self._channel.close()
+        """End the channels; calls in flight are cancelled. A second close is a no-op."""
+        for router in self._routers.all:
+            router.channel.close()
 
     def generate(self, prompt: str | None = None, token_ids: Sequence[int] | None = None, *,
                  timeout: float | None = None, **params) -> Iterator[Chunk]:
@@ -347,18 +478,22 @@ class Client(_ClientBase):
         return self._stream(request, self._deadline(timeout))
 
     def _stream(self, request: serving_pb2.GenerateRequest, deadline: _Deadline) -> Iterator[Chunk]:
-        check = _StreamCheck(request.request_id)
-        for attempt in itertools.count():
-            call = self._serving.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
+        sends = _Sends(request, self._max_retries, self._max_resumes, deadline)
+        while True:
+            at, router = self._routers.current()
+            call = router.serving.Generate(sends.request(), timeout=deadline.remaining(), metadata=self._metadata)
             try:
                 for msg in call:
-                    yield check.accept(msg)
-                check.end()
+                    yield sends.check.accept(msg)
+                sends.check.end()
                 return
             except grpc.RpcError as e:
-                delay = _retry_delay(e, attempt, self._max_retries, deadline, started=check.messages > 0)
+                if sends.check.finished:
+                    return                     # broke after the final message: nothing is missing
+                delay = sends.delay(e)
                 if delay is None:
-                    raise from_rpc_error(e, check.request_id or None) from e
+                    raise from_rpc_error(e, sends.check.request_id or None) from e
+                self._routers.failed(at)       # only UNAVAILABLE is tried again
             finally:
                 call.cancel()
             time.sleep(delay)
@@ -373,21 +508,21 @@ class Client(_ClientBase):
 
     def abort(self, request_id: str) -> bool:
         """Stop a live request; False when the cluster does not know it (a safe no-op)."""
-        return self._unary(self._serving.Abort, serving_pb2.AbortRequest(request_id=request_id)).found
+        return self._unary("serving.Abort", serving_pb2.AbortRequest(request_id=request_id)).found
 
     def list_models(self) -> list[dict]:
         """The served models: `id, max_model_len, vocab_size` each."""
-        return [_model(m) for m in self._unary(self._serving.ListModels, serving_pb2.ListModelsRequest()).models]
+        return [_model(m) for m in self._unary("serving.ListModels", serving_pb2.ListModelsRequest()).models]
 
     def list_instances(self) -> list[dict]:
         """Every instance's last LoadReport as a dict (`id`, `role` as a word, then its fields)."""
-        reply = self._unary(self._admin.ListInstances, admin_pb2.ListInstancesRequest())
+        reply = self._unary("admin.ListInstances", admin_pb2.ListInstancesRequest())
         return [_instance(r) for r in reply.instances]
 
     def migrate(self, request_id: str, to_instance_id: str, timeout: float | None = None) -> dict:
         """Move a running request to another decode instance; returns the outcome as a dict
         (`committed`, `abort_reason`, `stages`, `downtime_s`, ...) once it committed or aborted."""
-        reply = self._unary(self._admin.Migrate, admin_pb2.AdminMigrateRequest(
+        reply = self._unary("admin.Migrate", admin_pb2.AdminMigrateRequest(
             request_id=request_id, to_instance_id=to_instance_id), timeout)
         return _fields(reply)
 
@@ -395,19 +530,22 @@ class Client(_ClientBase):
         """Put a decode instance in draining (its requests migrate away, it takes no new work);
         with wait, return once it is drained or timeout_s passed. undo: serve again. Returns
         `state` and `remaining` (requests still there)."""
-        reply = self._unary(self._admin.Drain, admin_pb2.DrainRequest(
+        reply = self._unary("admin.Drain", admin_pb2.DrainRequest(
             instance_id=instance_id, wait=wait, timeout_s=timeout_s, undo=undo), timeout_s + 30 if wait else None)
         return {"state": reply.state, "remaining": reply.remaining}
 
-    def _unary(self, method, request, timeout: float | None = None):
+    def _unary(self, method: str, request, timeout: float | None = None):
+        """`method` ("serving.Abort", "admin.Drain", ...) on the current router, retried on the next."""
         deadline = self._deadline(timeout)
         for attempt in itertools.count():
+            at, router = self._routers.current()
             try:
-                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return attrgetter(method)(router)(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as e:
                 delay = _retry_delay(e, attempt, self._max_retries, deadline)
                 if delay is None:
                     raise from_rpc_error(e) from e
+                self._routers.failed(at)       # only UNAVAILABLE is tried again
             time.sleep(delay)
 
 
@@ -427,8 +565,9 @@ class AsyncClient(_ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        """End the channel; calls in flight are cancelled. A second close is a no-op."""
-        await self._channel.close()
+        """End the channels; calls in flight are cancelled. A second close is a no-op."""
+        for router in self._routers.all:
+            await router.channel.close()
 
     def generate(self, prompt: str | None = None, token_ids: Sequence[int] | None = None, *,
                  timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
@@ -437,18 +576,22 @@ class AsyncClient(_ClientBase):
         return self._stream(request, self._deadline(timeout))
 
     async def _stream(self, request: serving_pb2.GenerateRequest, deadline: _Deadline) -> AsyncIterator[Chunk]:
-        check = _StreamCheck(request.request_id)
-        for attempt in itertools.count():
-            call = self._serving.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
+        sends = _Sends(request, self._max_retries, self._max_resumes, deadline)
+        while True:
+            at, router = self._routers.current()
+            call = router.serving.Generate(sends.request(), timeout=deadline.remaining(), metadata=self._metadata)
             try:
                 async for msg in call:
-                    yield check.accept(msg)
-                check.end()
+                    yield sends.check.accept(msg)
+                sends.check.end()
                 return
             except grpc.RpcError as e:
-                delay = _retry_delay(e, attempt, self._max_retries, deadline, started=check.messages > 0)
+                if sends.check.finished:
+                    return                     # broke after the final message: nothing is missing
+                delay = sends.delay(e)
                 if delay is None:
-                    raise from_rpc_error(e, check.request_id or None) from e
+                    raise from_rpc_error(e, sends.check.request_id or None) from e
+                self._routers.failed(at)       # only UNAVAILABLE is tried again
             finally:
                 call.cancel()
             await asyncio.sleep(delay)
@@ -463,39 +606,42 @@ class AsyncClient(_ClientBase):
 
     async def abort(self, request_id: str) -> bool:
         """As `Client.abort`."""
-        reply = await self._unary(self._serving.Abort, serving_pb2.AbortRequest(request_id=request_id))
+        reply = await self._unary("serving.Abort", serving_pb2.AbortRequest(request_id=request_id))
         return reply.found
 
     async def list_models(self) -> list[dict]:
         """As `Client.list_models`."""
-        reply = await self._unary(self._serving.ListModels, serving_pb2.ListModelsRequest())
+        reply = await self._unary("serving.ListModels", serving_pb2.ListModelsRequest())
         return [_model(m) for m in reply.models]
 
     async def list_instances(self) -> list[dict]:
         """As `Client.list_instances`."""
-        reply = await self._unary(self._admin.ListInstances, admin_pb2.ListInstancesRequest())
+        reply = await self._unary("admin.ListInstances", admin_pb2.ListInstancesRequest())
         return [_instance(r) for r in reply.instances]
 
     async def migrate(self, request_id: str, to_instance_id: str, timeout: float | None = None) -> dict:
         """As `Client.migrate`."""
-        reply = await self._unary(self._admin.Migrate, admin_pb2.AdminMigrateRequest(
+        reply = await self._unary("admin.Migrate", admin_pb2.AdminMigrateRequest(
             request_id=request_id, to_instance_id=to_instance_id), timeout)
         return _fields(reply)
 
     async def drain(self, instance_id: str, *, wait: bool = False, timeout_s: float = 600.0,
                     undo: bool = False) -> dict:
         """As `Client.drain`."""
-        reply = await self._unary(self._admin.Drain, admin_pb2.DrainRequest(
+        reply = await self._unary("admin.Drain", admin_pb2.DrainRequest(
             instance_id=instance_id, wait=wait, timeout_s=timeout_s, undo=undo), timeout_s + 30 if wait else None)
         return {"state": reply.state, "remaining": reply.remaining}
 
-    async def _unary(self, method, request, timeout: float | None = None):
+    async def _unary(self, method: str, request, timeout: float | None = None):
+        """As `Client._unary`."""
         deadline = self._deadline(timeout)
         for attempt in itertools.count():
+            at, router = self._routers.current()
             try:
-                return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return await attrgetter(method)(router)(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as e:
                 delay = _retry_delay(e, attempt, self._max_retries, deadline)
                 if delay is None:
                     raise from_rpc_error(e) from e
+                self._routers.failed(at)       # only UNAVAILABLE is tried again
             await asyncio.sleep(delay)

@@ -1,10 +1,12 @@
 """Client SDK against a real gRPC server with a scripted backend: streaming, timings, cancellation,
-deadlines, retries, typed errors, the protocol check, auth metadata, and the async twin."""
+deadlines, retries, typed errors, the protocol check, auth metadata, several router replicas and
+resuming a stream on another after its router died, and the async twin."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
+import re
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ import pytest
 
 from tandem import (AsyncClient, Client, DeadlineExceededError, InternalError, InvalidArgumentError,
                     ResourceExhaustedError, TandemError, UnavailableError)
-from tandem.client import Chunk, CompletionBuilder
+from tandem.client import Chunk, CompletionBuilder, _addresses, _channel_options, build_generate_request
 from tandem.errors import from_rpc_error
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2
 
@@ -24,11 +26,17 @@ BOUND_S = 10.0     # upper bound when waiting for an event the server records; n
 @dataclass
 class ScriptedRouter(serving_pb2_grpc.ServingServicer, admin_pb2_grpc.AdminServicer):
     """Echoes the prompt back one output token per prompt token (text: one character per token,
-    `chr(token_id)`), at most max_tokens, following the knobs below. Records what it saw."""
+    `chr(token_id)`), at most max_tokens, following the knobs below. Records what it saw.
+
+    A request with `resume` streams from index len(delivered), after checking that the delivered
+    tokens are the ones this echo sends (INVALID_ARGUMENT otherwise), as a router resuming it would.
+    """
     delay_s: float = 0.0                       # before each message
     tokens_per_message: int = 1
     fail_first: list = field(default_factory=list)     # (code, details) for the next calls, then serve
     fail_after_tokens: tuple | None = None     # (n, code): abort once n tokens were sent
+    fail_once_after: int | None = None         # abort the next stream UNAVAILABLE once it sent n tokens
+                                               # (all of them: after its final message)
     index_gap_at: int | None = None            # message with this index claims index + 1
     omit_final: bool = False                   # end the stream OK without a finished message
     calls: int = 0
@@ -36,6 +44,7 @@ class ScriptedRouter(serving_pb2_grpc.ServingServicer, admin_pb2_grpc.AdminServi
     metadata: list = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)   # a stream ended before its last message
     live: set = field(default_factory=set)
+    server: grpc.Server | None = None          # set by serve(); stop(0) is the router dying
 
     def Generate(self, request, context):
         self.calls += 1
@@ -50,12 +59,18 @@ class ScriptedRouter(serving_pb2_grpc.ServingServicer, admin_pb2_grpc.AdminServi
         sent_all = False
         tokens = list(request.prompt_token_ids) or [ord(c) for c in request.prompt]
         tokens = tokens[:request.params.max_tokens]
+        delivered = list(request.resume.delivered_token_ids)
+        if delivered != tokens[:len(delivered)]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume.delivered_token_ids {delivered} were not sent")
         step = self.tokens_per_message
-        for start in range(0, len(tokens), step):
+        for start in range(len(delivered), len(tokens), step):
             if self.delay_s and gone.wait(self.delay_s):
                 return
             if self.fail_after_tokens and start >= self.fail_after_tokens[0]:
                 context.abort(self.fail_after_tokens[1], "instance lost")
+            if self.fail_once_after is not None and start >= self.fail_once_after:
+                self.fail_once_after = None
+                context.abort(grpc.StatusCode.UNAVAILABLE, "router going away")
             ids = tokens[start:start + step]
             last = start + step >= len(tokens) and not self.omit_final
             msg = serving_pb2.GenerateResponse(
@@ -70,6 +85,9 @@ class ScriptedRouter(serving_pb2_grpc.ServingServicer, admin_pb2_grpc.AdminServi
             yield msg
         sent_all = True
         self.live.discard(rid)
+        if self.fail_once_after is not None and self.fail_once_after <= len(tokens):
+            self.fail_once_after = None
+            context.abort(grpc.StatusCode.UNAVAILABLE, "router going away")
 
     def Abort(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
@@ -102,6 +120,7 @@ def serve(router: ScriptedRouter):
     admin_pb2_grpc.add_AdminServicer_to_server(router, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    router.server = server
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -117,6 +136,14 @@ def router():
 def addr(router):
     with serve(router) as address:
         yield address
+
+
+@pytest.fixture
+def second():
+    """A second router replica: (its ScriptedRouter, its address)."""
+    other = ScriptedRouter()
+    with serve(other) as address:
+        yield other, address
 
 
 # ---------------------------------------------------------------- streaming and completion
@@ -149,12 +176,13 @@ def test_generate_needs_exactly_one_of_prompt_and_token_ids(addr, router):
     assert router.calls == 0
 
 
-def test_complete_timings_and_server_assigned_id(addr, router):
+def test_complete_timings_and_sdk_assigned_id(addr, router):
     router.delay_s = 0.01
     with Client(addr) as c:
         r = c.complete(prompt="Hello", max_tokens=16)
     assert r.text == "Hello" and r.token_ids == [ord(ch) for ch in "Hello"]
-    assert r.finish_reason == "length" and r.request_id == "auto-1"
+    assert r.finish_reason == "length" and re.fullmatch(r"req-[0-9a-f]{16}", r.request_id)
+    assert router.requests[0].request_id == r.request_id         # assigned before the send
     assert 0 < r.ttft_s <= r.e2e_s
     assert len(r.itl_s) == 4 and all(gap > 0 for gap in r.itl_s)
     assert r.tpot_s > 0 and r.tpot_s == pytest.approx(sum(r.itl_s) / 4)
@@ -240,10 +268,10 @@ def test_unavailable_retries_are_bounded(addr, router):
     assert info.value.details == "no decode instance" and router.calls == 2
 
 
-def test_unavailable_after_a_token_is_not_retried(addr, router):
+def test_unavailable_after_a_token_is_not_retried_without_resumes(addr, router):
     router.fail_after_tokens = (1, grpc.StatusCode.UNAVAILABLE)
     seen = []
-    with Client(addr, max_retries=5) as c:
+    with Client(addr, max_retries=5, max_resumes=0) as c:
         with pytest.raises(UnavailableError):
             for chunk in c.generate(token_ids=[65, 66, 67], max_tokens=3):
                 seen.append(chunk.index)
@@ -291,6 +319,155 @@ def test_stream_without_final_message_raises_internal(addr, router):
     with Client(addr) as c:
         with pytest.raises(InternalError, match="without a finished message"):
             c.complete(token_ids=[65, 66], max_tokens=2)
+
+
+# ---------------------------------------------------------------- router replicas and resuming
+PROMPT = list(range(65, 75))                           # "ABCDEFGHIJ", echoed back
+BOTH = pytest.mark.parametrize("kind", ["sync", "async"])
+REQUEST_ID = re.compile(r"req-[0-9a-f]{16}")
+
+
+def generate_all(kind: str, address, *, client: dict | None = None, request=None, **params) -> list[Chunk]:
+    """Every chunk of one call through Client ("sync") or AsyncClient ("async"): generate(**params),
+    or the hand-built `request` (for fields generate() has no keyword for, such as n)."""
+    if kind == "sync":
+        with Client(address, **(client or {})) as c:
+            return list(c.generate(**params) if request is None else c._stream(request, c._deadline(None)))
+
+    async def main():
+        async with AsyncClient(address, **(client or {})) as c:
+            stream = c.generate(**params) if request is None else c._stream(request, c._deadline(None))
+            return [ch async for ch in stream]
+
+    return asyncio.run(main())
+
+
+@BOTH
+def test_a_stream_broken_by_unavailable_resumes_on_the_next_router(kind, addr, router, second):
+    other, other_addr = second
+    router.fail_once_after = 4
+    chunks = generate_all(kind, [addr, other_addr], token_ids=PROMPT, max_tokens=10)
+    assert [t for ch in chunks for t in ch.token_ids] == PROMPT            # each token once, in order
+    assert [ch.index for ch in chunks] == list(range(10))
+    assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert (router.calls, other.calls) == (1, 1)
+    first, resent = router.requests[0], other.requests[0]
+    assert not first.HasField("resume") and list(resent.resume.delivered_token_ids) == PROMPT[:4]
+    assert REQUEST_ID.fullmatch(first.request_id) and resent.request_id == first.request_id
+    assert all(ch.request_id == first.request_id for ch in chunks)
+    assert resent.prompt_token_ids == first.prompt_token_ids and resent.params == first.params
+
+
+def test_complete_after_a_resume_holds_every_token_once(addr, router, second):
+    other, other_addr = second
+    router.tokens_per_message = other.tokens_per_message = 3
+    router.fail_once_after = 4                         # breaks after the message holding 3..5
+    with Client(f"{addr},{other_addr}") as c:
+        r = c.complete(token_ids=PROMPT, max_tokens=10, request_id="mine")
+    assert r.token_ids == PROMPT and r.text == "ABCDEFGHIJ" and len(r.itl_s) == 9
+    assert r.finish_reason == "length" and r.request_id == "mine"
+    assert other.requests[0].request_id == "mine"      # the caller's id is kept
+    assert list(other.requests[0].resume.delivered_token_ids) == PROMPT[:6]
+
+
+def test_a_router_killed_mid_stream_is_resumed_on_another(second):
+    other, other_addr = second
+    dying = ScriptedRouter(delay_s=0.01)
+    with serve(dying) as dying_addr, Client([dying_addr, other_addr]) as c:
+        stream = c.generate(token_ids=PROMPT, max_tokens=10)
+        chunks = [next(stream) for _ in range(3)]
+        dying.server.stop(0)                           # what grpc gives then is the router's death
+        chunks += list(stream)
+    assert [t for ch in chunks for t in ch.token_ids] == PROMPT
+    assert [ch.index for ch in chunks] == list(range(10))
+    delivered = list(other.requests[0].resume.delivered_token_ids)
+    assert len(delivered) >= 3 and delivered == PROMPT[:len(delivered)] and other.calls == 1
+
+
+def test_a_resume_on_the_same_router_and_resumes_are_bounded(addr, router):
+    router.fail_once_after = 2
+    with Client(addr) as c:
+        assert c.complete(token_ids=PROMPT, max_tokens=10).token_ids == PROMPT
+        assert list(router.requests[1].resume.delivered_token_ids) == PROMPT[:2]
+    router.fail_after_tokens = (1, grpc.StatusCode.UNAVAILABLE)
+    with Client(addr, max_resumes=2) as c, pytest.raises(UnavailableError):
+        c.complete(token_ids=PROMPT, max_tokens=10)
+    assert router.calls == 2 + 3                       # the first send and two resumes
+
+
+@BOTH
+def test_max_resumes_zero_raises_unavailable(kind, addr, router, second):
+    other, other_addr = second
+    router.fail_once_after = 2
+    with pytest.raises(UnavailableError) as info:
+        generate_all(kind, [addr, other_addr], client={"max_resumes": 0}, token_ids=PROMPT, max_tokens=10)
+    assert other.calls == 0 and REQUEST_ID.fullmatch(info.value.request_id)
+
+
+@BOTH
+@pytest.mark.parametrize("choices", [{"n": 2}, {"best_of": 2}])
+def test_several_choices_are_not_resumed(kind, choices, addr, router, second):
+    other, other_addr = second
+    router.fail_once_after = 2
+    request = build_generate_request(token_ids=PROMPT, max_tokens=10)
+    for name, value in choices.items():
+        setattr(request.params, name, value)
+    with pytest.raises(UnavailableError):
+        generate_all(kind, [addr, other_addr], request=request)
+    assert (router.calls, other.calls) == (1, 0)
+    assert router.requests[0].request_id == ""         # not resumable: the SDK assigns no id
+
+
+def test_unavailable_after_the_final_message_ends_the_stream(addr, router, second):
+    other, other_addr = second
+    router.fail_once_after = 3
+    with Client([addr, other_addr]) as c:
+        r = c.complete(token_ids=[65, 66, 67], max_tokens=3)
+    assert r.text == "ABC" and r.finish_reason == "length" and other.calls == 0
+
+
+def test_retries_and_unary_calls_move_on_round_robin(addr, router, second):
+    other, other_addr = second
+    router.fail_first = [(grpc.StatusCode.UNAVAILABLE, "restarting")]
+    with Client(f"{addr}, {other_addr}") as c:
+        assert c.complete(token_ids=[65, 66], max_tokens=2).text == "AB"
+        assert (router.calls, other.calls) == (1, 1)
+        assert not other.requests[0].HasField("resume")          # nothing yielded: a plain retry
+        assert other.requests[0].request_id == router.requests[0].request_id
+        c.complete(token_ids=[65], max_tokens=1)                 # the second router is current now
+        assert (router.calls, other.calls) == (1, 2)
+        other.fail_first = [(grpc.StatusCode.UNAVAILABLE, "restarting")]
+        assert c.list_models()[0]["id"] == "tiny"                # a unary retry wraps round to the first
+        c.complete(token_ids=[65], max_tokens=1)
+    assert (router.calls, other.calls) == (2, 2)
+
+
+def test_async_retries_move_on_to_the_next_router(addr, router, second):
+    other, other_addr = second
+
+    async def main():
+        async with AsyncClient((addr, other_addr)) as c:
+            router.fail_first = [(grpc.StatusCode.UNAVAILABLE, "restarting")]
+            text = (await c.complete(token_ids=[65], max_tokens=1)).text
+            other.fail_first = [(grpc.StatusCode.UNAVAILABLE, "restarting")]
+            return text, await c.list_instances()
+
+    text, instances = asyncio.run(main())
+    assert text == "A" and (router.calls, other.calls) == (1, 1) and instances[0]["id"] == "prefill-0"
+
+
+def test_addresses_and_channel_options():
+    assert _addresses("h1:1, h2:2,") == ["h1:1", "h2:2"] and _addresses("h1:1") == ["h1:1"]
+    assert _addresses(["h1:1", "h2:2"]) == _addresses(("h1:1", "h2:2")) == ["h1:1", "h2:2"]
+    with pytest.raises(ValueError):
+        _addresses(" , ")
+    with pytest.raises(ValueError):
+        Client([])
+    options = dict(_channel_options([("grpc.max_reconnect_backoff_ms", 500), ("grpc.enable_retries", 0)]))
+    assert options["grpc.max_reconnect_backoff_ms"] == 500 and options["grpc.enable_retries"] == 0   # the caller's win
+    assert options["grpc.initial_reconnect_backoff_ms"] == 100
+    assert options["grpc.max_receive_message_length"] == 64 << 20
+    assert dict(_channel_options(()))["grpc.max_reconnect_backoff_ms"] == 2000
 
 
 # ---------------------------------------------------------------- unary calls and auth
@@ -381,7 +558,7 @@ def test_async_aclose_and_task_cancel_cancel_the_rpc(addr, router):
 
 def test_async_retries_timeout_and_errors(addr, router):
     async def main():
-        async with AsyncClient(addr, max_retries=2) as c:
+        async with AsyncClient(addr, max_retries=2, max_resumes=0) as c:
             router.fail_first = [(grpc.StatusCode.UNAVAILABLE, "later")] * 2
             retried = await c.complete(token_ids=[65], max_tokens=1)
             router.fail_after_tokens = (1, grpc.StatusCode.UNAVAILABLE)
