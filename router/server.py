@@ -18,7 +18,7 @@ from router.cluster.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
 from router.migration.policy import PolicyConfig
 from router.prefill_rate import fastest_prefill_rate
-from router.request.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
+from router.request.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_MAX_QUEUED
 from router.cluster.pools_args import DEFAULT_POOLS
 from router.cluster.prefix_index import PrefixIndex, PrefixIndexFollower
 from router.request.routing_args import DEFAULT_ROUTING, ROUTING_MODES
@@ -183,7 +183,8 @@ class Router:
                  max_redispatches: int = DEFAULT_MAX_REDISPATCHES, queue_policy: str = DEFAULT_QUEUE_POLICY,
                  queue_aging_s: float = DEFAULT_AGING_S, admission: str = DEFAULT_ADMISSION,
                  predictor_warm_start: str | None = None, api_keys: Iterable[str] = (),
-                 max_queued_requests: int = DEFAULT_MAX_QUEUED):
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED,
+                 max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S):
         """api_keys: client API keys (router/client_auth.py; none: the client APIs are open)."""
         loaded = resolve_model(model, weights=False)
         self.model, self.tokenizer = loaded.config, load_tokenizer(loaded)
@@ -216,7 +217,7 @@ class Router:
         # Output-length prediction, queue order and SLO admission around every request (router/request/sched.py).
         self.sched = RequestScheduling(self._prefill_rate, queue_policy=queue_policy, aging_s=queue_aging_s,
                                        admission=admission, slo_ttft_s=(role_policy or RolePolicyConfig()).ttft_slo_s,
-                                       max_queued=max_queued_requests)
+                                       max_queued=max_queued_requests, max_queue_wait_s=max_queue_wait_s)
         load_warm_start(self.sched.predictor, predictor_warm_start)
         self.metrics.registry.register(SchedulingCollector(self.sched))
         self.requests = ScheduledRequests(self.sched, self.requests)

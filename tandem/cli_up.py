@@ -9,7 +9,7 @@ import time
 
 from router.cluster.pools_args import DEFAULT_POOLS, POOL_MODES
 from router.request.routing_args import DEFAULT_ROUTING, ROUTING_HELP, ROUTING_MODES
-from router.request.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
+from router.request.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_MAX_QUEUED
 from router.request.sched_args import ADMISSION_HELP, QUEUE_POLICY_HELP, add_max_queued_arg
 from router.settings import RouterSettings
 from services.engine.queue_order import DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
@@ -72,7 +72,8 @@ def _forwarded_help(cls, name: str) -> str:
 
 def _router_args(args) -> list[str]:
     return ["--queue-policy", args.queue_policy, "--admission", args.admission,
-            "--max-queued-requests", str(getattr(args, "max_queued_requests", DEFAULT_MAX_QUEUED))]
+            "--max-queued-requests", str(getattr(args, "max_queued_requests", DEFAULT_MAX_QUEUED)),
+            "--max-queue-wait-s", str(getattr(args, "max_queue_wait_s", DEFAULT_MAX_QUEUE_WAIT_S))]
 
 
 def _worker_args(args) -> list[str]:

@@ -27,6 +27,10 @@ DEFAULT_ADMISSION = "none"
 # Admitted requests without a first token a router holds before it refuses more (any admission
 # mode): bounds its queue and memory under a burst (router/request/sched.py).
 DEFAULT_MAX_QUEUED = 1024
+# Refuse a request while the queue ahead of it holds more than this many seconds of starts at the
+# measured start rate: a burst leaves at most this much backlog behind, so the steady traffic's
+# goodput comes back within about this long after it (issue 18, item 4). 0: no bound.
+DEFAULT_MAX_QUEUE_WAIT_S = 5.0
 START_GAPS = 64          # first-token gaps (with a backlog) the start rate is measured over
 
 

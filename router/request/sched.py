@@ -7,9 +7,11 @@ Both front doors wrap the dispatcher's stream with it (one code path):
 
 `run` predicts the output length (router/request/output_predictor.py) and writes the median into the
 worker request (the engines' sjf order reads it), refuses at once a request that finds
-`--max-queued-requests` admitted requests still without a first token (RESOURCE_EXHAUSTED / 429
-naming the flag, retry-after: the excess at the measured start rate; whatever the admission
-mode, so the router's queue and memory stay bounded under any burst), refuses what cannot meet its TTFT SLO
+`--max-queued-requests` admitted requests still without a first token, or a queue that holds more
+than `--max-queue-wait-s` of starts at the measured start rate (RESOURCE_EXHAUSTED / 429 naming
+the flag, retry-after: the excess at the measured start rate; whatever the admission mode, so the
+router's queue and memory stay bounded under any burst and the backlog a burst leaves drains within
+that wait), refuses what cannot meet its TTFT SLO
 under `--admission slo` (router/request/admission.py: RouteError RESOURCE_EXHAUSTED with retry_after_s,
 INVALID_ARGUMENT for an SLO no instance can meet), then yields the dispatcher's messages
 unchanged (a resumed request, GenerateRequest.resume, skips admission and the queue count: it was
@@ -31,8 +33,8 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from router.request.admission import (DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED, StartRate, predicted_ttft_s,
-                                      queue_retry_after_s, retry_after_s)
+from router.request.admission import (DEFAULT_ADMISSION, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_MAX_QUEUED, StartRate,
+                                      predicted_ttft_s, queue_retry_after_s, retry_after_s)
 from router.request.dispatch import RouteError, RoutedRequest
 from router.request.output_predictor import OutputPredictor, PredictionError, Quantiles
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, order_key
@@ -47,10 +49,13 @@ class RequestScheduling:
 
     def __init__(self, prefill_rate: Callable[[], float | None], *, queue_policy: str = DEFAULT_QUEUE_POLICY,
                  aging_s: float = DEFAULT_AGING_S, admission: str = DEFAULT_ADMISSION, slo_ttft_s: float = 2.0,
-                 predictor: OutputPredictor | None = None, max_queued: int = DEFAULT_MAX_QUEUED):
+                 predictor: OutputPredictor | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
+                 max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S):
         if max_queued < 1:
             raise ValueError(f"--max-queued-requests {max_queued}: give at least 1")
-        self.prefill_rate, self.max_queued = prefill_rate, max_queued
+        if not max_queue_wait_s >= 0:
+            raise ValueError(f"--max-queue-wait-s {max_queue_wait_s}: give seconds >= 0 (0: no bound)")
+        self.prefill_rate, self.max_queued, self.max_queue_wait_s = prefill_rate, max_queued, max_queue_wait_s
         self.queue_policy, self.aging_s, self.admission, self.slo_ttft_s = queue_policy, aging_s, admission, slo_ttft_s
         self.predictor = predictor or OutputPredictor()
         self.error = PredictionError()
@@ -87,6 +92,17 @@ class RequestScheduling:
                                f"the router's queue is full: {queued} requests wait for their first token "
                                f"(--max-queued-requests {self.max_queued}); retry after {wait} s, or add "
                                f"instances, or raise --max-queued-requests on the router")
+            error.retry_after_s = wait
+            raise error
+        start_rate = self.start_rate.rate()
+        if self.max_queue_wait_s and start_rate and queued / start_rate > self.max_queue_wait_s:
+            self.refused["queue_wait"] += 1
+            wait = queue_retry_after_s(queued - int(self.max_queue_wait_s * start_rate), start_rate)
+            error = RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the router's queue holds {queued / start_rate:.1f} s of work ({queued} requests wait "
+                               f"for their first token, {start_rate:.2g} start per second), over --max-queue-wait-s "
+                               f"{self.max_queue_wait_s:g}; retry after {wait} s, or add instances, or raise "
+                               f"--max-queue-wait-s on the router (0: no bound)")
             error.retry_after_s = wait
             raise error
         if self.admission != "slo":
@@ -187,8 +203,8 @@ class SchedulingCollector:
         yield sources
         refused = CounterMetricFamily("tandem_admission_refused", "Requests refused at once (RESOURCE_EXHAUSTED / "
                                       "HTTP 429 with retry-after): slo (SLO-aware admission), queue_full "
-                                      "(--max-queued-requests)", labels=["reason"])
-        for reason in ("slo", "queue_full"):
+                                      "(--max-queued-requests), queue_wait (--max-queue-wait-s)", labels=["reason"])
+        for reason in ("slo", "queue_full", "queue_wait"):
             refused.add_metric([reason], s.refused[reason])
         yield refused
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from router.request.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUED
+from router.request.admission import ADMISSION_MODES, DEFAULT_ADMISSION, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_MAX_QUEUED
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 
 QUEUE_POLICY_HELP = ("fcfs (default): arrival order; sjf: shortest predicted work first (prompt tokens left + the "
@@ -27,11 +27,27 @@ def add_sched_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_max_queued_arg(p) -> None:
-    """--max-queued-requests, as the router and `tandem up` take it (a value below 1 is a usage error)."""
+    """--max-queued-requests and --max-queue-wait-s, as the router and `tandem up` take them (a value
+    below 1, or a negative wait, is a usage error)."""
     p.add_argument("--max-queued-requests", type=_at_least_one, default=DEFAULT_MAX_QUEUED, metavar="N",
                    help=f"refuse a request (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while N admitted requests "
                         f"still wait for their first token (default {DEFAULT_MAX_QUEUED}): bounds the router's queue "
                         f"and memory under a burst, whatever --admission says")
+    p.add_argument("--max-queue-wait-s", type=_seconds, default=DEFAULT_MAX_QUEUE_WAIT_S, metavar="S",
+                   help=f"refuse a request (RESOURCE_EXHAUSTED / HTTP 429 with retry-after) while the requests waiting "
+                        f"for their first token would take longer than S seconds to start at the measured rate "
+                        f"(default {DEFAULT_MAX_QUEUE_WAIT_S:g}; 0: no bound): after a burst the cluster is back to "
+                        f"full goodput within about S seconds, whatever --admission says")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value}: give seconds >= 0 (0: no bound)")
+    return value
 
 
 def _at_least_one(text: str) -> int:
@@ -49,4 +65,5 @@ def sched_kwargs(a: argparse.Namespace) -> dict:
     if not a.queue_aging_s > 0:
         raise SystemExit(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
     return dict(queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, admission=a.admission,
-                max_queued_requests=a.max_queued_requests, predictor_warm_start=a.predictor_warm_start)
+                max_queued_requests=a.max_queued_requests, max_queue_wait_s=a.max_queue_wait_s,
+                predictor_warm_start=a.predictor_warm_start)

@@ -198,7 +198,7 @@ def test_queue_full_refusals_are_a_metric():
     with pytest.raises(RouteError):
         s.admit(routed("y"))
     refused = next(m for m in SchedulingCollector(s).collect() if m.name == "tandem_admission_refused")
-    assert {sample.labels["reason"]: sample.value for sample in refused.samples} == {"slo": 0, "queue_full": 1}
+    assert {sample.labels["reason"]: sample.value for sample in refused.samples} == {"slo": 0, "queue_full": 1, "queue_wait": 0}
 
 
 def test_a_resumed_request_skips_admission_and_learns_its_whole_length():
@@ -239,3 +239,25 @@ def test_resume_token_ids_reach_the_request():
                               MODEL, TOKENIZER)
     rr = build_request(parsed.request, MODEL, TOKENIZER, None)
     assert rr.resume_token_ids == [7, 8] and rr.request_id == "r"
+
+
+def test_queue_wait_bound_refuses_what_would_start_too_late_naming_the_flag():
+    s = RequestScheduling(lambda: None, max_queue_wait_s=2.0)
+    for t in range(6):
+        s.start_rate.started(t * 0.5, backlog=3)          # 2 starts per second
+    for i in range(4):                                    # 4 waiting: 2 s of starts, at the bound
+        r = routed(f"w{i}")
+        s.admit(r)
+        s.not_started[r.request_id] = r
+    s.not_started["w4"] = routed("w4")                    # 5 waiting: 2.5 s > 2 s
+    with pytest.raises(RouteError) as over:
+        s.admit(routed("late"))
+    e = over.value
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queue-wait-s 2" in e.message
+    assert e.retry_after_s == 1 and s.refused["queue_wait"] == 1
+    RequestScheduling(lambda: None, max_queue_wait_s=0.0)   # 0: no bound
+    off = RequestScheduling(lambda: None, max_queue_wait_s=0.0)
+    off.start_rate, off.not_started = s.start_rate, dict(s.not_started)
+    off.admit(routed("no-bound"))
+    with pytest.raises(ValueError, match="--max-queue-wait-s"):
+        RequestScheduling(lambda: None, max_queue_wait_s=-1.0)
