@@ -39,7 +39,7 @@ def parse_args(argv=None) -> WorkerOptions:
     p.add_argument("--instance-id", default=None)
     p.add_argument("--cpu-cores", default="", help="comma-separated cores to pin to, e.g. 0 or 0,1")
     add_flags(p, WorkerSettings, "lease_ms", "layer_group", "transfer_timeout_s", "heartbeat_ttl_s",
-              "heartbeat_interval_s", "grace_s")
+              "heartbeat_interval_s", "grace_s", "orphan_grace_s")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics (and /health) over HTTP on --host at this port (0: a free one)")
     log_setup.add_arguments(p)
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> WorkerOptions:
     a = p.parse_args(argv)
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
+    if not a.orphan_grace_s >= 0:
+        p.error(f"--orphan-grace-s {a.orphan_grace_s}: give a number of seconds >= 0 (0: off)")
     if not a.queue_aging_s > 0:
         p.error(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
     if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
@@ -71,8 +73,8 @@ def parse_args(argv=None) -> WorkerOptions:
         kv_advertise_address=a.kv_advertise_address, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,
         layer_group=a.layer_group, transfer_timeout_s=a.transfer_timeout_s, heartbeat_ttl_s=a.heartbeat_ttl_s,
-        heartbeat_interval_s=a.heartbeat_interval_s, grace_s=a.grace_s, metrics_port=a.metrics_port,
-        log_format=a.log_format, log_level=a.log_level,
+        heartbeat_interval_s=a.heartbeat_interval_s, grace_s=a.grace_s, orphan_grace_s=a.orphan_grace_s,
+        metrics_port=a.metrics_port, log_format=a.log_format, log_level=a.log_level,
         migration_stop_copy_blocks=a.migration_stop_copy_blocks,
         migration_max_stages=a.migration_max_stages, max_migrations=a.max_migrations,
         migration_watermark=a.migration_watermark, migration_lease_ms=a.migration_lease_ms)

@@ -14,7 +14,8 @@ A request stream picks its path once, at its start: through the caller's sink wh
 carried OUTPUTS_KEY naming an open one, else every chunk on its own stream, as before. Its last
 chunk (finished, or migrated) always travels on its own stream and says in `muxed_chunks` how many
 went through the sink, so the caller yields it after those. A sink that closes under a stream
-ends the stream UNAVAILABLE: the chunks queued in it are lost, and the router re-dispatches.
+raises SinkClosed from the relay: the chunks queued in it are lost with the router's stream, and the
+caller decides what becomes of the request (the servicer parks it: parked.py).
 
 Given the engine stream and its cursor, the relay also takes the stream's outputs straight from
 the engine's hand-over on the event loop (`AsyncRequestStream.divert`) instead of waking the
@@ -26,13 +27,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
-
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.call_metadata import OUTPUTS_KEY
 from services.worker.token_chunks import ChunkCursor
 from tandem.v1 import worker_pb2
 
+
+
+class SinkClosed(Exception):
+    """The router's Outputs stream a request stream sends through closed under it: no reader has its
+    chunks any more. The message names the request and how many chunks went through the sink."""
 
 
 class OutputSink:
@@ -115,11 +119,12 @@ class OutputSinks:
                     stream: AsyncRequestStream | None = None,
                     cursor: ChunkCursor | None = None) -> AsyncIterator[worker_pb2.TokenChunk]:
         """A request stream's chunks: those before its last go to the sink the call names (module
-        doc), the rest are yielded for the request's own stream. Aborts UNAVAILABLE when the sink
-        closes under it. With the engine `stream` and the `cursor` that `chunks` reads it through
-        (token_chunks.py), outputs the engine hands over while the sink is open are converted and
-        put in the sink right there on the loop (`stream.divert`): the stream's task wakes only for
-        its last chunk, an error, or outputs that arrived behind queued ones."""
+        doc), the rest are yielded for the request's own stream. Raises SinkClosed when the sink
+        closes under it (the chunk in hand is not sent; a cursor keeping history has it). With the
+        engine `stream` and the `cursor` that `chunks` reads it through (token_chunks.py), outputs
+        the engine hands over while the sink is open are converted and put in the sink right there
+        on the loop (`stream.divert`): the stream's task wakes only for its last chunk, an error, or
+        outputs that arrived behind queued ones."""
         sink = self.for_call(context)
         if sink is None:
             async for chunk in chunks:
@@ -154,8 +159,8 @@ class OutputSinks:
                     yield chunk
                     continue
                 if sink.closed:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {request_id!r}: the router's Outputs "
-                                        f"stream closed under it after {muxed} chunks; the router re-dispatches it")
+                    raise SinkClosed(f"request {request_id!r}: the router's Outputs stream closed under it after "
+                                     f"{muxed} chunks")
                 put(chunk)
         finally:
             if stream is not None:

@@ -23,7 +23,10 @@ class ControlRpcs:
 
     async def Release(self, request: worker_pb2.ReleaseRequest, context):
         rid = request.request_id
-        found = await self.leases.release(rid, "released by the router")
+        # First, and before any await: also marks rid so that a stream of it whose cancel this Release
+        # overtook is not parked after it (parked.py).
+        found = self.parked.drop(rid, "released by the router")
+        found = await self.leases.release(rid, "released by the router") or found
         lease = self.leases.claim(rid)
         if lease is not None:
             lease.stream.cancel()
@@ -128,6 +131,7 @@ class ControlRpcs:
                 report.requests.extend(await self._engine_call(_running_requests))
             except EngineDeadError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
+            self.parked.mark(report.requests)
         if request.check_integrity:
             def check(engine):
                 try:

@@ -1,9 +1,11 @@
-"""Decode-side RPCs of a worker: Reserve, Decode (reserve, wait for the KV, stream the tokens) and
-Recompute (adopt a reserved request by recomputing it when its KV will not come).
+"""Decode-side RPCs of a worker: Reserve, Decode (reserve, wait for the KV, stream the tokens; or take
+back a parked request, parked.py) and Recompute (adopt a reserved request by recomputing it when its
+KV will not come).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -17,7 +19,7 @@ from services.worker.async_stream import AsyncRequestStream
 from services.worker import metrics as worker_metrics
 from services.worker.leases import Lease, LeaseNotFound, LeaseReleased, LeaseState
 from services.worker.call_metadata import RESERVED_KEY
-from services.worker.token_chunks import ChunkCursor, token_chunks
+from services.worker.token_chunks import ChunkCursor
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.worker")
@@ -106,6 +108,10 @@ class DecodeRpcs:
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
         rid = request.request_id
         lease = self.leases.get(rid)
+        if lease is None and not request.HasField("request") and rid in self.parked:
+            async for chunk in self._resume_parked(rid, request.start_index, context):
+                yield chunk
+            return
         reserved_here = lease is None and request.HasField("request")
         if reserved_here:
             await self._require_role(context, Role.DECODE, Role.COLOCATED, what="Decode with a request")
@@ -135,19 +141,39 @@ class DecodeRpcs:
 
             cursor = ChunkCursor(len(claimed.output_token_ids), claimed.params.logprobs is not None,
                                  start_index=request.start_index, first_decode_since=claimed.committed_at)
-            chunks = token_chunks(stream, cursor, context, self.sources.moved_to)
-            async for chunk in self.outputs.relay(chunks, context, rid, stream, cursor):
-                yield chunk
+            async with contextlib.aclosing(self._stream_out(stream, cursor, context)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            if stream is not None:
+            if stream is not None:                    # _stream_out cancelled or parked it
                 self._decoding.discard(rid)
-                stream.cancel()                       # no-op once finished
             elif lease.state == LeaseState.PENDING:     # cancelled while waiting for the KV
                 await self.leases.release(rid, "the decode stream was cancelled")
             else:
                 late = self.leases.claim(rid)         # adopted but we never read it
                 if late is not None:
                     late.stream.cancel()
+
+    async def _resume_parked(self, rid: str, start_index: int, context):
+        """Decode without a request of a parked request (parked.py): the chunks it kept from
+        start_index on (a start_index beyond them waits for the tokens), then the live ones, through
+        the same stream helper, so that it is parked again if this reader is lost too. Aborts
+        FAILED_PRECONDITION, leaving it parked, when tokens from start_index were not kept; NOT_FOUND
+        when it stopped being parked in between."""
+        entry = self.parked.get(rid)
+        if entry is not None and not entry.cursor.kept_at(start_index):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"request {rid!r}: start_index {start_index} "
+                                f"is below what this instance kept of it (from index {entry.cursor.kept_from})")
+        entry = await self.parked.take(rid)
+        if entry is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} has no reservation here and is no "
+                                f"longer parked (taken, released or its grace ended)")
+        cursor = entry.cursor
+        replay = cursor.replay(start_index)
+        cursor.start_index = start_index              # live chunks below it are dropped too
+        async with contextlib.aclosing(self._stream_out(entry.stream, cursor, context, replay)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def Recompute(self, request: worker_pb2.RecomputeRequest, context):
         """The KV of a reserved request will not come (PrefillResponse.kv_fallback): decode it anyway,

@@ -1,9 +1,10 @@
 """Token streams of a worker: Generate (a colocated instance's whole request, or one re-dispatched
-with tokens delivered elsewhere) and the routers' Outputs streams. The chunking Decode shares
-with Generate is token_chunks.py.
+with tokens delivered elsewhere) and the routers' Outputs streams. Generate and Decode stream through
+the same helper, WorkerServicer._stream_out (chunking: token_chunks.py; a lost reader: parked.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import grpc
@@ -12,7 +13,7 @@ from services.roles import Role
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.redispatch_in import start_resumed
 from services.worker.submit_errors import REFUSALS, abort_refused
-from services.worker.token_chunks import ChunkCursor, token_chunks
+from services.worker.token_chunks import ChunkCursor
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.worker")
@@ -24,29 +25,21 @@ class StreamRpcs:
     async def Generate(self, request: worker_pb2.WorkerRequest, context):
         if request.output_token_ids:       # re-dispatched after its instance died: recompute here, go on
             stream, params = await start_resumed(self, request, context)
+            cursor = ChunkCursor(len(request.output_token_ids), params.logprobs is not None)
+        else:
+            await self._require_role(context, Role.COLOCATED, what="Generate")
             try:
-                cursor = ChunkCursor(len(request.output_token_ids), params.logprobs is not None)
-                chunks = token_chunks(stream, cursor, context, self.sources.moved_to)
-                async for chunk in self.outputs.relay(chunks, context, stream.request_id, stream, cursor):
-                    yield chunk
-            finally:
-                stream.cancel()
-            return
-        await self._require_role(context, Role.COLOCATED, what="Generate")
-        try:
-            prompt, params = self._request_fields(request)
-            stream = self.et.submit(prompt, params, request.request_id or None, request.priority, handoff=False,
-                                    stream_cls=AsyncRequestStream.factory(self._loop()), validated=True,
-                                    predicted_output_tokens=request.predicted_output_tokens)
-        except REFUSALS as e:
-            await abort_refused(context, e)
-        try:
+                prompt, params = self._request_fields(request)
+                stream = self.et.submit(prompt, params, request.request_id or None, request.priority, handoff=False,
+                                        stream_cls=AsyncRequestStream.factory(self._loop()), validated=True,
+                                        predicted_output_tokens=request.predicted_output_tokens)
+            except REFUSALS as e:
+                await abort_refused(context, e)
             cursor = ChunkCursor(0, params.logprobs is not None)
-            chunks = token_chunks(stream, cursor, context, self.sources.moved_to)
-            async for chunk in self.outputs.relay(chunks, context, stream.request_id, stream, cursor):
+        # The stream helper cancels the engine stream on every exit, or parks it when the reader is lost.
+        async with contextlib.aclosing(self._stream_out(stream, cursor, context)) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        finally:
-            stream.cancel()
 
     async def Outputs(self, request: worker_pb2.OutputsRequest, context):
         try:

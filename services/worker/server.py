@@ -77,6 +77,7 @@ class WorkerOptions:
     heartbeat_ttl_s: float = WORKER_DEFAULTS.heartbeat_ttl_s
     heartbeat_interval_s: float = WORKER_DEFAULTS.heartbeat_interval_s
     grace_s: float = WORKER_DEFAULTS.grace_s
+    orphan_grace_s: float = WORKER_DEFAULTS.orphan_grace_s
     metrics_port: int | None = None         # /metrics and /health over HTTP on host:port; 0: a free port; None: off
     log_format: str = "text"                # text | json (services/log_setup.py); read by __main__
     log_level: str = "info"
@@ -249,7 +250,8 @@ class Worker:
             migration=MigrationConfig(stop_copy_blocks=opts.migration_stop_copy_blocks,
                                       max_stages=opts.migration_max_stages, max_in_flight=opts.max_migrations,
                                       lease_ms=opts.migration_lease_ms, transfer_timeout_s=opts.transfer_timeout_s),
-            watermark_blocks=int(opts.migration_watermark * self.engine.kv.num_blocks), kv_address=self.kv_address)
+            watermark_blocks=int(opts.migration_watermark * self.engine.kv.num_blocks), kv_address=self.kv_address,
+            orphan_grace_s=opts.orphan_grace_s)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         tls = member_tls()
@@ -292,6 +294,7 @@ class Worker:
             await self.prefix_publisher.stop()
         if self.servicer:
             self.servicer.outputs.drain()     # routers' Outputs streams end with the last request using them
+            self.servicer.parked.close()      # nothing is kept for a router now; streams cut below are not parked
         if self.server:
             await self.server.stop(self.opts.grace_s)
         if self.servicer:

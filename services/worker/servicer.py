@@ -12,14 +12,15 @@ what is cheap and would crash the engine (ids out of the vocabulary, lengths, th
 The RPCs live by side: rpc_decode.py (Reserve, Decode, Recompute), rpc_prefill.py (Prefill),
 rpc_streams.py (Generate, Outputs), rpc_control.py (Release, migration, SetState, SetRole, Stats),
 each a mixin of WorkerServicer. This class holds the state they share (`et`, `engine`, `role`,
-`leases`, the KV sender, receiver and pusher, migration `sources` and `targets`, `outputs`) and the
-helpers they call (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`).
+`leases`, the KV sender, receiver and pusher, migration `sources` and `targets`, `outputs`, `parked`)
+and the helpers they call (`_engine_call`, `_request_fields`, `_require_role`, `_release_soon`,
+`_stream_out`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
@@ -31,7 +32,10 @@ from services.worker.rpc_control import ControlRpcs
 from services.worker.rpc_decode import DecodeRpcs
 from services.worker.rpc_prefill import PrefillRpcs
 from services.worker.rpc_streams import StreamRpcs
-from services.worker.output_sinks import OutputSinks
+from services.worker.output_sinks import OutputSinks, SinkClosed
+from services.worker.parked import ParkedRequests
+from services.worker.settings import WORKER_DEFAULTS
+from services.worker.token_chunks import ChunkCursor, token_chunks
 from services.worker.kv_push import PrefillPusher
 from services.worker.leases import LeaseTable
 from services.worker.migration_in import MigrationTargets
@@ -48,10 +52,12 @@ class WorkerServicer(DecodeRpcs, PrefillRpcs, StreamRpcs, ControlRpcs, worker_pb
                  migration: MigrationConfig | None = None, watermark_blocks: int = 0,
                  state_fn: Callable[[], str] = lambda: WorkerState.SERVING, set_state_fn: Callable[[str], None] | None = None,
                  kv_address: str | None = None, on_role_change: Callable[[], None] = lambda: None,
-                 on_full: Callable[[], None] = lambda: None):
+                 on_full: Callable[[], None] = lambda: None,
+                 orphan_grace_s: float = WORKER_DEFAULTS.orphan_grace_s):
         """kv_address: the data-plane address published to peers (KVHandle.address, migration
         stages); default the receiver's bound address. `role` is the home role; SetRole changes
-        `self.role` (what new work is taken) and then calls on_role_change (publish the record)."""
+        `self.role` (what new work is taken) and then calls on_role_change (publish the record).
+        orphan_grace_s: how long a request whose reader was lost stays parked (parked.py; 0: off)."""
         self.et, self.engine = engine_thread, engine_thread.engine
         self.role, self.sender, self.receiver, self.pusher = role, sender, receiver, pusher
         self.home_role, self.on_role_change = role, on_role_change
@@ -75,6 +81,7 @@ class WorkerServicer(DecodeRpcs, PrefillRpcs, StreamRpcs, ControlRpcs, worker_pb
         self.targets = MigrationTargets(engine_thread, receiver, self.leases, block_size=block_size,
                                         max_in_flight=migration.max_in_flight, watermark_blocks=watermark_blocks,
                                         is_open=lambda: self.state_fn() == WorkerState.SERVING)
+        self.parked = ParkedRequests(orphan_grace_s, moved=self.sources.moved_to)   # requests no router reads
 
     # ---- helpers --------------------------------------------------------------------------
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -106,6 +113,41 @@ class WorkerServicer(DecodeRpcs, PrefillRpcs, StreamRpcs, ControlRpcs, worker_pb
         prompt = list(req.prompt_token_ids)
         self.engine.validate(prompt, params, ints=True)
         return prompt, params
+
+    async def _stream_out(self, stream: AsyncRequestStream, cursor: ChunkCursor, context,
+                          replay: Iterable[worker_pb2.TokenChunk] = ()) -> AsyncIterator[worker_pb2.TokenChunk]:
+        """A request stream's chunks (Decode, Generate): `replay` then the engine stream's, read through
+        `cursor` (token_chunks.py) and relayed through the caller's Outputs stream when it names one
+        (output_sinks.py), else yielded. Once iterated, the engine stream is this generator's to
+        settle: when the reader is lost before the request finished (the call is cancelled or
+        dropped, or its Outputs stream closes under it: that ends the call UNAVAILABLE) the request
+        is parked (parked.py) for a router to take back; on every other exit, and when parking
+        refuses, the engine stream is cancelled (a no-op once finished). Close it (aclosing) when
+        abandoning it early, so that this happens at once."""
+        if self.parked.enabled:
+            cursor.keep_history()           # from the first chunk: a new reader may need any of them
+        chunks = token_chunks(stream, cursor, context, self.sources.moved_to, replay)
+        relayed = self.outputs.relay(chunks, context, stream.request_id, stream, cursor)
+        lost: str | None = None
+        closed: SinkClosed | None = None
+        try:
+            async for chunk in relayed:
+                yield chunk
+        except SinkClosed as e:
+            lost, closed = str(e), e
+        except (asyncio.CancelledError, GeneratorExit):
+            lost = "its call ended: the router died or dropped it"
+            raise
+        finally:
+            await relayed.aclose()          # unsets the stream's divert: a parked request's task reads alone
+            await chunks.aclose()
+            parked = lost is not None and self.parked.park(stream, cursor, lost)
+            if not parked:
+                stream.cancel()                       # no-op once finished
+        if closed is not None:
+            then = (f"parked for {self.parked.grace_s:g} s: Decode(request_id, start_index) takes it back" if parked
+                    else "the router re-dispatches it")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{closed}; {then}")
 
     async def _require_role(self, context, *roles: Role, what: str):
         if self.role not in roles:

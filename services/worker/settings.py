@@ -27,6 +27,9 @@ class WorkerSettings:
         1.0, "how often the load report is published (also at once on a state change, and when a reservation "
         "was refused for room); below --heartbeat-ttl-s")
     grace_s: float = setting(10.0, "on SIGTERM, running requests get this long to finish")
+    orphan_grace_s: float = setting(
+        30.0, "a request whose router died (its stream lost) keeps decoding this long for a router to take it "
+        "back by id, then is aborted; 0: abort it at once")
     migration_stop_copy_blocks: int = setting(
         2, "live migration pauses the request once at most this many KV blocks remain to copy")
     migration_max_stages: int = setting(8, "pre-copy stages before a migration gives up")

@@ -34,6 +34,7 @@ SAME = [
     ("engine.heartbeatTtlSeconds", WORKER_DEFAULTS.heartbeat_ttl_s),
     ("kvTransport", WORKER_DEFAULTS.kv_transport),
     ("workers.graceSeconds", WORKER_DEFAULTS.grace_s),
+    ("workers.orphanGraceSeconds", WORKER_DEFAULTS.orphan_grace_s),
     ("router.port", ROUTER_DEFAULTS.port),
     ("router.pools", DEFAULT_POOLS),
     ("router.routing", DEFAULT_ROUTING),

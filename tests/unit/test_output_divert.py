@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 
 from services.engine.builder import build_engine
@@ -16,7 +15,7 @@ from services.engine.loader import resolve_model
 from services.engine.sampling_params import SamplingParams
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.call_metadata import OUTPUTS_KEY
-from services.worker.output_sinks import OutputSinks
+from services.worker.output_sinks import OutputSinks, SinkClosed
 from services.worker.token_chunks import ChunkCursor, token_chunks
 from tests.aio import run
 from tests.conftest import random_prompts
@@ -112,7 +111,8 @@ async def test_outputs_behind_queued_ones_keep_their_order():
 
 
 @run
-async def test_a_sink_that_closes_ends_the_stream_unavailable(engine_thread):
+async def test_a_sink_that_closes_raises_sink_closed(engine_thread):
+    """The relay tells its caller (which parks the request, or ends the call UNAVAILABLE)."""
     prompt = random_prompts([20], 512, seed=5)[0]
     sinks = OutputSinks()
     sink = sinks.open("router-2")
@@ -128,7 +128,7 @@ async def test_a_sink_that_closes_ends_the_stream_unavailable(engine_thread):
     while not await sink.take():
         pass
     sinks.close(sink)                                 # the router's Outputs stream ends
-    with pytest.raises(Aborted):
+    with pytest.raises(SinkClosed, match="Outputs stream closed under it"):
         await task
     stream.cancel()
-    assert context.aborted[0] == grpc.StatusCode.UNAVAILABLE and stream.divert is None
+    assert context.aborted is None and stream.divert is None and sink.users == 0

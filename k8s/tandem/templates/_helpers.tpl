@@ -275,6 +275,7 @@ spec:
             - --kv-port={{ $w.kvPort }}
             - --instance-id=$(POD_NAME)
             - --grace-s={{ $w.graceSeconds }}
+            - --orphan-grace-s={{ $w.orphanGraceSeconds }}
             {{- if $w.metrics.enabled }}
             - --metrics-port={{ $w.metrics.port }}
             {{- end }}
