@@ -1,8 +1,10 @@
 """`make chaos`: faults under steady load on a local cluster, every token checked (issue 18, item 7).
 
-A tiny 2P+2D cluster serves a steady stream of greedy and seeded requests from CLIENTS threads
-while the script SIGKILLs a decode worker, SIGKILLs a prefill worker and restarts Redis (empty),
-each ROUNDS times, FAULT_GAP_S apart; killed workers are started again a moment later. Then every
+A tiny 2P+2D cluster with two router replicas serves a steady stream of greedy and seeded requests
+from CLIENTS threads, each through the SDK (`Client([router, router-1], max_resumes=8)`: a stream
+whose router dies resumes on the other one), while the script SIGKILLs a decode worker, SIGKILLs a
+prefill worker, SIGKILLs a router and restarts Redis (empty), each ROUNDS times, FAULT_GAP_S apart;
+killed processes are started again a moment later (a router on its own port). Then every
 request is replayed once on the healed cluster without faults: its tokens are the golden ones
 (greedy and seeded sampling do not depend on the batch, see services/engine/sampler.py). Workers run
 float32: a resumed request recomputes its KV, and under bfloat16 that may flip a late near-tie.
@@ -12,9 +14,6 @@ retryable_failures (ended UNAVAILABLE / RESOURCE_EXHAUSTED / ABORTED: the client
 lost (any other end, or a gap in the indexes), duplicated_tokens (tokens sent at an index the
 client already had). leaked: KV blocks, leases, reservations and requests still held by any
 instance 30 s after the last request ended, plus integrity errors.
-
-Router death (issue 18, item 2) is not among the faults: a router that dies takes its clients'
-streams with it until resumption by request id exists.
 
     python benchmarks/chaos.py [--rounds 2] [--clients 4] [--fault-gap-s 4] [--seed 0]
 
@@ -39,6 +38,8 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.host_info import host_line  # noqa: E402
+from tandem.client import Client  # noqa: E402
+from tandem.errors import InternalError, TandemError  # noqa: E402
 from tandem.local_cluster import LocalCluster  # noqa: E402
 from services.load import used_blocks  # noqa: E402
 from tandem.redis_server import RedisServer  # noqa: E402
@@ -71,24 +72,41 @@ def request_specs(rng: random.Random, n: int) -> list[dict]:
     return specs
 
 
-def run_one(address: str, spec: dict, request_id: str = "") -> Outcome:
-    """Stream one request; count duplicated tokens and gaps instead of asserting."""
+def run_one(address: str | list[str], spec: dict, request_id: str = "") -> Outcome:
+    """Stream one request with raw stubs (one router address) or the SDK (several: it resumes on
+    another router when one dies); count duplicated tokens and gaps instead of asserting (the SDK
+    raises InternalError on either, counted as a gap)."""
     out = Outcome(spec)
-    req = serving_pb2.GenerateRequest(prompt_token_ids=spec["prompt"], request_id=request_id,
-                                      params=serving_pb2.SamplingParams(**spec["params"]))
     try:
-        with grpc.insecure_channel(address) as channel:
-            for m in serving_pb2_grpc.ServingStub(channel).Generate(req, timeout=180):
-                if m.index < len(out.tokens):
-                    out.duplicated += min(len(out.tokens) - m.index, len(m.token_ids))
-                    out.tokens = out.tokens[:m.index]
-                elif m.index > len(out.tokens):
-                    out.gap = True
-                out.tokens += list(m.token_ids)
-                out.finished = m.finished
+        for index, token_ids, finished in _messages(address, spec, request_id):
+            if index < len(out.tokens):
+                out.duplicated += min(len(out.tokens) - index, len(token_ids))
+                out.tokens = out.tokens[:index]
+            elif index > len(out.tokens):
+                out.gap = True
+            out.tokens += list(token_ids)
+            out.finished = finished
+    except InternalError as e:
+        out.gap, out.code, out.details = True, e.code, e.details
+    except TandemError as e:
+        out.code, out.details = e.code, e.details
     except grpc.RpcError as e:
         out.code, out.details = e.code(), e.details()
     return out
+
+
+def _messages(address: str | list[str], spec: dict, request_id: str):
+    """(index, token ids, finished) of each message of one request."""
+    if isinstance(address, str):
+        req = serving_pb2.GenerateRequest(prompt_token_ids=spec["prompt"], request_id=request_id,
+                                          params=serving_pb2.SamplingParams(**spec["params"]))
+        with grpc.insecure_channel(address) as channel:
+            for m in serving_pb2_grpc.ServingStub(channel).Generate(req, timeout=180):
+                yield m.index, m.token_ids, m.finished
+        return
+    with Client(address, max_resumes=8, timeout=180) as client:
+        for c in client.generate(token_ids=spec["prompt"], request_id=request_id or None, **spec["params"]):
+            yield c.index, c.token_ids, c.finished
 
 
 def live_instances(address: str) -> list[worker_pb2.LoadReport]:
@@ -145,7 +163,7 @@ def main(argv=None) -> int:
     print(json.dumps({"host": host_line()}), flush=True)
     rng = random.Random(a.seed)
     specs = request_specs(rng, 100_000)
-    faults = ["decode", "prefill", "redis"] * a.rounds
+    faults = ["decode", "prefill", "router", "redis"] * a.rounds
     redis = RedisServer().start()
     port = redis.port
     outcomes: list[Outcome] = []
@@ -154,6 +172,7 @@ def main(argv=None) -> int:
     try:
         with LocalCluster(a.model, prefill=2, decode=2, redis_url=redis.url, worker_args=WORKER_ARGS,
                           router_args=["--poll-interval-s", "0.2"], pools="fixed", log_dir=log_dir) as cluster:
+            routers = [cluster.address, cluster.add_router("router-1")]
             stop = threading.Event()
             counter = iter(range(len(specs)))
             lock = threading.Lock()
@@ -162,7 +181,7 @@ def main(argv=None) -> int:
                 while not stop.is_set():
                     with lock:
                         i = next(counter)
-                    o = run_one(cluster.address, specs[i], request_id=f"chaos-{i}")
+                    o = run_one(routers, specs[i], request_id=f"chaos-{i}")
                     with lock:
                         outcomes.append(o)
             threads = [threading.Thread(target=client, daemon=True) for _ in range(a.clients)]
@@ -176,6 +195,14 @@ def main(argv=None) -> int:
                     redis = RedisServer(port=port).start()
                     print(json.dumps({"fault": "redis restarted", "at_s": round(time.monotonic() - started, 1)}),
                           flush=True)
+                    continue
+                if fault == "router":
+                    victim = rng.choice(["router", "router-1"])
+                    cluster.kill(victim)
+                    print(json.dumps({"fault": f"SIGKILL {victim}", "at_s": round(time.monotonic() - started, 1)}),
+                          flush=True)
+                    time.sleep(1.0)
+                    cluster.restart(victim)          # on its port: clients reach it at the same address
                     continue
                 role = worker_pb2.ROLE_DECODE if fault == "decode" else worker_pb2.ROLE_PREFILL
                 victim = rng.choice(sorted(i.instance_id for i in live_instances(cluster.address) if i.role == role))

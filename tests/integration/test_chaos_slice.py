@@ -1,5 +1,6 @@
 """A short seeded slice of `make chaos` (benchmarks/chaos.py): one round of each fault (SIGKILL a
-decode worker, SIGKILL a prefill worker, restart Redis) under load from two clients. Every request
+decode worker, a prefill worker and a router, restart Redis) under load from two clients through
+the SDK with two router replicas. Every request
 ends golden or with a retryable status; none lost, no token duplicated, nothing leaked; the last
 line printed is the summary JSON."""
 from __future__ import annotations
