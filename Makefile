@@ -121,7 +121,7 @@ chaos: setup
 # "goodput_during_tok_s", "goodput_after_tok_s", "time_to_recover_s", ..., "peak_router_rss_mib", "leaked"}.
 # MAX_QUEUED=N: the router's --max-queued-requests.
 bench-overload: setup
-	$(PY) benchmarks/overload.py $(if $(MAX_QUEUED),--max-queued $(MAX_QUEUED))
+	$(PY) benchmarks/overload.py $(if $(MAX_QUEUED),--max-queued $(MAX_QUEUED)) $(if $(MAX_QUEUE_WAIT_S),--max-queue-wait-s $(MAX_QUEUE_WAIT_S))
 
 # Fuzzing (issue 18): hypothesis over every gRPC method (Serving, Admin, Worker), garbage bytes on the gRPC, HTTP and
 # KV ports, schemathesis against the router's /openapi.json; CASES=N (default 10000), SEED=S. Last line one JSON

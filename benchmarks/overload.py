@@ -12,7 +12,7 @@ retry-after, UNAVAILABLE, both with a message); anything else counts in `unexpla
 client refused with a retry-after waits that long, as a well-behaved client would. The router's
 RSS is sampled throughout (/proc), and the workers are checked for leaks at the end.
 
-    python benchmarks/overload.py [--steady 4] [--burst-x 10] [--burst-s 3] [--max-queued N]
+    python benchmarks/overload.py [--steady 4] [--burst-x 10] [--burst-s 3] [--max-queued N] [--max-queue-wait-s S]
 
 The host line comes first; the last line printed is one JSON object: {"goodput_before_tok_s",
 "goodput_during_tok_s", "goodput_after_tok_s", "time_to_recover_s", "burst_requests",
@@ -188,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=2.0, help="goodput window after the burst")
     p.add_argument("--max-recover-s", type=float, default=120.0)
     p.add_argument("--max-queued", type=int, default=None, help="the router's --max-queued-requests (default: its own)")
+    p.add_argument("--max-queue-wait-s", type=float, default=None,
+                   help="the router's --max-queue-wait-s (default: its own; 0: no bound)")
     a = p.parse_args(argv)
     print(json.dumps({"host": host_line()}), flush=True)
     router_args = [] if a.max_queued is None else ["--max-queued-requests", str(a.max_queued)]
+    if a.max_queue_wait_s is not None:
+        router_args += ["--max-queue-wait-s", str(a.max_queue_wait_s)]
+    print(json.dumps({"router_args": router_args}), flush=True)
     with LocalCluster("tiny", prefill=1, decode=1, router_args=router_args) as cluster:
         result = asyncio.run(run(cluster.address, cluster.procs["router"].pid, a))
         from tests.integration.cluster_helpers import assert_no_leaks
