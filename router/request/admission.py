@@ -31,27 +31,38 @@ DEFAULT_MAX_QUEUED = 1024
 # measured start rate: a burst leaves at most this much backlog behind, so the steady traffic's
 # goodput comes back within about this long after it (issue 18, item 4). 0: no bound.
 DEFAULT_MAX_QUEUE_WAIT_S = 5.0
-START_GAPS = 64          # first-token gaps (with a backlog) the start rate is measured over
+START_WINDOW_S = 10.0    # seconds of backlog the start rate is measured over
+START_MIN_BUSY_S = 1.0   # ... and the least it needs before it says anything
 
 
 class StartRate:
-    """Requests per second that get their first token while others wait (a busy server's rate)."""
+    """Requests per second that get their first token while others wait (a busy server's rate).
 
-    def __init__(self, window: int = START_GAPS):
-        self._gaps: collections.deque = collections.deque(maxlen=window)
+    Measured over the last `window_s` seconds of backlog (the sum of the gaps between first tokens
+    with others waiting), not over a count of starts: one batched prefill gives many first tokens
+    within a millisecond, and a window of a few dozen gaps would read that as thousands a second."""
+
+    def __init__(self, window_s: float = START_WINDOW_S, min_busy_s: float = START_MIN_BUSY_S):
+        self.window_s, self.min_busy_s = window_s, min_busy_s
+        self._gaps: collections.deque = collections.deque()
+        self._busy = 0.0                     # sum of _gaps
         self._last: float | None = None
 
     def started(self, now: float, backlog: int) -> None:
         """A request got its first token at `now` with `backlog` others still waiting for theirs."""
         if self._last is not None and backlog > 0:
-            self._gaps.append(max(1e-6, now - self._last))
+            gap = max(1e-6, now - self._last)
+            self._gaps.append(gap)
+            self._busy += gap
+            while len(self._gaps) > 1 and self._busy - self._gaps[0] >= self.window_s:
+                self._busy -= self._gaps.popleft()
         self._last = now if backlog > 0 else None
 
     def rate(self) -> float | None:
-        """Starts per second, or None before 4 gaps were measured."""
-        if len(self._gaps) < 4:
+        """Starts per second, or None before 4 gaps spanning min_busy_s of backlog were measured."""
+        if len(self._gaps) < 4 or self._busy < self.min_busy_s:
             return None
-        return len(self._gaps) / sum(self._gaps)
+        return len(self._gaps) / self._busy
 
 
 def predicted_ttft_s(ahead: int, start_rate: float | None, prompt_tokens: int, prefill_rate: float | None) -> float:

@@ -261,3 +261,25 @@ def test_queue_wait_bound_refuses_what_would_start_too_late_naming_the_flag():
     off.admit(routed("no-bound"))
     with pytest.raises(ValueError, match="--max-queue-wait-s"):
         RequestScheduling(lambda: None, max_queue_wait_s=-1.0)
+
+
+def test_start_rate_reads_batched_starts_over_time_not_over_a_count():
+    """A batched prefill starts many requests within a millisecond: the rate is their count over the
+    backlogged time, so bursts of 50 every 2 s read about 25/s, not thousands."""
+    r = StartRate(window_s=60.0)
+    t = 0.0
+    for burst in range(10):
+        for k in range(50):
+            r.started(t + k * 1e-5, backlog=100)
+        t += 2.0
+    assert r.rate() == pytest.approx(25.0, rel=0.15)
+    quick = StartRate()
+    for k in range(50):
+        quick.started(k * 1e-5, backlog=10)
+    assert quick.rate() is None                     # under a second of backlog: no evidence yet
+    long = StartRate(window_s=10.0)
+    for k in range(200):                            # 1/s for 200 s, then 4/s: the window forgets the old
+        long.started(float(k), backlog=1)
+    for k in range(1, 81):
+        long.started(199 + k * 0.25, backlog=1)
+    assert long.rate() == pytest.approx(4.0, rel=0.05)
