@@ -177,14 +177,15 @@ def main(argv=None) -> int:
             counter = iter(range(len(specs)))
             lock = threading.Lock()
 
-            def client():
+            def client(k: int):
+                mine = routers[k % 2:] + routers[:k % 2]       # half the clients start on each router
                 while not stop.is_set():
                     with lock:
                         i = next(counter)
-                    o = run_one(routers, specs[i], request_id=f"chaos-{i}")
+                    o = run_one(mine, specs[i], request_id=f"chaos-{i}")
                     with lock:
                         outcomes.append(o)
-            threads = [threading.Thread(target=client, daemon=True) for _ in range(a.clients)]
+            threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(a.clients)]
             for t in threads:
                 t.start()
             for fault in faults:

@@ -29,7 +29,7 @@ import grpc
 
 from services.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_METADATA
 from services.roles import WorkerState
-from tandem.redis_server import RedisServer, die_with_parent
+from tandem.redis_server import RedisServer, spawn_with_parent
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -159,7 +159,6 @@ class LocalCluster:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = None if self.inherit_output else open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        parent = os.getpid()
         env = {**os.environ, **self.env}
         env.pop(CLUSTER_TOKEN_ENV, None)
         env.pop(API_KEYS_ENV, None)
@@ -171,7 +170,7 @@ class LocalCluster:
         # line) joins its log: the log file, or this process's stderr when inheriting, so that the only
         # `ready` line on this process's stdout is the one `tandem up` prints for the router.
         stdout = subprocess.PIPE if name.startswith("router") else (out if out is not None else 2)
-        proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=out, preexec_fn=lambda: die_with_parent(parent))
+        proc = spawn_with_parent(cmd, env=env, stdout=stdout, stderr=out)
         if out is not None:
             out.close()
         self.procs[name] = proc

@@ -57,6 +57,19 @@ def _serving_pid(host: str, port: int) -> int | None:
     return int(line)
 
 
+def spawn_with_parent(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **popen_kwargs) for a child that gets SIGTERM when this process dies
+    (Linux). `setpriv --pdeathsig TERM` (util-linux) in front of the command sets that after the
+    fork, so no Python code runs between fork and exec: with a preexec_fn CPython runs its at-fork
+    handlers in the child, gRPC's among them, which abort the child (an abseil mutex check) when
+    other threads of this process are inside gRPC at that moment. Without setpriv, a preexec_fn."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None and _LIBC is not None:
+        return subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *cmd], **popen_kwargs)
+    parent = os.getpid()
+    return subprocess.Popen(cmd, preexec_fn=lambda: die_with_parent(parent), **popen_kwargs)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Runs in the child between fork and exec: die with the parent (Linux only)."""
     if _LIBC is not None:
@@ -115,10 +128,8 @@ class RedisServer:
         self._log = tempfile.TemporaryFile()
         args = [binary, "--port", str(port), "--bind", self.host, "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
-        parent = os.getpid()
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=lambda: die_with_parent(parent))
+        self._proc = spawn_with_parent(args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.port = port
         atexit.register(self.stop)
         deadline = time.monotonic() + self._start_timeout_s
