@@ -29,8 +29,10 @@ DEFAULT_ADMISSION = "none"
 DEFAULT_MAX_QUEUED = 1024
 # Refuse a request while the queue ahead of it holds more than this many seconds of starts at the
 # measured start rate: a burst leaves at most this much backlog behind, so the steady traffic's
-# goodput comes back within about this long after it (issue 18, item 4). 0: no bound.
-DEFAULT_MAX_QUEUE_WAIT_S = 5.0
+# goodput comes back soon after it (issue 18, item 4). The cluster's default TTFT SLO (2 s): a
+# request that would wait longer cannot meet it anyway, and a retry-after tells its client when to
+# come back. 0: no bound.
+DEFAULT_MAX_QUEUE_WAIT_S = 2.0
 START_WINDOW_S = 10.0    # seconds of backlog the start rate is measured over
 START_MIN_BUSY_S = 1.0   # ... and the least it needs before it says anything
 

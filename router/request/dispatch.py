@@ -299,6 +299,7 @@ class Dispatcher:
         refuses to reserve."""
         rr.dispatched = rr.dispatched or time.monotonic()
         d_token = self.ledger.add(d.instance_id, blocks=needed, running=1)
+        d_held = self.ledger.hold(d.instance_id)          # until the request ends here (at_seq_cap)
         holder = _Holder(d.address, d.instance_id, None)
         reservation: list[asyncio.Future] = []
 
@@ -350,6 +351,8 @@ class Dispatcher:
                 message = _from_chunk(rr.request_id, chunk)
                 if moved:
                     message.decode_instance = holder.instance_id
+                    self.ledger.let_go(d_held)
+                    d_held = self.ledger.hold(holder.instance_id)
                 if chunk.finished:
                     finished = chunk.finish_reason != serving_pb2.FINISH_REASON_ABORT
                     message.usage.CopyFrom(serving_pb2.Usage(
@@ -370,6 +373,7 @@ class Dispatcher:
         finally:
             for future in reservation:
                 future.cancel()
+            self.ledger.let_go(d_held)
             if d_token is not None:
                 self.ledger.remove(d_token)
             if holder.call is not None:              # None: no prefill instance could be asked, nor D

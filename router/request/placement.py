@@ -58,6 +58,8 @@ class InflightLedger:
         self._entries: dict[int, tuple[str, InflightLoad]] = {}
         self._totals: dict[str, InflightLoad] = {}
         self._tokens = itertools.count(1)
+        self._held: dict[int, str] = {}           # hold() token → instance
+        self._holding: dict[str, int] = {}        # instance → requests this router has live there
 
     def add(self, instance_id: str, blocks: int = 0, prompt_tokens: int = 0,
             running: int = 0) -> int:
@@ -80,6 +82,28 @@ class InflightLedger:
             del self._totals[instance_id]
         else:
             self._totals[instance_id] = total
+
+    def hold(self, instance_id: str) -> int:
+        """A request of this router now lives on the instance (until let_go): counted by held(),
+        which no report can make stale. Returns the token let_go() takes."""
+        token = next(self._tokens)
+        self._held[token] = instance_id
+        self._holding[instance_id] = self._holding.get(instance_id, 0) + 1
+        return token
+
+    def let_go(self, token: int) -> None:
+        """The request ended (or left). Idempotent, as remove()."""
+        instance_id = self._held.pop(token, None)
+        if instance_id is not None:
+            left = self._holding[instance_id] - 1
+            if left:
+                self._holding[instance_id] = left
+            else:
+                del self._holding[instance_id]
+
+    def held(self, instance_id: str) -> int:
+        """Requests of this router live on the instance (hold() minus let_go())."""
+        return self._holding.get(instance_id, 0)
 
     def for_instance(self, instance_id: str) -> InflightLoad:
         """Sums of the instance's live entries (all zero when it has none)."""
@@ -124,12 +148,25 @@ def _serving(reports: Iterable[LoadReport], role: int) -> list[LoadReport]:
     return [r for r in reports if serves(r, role) and r.state == WorkerState.SERVING]
 
 
+def at_seq_cap(r: LoadReport, inflight: InflightLedger) -> bool:
+    """The instance holds as many requests as its engine runs in a step (LoadReport.max_num_seqs):
+    by its report (running, waiting, reserved) plus this router's placements it does not show yet,
+    or by this router's own live requests there (exact for one router, whatever the report's age).
+    A new request would only wait in that engine holding KV behind a full batch; it waits in the
+    router's queue instead, where the queue bounds see it."""
+    cap = getattr(r, "max_num_seqs", 0)
+    if not cap:
+        return False
+    reported = r.running + r.waiting + getattr(r, "leases", 0) + inflight.for_instance(r.instance_id).running
+    return max(reported, inflight.held(r.instance_id)) >= cap
+
+
 def _pick_by_freeness(reports: Iterable[LoadReport], role: int, blocks_needed: int,
-                      inflight: InflightLedger) -> LoadReport | None:
+                      inflight: InflightLedger, seq_cap: bool = False) -> LoadReport | None:
     best, best_key = None, None
     for r in _serving(reports, role):
         load = inflight.for_instance(r.instance_id)
-        if r.free_blocks - load.blocks < blocks_needed:
+        if r.free_blocks - load.blocks < blocks_needed or (seq_cap and at_seq_cap(r, inflight)):
             continue
         key = (-freeness(r, load.running, load.blocks), r.instance_id)
         if best_key is None or key < best_key:
@@ -140,8 +177,9 @@ def _pick_by_freeness(reports: Iterable[LoadReport], role: int, blocks_needed: i
 def pick_decode(reports: Iterable[LoadReport], blocks_needed: int,
                 inflight: InflightLedger) -> LoadReport | None:
     """The serving decode-capable instance (`serves` DECODE) with the highest freeness among those
-    with at least blocks_needed free blocks after in-flight reservations; None if none has room."""
-    return _pick_by_freeness(reports, Role.DECODE, blocks_needed, inflight)
+    with at least blocks_needed free blocks after in-flight reservations and below their engine's
+    max_num_seqs (at_seq_cap); None if none has room."""
+    return _pick_by_freeness(reports, Role.DECODE, blocks_needed, inflight, seq_cap=True)
 
 
 def pick_colocated(reports: Iterable[LoadReport], blocks_needed: int,

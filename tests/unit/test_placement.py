@@ -171,3 +171,28 @@ def test_pick_decode_always_takes_a_maximally_free_eligible_instance():
         score = freeness(chosen, load(chosen).running, load(chosen).blocks)
         assert all(score >= freeness(r, load(r).running, load(r).blocks) for r in eligible), trial
         assert chosen == pick_decode(list(reversed(reports)), need, ledger), trial
+
+
+def test_a_decode_instance_at_its_engines_seq_cap_takes_no_new_request():
+    """Its report's running + waiting + leases (+ placements it does not show yet), or this router's
+    own live requests there, reaching max_num_seqs: the request waits in the router's queue."""
+    full = rep("full", free=900, running=6, waiting=1)
+    full.max_num_seqs, full.leases = 8, 1
+    other = rep("other", free=20, running=2)
+    other.max_num_seqs = 8
+    ledger = InflightLedger()
+    assert iid(pick_decode([full, other], 1, ledger)) == "other"      # full is freer, but at its cap
+    assert pick_decode([full], 1, ledger) is None
+    full.leases = 0
+    assert iid(pick_decode([full], 1, ledger)) == "full"               # 7 of 8
+    token = ledger.add("full", blocks=1, running=1)
+    assert pick_decode([full], 1, ledger) is None                      # placed since its report
+    ledger.remove(token)
+    stale = rep("stale", free=900)                                     # an old report: nothing runs
+    stale.max_num_seqs = 2
+    held = [ledger.hold("stale"), ledger.hold("stale")]
+    assert pick_decode([stale], 1, ledger) is None                     # but two of ours live there
+    ledger.let_go(held[0])
+    ledger.let_go(held[0])                                             # idempotent
+    assert ledger.held("stale") == 1 and iid(pick_decode([stale], 1, ledger)) == "stale"
+    assert iid(pick_colocated([rep("c", role=COLOCATED, free=50, running=500)], 1, ledger)) == "c"   # no cap known

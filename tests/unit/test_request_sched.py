@@ -170,7 +170,7 @@ def test_a_client_that_goes_away_mid_stream_teaches_what_it_received():
 
 def test_queue_bound_refuses_with_the_flag_and_a_retry_after_in_any_admission_mode():
     for admission in ("none", "slo"):
-        s = RequestScheduling(lambda: None, admission=admission, max_queued=3, slo_ttft_s=600.0)
+        s = RequestScheduling(lambda: None, admission=admission, max_queued=3, slo_ttft_s=600.0, max_queue_wait_s=0)
         for i in range(3):
             r = routed(f"q{i}")
             s.admit(r)                                     # room: admitted
