@@ -159,19 +159,47 @@ class _Round:
             self.pending[target.instance_id] = pending
         self.claimed: set[str] = set()
         self.decisions: list[MigrationDecision] = []
+        # A load's usage and freeness do not change within a round (its report and `pending` are
+        # fixed): computed once each, and the serving loads ordered by freeness once, so that a
+        # round over n instances costs O(n) per source instead of n freeness evaluations and a sort.
+        self._usage: dict[str, float] = {}
+        self._freeness: dict[str, float] = {}
+        self._shapes: list[tuple[float, tuple[int, float, int], list[Load]]] | None = None
 
     def full(self) -> bool:
         return len(self.decisions) >= self.config.max_decisions_per_round
 
     def available(self, load: Load) -> bool:
+        return load.instance_id not in self.claimed and self._has_slot(load)
+
+    def _has_slot(self, load: Load) -> bool:
         in_flight = max(load.migrations_in_flight, self.in_flight.get(load.instance_id, 0))
-        return load.instance_id not in self.claimed and in_flight < self.config.max_migrations_per_instance
+        return in_flight < self.config.max_migrations_per_instance
 
     def usage(self, load: Load) -> float:
-        return virtual_usage(load, self.config, self.pending.get(load.instance_id, 0))
+        u = self._usage.get(load.instance_id)
+        if u is None:
+            u = self._usage[load.instance_id] = virtual_usage(load, self.config, self.pending.get(load.instance_id, 0))
+        return u
 
     def freeness(self, load: Load) -> float:
-        return freeness(load, self.config, self.pending.get(load.instance_id, 0))
+        f = self._freeness.get(load.instance_id)
+        if f is None:
+            f = self._freeness[load.instance_id] = freeness(load, self.config, self.pending.get(load.instance_id, 0))
+        return f
+
+    def shapes(self) -> list[tuple[float, tuple[int, float, int], list[Load]]]:
+        """The serving loads with a migration slot free (in-flight count below the cap), grouped by
+        shape (total blocks, usage, running), which decides a destination's freeness, room and
+        after-move freeness: (freeness, shape, members in instance_id order), freest first."""
+        if self._shapes is None:
+            groups: dict[tuple[int, float, int], list[Load]] = {}
+            for d in self.loads:            # instance_id order
+                if d.state == WorkerState.SERVING and self._has_slot(d):
+                    groups.setdefault((d.total_blocks, self.usage(d), d.running), []).append(d)
+            self._shapes = sorted(((self.freeness(m[0]), shape, m) for shape, m in groups.items()),
+                                  key=lambda g: (-g[0], g[2][0].instance_id))
+        return self._shapes
 
     def has_room(self, dst: Load, moved: int) -> bool:
         return dst.total_blocks - self.usage(dst) - moved >= _watermark(dst, self.config)
@@ -183,15 +211,26 @@ class _Round:
                 / max(load.running + delta, 1))
 
     def move_from(self, src: Load, reason: str, selector: str, moved: int,
-                  accept: Callable[[float, float, float], bool]) -> None:
+                  accept: Callable[[float, float, float], bool],
+                  beyond: Callable[[float], bool] = lambda f_dst: False) -> None:
         """Pair src with the freest available destination that has room for `moved` blocks
-        and for which accept(F_dst, F_dst', F_src') holds; no decision if there is none."""
-        candidates = [d for d in self.loads if d.state == WorkerState.SERVING and self.available(d)
-                      and d.instance_id != src.instance_id and self.has_room(d, moved)]
-        candidates.sort(key=lambda d: (-self.freeness(d), d.instance_id))
+        and for which accept(F_dst, F_dst', F_src') holds; no decision if there is none.
+        beyond(F_dst): accept cannot hold for this destination nor any less free one, so the
+        (freest-first) search stops there."""
         f_src_after = self.after_move(src, moved, incoming=False)
-        for dst in candidates:
-            if accept(self.freeness(dst), self.after_move(dst, moved, incoming=True), f_src_after):
+        # Room and acceptance depend only on a destination's shape (shapes()): each shape is tried
+        # once, with its first member not claimed (at scale most instances are alike, e.g. idle).
+        tries = []
+        for f_dst, shape, members in self.shapes():
+            if beyond(f_dst):
+                break
+            dst = next((m for m in members if m.instance_id not in self.claimed and m.instance_id != src.instance_id),
+                       None)
+            if dst is not None:
+                tries.append((-f_dst, dst.instance_id, dst))
+        tries.sort(key=lambda t: t[:2])         # freest first, then instance_id: as one sorted scan would
+        for neg_f, _, dst in tries:
+            if self.has_room(dst, moved) and accept(-neg_f, self.after_move(dst, moved, incoming=True), f_src_after):
                 self.claimed.update((src.instance_id, dst.instance_id))
                 self.decisions.append(MigrationDecision(src.instance_id, dst.instance_id,
                                                         reason, selector))
@@ -204,7 +243,8 @@ class _Round:
         holds already; it is checked so that the guarantee does not rest on that argument."""
         f_src = self.freeness(src)
         self.move_from(src, reason, selector, moved,
-                       lambda f_dst, f_dst_after, _: f_dst > f_src and f_dst_after >= f_src)
+                       lambda f_dst, f_dst_after, _: f_dst > f_src and f_dst_after >= f_src,
+                       beyond=lambda f_dst: not f_dst > f_src)
 
 
 def _watermark(load: Load, config: PolicyConfig) -> int:
@@ -273,8 +313,9 @@ def _balance(rnd: _Round) -> None:
         if rnd.full():
             return
         if rnd.available(src):
+            f_src, gap = rnd.freeness(src), rnd.config.gap_threshold
             rnd.move_from(src, "balance", rnd.config.selector, _average_request_blocks(src),
-                          _gap_shrinks(rnd.freeness(src), rnd.config.gap_threshold))
+                          _gap_shrinks(f_src, gap), beyond=lambda f_dst: not f_dst - f_src > gap)
 
 
 def _gap_shrinks(f_src: float, threshold: float) -> Callable[[float, float, float], bool]:

@@ -34,7 +34,8 @@ DEFAULT_MAX_QUEUED = 1024
 # come back. 0: no bound.
 DEFAULT_MAX_QUEUE_WAIT_S = 2.0
 START_WINDOW_S = 10.0    # seconds of backlog the start rate is measured over
-START_MIN_BUSY_S = 1.0   # ... and the least it needs before it says anything
+START_MIN_BUSY_S = 0.02  # ... and the least it needs before it says anything (a batch of starts within
+                         # a few milliseconds is not a rate)
 
 
 class StartRate:

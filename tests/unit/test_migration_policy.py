@@ -530,3 +530,43 @@ def test_random_uniform_clusters_settle():
                 apply(cluster, d)
         else:
             raise AssertionError(f"seed {seed}: never settled")
+
+
+# ---------------------------------------------------------------- the grouped search equals the plain scan
+def _plain_move_from(rnd, src, reason, selector, moved, accept, beyond=lambda f_dst: False):
+    """The definition move_from implements: every serving, available destination but src, freest
+    first (ties: instance_id), the first with room that accept() takes."""
+    candidates = [d for d in rnd.loads if d.state == "serving" and rnd.available(d)
+                  and d.instance_id != src.instance_id and rnd.has_room(d, moved)]
+    candidates.sort(key=lambda d: (-rnd.freeness(d), d.instance_id))
+    f_src_after = rnd.after_move(src, moved, incoming=False)
+    for dst in candidates:
+        if accept(rnd.freeness(dst), rnd.after_move(dst, moved, incoming=True), f_src_after):
+            rnd.claimed.update((src.instance_id, dst.instance_id))
+            rnd.decisions.append(MigrationDecision(src.instance_id, dst.instance_id, reason, selector))
+            return
+
+
+def test_the_grouped_search_decides_what_a_plain_scan_decides(monkeypatch):
+    """move_from tries each destination shape once (router/migration/policy.py); on clusters with
+    many alike instances (idle ones, copies of one load) and random ones, every round's decisions
+    equal those of the plain freest-first scan."""
+    from router.migration import policy
+    rng = random.Random(2024)
+    for trial in range(400):
+        n = rng.randint(2, 60)
+        base = [random_load(rng, f"b{k}") for k in range(rng.randint(1, 4))]
+        loads = []
+        for k in range(n):
+            if rng.random() < 0.6:                           # a copy of a few shared loads
+                loads.append(replaced(rng.choice(base), instance_id=f"i{k:02d}"))
+            else:
+                loads.append(random_load(rng, f"i{k:02d}"))
+        cfg = random_config(rng)
+        in_flight = {x.instance_id: rng.randint(0, 2) for x in rng.sample(loads, rng.randint(0, len(loads)))}
+        pending = rng.choice([0, 0, rng.randint(1, 500)])
+        fast = decide(loads, cfg, pending, in_flight)
+        with monkeypatch.context() as m:
+            m.setattr(policy._Round, "move_from", _plain_move_from)
+            plain = decide(loads, cfg, pending, in_flight)
+        assert fast == plain, f"trial {trial}"

@@ -276,7 +276,7 @@ def test_start_rate_reads_batched_starts_over_time_not_over_a_count():
     quick = StartRate()
     for k in range(50):
         quick.started(k * 1e-5, backlog=10)
-    assert quick.rate() is None                     # under a second of backlog: no evidence yet
+    assert quick.rate() is None                     # under 20 ms of backlog: no evidence yet
     long = StartRate(window_s=10.0)
     for k in range(200):                            # 1/s for 200 s, then 4/s: the window forgets the old
         long.started(float(k), backlog=1)

@@ -33,11 +33,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def test_the_child_ends_when_its_parent_is_killed():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parent = subprocess.Popen([sys.executable, "-c", PARENT.format(root=root)], stdout=subprocess.PIPE)
     child = int(parent.stdout.readline())
-    assert _alive(child)
+    deadline = time.monotonic() + 10
+    while _comm(child) != "sleep":           # setpriv set the signal and exec'd the command
+        assert time.monotonic() < deadline, f"the child never became sleep: {_comm(child)!r}"
+        time.sleep(0.01)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
