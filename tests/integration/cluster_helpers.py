@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 
 from services.member_tls import MemberTLS
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -60,3 +61,18 @@ def assert_no_leaks(address: str, timeout_s: float = 30.0, tls: MemberTLS | None
         if time.monotonic() > deadline:
             raise AssertionError("leaks after the requests ended: " + "; ".join(problems))
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(export_named):
+    """hf_tiny(prompt, n): transformers' greedy tokens (ignore_eos) for prompt on the named `tiny`
+    model's weights, cached for the session."""
+    from tests.golden.hf_reference import hf_greedy
+    cache = {}
+
+    def get(prompt: list[int], n: int) -> list[int]:
+        key = (tuple(prompt), n)
+        if key not in cache:
+            cache[key] = hf_greedy(export_named("tiny"), [prompt], n, ignore_eos=True)[0][0]
+        return cache[key]
+    return get

@@ -21,7 +21,6 @@ from tandem.local_cluster import LocalCluster
 from tandem.redis_server import RedisServer
 from tandem.v1 import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import random_prompts
-from tests.golden.hf_reference import hf_greedy
 from tests.integration.cluster_helpers import assert_no_leaks, generate, instances
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -38,18 +37,6 @@ def cluster(export_named, tmp_path_factory):
                                               log_dir=str(tmp_path_factory.mktemp("logs"))) as c:
         c.add_router("router-1")
         yield c
-
-
-@pytest.fixture(scope="module")
-def hf(export_named):
-    cache = {}
-
-    def get(prompt: list[int], n: int) -> list[int]:
-        key = (tuple(prompt), n)
-        if key not in cache:
-            cache[key] = hf_greedy(export_named("tiny"), [prompt], n, ignore_eos=True)[0][0]
-        return cache[key]
-    return get
 
 
 def _survivor(cluster: LocalCluster) -> str:
@@ -73,12 +60,12 @@ def _restart_router(cluster: LocalCluster) -> None:
 
 @pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.95, seed=77)],
                          ids=["greedy", "seeded"])
-def test_sdk_resumes_on_the_other_router(cluster, hf, params):
+def test_sdk_resumes_on_the_other_router(cluster, hf_tiny, params):
     prompt = random_prompts([20], 512, seed=11)[0]
     if params.get("temperature"):
         expected, _ = generate(_survivor(cluster), prompt, 160, ignore_eos=True, **params)   # uninterrupted
     else:
-        expected = hf(prompt, 160)
+        expected = hf_tiny(prompt, 160)
     routers = [cluster.routers["router"], _survivor(cluster)]
     chunks = []
     try:
@@ -99,10 +86,10 @@ def test_sdk_resumes_on_the_other_router(cluster, hf, params):
         _restart_router(cluster)
 
 
-def test_async_client_resumes_on_the_restarted_router(cluster, hf):
+def test_async_client_resumes_on_the_restarted_router(cluster, hf_tiny):
     """One router address: the SDK retries it until the router is back on the same port."""
     prompt = random_prompts([16], 512, seed=12)[0]
-    expected = hf(prompt, 120)
+    expected = hf_tiny(prompt, 120)
 
     async def run() -> list:
         chunks = []
@@ -153,9 +140,9 @@ def test_parked_request_nobody_resumes_is_freed_after_the_grace(cluster):
         _restart_router(cluster)
 
 
-def test_resume_of_a_request_no_worker_holds_is_recomputed(cluster, hf):
+def test_resume_of_a_request_no_worker_holds_is_recomputed(cluster, hf_tiny):
     prompt = random_prompts([12], 512, seed=14)[0]
-    expected = hf(prompt, 40)
+    expected = hf_tiny(prompt, 40)
     with grpc.insecure_channel(_survivor(cluster)) as channel:
         req = serving_pb2.GenerateRequest(prompt_token_ids=prompt, request_id="never-ran",
                                           params=serving_pb2.SamplingParams(max_tokens=40, ignore_eos=True),

@@ -25,7 +25,6 @@ from tandem.local_cluster import LocalCluster
 from tandem.redis_server import RedisServer
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import random_prompts
-from tests.golden.hf_reference import hf_greedy
 from tests.integration.cluster_helpers import assert_no_leaks, generate, instances
 from tests.integration.http_helpers import scrape, value
 
@@ -34,19 +33,6 @@ pytestmark = pytest.mark.timeout(600)
 WORKER_ARGS = ["--dtype", "float32", "--num-blocks", "400", "--heartbeat-ttl-s", "1.5", "--heartbeat-interval-s", "0.5"]
 # Prefill in 16-token steps, so a long prompt is still prefilling when the test kills its instance.
 PREFILL_ARGS = ["--max-num-batched-tokens", "16"]
-
-
-@pytest.fixture(scope="module")
-def hf(export_named):
-    """hf(prompt, n): transformers' greedy tokens for prompt on the cluster's weights (cached)."""
-    cache = {}
-
-    def get(prompt: list[int], n: int) -> list[int]:
-        key = (tuple(prompt), n)
-        if key not in cache:
-            cache[key] = hf_greedy(export_named("tiny"), [prompt], n, ignore_eos=True)[0][0]
-        return cache[key]
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +97,12 @@ def _live_decodes(cluster: LocalCluster) -> list[str]:
 
 @pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.95, seed=1234)],
                          ids=["greedy", "seeded"])
-def test_decode_sigkill_mid_stream_resumes_with_the_same_tokens(cluster, hf, params):
+def test_decode_sigkill_mid_stream_resumes_with_the_same_tokens(cluster, hf_tiny, params):
     prompt = random_prompts([24], 512, seed=7)[0]
     if params.get("temperature"):
         expected, _ = generate(cluster.address, prompt, 300, ignore_eos=True, **params)     # uninterrupted
     else:
-        expected = hf(prompt, 300)
+        expected = hf_tiny(prompt, 300)
     before = value(scrape(cluster.metrics_address), "tandem_redispatches_total", reason="decode_lost") or 0
     tokens, messages, killed = _kill_mid_stream(cluster, prompt, 300, 20, f"kill-{len(params)}", **params)
     assert messages[-1].finished and messages[-1].finish_reason == serving_pb2.FINISH_REASON_LENGTH
@@ -129,7 +115,7 @@ def test_decode_sigkill_mid_stream_resumes_with_the_same_tokens(cluster, hf, par
     _heal(cluster, killed)
 
 
-def test_hung_decode_worker_is_noticed_by_its_missed_heartbeat(cluster, hf):
+def test_hung_decode_worker_is_noticed_by_its_missed_heartbeat(cluster, hf_tiny):
     """A decode worker that stops (SIGSTOP: no error on its stream, no heartbeat) is noticed once its
     registry record expires; the request resumes elsewhere with HF's tokens. Continued, the worker
     re-registers and holds nothing (the router cancelled its stream)."""
@@ -151,7 +137,7 @@ def test_hung_decode_worker_is_noticed_by_its_missed_heartbeat(cluster, hf):
     finally:
         if stopped is not None:
             os.kill(cluster.procs[stopped].pid, signal.SIGCONT)
-    assert messages[-1].finished and tokens == hf(prompt, 300)
+    assert messages[-1].finished and tokens == hf_tiny(prompt, 300)
     assert any(m.decode_instance not in ("", stopped) for m in messages)
     after = value(scrape(cluster.metrics_address), "tandem_redispatches_total", reason="heartbeat_missed")
     assert after == before + 1
@@ -160,11 +146,11 @@ def test_hung_decode_worker_is_noticed_by_its_missed_heartbeat(cluster, hf):
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.01])
-def test_migration_source_sigkill_keeps_the_request(cluster, hf, delay_s):
+def test_migration_source_sigkill_keeps_the_request(cluster, hf_tiny, delay_s):
     """The source of a live migration dies while it migrates (before or after the commit, as the
     timing falls): the surviving side keeps or takes the request, with the same tokens."""
     prompt = random_prompts([30], 512, seed=10)[0]
-    expected = hf(prompt, 300)
+    expected = hf_tiny(prompt, 300)
     request_id = f"mig-kill-{delay_s}"
     with grpc.insecure_channel(cluster.address) as channel:
         req = serving_pb2.GenerateRequest(prompt_token_ids=prompt, request_id=request_id,
@@ -187,7 +173,7 @@ def test_migration_source_sigkill_keeps_the_request(cluster, hf, delay_s):
         _heal(cluster, source)
 
 
-def test_prefill_sigkill_mid_prefill_is_retried_on_another(cluster, hf):
+def test_prefill_sigkill_mid_prefill_is_retried_on_another(cluster, hf_tiny):
     prefills = [i for i in instances(cluster.address) if i.role == worker_pb2.ROLE_PREFILL]
     prompt = random_prompts([1900], 512, seed=8)[0]
     result = {}
@@ -218,7 +204,7 @@ def test_prefill_sigkill_mid_prefill_is_retried_on_another(cluster, hf):
     tokens = [t for m in messages for t in m.token_ids]
     assert [m.index for m in messages] == [sum(len(x.token_ids) for x in messages[:i]) for i in range(len(messages))]
     assert messages[0].prefill_instance != killed
-    assert tokens == hf(prompt, 16)
+    assert tokens == hf_tiny(prompt, 16)
     _heal(cluster, killed)
 
 

@@ -19,7 +19,6 @@ from services.engine.builder import build_engine
 from services.engine.config import Role
 from services.engine.engine import RequestOutput
 from services.engine.engine_thread import EngineThread
-from services.engine.loader import resolve_model
 from services.engine.request import FinishReason
 from services.engine.sampling_params import SamplingParams
 from services.transport import KVLayout, make_receiver, make_sender
@@ -30,22 +29,10 @@ from services.worker.token_chunks import ChunkCursor
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
 from tests.aio import serve_worker
 from tests.conftest import random_prompts
+# The tiny model, its reference generator and the servicers' block size: the request-path tests'.
+from tests.unit.test_request_path import BLOCK, VOCAB, reference, tiny  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.timeout(120)
-
-VOCAB = 512
-BLOCK = 8
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return resolve_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny):
-    engine = build_engine("tiny", loaded=tiny, block_size=BLOCK, num_blocks=256, max_num_batched_tokens=64)
-    return lambda prompt, n: list(engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids)
 
 
 def run(tiny, body, grace_s: float = 30.0):
