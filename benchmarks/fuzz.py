@@ -50,6 +50,9 @@ CALL_DEADLINE_S = 15.0         # a unary call, or a stream's first answer
 STREAM_READ_S = 0.5            # a stream that answers (its headers) is read this long, then cancelled
 HTTP_DEADLINE_S = 30.0
 CRASH_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+# What a Python traceback leaking into an answer starts with (not the bare word: an error message may
+# quote a fuzzed value that happens to be "Traceback").
+TRACEBACK = "Traceback (most recent call last)"
 SERVICES = ((serving_pb2, "Serving", serving_pb2_grpc.ServingStub, "router"),
             (admin_pb2, "Admin", admin_pb2_grpc.AdminStub, "router"),
             (worker_pb2, "Worker", worker_pb2_grpc.WorkerStub, "workers"))
@@ -111,7 +114,7 @@ def call_once(stub, name: str, request, streaming: bool, label: str, found: Find
             found.statuses[f"{label} OK"] += 1
             return
         found.statuses[f"{label} {code.name}"] += 1
-        if code in CRASH_CODES or "Traceback" in (e.details() or ""):
+        if code in CRASH_CODES or TRACEBACK in (e.details() or ""):
             found.crash(f"{label}: {code.name}: {e.details()} <- {_short(request)}")
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED and not (streaming and answered):
             found.hang(f"{label}: no answer in {CALL_DEADLINE_S} s <- {_short(request)}")
@@ -305,7 +308,7 @@ def _fuzz_operation(cluster, op, base: str, session, per_op: int, seed: int, fou
             found.crash(f"HTTP {op.label}: connection error {e} <- {str(case.body)[:200]}")
             return
         found.statuses[f"HTTP {op.label} {response.status_code}"] += 1
-        if response.status_code == 500 or "Traceback" in response.text:
+        if response.status_code == 500 or TRACEBACK in response.text:
             found.crash(f"HTTP {op.label}: {response.status_code} {response.text[:200]} <- {str(case.body)[:200]}")
     case()
 

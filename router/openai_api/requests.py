@@ -45,7 +45,7 @@ from router.openai_api.fields import (get_bool, get_dict, get_int, get_int_list,
                                       get_str_list)
 from router.openai_api.structured import FIELDS as STRUCTURED_FIELDS, parse_structured
 from router.openai_api.tools import ToolPlan, parse_tools, system_prompt
-from services.engine.sampling_params import LOGIT_BIAS_RANGE, PENALTY_RANGE
+from services.engine.sampling_params import LOGIT_BIAS_RANGE, PENALTY_RANGE, InvalidRequestError, check_request_id
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
 from tandem.v1 import serving_pb2
@@ -235,8 +235,10 @@ def _common(body: dict, req: serving_pb2.GenerateRequest, model: ModelConfig, lo
     n = get_int(body, "n", 1, minimum=1, maximum=_INT32)
     params.n = n
     request_id = get_str(body, "request_id", "")
-    if len(request_id) > 256 or not request_id.isprintable():
-        raise invalid("request_id", "must be at most 256 printable characters")
+    try:
+        check_request_id(request_id)
+    except InvalidRequestError as e:
+        raise invalid("request_id", str(e).split(": ", 1)[1]) from None
     req.request_id = request_id
     req.priority = get_int(body, "priority", 0, minimum=-_INT32 - 1, maximum=_INT32)
     req.expected_output_tokens = get_int(body, "expected_output_tokens", 0, minimum=0, maximum=_INT32)

@@ -13,7 +13,7 @@ from router.request.choices import check_choices
 from router.request.dispatch import RoutedRequest
 from services.engine.config import ModelConfig
 from services.engine.engine import validate_prompt
-from services.engine.sampling_params import InvalidRequestError
+from services.engine.sampling_params import InvalidRequestError, check_request_id
 from services.engine.tokenizer import Tokenizer
 from services.proto_convert import sampling_params_from_proto
 from tandem.v1 import serving_pb2, worker_pb2
@@ -31,6 +31,7 @@ async def build_request_async(req: serving_pb2.GenerateRequest, model: ModelConf
 
 def build_request(req: serving_pb2.GenerateRequest, model: ModelConfig, tokenizer: Tokenizer,
                   timeout: float | None, arrival: float | None = None) -> RoutedRequest:
+    check_request_id(req.request_id)
     if req.model and req.model != model.model_id:
         raise InvalidRequestError("model", f"unknown model {req.model!r}; this cluster serves {model.model_id!r} "
                                   "(see ListModels), or leave it empty")

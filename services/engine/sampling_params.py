@@ -18,6 +18,18 @@ class InvalidRequestError(ValueError):
         self.field = field
 
 
+# A request id names the request in logs, metrics and the KV transport's frames (a 16-bit length).
+MAX_REQUEST_ID_CHARS = 256
+# Worker-side ids add the router's suffixes to the client's (an attempt `~rN`, a choice `#cN`).
+MAX_WORKER_REQUEST_ID_CHARS = MAX_REQUEST_ID_CHARS + 64
+
+
+def check_request_id(request_id: str, limit: int = MAX_REQUEST_ID_CHARS) -> None:
+    """Raises InvalidRequestError naming `request_id` unless it is at most `limit` printable characters."""
+    if len(request_id) > limit or not request_id.isprintable():
+        raise InvalidRequestError("request_id", f"must be at most {limit} printable characters")
+
+
 class StructuredKind(enum.IntEnum):
     """What a structured-output constraint is (values as tandem.v1.StructuredKind)."""
     JSON_OBJECT = 1      # any JSON object

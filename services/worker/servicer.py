@@ -26,6 +26,7 @@ import grpc
 
 from services.roles import Role, WorkerState
 from services.engine.engine_thread import EngineDeadError, EngineThread
+from services.engine.sampling_params import MAX_WORKER_REQUEST_ID_CHARS, check_request_id
 from services.proto_convert import sampling_params_from_proto
 from services.worker.async_stream import AsyncRequestStream
 from services.worker.rpc_control import ControlRpcs
@@ -109,6 +110,7 @@ class WorkerServicer(DecodeRpcs, PrefillRpcs, StreamRpcs, ControlRpcs, worker_pb
         """(prompt ids, engine SamplingParams) of a request the router validated, checked again only
         cheaply (ids in range by min/max, lengths, this instance's capacity): a malformed one is
         refused instead of crashing the engine. Raises InvalidRequestError."""
+        check_request_id(req.request_id, MAX_WORKER_REQUEST_ID_CHARS)
         params = sampling_params_from_proto(req.params)
         prompt = list(req.prompt_token_ids)
         self.engine.validate(prompt, params, ints=True)

@@ -256,6 +256,11 @@ def test_workers_refuse_out_of_vocabulary_ids_cheaply(tiny):
                 address=pair.receiver.address)), FakeContext())
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "token_ids" in e.value.details
         assert pair.d.leases.get("bad") is None
+        long_id = "x" * 70_000                 # the KV frames carry an id's length in 16 bits
+        with pytest.raises(Aborted) as e:
+            await pair.p.Prefill(worker_pb2.PrefillRequest(request=wreq(long_id, [5, 6], 4), destination=
+                                 worker_pb2.KVHandle(address=pair.receiver.address)), FakeContext())
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in e.value.details
         await pair.idle()
     run(tiny, body)
 

@@ -283,3 +283,19 @@ def test_start_rate_reads_batched_starts_over_time_not_over_a_count():
     for k in range(1, 81):
         long.started(199 + k * 0.25, backlog=1)
     assert long.rate() == pytest.approx(4.0, rel=0.05)
+
+
+@pytest.mark.parametrize("request_id", ["a" * 257, "a" * 70_000, "tab\there", "nl\n"])
+def test_a_request_id_too_long_or_unprintable_is_refused_at_the_edge(request_id):
+    """It names the request in the KV transport's frames (a 16-bit length) and in logs: over gRPC
+    and HTTP alike, at most 256 printable characters."""
+    req = serving_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6],
+                                      params=serving_pb2.SamplingParams(max_tokens=4))
+    with pytest.raises(InvalidRequestError, match="request_id: must be at most 256 printable characters"):
+        build_request(req, MODEL, TOKENIZER, None)
+    with pytest.raises(ApiError) as e:
+        parse_completion({"prompt": [5, 6], "max_tokens": 4, "request_id": request_id}, MODEL, TOKENIZER)
+    assert e.value.param == "request_id"
+    assert build_request(serving_pb2.GenerateRequest(request_id="a" * 256, prompt_token_ids=[5, 6],
+                                                     params=serving_pb2.SamplingParams(max_tokens=4)),
+                         MODEL, TOKENIZER, None).request_id == "a" * 256
