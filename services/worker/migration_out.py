@@ -86,6 +86,9 @@ class MigrationSources:
         self.moved: dict[str, Moved] = {}           # request_id → where it went (recent)
         self._running: set[asyncio.Task] = set()    # the loop holds tasks weakly
         self.on_event: Callable[..., None] = lambda event, **kw: None   # metrics hook
+        # Requests that must stay (the servicer's parked ones: no router would follow them to a
+        # destination, and a router that resumes one attaches here).
+        self.pinned: Callable[[str], bool] = lambda request_id: False
 
     def __len__(self) -> int:
         return len(self.active)
@@ -99,11 +102,12 @@ class MigrationSources:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"selector: {selector!r} is not one of {', '.join(SELECTORS)}")
         busy = set(self.active)
+        pinned = self.pinned
 
         def candidates(engine):
             s = engine.scheduler
             return [(r.request_id, r.num_tokens, r.priority) for r in s.running + s.waiting
-                    if r.num_output_tokens > 0 and r.request_id not in busy]
+                    if r.num_output_tokens > 0 and r.request_id not in busy and not pinned(r.request_id)]
         found = await self._call(candidates)
         if not found:
             raise MigrationError(grpc.StatusCode.NOT_FOUND, "no request on this instance can be migrated now")
@@ -126,6 +130,9 @@ class MigrationSources:
         rid = request.request_id or await self.pick(request.selector or "shortest")
         if rid in self.active:
             raise MigrationError(grpc.StatusCode.FAILED_PRECONDITION, f"{rid!r} is already migrating")
+        if self.pinned(rid):
+            raise MigrationError(grpc.StatusCode.FAILED_PRECONDITION, f"{rid!r} is parked (no router reads it): it "
+                                 f"stays here until a router takes it back or its grace period ends")
         if len(self.active) >= self.config.max_in_flight:
             raise MigrationError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"{len(self.active)} migrations are already leaving this instance; retry later")

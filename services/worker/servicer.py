@@ -83,6 +83,7 @@ class WorkerServicer(DecodeRpcs, PrefillRpcs, StreamRpcs, ControlRpcs, worker_pb
                                         max_in_flight=migration.max_in_flight, watermark_blocks=watermark_blocks,
                                         is_open=lambda: self.state_fn() == WorkerState.SERVING)
         self.parked = ParkedRequests(orphan_grace_s, moved=self.sources.moved_to)   # requests no router reads
+        self.sources.pinned = self.parked.__contains__
 
     # ---- helpers --------------------------------------------------------------------------
     def _loop(self) -> asyncio.AbstractEventLoop:

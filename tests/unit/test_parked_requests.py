@@ -324,3 +324,26 @@ def test_kept_chunks_stay_whole_and_replay_from_any_index():
     assert cursor.ended and cursor.kept_at(2) and not cursor.kept_at(1)
     with pytest.raises(ValueError, match="start_index 1"):
         cursor.replay(1)
+
+
+def test_a_parked_request_is_not_migrated(tiny, reference):
+    """No router would follow it to a destination: the rescheduler's picks pass it over and a
+    Migrate naming it is refused; a router resuming it finds it here."""
+    from services.worker.migration_out import MigrationError
+    prompt = random_prompts([16], VOCAB, seed=47)[0]
+    expected = reference(prompt, 2000)
+
+    async def body(sv, stub):
+        call, _ = await start(sv, stub, "generate", "m", prompt, 2000, expected[0])
+        await read_then_cut(call, 3)
+        await until(lambda: "m" in sv.parked, "parked")
+        with pytest.raises(MigrationError) as refused:
+            await sv.sources.migrate(worker_pb2.MigrateRequest(request_id="m", destination_instance_id="elsewhere",
+                                                               destination_address="127.0.0.1:1"))
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "parked" in str(refused.value)
+        with pytest.raises(MigrationError) as none:
+            await sv.sources.pick("shortest")
+        assert none.value.code == grpc.StatusCode.NOT_FOUND
+        await stub.Release(worker_pb2.ReleaseRequest(request_id="m"))
+        await idle(sv)
+    run(tiny, body)
