@@ -181,8 +181,9 @@ class LocalCluster:
         ports) and return its gRPC address once it serves. Names start with "router"."""
         if not name.startswith("router") or name in self.procs:
             raise ValueError(f"router name {name!r}: give a new name starting with 'router'")
-        free = lambda p: None if p is None else 0          # noqa: E731 - a replica never clashes on ports
-        self._spawn(name, self.router_command(0, free(self.http_port), free(self.metrics_port)))
+        # A replica takes free ports of its own: the first router's fixed ones would clash.
+        self._spawn(name, self.router_command(0, None if self.http_port is None else 0,
+                                              None if self.metrics_port is None else 0))
         return self._wait_router_address(name)
 
     def _port_of(self, address: str) -> int | None:

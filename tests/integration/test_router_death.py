@@ -92,23 +92,22 @@ def test_async_client_resumes_on_the_restarted_router(cluster, hf_tiny):
     expected = hf_tiny(prompt, 120)
 
     async def run() -> list:
-        chunks = []
+        chunks, restarted = [], False
         async with AsyncClient(cluster.routers["router"], max_resumes=8, timeout=120) as client:
             async for chunk in client.generate(token_ids=prompt, max_tokens=120, ignore_eos=True, temperature=0.0):
                 chunks.append(chunk)
-                if len(chunks) == 1 or sum(len(c.token_ids) for c in chunks) < 10 or cluster.restarts_done:
+                if len(chunks) == 1 or sum(len(c.token_ids) for c in chunks) < 10 or restarted:
                     continue
                 # Kill and restart on this thread: the SDK's reconnect then finds the same address
                 # serving again (its channel retries with backoff meanwhile).
                 cluster.kill("router")
                 cluster.restart("router")
-                cluster.restarts_done = True
+                restarted = True
+        assert restarted, "the stream ended before the router was killed"
         return chunks
-    cluster.restarts_done = False
     try:
         chunks = asyncio.run(run())
     finally:
-        del cluster.restarts_done
         _restart_router(cluster)
     assert [t for c in chunks for t in c.token_ids] == expected
     assert chunks[-1].finished
