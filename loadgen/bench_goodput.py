@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds of probes per system: no probe starts that would end past it")
     p.add_argument("--min-rate", type=float, default=0.1, help="failing here counts as goodput 0")
     p.add_argument("--max-rate", type=float, default=64.0)
+    p.add_argument("--start-concurrency", type=float, default=4.0,
+                   help="first probe at this many requests in flight at the unloaded latency (Little's law); "
+                        "systems after the reference start at its bracket ends instead")
+    p.add_argument("--seeds", default="",
+                   help="comma-separated rates (req/s) every system probes first; default: the reference's "
+                        "bracket ends once vLLM has been searched")
     p.add_argument("--resolution", type=float, default=1.25, help="stop bisecting once hi/lo is at most this")
     p.add_argument("--unloaded-requests", type=int, default=5, help="sequential requests that set the SLOs")
     p.add_argument("--unloaded-output-tokens", type=int, default=64)
@@ -82,6 +88,7 @@ class Run:
     mean_input: int
     mean_output: float
     slos: dict[str, Slo] | None = None
+    seeds: tuple[float, ...] = ()       # the reference's bracket ends: every later search probes them first
     systems: dict[str, dict] = field(default_factory=dict)
 
     def log(self, msg: str) -> None:
@@ -125,8 +132,9 @@ async def search(run_: Run, name: str, handle, unloaded: tuple[float, float]) ->
     """The probes of one system; returns its record (see bench_report.system_record). Every request
     of every probe goes to <out-dir>/<name>.csv, also when the search fails part way."""
     args = run_.args
-    cfg = SearchConfig(start=start_rate(*unloaded, run_.mean_output, args.min_rate, args.max_rate),
-                       resolution=args.resolution, min_rate=args.min_rate, max_rate=args.max_rate)
+    cfg = SearchConfig(start=start_rate(*unloaded, run_.mean_output, args.min_rate, args.max_rate,
+                                        args.start_concurrency),
+                       resolution=args.resolution, min_rate=args.min_rate, max_rate=args.max_rate, seeds=run_.seeds)
     probes: list[Probe] = []
     records: list[dict] = []
     rows: list[dict] = []
@@ -155,7 +163,7 @@ async def search(run_: Run, name: str, handle, unloaded: tuple[float, float]) ->
                           os.path.join(args.out_dir, f"{name}.csv"), header_only=not rows)
     return bench_report.system_record("ok", unloaded=unloaded, probes=records,
                                       goodputs={lv: goodput(probes, lv, cfg) for lv in LEVELS},
-                                      start_rate=cfg.start, search_s=time.monotonic() - began, stop_reason=stop_reason)
+                                      start_rate=cfg.start, seeds=list(cfg.seeds), search_s=time.monotonic() - began, stop_reason=stop_reason)
 
 
 async def _probe(run_: Run, target, vocab: int, step: Step, n: int) -> tuple[Probe, dict, list[RequestResult]]:
@@ -235,11 +243,19 @@ def reference_from_vllm(run_: Run) -> dict | None:
             run_.slos = slo_levels(*unloaded)
             ref = _reference("vllm", unloaded, run_)
             run_.systems["vllm"] = probe_system(run_, "vllm", handle, unloaded)
+            run_.seeds = run_.seeds or reference_seeds(run_.systems["vllm"])
             return ref
     except Unavailable as e:
         run_.log(f"vllm: not run: {e}")
         run_.systems["vllm"] = bench_report.system_record("unavailable", str(e))
         return None
+
+
+def reference_seeds(record: dict) -> tuple[float, ...]:
+    """The rates a searched reference passed and failed at the edges of its brackets (tight lo, hi,
+    then relaxed lo, hi): the other systems are probed there first (goodput.SearchConfig.seeds)."""
+    found = record.get("goodput") or {}
+    return tuple(r for lv in LEVELS for r in (found.get(lv) or {}).get("bracket_rps", ()) if r)
 
 
 def reference_from_tandem(run_: Run, names: list[str], why: str) -> tuple[dict | None, dict]:
@@ -306,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_vllm and "vllm" in names:
         names.remove("vllm")
     names = [s for s in SYSTEMS if s in names]
+    try:
+        seeds = tuple(float(x) for x in args.seeds.split(",") if x.strip())
+    except ValueError:
+        print(f"bench-goodput: --seeds: expected comma-separated rates in req/s, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    if any(not r > 0 for r in seeds):
+        print(f"bench-goodput: --seeds: every rate must be > 0 req/s, got {args.seeds!r}", file=sys.stderr)
+        return 2
     os.makedirs(args.out_dir, exist_ok=True)
     try:
         # the rate only matters to a trace without timestamps (Poisson arrivals); CV does not depend on it
@@ -315,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype, dtype_source = host_dtype()
     run_ = Run(args, Options(args.model, dtype, args.out_dir, pin_cores=not args.no_pin),
-               mean_input=max(1, round(slice_["input_tokens"]["mean"])), mean_output=slice_["output_tokens"]["mean"])
+               mean_input=max(1, round(slice_["input_tokens"]["mean"])), mean_output=slice_["output_tokens"]["mean"],
+               seeds=seeds)
     host = _host()
     run_.log(f"host {json.dumps(host)}; dtype {dtype} ({dtype_source})")
     if host["load_avg_1m_at_start"] > 0.5 * (os.cpu_count() or 1):

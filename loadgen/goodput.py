@@ -9,6 +9,8 @@ One series of probes serves every level: each probe's per-request results are ju
 level's SLOs. A request that meets the tight SLOs meets the relaxed ones, so relaxed attainment is
 never below tight attainment at the same rate. `next_probe` ascends (x2) until the relaxed level
 fails, descends (/2) until the tight level passes, then bisects whichever bracket is widest.
+`SearchConfig.seeds` are probed first: the reference system's bracket ends, so every system is
+measured at the very rates the reference passed and failed and the ratios compare like with like.
 
 A probe may stop early once its verdict is certain for every level that still needs it: more
 requests are already known misses than the target share allows (`clearly_lost`). Known misses
@@ -63,10 +65,13 @@ def pick_reference(unloaded: Mapping[str, tuple[float, float]], output_tokens: i
     return min(unloaded, key=lambda s: unloaded[s][0] + (output_tokens - 1) * unloaded[s][1])
 
 
-def start_rate(ttft_s: float, tpot_s: float, mean_output_tokens: float, min_rate: float, max_rate: float) -> float:
-    """The first probe's rate: what a system serving one request at a time would sustain, clamped."""
+def start_rate(ttft_s: float, tpot_s: float, mean_output_tokens: float, min_rate: float, max_rate: float,
+               concurrency: float = 1.0) -> float:
+    """The first probe's rate: what a system serving `concurrency` requests at a time at their unloaded
+    latency would sustain (Little's law), clamped. A batching server sustains several at once, and
+    starting high is cheap: a failing probe stops within seconds, a passing one runs its full length."""
     e2e = ttft_s + max(mean_output_tokens - 1, 0) * tpot_s
-    return round_rate(min(max(1.0 / e2e if e2e > 0 else max_rate, min_rate), max_rate))
+    return round_rate(min(max(concurrency / e2e if e2e > 0 else max_rate, min_rate), max_rate))
 
 
 def round_rate(rate: float) -> float:
@@ -165,6 +170,7 @@ class SearchConfig:
     resolution: float = 1.25        # a level is done once its bracket's hi / lo is at most this
     min_rate: float = 0.1           # failing here: goodput 0 (below min_rate)
     max_rate: float = 64.0          # passing here: goodput >= max_rate
+    seeds: tuple[float, ...] = ()   # probed first, in order, where an open level's bracket holds them
 
 
 @dataclass(frozen=True)
@@ -203,16 +209,21 @@ class Step:
 def next_probe(probes: Sequence[Probe], cfg: SearchConfig, levels: Sequence[str] = ("relaxed", "tight")) -> Step | None:
     """The next rate to probe and the levels it decides, or None when every level is done.
 
-    Order: first bracket every level (ascend x factor from the highest passing rate while it has
-    not failed, descend / factor from the lowest failing rate while it has not passed, never below
+    Order: first the seeds, each while some open level's bracket holds it; then bracket every
+    level (ascend x factor from the highest passing rate while it has not failed, descend / factor from the lowest failing rate while it has not passed, never below
     min_rate nor above max_rate), relaxed before tight; then bisect the widest bracket. A rate
     already probed, or one rounding onto a bracket's end, ends that level.
     """
     probed = {p.rate for p in probes}
-    if not probes:
-        return Step(cfg.start, frozenset(levels))
     brackets = {lv: bracket(probes, lv) for lv in levels}
     open_levels = [lv for lv in levels if not level_done(brackets[lv], cfg)]
+    for seed in cfg.seeds:
+        rate = min(max(round_rate(seed), cfg.min_rate), cfg.max_rate)
+        needs = frozenset(lv for lv in open_levels if brackets[lv].contains(rate))
+        if rate not in probed and needs:
+            return Step(rate, needs)
+    if not probes:
+        return Step(cfg.start, frozenset(levels))
     moves: list[tuple[int, float, float]] = []            # (priority, -width, rate)
     for i, lv in enumerate(open_levels):
         b = brackets[lv]

@@ -51,6 +51,7 @@ def test_start_rate_is_one_request_at_a_time_clamped_and_rounded():
     assert start_rate(0.2, 0.01, 101, min_rate=0.1, max_rate=64) == pytest.approx(0.833)    # 1 / 1.2 s
     assert start_rate(10.0, 1.0, 128, min_rate=0.1, max_rate=64) == 0.1
     assert start_rate(0.0, 0.0, 128, min_rate=0.1, max_rate=64) == 64
+    assert start_rate(0.2, 0.01, 101, min_rate=0.1, max_rate=64, concurrency=4) == pytest.approx(3.33)
     assert round_rate(5.656854) == 5.66 and round_rate(12.345) == 12.3
 
 
@@ -200,3 +201,19 @@ def test_next_probe_only_asks_levels_whose_bracket_holds_the_rate():
     probes.append(Probe(0.75, {"relaxed": None, "tight": True}))
     step = next_probe(probes, cfg)
     assert step.rate == 1.5 and step.needs == {"relaxed"}     # relaxed (1, 2) is now the widest bracket
+
+
+def test_seeds_come_first_and_are_skipped_once_no_open_bracket_holds_them():
+    # the reference's bracket ends: tight [2.0, 2.5], relaxed [4.0, 5.0]
+    cfg = SearchConfig(start=0.7, seeds=(2.0, 2.5, 4.0, 5.0))
+    probes = _search(cfg, tight_cap=2.2, relaxed_cap=4.5)
+    assert [p.rate for p in probes] == [2.0, 2.5, 4.0, 5.0]       # the same brackets, from four probes
+    assert (goodput(probes, "tight", cfg).lo, goodput(probes, "relaxed", cfg).lo) == (2.0, 4.0)
+    # a slower system: 2.0 fails tight, so 2.5 only decides relaxed; the start rate is never used
+    probes = _search(cfg, tight_cap=1.0, relaxed_cap=3.0)
+    rates = [p.rate for p in probes]
+    assert rates[:3] == [2.0, 2.5, 4.0] and 5.0 not in rates and 0.7 not in rates
+    assert next_probe([], cfg).needs == {"tight", "relaxed"}
+    for level, cap in (("tight", 1.0), ("relaxed", 3.0)):
+        g = goodput(probes, level, cfg)
+        assert g.complete and g.lo <= cap < g.hi
