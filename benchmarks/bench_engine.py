@@ -4,13 +4,16 @@ Prints JSON lines: the host, each system's probe results (engine_probes.py: offl
 decode per-token latency at batch 1/8/32 with 512-token contexts, prefill latency of one 128-,
 512- and 2048-token prompt), the decode floor (weight bytes over the host's measured read
 bandwidth), then one line per comparison `{"compare", "tandem", "vllm", "unit", "ratio"}` (ratio > 1:
-Tandem faster; latencies inverted). Both systems run the same resolved dtype and thread count;
+Tandem faster; latencies inverted). Both systems run the same resolved dtype and thread count,
+in `--rounds` alternating rounds (Tandem, vLLM, vLLM, Tandem, …: a host whose speed drifts during
+the run favours neither), and each probe's best over the rounds is compared;
 vLLM is skipped (a line says so) when ../shared/peers' venv is missing. The last line holds the
 headline figures.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -100,6 +103,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="threads for each system (vLLM binds cores 0-1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=int, default=2048, help="Tandem's token budget per step")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating rounds of both systems (ABBA order); each probe's best over them is compared")
     p.add_argument("--no-peer", action="store_true", help="skip vLLM even if installed")
     a = p.parse_args()
     probe_args = dict(workloads=a.workloads.split(","), batches=[int(b) for b in a.batches.split(",")],
@@ -115,15 +120,24 @@ def main() -> None:
     loaded = resolve_model("small")
     with tempfile.TemporaryDirectory() as d:
         export_model(loaded, d, load_tokenizer(loaded))
-        ours = bench_tandem(d, dtype, a.threads, probe_args, a.budget)
-        theirs = [] if a.no_peer else bench_vllm(d, dtype, probe_args)
+        ours_rounds, theirs_rounds = [], []
+        for i in range(max(1, a.rounds)):
+            order = ("tandem", "vllm") if i % 2 == 0 else ("vllm", "tandem")
+            for system in order:
+                if system == "tandem":
+                    ours_rounds.append(bench_tandem(d, dtype, a.threads, probe_args, a.budget))
+                    gc.collect()        # the round's engine and its KV pool go before the next one
+                elif not a.no_peer:
+                    theirs_rounds.append(bench_vllm(d, dtype, probe_args))
+        ours = engine_probes.best_by_probe(ours_rounds)
+        theirs = engine_probes.best_by_probe(theirs_rounds)
     floor = decode_floor(loaded.config, dtype, a.threads)
     _emit(floor)
     for r in ours:
         if r["probe"] == "decode" and r["batch"] <= 8:
             _emit({"floor_ratio": engine_probes.key(r), "ms_per_token": r["ms_per_token"],
                    "floor_ms": floor["floor_ms"], "x_floor": round(r["ms_per_token"] / floor["floor_ms"], 2)})
-    peer = {engine_probes.key(r): r for r in theirs if "probe" in r}
+    peer = {engine_probes.key(r): r for r in theirs}
     comparisons = []
     for r in ours:
         v = peer.get(engine_probes.key(r))
@@ -132,7 +146,7 @@ def main() -> None:
                  "torch_cpu_capability": host["torch_cpu_capability"]}
             comparisons.append(c)
             _emit(c)
-    _emit({"bench": "engine", "host": host, "dtype": dtype, "threads": a.threads,
+    _emit({"bench": "engine", "host": host, "dtype": dtype, "threads": a.threads, "rounds": max(1, a.rounds),
            "ratios": {c["compare"]: c["ratio"] for c in comparisons},
            "min_ratio": min((c["ratio"] for c in comparisons if c["ratio"] is not None), default=None)})
 

@@ -87,6 +87,25 @@ def key(result: dict) -> str:
     return f"prefill {result['tokens']}"
 
 
+def better(a: dict, b: dict) -> dict:
+    """The faster of two results of the same probe (higher throughput, lower latency)."""
+    if a["probe"] == "throughput":
+        return a if a["output_tokens_per_s"] >= b["output_tokens_per_s"] else b
+    field = "ms_per_token" if a["probe"] == "decode" else "ms"
+    return a if a[field] <= b[field] else b
+
+
+def best_by_probe(rounds: list[list[dict]]) -> list[dict]:
+    """Each probe's best result over rounds, in the first round's order (results without a probe dropped)."""
+    best: dict[str, dict] = {}
+    for results in rounds:
+        for r in results:
+            if "probe" in r:
+                k = key(r)
+                best[k] = better(best[k], r) if k in best else r
+    return list(best.values())
+
+
 def compare(ours: dict, theirs: dict) -> dict:
     """{"compare", "tandem", "vllm", "unit", "ratio"}; ratio > 1 means Tandem is faster."""
     p = ours["probe"]

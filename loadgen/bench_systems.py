@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from services import env
 
 SYSTEMS = ("vllm", "fixed", "adaptive", "colocated", "single")
+DEFAULT_SYSTEMS = ("vllm", "fixed", "adaptive", "colocated")     # the four; single on request
 TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1, "pools": "fixed"},
                  "adaptive": {"prefill": 1, "decode": 1, "pools": "adaptive"},
                  "colocated": {"prefill": 0, "decode": 0, "colocated": 2},

@@ -23,7 +23,7 @@ from services.worker.settings import WorkerSettings
 _FORWARDED = ((EngineSettings, ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
                                 "max_model_len")),
               (WorkerSettings, ("lease_ms",)),
-              (EngineSettings, ("device",)),
+              (EngineSettings, ("device", "mixed_prefill")),
               (WorkerSettings, ("kv_transport",)))
 
 

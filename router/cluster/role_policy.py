@@ -19,7 +19,10 @@ Rules, for instances in state "serving" whose last switch is at least `dwell_s` 
    request — clamped to [min_mixed_tokens, max_mixed_tokens].
 2. A home-prefill instance in PREFILL switches to BOTH under decode pressure when it has no
    prefill pressure itself (its own wait < `idle_wait` × TTFT SLO): it then decodes what it
-   prefills, which takes load off the decode pool.
+   prefills, which takes load off the decode pool. Its prompts are not capped beside those decodes
+   (mixed_prefill_tokens 0): prefill is its home phase, the decodes are its guests (a cap sized for
+   TPOT, 16 tokens a step when its decodes were slow, made a burst's prompts crawl through it:
+   TTFTs of 1-2 s where the fixed pools had 0.2 s).
 3. An instance in BOTH goes home when its reason has gone (no prefill pressure and its wait below
    `idle_wait` × TTFT SLO for a home-decode instance; no decode pressure for a home-prefill one),
    or when serving both hurts its home phase (decode pressure on a home-decode instance).
@@ -118,7 +121,7 @@ def decide(loads: Iterable[LoadReport], home: Mapping[str, int], last_switch: Ma
         elif r.role == PREFILL and h == PREFILL and decode_pressure and wait < c.idle_wait * c.ttft_slo_s:
             pressed = max(decode_capable, key=lambda d: d.step_time_ms)
             candidates.append((pressed.step_time_ms / 1e3, RoleDecision(
-                r.instance_id, BOTH, mixed_tokens(r, c), f"decode step {pressed.step_time_ms:.0f}ms")))
+                r.instance_id, BOTH, 0, f"decode step {pressed.step_time_ms:.0f}ms")))
     if not candidates:
         return None
     return max(candidates, key=lambda kv: (kv[0], kv[1].instance_id))[1]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from services.engine import dtype_policy
-from services.engine.config import CacheConfig, EngineConfig, ModelConfigError, SchedulerConfig
+from services.engine.config import MIXED_PREFILL_MODES, CacheConfig, EngineConfig, ModelConfigError, SchedulerConfig
 from services.engine.device import resolve_device, torch_device  # resolve_device re-exported: callers use it here
 from services.engine.engine import LLMEngine
 from services.engine.loader import LoadedModel, resolve_model
@@ -51,13 +51,15 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                  role: Role = Role.COLOCATED, policy: str = "fcfs", num_threads: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None,
-                 aging_s: float = DEFAULT_AGING_S) -> LLMEngine:
+                 aging_s: float = DEFAULT_AGING_S, mixed_prefill_tokens: int = 0,
+                 mixed_prefill_mode: str = SchedulerConfig.mixed_prefill_mode) -> LLMEngine:
     """An engine for `model` (a named model, an HF directory or a GGUF file) on `device` ("auto", "cpu", "cuda[:N]").
 
     dtype: "auto" (dtype_policy: bfloat16 where the device has native bfloat16 matmul, else float16
     on older GPUs or float32) or float32, bfloat16, float16. KV cache size: num_blocks, else on CUDA
     gpu_memory_utilization (a share of the GPU, as vLLM's),
-    else kv_memory_gib. Raises ModelConfigError (a message saying what to change) for a bad model,
+    else kv_memory_gib. mixed_prefill_tokens / mixed_prefill_mode: the cap on prompt tokens a step
+    adds beside running decodes (0: none) and how a prompt shares those steps (SchedulerConfig). Raises ModelConfigError (a message saying what to change) for a bad model,
     dtype, device or size.
     """
     device = resolve_device(device)
@@ -71,6 +73,11 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
         model_cfg = replace(model_cfg, max_position_embeddings=max_model_len)
     if block_size <= 0 or max_num_batched_tokens <= 0 or max_num_seqs <= 0:
         raise ModelConfigError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+    if mixed_prefill_tokens < 0:
+        raise ModelConfigError(f"mixed_prefill_tokens must be >= 0, got {mixed_prefill_tokens}")
+    if mixed_prefill_mode not in MIXED_PREFILL_MODES:
+        raise ModelConfigError(f"mixed prefill mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
+                               f"got {mixed_prefill_mode!r}")
     config = EngineConfig(
         model=model_cfg,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
@@ -78,6 +85,7 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                           gpu_memory_utilization=gpu_memory_utilization,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, policy=policy, aging_s=aging_s),
+                                  max_num_batched_tokens=max_num_batched_tokens, policy=policy, aging_s=aging_s,
+                                  mixed_prefill_tokens=mixed_prefill_tokens, mixed_prefill_mode=mixed_prefill_mode),
         device=device, dtype=torch_dtype, num_threads=num_threads)
     return LLMEngine(config, loaded, load_tokenizer(loaded))

@@ -96,7 +96,7 @@ class LLMEngine:
         self.config, self.tokenizer = config, tokenizer
         num_blocks = plan_num_blocks(config, torch_device(config.device))
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len, config.model.num_layers)
         self.role = config.scheduler.role      # what new work it takes; set_role changes it at run time
         self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table, tokenizer)
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -327,7 +327,7 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        self.last_step_prefill_tokens = sum(c.num_new_tokens for c in out.prefills)
+        self.last_step_prefill_tokens = sum(c.cost for c in out.prefills)
         self.last_step_decodes = len(out.decodes)
         if out.is_empty:
             return []

@@ -8,6 +8,7 @@ KV transfer and live migration copy out and in.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,17 @@ class PrefillSeq:
 
 
 @dataclass
+class LayeredRows:
+    """A layered prefill chunk in a step (scheduler.LayerGroup): rows [start, T), always the last
+    rows, go through layers [first, end) only; the other rows go through every layer."""
+    start: int
+    first: int
+    end: int
+    hidden_in: torch.Tensor | None          # [T - start, hidden]: their residual stream after `first` layers (None at 0)
+    hidden_out: torch.Tensor | None = None  # set by LlamaModel.forward when end < num_layers: the same after `end`
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs besides the activations. Decode rows come first.
 
@@ -41,6 +53,7 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor      # [num_decode] int32 / int64 likewise: context incl. the current token
     prefills: list[PrefillSeq]
     decode_max_len: int = 0          # max(decode_seq_lens) as a host int (0 without decodes)
+    layered: LayeredRows | None = None
 
 
 class RMSNorm(nn.Module):
@@ -156,20 +169,59 @@ class LlamaModel(nn.Module):
         step = StepTensors(fused_ops.Rotary(positions, self.rotary.cos, self.rotary.sin),
                            kv.view(-1, self.cfg.kv_size), self._slot_rows(kv, meta), meta)
         caches = self._layer_caches(kv)
+        t, lay, last = input_ids.shape[0], meta.layered, len(self.layers) - 1
         # Rows sampled = every row (a step of decodes only): the last layer's residual add carries
         # the final norm too, and no row is gathered.
-        all_rows = logits_indices.shape[0] == input_ids.shape[0]
+        all_rows = logits_indices.shape[0] == t and (lay is None or lay.end == len(self.layers))
         x = self.embed_tokens(input_ids)                                     # [T, hidden], updated in place
-        h = self.layers[0].input_layernorm(x)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i < last else (self.norm if all_rows else None)
-            h = layer(x, h, step, *caches[i], next_norm)
-            if on_layer_done is not None:
-                on_layer_done(i)
+        if lay is None:
+            h = self.layers[0].input_layernorm(x)
+            for i, layer in enumerate(self.layers):
+                next_norm = self.layers[i + 1].input_layernorm if i < last else (self.norm if all_rows else None)
+                h = layer(x, h, step, *caches[i], next_norm)
+                if on_layer_done is not None:
+                    on_layer_done(i)
+        else:
+            h = self._layered_layers(x, step, caches, lay, all_rows, on_layer_done)
         if not all_rows:
             h = self.norm(x[logits_indices])
         return self.lm_head(h)
+
+    def _layered_layers(self, x: torch.Tensor, step: StepTensors, caches, lay: LayeredRows, all_rows: bool,
+                        on_layer_done) -> torch.Tensor | None:
+        """The layer loop of a step with a layered chunk: rows [0, lay.start) through every layer,
+        rows [lay.start, T) through layers [lay.first, lay.end) only (x: [T, hidden], updated in place).
+        Returns the final norm of every row when all_rows, else None."""
+        t, head, last = x.shape[0], lay.start, len(self.layers) - 1
+        if lay.hidden_in is not None:
+            x[head:] = lay.hidden_in
+        m = step.meta
+        head_meta = dataclasses.replace(m, slot_blocks=m.slot_blocks[:head], slot_offsets=m.slot_offsets[:head],
+                                        prefills=[p for p in m.prefills if p.q_start < head], layered=None)
+        head_step = StepTensors(fused_ops.Rotary(step.rotary.positions[:head], self.rotary.cos, self.rotary.sin),
+                                step.kv_rows, step.slot_rows[:, :, :head], head_meta)
+
+        def rows(i: int) -> int:
+            return t if lay.first <= i < lay.end else head
+
+        h = self.layers[0].input_layernorm(x[:rows(0)]) if rows(0) else None
+        for i, layer in enumerate(self.layers):
+            n = rows(i)
+            n_next = rows(i + 1) if i < last else n
+            if i == last:
+                next_norm = self.norm if all_rows else None
+            else:                        # the rows grow at lay.first: their norm is taken after the layer
+                next_norm = self.layers[i + 1].input_layernorm if n_next <= n else None
+            if n:                        # (no rows: a layered chunk alone in its step, before its first layer)
+                h = layer(x[:n], h, step if n == t else head_step, *caches[i], next_norm)
+                if on_layer_done is not None:
+                    on_layer_done(i)
+            if n_next > n:
+                h = self.layers[i + 1].input_layernorm(x[:n_next])
+            elif n_next < n:             # the layered rows stop here until the next step
+                lay.hidden_out = x[head:].clone()
+                h = h[:n_next]
+        return h
 
     def _slot_rows(self, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """[num_layers, 2, T] int64: the row of kv.view(-1, Hkv * D) each new token's K and V go to."""

@@ -43,6 +43,10 @@ class Request:
     handoff: bool = False      # prefill only: leaves with HANDOFF after its first token (its KV moves on)
     prompt_key: int | None = field(default=None, repr=False)   # the scheduler's hash of the prompt (twins)
     predicted_output_tokens: int = 0   # the router's prediction (sjf orders by it); 0: unknown, max_tokens
+    # Layered prefill (SchedulerConfig.mixed_prefill_mode): layers its uncomputed tokens have been
+    # through, and their residual stream after them ([tokens, hidden] where the model runs; None at 0).
+    layers_done: int = 0
+    layer_hidden: object = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,7 +20,7 @@ from services.engine.linear import prepack_linears, prepack_supported
 from services.engine.loader import LoadedModel
 from services.engine.grammar import GrammarMasker
 from services.engine.logits_adjust import LogitsAdjuster, combine
-from services.engine.model import AttentionMetadata, LlamaModel, PrefillSeq
+from services.engine.model import AttentionMetadata, LayeredRows, LlamaModel, PrefillSeq
 from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -54,7 +54,8 @@ def unpack_inputs(flat: torch.Tensor, shapes: list[torch.Size], like: StepInputs
     ids, pos, logits_idx, sb, so, bt, sl = views[:7]
     m = like.meta
     prefills = [PrefillSeq(p.q_start, p.q_len, p.ctx_len, b) for p, b in zip(m.prefills, views[7:])]
-    return StepInputs(ids, pos, logits_idx, AttentionMetadata(sb, so, m.num_decode, bt, sl, prefills, m.decode_max_len))
+    return StepInputs(ids, pos, logits_idx,
+                      AttentionMetadata(sb, so, m.num_decode, bt, sl, prefills, m.decode_max_len, m.layered))
 
 
 def place_inputs(inputs: StepInputs, device: torch.device) -> StepInputs:
@@ -131,9 +132,11 @@ class ModelRunner:
         sb_t = torch.tensor(slot_blocks, dtype=torch.long)
         so_t = torch.tensor(slot_offsets, dtype=torch.long)
 
-        prefills, parts, q_start = [], [], nd
+        prefills, parts, q_start, layered = [], [], nd, None
         sampling_rows = list(range(nd))
-        for chunk in out.prefills:
+        for chunk in out.prefills:          # a layered chunk is the last one (the scheduler's order)
+            if chunk.layers is not None:
+                layered = LayeredRows(q_start, chunk.layers.first, chunk.layers.end, chunk.request.layer_hidden)
             r, n = chunk.request, chunk.num_new_tokens
             start = r.num_computed_tokens
             table = torch.tensor(self.block_tables(r.request_id), dtype=torch.long)
@@ -156,7 +159,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_blocks=sb_t, slot_offsets=so_t, num_decode=nd, decode_block_tables=bt,
             decode_seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32), prefills=prefills,
-            decode_max_len=max(positions) + 1 if nd else 0)
+            decode_max_len=max(positions) + 1 if nd else 0, layered=layered)
         return StepInputs(ids_t, pos_t, torch.tensor(sampling_rows, dtype=torch.long), meta)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -186,6 +189,9 @@ class ModelRunner:
             inputs = place_inputs(self.build_inputs(out), self.device)
             logits = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, inputs.logits_indices,
                                 on_layer_done)                             # [S, vocab]
+            lay = inputs.meta.layered
+            if lay is not None and lay.hidden_out is not None:     # part way through its layers
+                next(c for c in out.prefills if c.layers is not None).request.layer_hidden = lay.hidden_out
             if not sampled_chunks:
                 return [], None
             params = [r.sampling_params for r in requests]

@@ -1,4 +1,4 @@
-"""Continuous batching with chunked prefill under a per-step token budget.
+"""Continuous batching with chunked (or layered) prefill under a per-step token budget.
 
 Every request is two counters: num_computed_tokens chases num_tokens (prompt + output). A step
 gives each scheduled request some of the tokens it lacks: one for a decode, a chunk for a
@@ -6,18 +6,38 @@ prefill, the whole prompt + output again after preemption. Running requests are 
 then waiting ones are admitted while budget and blocks last. When blocks run out, the policy's
 victim is preempted: its blocks are freed and it will recompute. The scheduler never touches
 tensors; it deals in request ids, counts and (through KVCacheManager) block ids.
+
+Layered prefill (mixed_prefill_mode "layered", beside running decodes only): instead of a chunk of
+its tokens through every layer, a prompt sends all its uncomputed tokens through a group of layers
+per step (LayerGroup), sized so tokens x group / num_layers stays within the step's prefill cap:
+the same compute per step as a chunk, but every weight is read once for decodes and prompt alike,
+and no chunk re-reads the prompt's earlier KV. Its counters move only when the last group is done
+(then its last row is sampled); in between the request carries its residual stream
+(Request.layer_hidden). At most one prompt is layered per step, and its rows come last.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
-from services.engine.config import SchedulerConfig
+from services.engine.config import MIXED_PREFILL_MODES, SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
 from services.engine.policy import make_policy
 from services.engine.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger("tandem.engine")
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers [first, end) of num_layers that a layered chunk's tokens go through this step."""
+    first: int
+    end: int
+    num_layers: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.num_layers
 
 
 @dataclass
@@ -28,11 +48,22 @@ class ScheduledChunk:
     # chunk completes the prompt, each is sampled from the same logits row with its own parameters
     # and takes a copy of the prompt's KV (the cached full blocks shared, the last block copied).
     followers: list[Request] = field(default_factory=list)
+    layers: LayerGroup | None = None     # a layered chunk: only these layers this step (None: all)
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so its last row is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        """True when this chunk reaches the end of the known tokens (and of the layers), so its last
+        row is sampled."""
+        return (self.layers is None or self.layers.last) and \
+            self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def cost(self) -> int:
+        """Tokens of compute this step, in whole-model token equivalents (a layered chunk: its
+        tokens x its share of the layers, rounded up)."""
+        if self.layers is None:
+            return self.num_new_tokens
+        return math.ceil(self.num_new_tokens * (self.layers.end - self.layers.first) / self.layers.num_layers)
 
 
 @dataclass
@@ -54,8 +85,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
-        self.config, self.kv, self.max_model_len = config, kv, max_model_len
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, num_layers: int = 0):
+        """num_layers: the model's (0, unknown: prompts are never layered, only chunked). ValueError
+        on an unknown mixed_prefill_mode."""
+        if config.mixed_prefill_mode not in MIXED_PREFILL_MODES:
+            raise ValueError(f"mixed_prefill_mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
+                             f"got {config.mixed_prefill_mode!r}")
+        self.config, self.kv, self.max_model_len, self.num_layers = config, kv, max_model_len, num_layers
         self.policy = make_policy(config.policy, config.aging_s)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -142,16 +178,20 @@ class Scheduler:
             if request.request_id not in self.requests or request.status != RequestStatus.RUNNING:
                 continue       # preempted earlier in this loop
             decode = self._is_decode(request)
-            n = self._tokens_wanted(request, budget if decode else self._prefill_budget(out, budget))
+            room = budget if decode else self._prefill_budget(out, budget)
+            layers = None if decode else self._layer_group(request, out, room)
+            if request.layers_done and layers is None:
+                continue       # part way through its layers: it waits for room, never a plain chunk
+            n = request.num_tokens - request.num_computed_tokens if layers else self._tokens_wanted(request, room)
             if n <= 0:
                 continue
             if not self._reserve_or_preempt(request, n, out, scheduled):
                 continue       # `request` itself was preempted
-            self._emit(out, request, n)
+            budget -= self._emit(out, request, n, layers)
             scheduled.add(request.request_id)
-            budget -= n
         if not out.preempted:
             budget = self._admit_waiting(out, self._prefill_budget(out, budget))
+        out.prefills.sort(key=lambda c: c.layers is not None)     # a layered chunk's rows come last
         return out
 
     def _prefill_budget(self, out: SchedulerOutput, budget: int) -> int:
@@ -159,8 +199,28 @@ class Scheduler:
         most mixed_prefill_tokens in all (Sarathi-style: the decodes' step stays short)."""
         if not (self.mixed_prefill_tokens and out.decodes):
             return budget
-        used = sum(c.num_new_tokens for c in out.prefills)
+        used = sum(c.cost for c in out.prefills)
         return min(budget, max(0, self.mixed_prefill_tokens - used))
+
+    def _layer_group(self, request: Request, out: SchedulerOutput, room: int) -> LayerGroup | None:
+        """The layers `request`'s uncomputed tokens go through this step, or None for a plain chunk.
+
+        Layered only in that mode, beside decodes (or to finish a prompt already part way through
+        its layers), for one prompt a step, never for a handoff (its KV streams out layer by layer
+        to a decode instance) and not when the whole rest fits in `room` at once."""
+        if self.config.mixed_prefill_mode != "layered" or not self.num_layers or request.handoff or room <= 0:
+            return None
+        if not (out.decodes and self.mixed_prefill_tokens) and not request.layers_done:
+            return None
+        if any(c.layers is not None for c in out.prefills):
+            return None
+        if not request.layers_done and any(r.layers_done for r in self.running if r is not request):
+            return None        # another prompt is part way through its layers: it goes first
+        q = request.num_tokens - request.num_computed_tokens
+        if not request.layers_done and q <= room:
+            return None
+        group = max(1, room * self.num_layers // q) if out.decodes else self.num_layers
+        return LayerGroup(request.layers_done, min(self.num_layers, request.layers_done + group), self.num_layers)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         computing = None          # keys of the prompts being computed now (see _twin_key)
@@ -176,8 +236,8 @@ class Scheduler:
                     request.prompt_token_ids == completing[key].request.prompt_token_ids:
                 self._follow(completing[key], request)   # sampled from its twin's row, no tokens computed
                 continue
-            if budget <= 0:
-                break
+            if budget <= 0 or (budget < request.num_tokens and any(c.layers for c in out.prefills)):
+                break          # (one layered prompt a step: the next one waits rather than chunk beside it)
             if key is not None:
                 if computing is None:
                     computing = {self._prompt_key(r) for r in self.running
@@ -186,7 +246,8 @@ class Scheduler:
                     continue      # its twin computes this prompt: it follows the chunk that completes it
             if not self.kv.has_request(request.request_id):   # attach cached prefix blocks, if any
                 request.num_computed_tokens = self.kv.allocate(request.request_id, request.all_token_ids, 0) or 0
-            n = self._tokens_wanted(request, budget)
+            layers = self._layer_group(request, out, budget)
+            n = request.num_tokens - request.num_computed_tokens if layers else self._tokens_wanted(request, budget)
             if self.kv.allocate(request.request_id, request.all_token_ids,
                                 request.num_computed_tokens + n) is None:
                 self.kv.free(request.request_id)      # drop the prefix hits we attached
@@ -195,8 +256,7 @@ class Scheduler:
             self.waiting.remove(request)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
-            self._emit(out, request, n)
-            budget -= n
+            budget -= self._emit(out, request, n, layers)
             if key is not None and request.num_computed_tokens < self._shareable_tokens(request):
                 computing.add(key)    # it computes the shared blocks; a twin that attached them does not
             if key is not None and self._may_lead(out.prefills[-1]):
@@ -263,6 +323,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.status, request.num_computed_tokens = RequestStatus.PREEMPTED, 0
+        request.layers_done, request.layer_hidden = 0, None
         request.num_preemptions += 1
         self.waiting.append(request)
         out.preempted.append(request.request_id)
@@ -272,9 +333,11 @@ class Scheduler:
         return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
 
     @staticmethod
-    def _emit(out: SchedulerOutput, request: Request, n: int) -> None:
-        chunk = ScheduledChunk(request, n)
-        (out.decodes if n == 1 and Scheduler._is_decode(request) else out.prefills).append(chunk)
+    def _emit(out: SchedulerOutput, request: Request, n: int, layers: LayerGroup | None = None) -> int:
+        """Add the chunk; returns its cost (budget it takes)."""
+        chunk = ScheduledChunk(request, n, layers=layers)
+        (out.decodes if n == 1 and layers is None and Scheduler._is_decode(request) else out.prefills).append(chunk)
+        return chunk.cost
 
     # ---- after the model ran --------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -286,6 +349,11 @@ class Scheduler:
         finished = []
         for chunk in out.decodes + out.prefills:
             request = chunk.request
+            if chunk.layers is not None:
+                if not chunk.layers.last:         # part way through the layers: nothing to count yet
+                    request.layers_done = chunk.layers.end
+                    continue
+                request.layers_done, request.layer_hidden = 0, None
             request.num_computed_tokens += chunk.num_new_tokens
             self.kv.cache_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
             followers = [f for f in chunk.followers if self._fork(request, f, out)]

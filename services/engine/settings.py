@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.engine.config import CacheConfig, SchedulerConfig
+from services.engine.config import MIXED_PREFILL_MODES, CacheConfig, SchedulerConfig
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.settings import setting
@@ -35,6 +35,10 @@ class EngineSettings:
         "the router's output-length prediction, priority classes first, with aging)", choices=QUEUE_POLICIES)
     queue_aging_s: float = setting(
         DEFAULT_AGING_S, "sjf: a request that waited this long is served in arrival order (bounds its wait)")
+    mixed_prefill: str = setting(
+        SchedulerConfig.mixed_prefill_mode, "how a prompt shares steps with running decodes under an instance's "
+        "mixed-prefill cap (adaptive pools): chunked (a chunk of its tokens through every layer a step) or "
+        "layered (all its tokens through a group of layers a step)", choices=MIXED_PREFILL_MODES)
     enable_prefix_caching: bool = setting(CacheConfig.enable_prefix_caching, "reuse the KV of shared prompt prefixes (--no-prefix-caching: off)")
 
 

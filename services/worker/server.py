@@ -61,6 +61,7 @@ class WorkerOptions:
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     queue_policy: str = ENGINE_DEFAULTS.queue_policy
     queue_aging_s: float = ENGINE_DEFAULTS.queue_aging_s
+    mixed_prefill: str = ENGINE_DEFAULTS.mixed_prefill
     host: str = "127.0.0.1"
     port: int = 0                           # 0: a free port
     kv_port: int = 0
@@ -153,7 +154,7 @@ class Worker:
             max_num_seqs=opts.max_num_seqs, role=role, num_threads=opts.threads or None,
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
             gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
-            aging_s=opts.queue_aging_s)
+            aging_s=opts.queue_aging_s, mixed_prefill_mode=opts.mixed_prefill)
         if engine.config.device == "cpu":
             # Build or load the CPU kernels (decode attention, fused elementwise ops) now, before
             # serving: built lazily, the first step would stall every request behind a compile

@@ -118,3 +118,29 @@ def test_tied_embeddings(tmp_path, export_named):
     prompts = random_prompts([3, 20, 40], 300, seed=4)
     engine = build_engine(str(tmp_path), dtype="float32", block_size=8, max_num_batched_tokens=24, num_blocks=100)
     assert_matches_hf(engine, prompts, hf_greedy(str(tmp_path), prompts, MAX_NEW))
+
+
+@pytest.mark.parametrize("mode,cap", [("layered", 24), ("layered", 5), ("chunked", 24)])
+def test_prompts_mixed_into_decode_steps_match_hf(tiny_golden, mode, cap):
+    """A small step budget admits the prompts a few at a time, so later ones are prefilled beside
+    the earlier ones' decodes under the mixed cap: layered (a group of layers per step, the
+    residual stream carried between steps) and chunked alike give HF's tokens."""
+    d, prompts, golden = tiny_golden
+    engine = build_engine(d, dtype="float32", block_size=8, max_num_batched_tokens=64, num_blocks=400,
+                          max_num_seqs=3, mixed_prefill_tokens=cap, mixed_prefill_mode=mode)
+    groups = []
+
+    def spy(module, args):
+        meta = args[3]
+        if meta.layered is not None:
+            groups.append((meta.layered.first, meta.layered.end))
+
+    hook = engine.runner.model.register_forward_pre_hook(spy)
+    try:
+        assert_matches_hf(engine, prompts, golden)
+    finally:
+        hook.remove()
+    if mode == "layered":
+        assert any(first > 0 for first, _ in groups) and any(end < engine.config.model.num_layers for _, end in groups)
+    else:
+        assert not groups

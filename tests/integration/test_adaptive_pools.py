@@ -39,12 +39,14 @@ def _by_home(address: str) -> dict[int, worker_pb2.LoadReport]:
     return {r.home_role: r for r in instances(address)}
 
 
-def test_switches_mid_stream_keep_every_token(golden, redis_url, tmp_path):
+@pytest.mark.parametrize("mixed", ["chunked", "layered"])
+def test_switches_mid_stream_keep_every_token(golden, redis_url, tmp_path, mixed):
     """The prefill instance serves both (so requests also run whole on it) while the decode
-    instance flips between decode and both under 24 streams; each stream equals HF."""
+    instance flips between decode and both under 24 streams; each stream equals HF, with prompts
+    mixed into decode steps token-chunked and layered alike."""
     model_dir, prompts, expected = golden
-    with LocalCluster(model_dir, redis_url=redis_url, worker_args=WORKER_ARGS, log_dir=str(tmp_path),
-                      pools="fixed") as c:
+    with LocalCluster(model_dir, redis_url=redis_url, worker_args=WORKER_ARGS + ["--mixed-prefill", mixed],
+                      log_dir=str(tmp_path), pools="fixed") as c:
         homes = _by_home(c.address)
         p, d = homes[worker_pb2.ROLE_PREFILL], homes[worker_pb2.ROLE_DECODE]
         _set_role(p.address, worker_pb2.ROLE_COLOCATED)

@@ -37,3 +37,14 @@ def test_compare_inverts_latencies_so_above_one_is_faster():
     theirs = {"probe": "throughput", "workload": "1x1x1", "output_tokens_per_s": 100.0}
     assert engine_probes.compare(ours, theirs) == {"compare": "throughput 1x1x1", "tandem": 50.0, "vllm": 100.0,
                                                    "unit": "output tok/s", "ratio": 0.5}
+
+
+def test_best_by_probe_keeps_each_probes_fastest_round():
+    r1 = [{"probe": "throughput", "workload": "1x1x1", "output_tokens_per_s": 90.0},
+          {"probe": "decode", "batch": 1, "context": 8, "ms_per_token": 5.0}, {"system": "x", "skipped": "why"}]
+    r2 = [{"probe": "throughput", "workload": "1x1x1", "output_tokens_per_s": 100.0},
+          {"probe": "decode", "batch": 1, "context": 8, "ms_per_token": 6.0},
+          {"probe": "prefill", "tokens": 128, "ms": 3.0}]
+    best = engine_probes.best_by_probe([r1, r2])
+    assert [engine_probes.key(r) for r in best] == ["throughput 1x1x1", "decode b1@8", "prefill 128"]
+    assert [best[0]["output_tokens_per_s"], best[1]["ms_per_token"], best[2]["ms"]] == [100.0, 5.0, 3.0]

@@ -34,6 +34,7 @@ def test_prefill_pressure_without_decode_headroom_switches_nothing():
 def test_decode_pressure_moves_idle_prefill_instance_to_both():
     d = decide([load("p", PREFILL, queued=0), load("d", DECODE, step_ms=48.0)], HOME, {}, 100.0, C)
     assert (d.instance_id, d.role) == ("p", BOTH)
+    assert d.mixed_prefill_tokens == 0          # its home phase is prefill: its prompts are never capped
 
 
 def test_full_kv_is_decode_pressure():

@@ -9,7 +9,7 @@ from services.engine.config import Role, SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
 from services.engine.request import FinishReason, Request, RequestStatus
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler
+from services.engine.scheduler import Scheduler, SchedulerOutput
 
 EOS = 2
 FAKE_TOKEN = 99          # what the fake model "samples" unless told otherwise
@@ -22,12 +22,13 @@ def make():
     created: list[KVCacheManager] = []
 
     def _make(*, budget=2048, max_num_seqs=256, num_blocks=64, block_size=4, prefix=True,
-              role=Role.COLOCATED, policy="fcfs", threshold=0, max_model_len=1024) -> Scheduler:
+              role=Role.COLOCATED, policy="fcfs", threshold=0, max_model_len=1024, mixed_mode="chunked",
+              num_layers=0) -> Scheduler:
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix)
         created.append(kv)
         cfg = SchedulerConfig(role=role, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                              long_prefill_token_threshold=threshold, policy=policy)
-        return Scheduler(cfg, kv, max_model_len)
+                              long_prefill_token_threshold=threshold, policy=policy, mixed_prefill_mode=mixed_mode)
+        return Scheduler(cfg, kv, max_model_len, num_layers)
 
     yield _make
     for kv in created:
@@ -441,3 +442,114 @@ def test_mixed_prefill_cap_does_not_apply_without_decodes(make):
     s.add(req("a", 12, 0.0))
     _, _, shape = step(s, {"a": 1})
     assert shape["prefills"] == [("a", 12)]
+
+
+# ---------------------------------------------------------------- layered prefill beside decodes
+def _layers(out):
+    return [(c.request.request_id, c.num_new_tokens, None if c.layers is None else (c.layers.first, c.layers.end))
+            for c in out.prefills]
+
+
+def test_layered_prompt_goes_through_a_group_of_layers_per_step_within_the_cap(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=8)
+    s.mixed_prefill_tokens = 6
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s, {"d": 5})                               # d decodes from now on
+    s.add(req("a", 12, 1.0))
+    seen = []
+    for _ in range(4):
+        out, _, shape = step(s, {"d": 6, "a": 7})
+        seen.append(_layers(out))
+        assert ("d", 1) in shape["decodes"]
+        assert sum(c.cost for c in out.prefills) <= 6
+    # 6 tokens of room x 8 layers / 12 tokens = 4 layers a step; all 12 tokens each time
+    assert seen == [[("a", 12, (0, 4))], [("a", 12, (4, 8))], [], []]
+    a = s.requests["a"]
+    assert a.num_computed_tokens == 14 and a.output_token_ids == [7, 7, 7] and a.layers_done == 0
+
+
+def test_layered_chunk_samples_only_after_its_last_layer(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=4)
+    s.mixed_prefill_tokens = 3
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s)
+    s.add(req("a", 12, 1.0))
+    out, _, _ = step(s)
+    (chunk,) = out.prefills
+    assert (chunk.layers.first, chunk.layers.end) == (0, 1) and not chunk.samples and chunk.cost == 3
+    a = s.requests["a"]
+    assert a.num_computed_tokens == 0 and a.layers_done == 1 and not a.output_token_ids
+    assert len(s.kv.block_table("a")) == 3          # blocks for the whole prompt from its first group
+
+
+def test_one_layered_prompt_at_a_time_and_the_next_waits(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=4)
+    s.mixed_prefill_tokens = 6
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s)
+    s.add(req("a", 12, 1.0))
+    s.add(req("b", 12, 2.0))
+    out, _, _ = step(s)
+    assert _layers(out) == [("a", 12, (0, 2))]      # b is not chunked beside a layered a
+    out, _, _ = step(s)
+    assert _layers(out) == [("a", 12, (2, 4))]
+    out, _, _ = step(s)
+    assert _layers(out) == [("b", 12, (0, 2))]
+
+
+def test_layered_prompt_that_fits_the_room_is_a_plain_chunk_and_no_cap_means_plain(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=4)
+    s.mixed_prefill_tokens = 16
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s)
+    s.add(req("a", 12, 1.0))
+    out, _, _ = step(s)
+    assert _layers(out) == [("a", 12, None)]
+    s.add(req("b", 12, 2.0))
+    s.mixed_prefill_tokens = 0
+    out, _, _ = step(s)
+    assert _layers(out) == [("b", 12, None)]
+
+
+def test_layered_prompt_finishes_its_layers_at_once_when_the_decodes_are_gone(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=8)
+    s.mixed_prefill_tokens = 3
+    s.add(req("d", 4, 0.0, max_tokens=2))
+    step(s)
+    s.add(req("a", 12, 1.0))
+    out, finished, _ = step(s)                      # d's last token; a goes through layers 0-2
+    assert _layers(out) == [("a", 12, (0, 2))] and [r.request_id for r in finished] == ["d"]
+    out, _, _ = step(s)
+    assert _layers(out) == [("a", 12, (2, 8))]
+    assert s.requests["a"].num_computed_tokens == 12 and s.requests["a"].output_token_ids == [FAKE_TOKEN]
+
+
+def test_preempting_a_layered_prompt_starts_it_over(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=4)
+    s.mixed_prefill_tokens = 3
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s)
+    s.add(req("a", 12, 1.0))
+    step(s)
+    a = s.requests["a"]
+    a.layer_hidden = object()
+    out = SchedulerOutput()
+    s._preempt(a, out)
+    assert (a.layers_done, a.layer_hidden, a.num_computed_tokens) == (0, None, 0)
+
+
+def test_unknown_mixed_prefill_mode_is_refused():
+    kv = KVCacheManager(8, 4)
+    with pytest.raises(ValueError, match="mixed_prefill_mode must be one of chunked, layered"):
+        Scheduler(SchedulerConfig(mixed_prefill_mode="tokens"), kv, 64)
+
+
+
+def test_layered_mode_without_the_models_layer_count_chunks(make):
+    s = make(budget=64, mixed_mode="layered", num_layers=0)
+    s.mixed_prefill_tokens = 5
+    s.add(req("d", 4, 0.0, max_tokens=16))
+    step(s)
+    s.add(req("a", 12, 1.0))
+    out, _, _ = step(s)
+    assert _layers(out) == [("a", 5, None)]
