@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-requests", type=int, default=20, help="fewest requests in a probe")
     p.add_argument("--max-requests", type=int, default=1000,
                    help="most requests in a probe: the trace slice (its mean prompt sets the SLO measurement)")
-    p.add_argument("--budget-s", type=float, default=240.0,
+    p.add_argument("--budget-s", type=float, default=210.0,
                    help="seconds of probes per system: no probe starts that would end past it")
-    p.add_argument("--reference-budget-s", type=float, default=420.0,
+    p.add_argument("--reference-budget-s", type=float, default=360.0,
                    help="the same for vLLM when it sets the SLOs: its brackets are where every other system is "
                         "probed first, so they are worth closing")
     p.add_argument("--min-rate", type=float, default=0.1, help="failing here counts as goodput 0")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from services import env
 
 SYSTEMS = ("vllm", "fixed", "adaptive", "colocated", "single")
-DEFAULT_SYSTEMS = ("vllm", "fixed", "adaptive", "colocated")     # the four; single on request
+DEFAULT_SYSTEMS = SYSTEMS      # single too: on a 2-core host it is Tandem's best shape under tight SLOs
 TANDEM_SHAPES = {"fixed": {"prefill": 1, "decode": 1, "pools": "fixed"},
                  "adaptive": {"prefill": 1, "decode": 1, "pools": "adaptive"},
                  "colocated": {"prefill": 0, "decode": 0, "colocated": 2},
