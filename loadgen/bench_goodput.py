@@ -92,7 +92,7 @@ class Run:
     mean_input: int
     mean_output: float
     slos: dict[str, Slo] | None = None
-    seeds: tuple[float, ...] = ()       # the reference's bracket ends: every later search probes them first
+    seeds: tuple[tuple[float, str | None], ...] = ()   # (rate, level): every later search probes them first
     systems: dict[str, dict] = field(default_factory=dict)
 
     def log(self, msg: str) -> None:
@@ -168,7 +168,7 @@ async def search(run_: Run, name: str, handle, unloaded: tuple[float, float]) ->
                           os.path.join(args.out_dir, f"{name}.csv"), header_only=not rows)
     return bench_report.system_record("ok", unloaded=unloaded, probes=records,
                                       goodputs={lv: goodput(probes, lv, cfg) for lv in LEVELS},
-                                      start_rate=cfg.start, seeds=list(cfg.seeds), search_s=time.monotonic() - began, stop_reason=stop_reason)
+                                      start_rate=cfg.start, seeds=[list(x) for x in cfg.seeds], search_s=time.monotonic() - began, stop_reason=stop_reason)
 
 
 async def _probe(run_: Run, target, vocab: int, step: Step, n: int) -> tuple[Probe, dict, list[RequestResult]]:
@@ -257,10 +257,11 @@ def reference_from_vllm(run_: Run) -> dict | None:
 
 
 def reference_seeds(record: dict) -> tuple[float, ...]:
-    """The rates a searched reference passed and failed at the edges of its brackets (tight lo, hi,
-    then relaxed lo, hi): the other systems are probed there first (goodput.SearchConfig.seeds)."""
+    """The rates a searched reference passed and failed at the edges of its brackets, each with its
+    level (tight lo, hi, then relaxed lo, hi): the other systems are probed there first
+    (goodput.SearchConfig.seeds), each only while its own level is still open there."""
     found = record.get("goodput") or {}
-    return tuple(r for lv in LEVELS for r in (found.get(lv) or {}).get("bracket_rps", ()) if r)
+    return tuple((r, lv) for lv in LEVELS for r in (found.get(lv) or {}).get("bracket_rps", ()) if r)
 
 
 def reference_from_tandem(run_: Run, names: list[str], why: str) -> tuple[dict | None, dict]:
@@ -328,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         names.remove("vllm")
     names = [s for s in SYSTEMS if s in names]
     try:
-        seeds = tuple(float(x) for x in args.seeds.split(",") if x.strip())
+        seeds = tuple((float(x), None) for x in args.seeds.split(",") if x.strip())
     except ValueError:
         print(f"bench-goodput: --seeds: expected comma-separated rates in req/s, got {args.seeds!r}", file=sys.stderr)
         return 2
-    if any(not r > 0 for r in seeds):
+    if any(not r > 0 for r, _ in seeds):
         print(f"bench-goodput: --seeds: every rate must be > 0 req/s, got {args.seeds!r}", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)

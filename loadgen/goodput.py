@@ -170,7 +170,8 @@ class SearchConfig:
     resolution: float = 1.25        # a level is done once its bracket's hi / lo is at most this
     min_rate: float = 0.1           # failing here: goodput 0 (below min_rate)
     max_rate: float = 64.0          # passing here: goodput >= max_rate
-    seeds: tuple[float, ...] = ()   # probed first, in order, where an open level's bracket holds them
+    # probed first, in order: (rate, level) while that level's bracket holds the rate (level None: any level's)
+    seeds: tuple[tuple[float, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,8 @@ class Step:
 def next_probe(probes: Sequence[Probe], cfg: SearchConfig, levels: Sequence[str] = ("relaxed", "tight")) -> Step | None:
     """The next rate to probe and the levels it decides, or None when every level is done.
 
-    Order: first the seeds, each while some open level's bracket holds it; then bracket every
+    Order: first the seeds, each while its level's bracket holds it (it then decides every level
+    whose bracket holds it); then bracket every
     level (ascend x factor from the highest passing rate while it has not failed, descend / factor from the lowest failing rate while it has not passed, never below
     min_rate nor above max_rate), relaxed before tight; then bisect the widest bracket. A rate
     already probed, or one rounding onto a bracket's end, ends that level.
@@ -217,10 +219,10 @@ def next_probe(probes: Sequence[Probe], cfg: SearchConfig, levels: Sequence[str]
     probed = {p.rate for p in probes}
     brackets = {lv: bracket(probes, lv) for lv in levels}
     open_levels = [lv for lv in levels if not level_done(brackets[lv], cfg)]
-    for seed in cfg.seeds:
+    for seed, seed_level in cfg.seeds:
         rate = min(max(round_rate(seed), cfg.min_rate), cfg.max_rate)
         needs = frozenset(lv for lv in open_levels if brackets[lv].contains(rate))
-        if rate not in probed and needs:
+        if rate not in probed and (needs if seed_level is None else seed_level in needs):
             return Step(rate, needs)
     if not probes:
         return Step(cfg.start, frozenset(levels))

@@ -450,12 +450,18 @@ def _layers(out):
             for c in out.prefills]
 
 
-def test_layered_prompt_goes_through_a_group_of_layers_per_step_within_the_cap(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=8)
-    s.mixed_prefill_tokens = 6
-    s.add(req("d", 4, 0.0, max_tokens=16))
+def _decoding(make, num_layers, cap, decode_tokens=16):
+    """A layered-mode scheduler whose request "d" is decoding, and its 12-token prompt "a" just sent."""
+    s = make(budget=64, mixed_mode="layered", num_layers=num_layers)
+    s.mixed_prefill_tokens = cap
+    s.add(req("d", 4, 0.0, max_tokens=decode_tokens))
     step(s, {"d": 5})                               # d decodes from now on
     s.add(req("a", 12, 1.0))
+    return s
+
+
+def test_layered_prompt_goes_through_a_group_of_layers_per_step_within_the_cap(make):
+    s = _decoding(make, 8, 6)
     seen = []
     for _ in range(4):
         out, _, shape = step(s, {"d": 6, "a": 7})
@@ -469,11 +475,7 @@ def test_layered_prompt_goes_through_a_group_of_layers_per_step_within_the_cap(m
 
 
 def test_layered_chunk_samples_only_after_its_last_layer(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=4)
-    s.mixed_prefill_tokens = 3
-    s.add(req("d", 4, 0.0, max_tokens=16))
-    step(s)
-    s.add(req("a", 12, 1.0))
+    s = _decoding(make, 4, 3)
     out, _, _ = step(s)
     (chunk,) = out.prefills
     assert (chunk.layers.first, chunk.layers.end) == (0, 1) and not chunk.samples and chunk.cost == 3
@@ -483,11 +485,7 @@ def test_layered_chunk_samples_only_after_its_last_layer(make):
 
 
 def test_one_layered_prompt_at_a_time_and_the_next_waits(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=4)
-    s.mixed_prefill_tokens = 6
-    s.add(req("d", 4, 0.0, max_tokens=16))
-    step(s)
-    s.add(req("a", 12, 1.0))
+    s = _decoding(make, 4, 6)
     s.add(req("b", 12, 2.0))
     out, _, _ = step(s)
     assert _layers(out) == [("a", 12, (0, 2))]      # b is not chunked beside a layered a
@@ -498,11 +496,7 @@ def test_one_layered_prompt_at_a_time_and_the_next_waits(make):
 
 
 def test_layered_prompt_that_fits_the_room_is_a_plain_chunk_and_no_cap_means_plain(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=4)
-    s.mixed_prefill_tokens = 16
-    s.add(req("d", 4, 0.0, max_tokens=16))
-    step(s)
-    s.add(req("a", 12, 1.0))
+    s = _decoding(make, 4, 16)
     out, _, _ = step(s)
     assert _layers(out) == [("a", 12, None)]
     s.add(req("b", 12, 2.0))
@@ -512,11 +506,7 @@ def test_layered_prompt_that_fits_the_room_is_a_plain_chunk_and_no_cap_means_pla
 
 
 def test_layered_prompt_finishes_its_layers_at_once_when_the_decodes_are_gone(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=8)
-    s.mixed_prefill_tokens = 3
-    s.add(req("d", 4, 0.0, max_tokens=2))
-    step(s)
-    s.add(req("a", 12, 1.0))
+    s = _decoding(make, 8, 3, decode_tokens=2)
     out, finished, _ = step(s)                      # d's last token; a goes through layers 0-2
     assert _layers(out) == [("a", 12, (0, 2))] and [r.request_id for r in finished] == ["d"]
     out, _, _ = step(s)
@@ -525,11 +515,7 @@ def test_layered_prompt_finishes_its_layers_at_once_when_the_decodes_are_gone(ma
 
 
 def test_preempting_a_layered_prompt_starts_it_over(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=4)
-    s.mixed_prefill_tokens = 3
-    s.add(req("d", 4, 0.0, max_tokens=16))
-    step(s)
-    s.add(req("a", 12, 1.0))
+    s = _decoding(make, 4, 3)
     step(s)
     a = s.requests["a"]
     a.layer_hidden = object()
@@ -544,12 +530,7 @@ def test_unknown_mixed_prefill_mode_is_refused():
         Scheduler(SchedulerConfig(mixed_prefill_mode="tokens"), kv, 64)
 
 
-
 def test_layered_mode_without_the_models_layer_count_chunks(make):
-    s = make(budget=64, mixed_mode="layered", num_layers=0)
-    s.mixed_prefill_tokens = 5
-    s.add(req("d", 4, 0.0, max_tokens=16))
-    step(s)
-    s.add(req("a", 12, 1.0))
+    s = _decoding(make, 0, 5)
     out, _, _ = step(s)
     assert _layers(out) == [("a", 5, None)]
