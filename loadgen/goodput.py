@@ -211,7 +211,8 @@ def next_probe(probes: Sequence[Probe], cfg: SearchConfig, levels: Sequence[str]
     """The next rate to probe and the levels it decides, or None when every level is done.
 
     Order: first the seeds, each while its level's bracket holds it (it then decides every level
-    whose bracket holds it); then bracket every
+    whose bracket holds it), but a level that has failed and never passed first descends (/ factor)
+    until it passes, so a short budget never leaves it without a lower bound; then bracket every
     level (ascend x factor from the highest passing rate while it has not failed, descend / factor from the lowest failing rate while it has not passed, never below
     min_rate nor above max_rate), relaxed before tight; then bisect the widest bracket. A rate
     already probed, or one rounding onto a bracket's end, ends that level.
@@ -219,6 +220,11 @@ def next_probe(probes: Sequence[Probe], cfg: SearchConfig, levels: Sequence[str]
     probed = {p.rate for p in probes}
     brackets = {lv: bracket(probes, lv) for lv in levels}
     open_levels = [lv for lv in levels if not level_done(brackets[lv], cfg)]
+    stuck = [lv for lv in open_levels if brackets[lv].lo is None and brackets[lv].hi is not None]
+    if cfg.seeds and stuck:     # a level that failed a seed and never passed descends before more seeds
+        rate = max(round_rate(brackets[stuck[0]].hi / cfg.factor), cfg.min_rate)
+        if rate not in probed:
+            return Step(rate, frozenset(lv for lv in open_levels if brackets[lv].contains(rate)))
     for seed, seed_level in cfg.seeds:
         rate = min(max(round_rate(seed), cfg.min_rate), cfg.max_rate)
         needs = frozenset(lv for lv in open_levels if brackets[lv].contains(rate))

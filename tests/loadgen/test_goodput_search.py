@@ -210,15 +210,15 @@ def test_seeds_come_first_each_while_its_own_level_is_open():
     probes = _search(cfg, tight_cap=2.2, relaxed_cap=4.5)
     assert [p.rate for p in probes] == [2.0, 2.5, 4.0, 5.0]       # the same brackets, from four probes
     assert (goodput(probes, "tight", cfg).lo, goodput(probes, "relaxed", cfg).lo) == (2.0, 4.0)
-    # a slower system: 2.0 fails tight, so tight's 2.5 is skipped (relaxed's own seeds come next)
-    # and tight descends from 2.0; the start rate is never used
+    # a slower system: 2.0 fails tight, so tight descends to a pass before any other seed, tight's
+    # 2.5 is skipped and relaxed's own seeds come next; the start rate is never used
     probes = _search(cfg, tight_cap=1.0, relaxed_cap=3.0)
     rates = [p.rate for p in probes]
-    assert rates[:3] == [2.0, 4.0, 1.0] and 2.5 not in rates[:3] and 0.7 not in rates
+    assert rates[:3] == [2.0, 1.0, 4.0] and 2.5 not in rates[:3] and 0.7 not in rates
     assert next_probe([], cfg).needs == {"tight", "relaxed"}
     for level, cap in (("tight", 1.0), ("relaxed", 3.0)):
         g = goodput(probes, level, cfg)
         assert g.complete and g.lo <= cap < g.hi
     # a seed without a level is probed while any level's bracket holds it
     cfg = SearchConfig(start=0.7, seeds=((2.0, None), (2.5, None)))
-    assert [p.rate for p in _search(cfg, tight_cap=1.0, relaxed_cap=3.0)][:2] == [2.0, 2.5]
+    assert [p.rate for p in _search(cfg, tight_cap=3.0, relaxed_cap=5.0)][:2] == [2.0, 2.5]
