@@ -85,9 +85,9 @@ bench-clients: setup
 bench-migration: setup
 	$(PY) benchmarks/bench_migration.py
 
-# Goodput (req/s at >= 90% meeting TTFT and TPOT SLOs) of Tandem fixed 1P+1D, adaptive and colocated x2
-# and of vLLM's CPU server, under tight (3x) and relaxed (10x) SLOs scaled from this host's unloaded vLLM
-# latencies; ~25 min on 2 cores. TRACE=FILE: any trace loadgen reads (default: Azure 2023 conversations).
+# Goodput (req/s at >= 90% meeting TTFT and TPOT SLOs) of Tandem fixed 1P+1D, adaptive, colocated x2 and
+# single (one instance on both cores) and of vLLM's CPU server, under tight (3x) and relaxed (10x) SLOs
+# scaled from this host's unloaded vLLM latencies; ~20 min on 2 cores. TRACE=FILE: any trace loadgen reads (default: Azure 2023 conversations).
 # Results in bench-goodput/; the last line printed is one JSON object.
 bench-goodput: setup
 	$(PY) -m loadgen.bench_goodput --model small $(if $(TRACE),--trace "$(TRACE)")
