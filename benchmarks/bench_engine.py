@@ -69,9 +69,9 @@ def bench_vllm(model_dir: str, dtype: str, probe_args: dict) -> list[dict]:
         return []
     a = probe_args
     cmd = (f". {os.path.join(PEERS_DIR, 'env.sh')} && {py} {os.path.join(HERE, 'vllm_engine_probe.py')} {model_dir} "
-           f"--dtype {dtype} --workloads {','.join(a['workloads'])} --batches {','.join(map(str, a['batches']))} "
+           f"--dtype {dtype} --workloads '{','.join(a['workloads'])}' --batches '{','.join(map(str, a['batches']))}' "
            f"--context {a['context']} --decode-steps {a['decode_steps']} "
-           f"--prefill-lengths {','.join(map(str, a['prefill_lengths']))} --repeats {a['repeats']}")
+           f"--prefill-lengths '{','.join(map(str, a['prefill_lengths']))}' --repeats {a['repeats']}")
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     for r in results:
@@ -107,9 +107,9 @@ def main() -> None:
                    help="alternating rounds of both systems (ABBA order); each probe's best over them is compared")
     p.add_argument("--no-peer", action="store_true", help="skip vLLM even if installed")
     a = p.parse_args()
-    probe_args = dict(workloads=a.workloads.split(","), batches=[int(b) for b in a.batches.split(",")],
+    probe_args = dict(workloads=engine_probes.parse_list(a.workloads), batches=engine_probes.parse_list(a.batches, int),
                       context=a.context, decode_steps=a.decode_steps,
-                      prefill_lengths=[int(n) for n in a.prefill_lengths.split(",")], repeats=a.repeats)
+                      prefill_lengths=engine_probes.parse_list(a.prefill_lengths, int), repeats=a.repeats)
     from services.engine.builder import load_tokenizer
     from services.engine.dtype_policy import auto_dtype
     from services.engine.loader import export_model, resolve_model

@@ -21,6 +21,11 @@ from typing import Callable
 Generate = Callable[[list[list[int]], int], int]
 
 
+def parse_list(text: str, cast: Callable = str) -> list:
+    """"a,b,c" → [cast(a), cast(b), cast(c)]; "" (a probe kind left out) → []."""
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
 def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(10, vocab - 1) for _ in range(length)] for _ in range(n)]
 

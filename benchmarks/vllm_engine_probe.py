@@ -44,9 +44,9 @@ def main() -> None:
 
     generate(engine_probes.random_prompts(__import__("random").Random(1), 4, 64, vocab), 8)    # warm-up
     engine_probes.run_all(
-        generate, vocab, workloads=a.workloads.split(","), batches=[int(b) for b in a.batches.split(",")],
+        generate, vocab, workloads=engine_probes.parse_list(a.workloads), batches=engine_probes.parse_list(a.batches, int),
         context=a.context, decode_steps=a.decode_steps,
-        prefill_lengths=[int(n) for n in a.prefill_lengths.split(",")], repeats=a.repeats,
+        prefill_lengths=engine_probes.parse_list(a.prefill_lengths, int), repeats=a.repeats,
         emit=lambda r: print(json.dumps({"system": "vllm-cpu", "dtype": a.dtype, **r}), flush=True))
 
 
