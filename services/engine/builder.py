@@ -9,6 +9,7 @@ import torch
 
 from services.engine import dtype_policy
 from services.engine.config import MIXED_PREFILL_MODES, CacheConfig, EngineConfig, ModelConfigError, SchedulerConfig
+from services.engine.preemption import PREEMPTION_MODES
 from services.engine.device import resolve_device, torch_device  # resolve_device re-exported: callers use it here
 from services.engine.engine import LLMEngine
 from services.engine.loader import LoadedModel, resolve_model
@@ -52,14 +53,18 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None,
                  aging_s: float = DEFAULT_AGING_S, mixed_prefill_tokens: int = 0,
-                 mixed_prefill_mode: str = SchedulerConfig.mixed_prefill_mode) -> LLMEngine:
+                 mixed_prefill_mode: str = SchedulerConfig.mixed_prefill_mode,
+                 preemption_mode: str = SchedulerConfig.preemption_mode,
+                 kv_compress_fraction: float = SchedulerConfig.kv_compress_fraction) -> LLMEngine:
     """An engine for `model` (a named model, an HF directory or a GGUF file) on `device` ("auto", "cpu", "cuda[:N]").
 
     dtype: "auto" (dtype_policy: bfloat16 where the device has native bfloat16 matmul, else float16
     on older GPUs or float32) or float32, bfloat16, float16. KV cache size: num_blocks, else on CUDA
     gpu_memory_utilization (a share of the GPU, as vLLM's),
     else kv_memory_gib. mixed_prefill_tokens / mixed_prefill_mode: the cap on prompt tokens a step
-    adds beside running decodes (0: none) and how a prompt shares those steps (SchedulerConfig). Raises ModelConfigError (a message saying what to change) for a bad model,
+    adds beside running decodes (0: none) and how a prompt shares those steps (SchedulerConfig).
+    preemption_mode / kv_compress_fraction: what a request preempted for blocks loses, and the
+    compressed copies' budget as a share of the KV pool (services/engine/preemption.py). Raises ModelConfigError (a message saying what to change) for a bad model,
     dtype, device or size.
     """
     device = resolve_device(device)
@@ -78,6 +83,10 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
     if mixed_prefill_mode not in MIXED_PREFILL_MODES:
         raise ModelConfigError(f"mixed prefill mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
                                f"got {mixed_prefill_mode!r}")
+    if preemption_mode not in PREEMPTION_MODES:
+        raise ModelConfigError(f"preemption mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
+    if not 0 <= kv_compress_fraction <= 4:
+        raise ModelConfigError(f"kv_compress_fraction must be in [0, 4] (a share of the KV pool), got {kv_compress_fraction}")
     config = EngineConfig(
         model=model_cfg,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
@@ -86,6 +95,7 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, policy=policy, aging_s=aging_s,
-                                  mixed_prefill_tokens=mixed_prefill_tokens, mixed_prefill_mode=mixed_prefill_mode),
+                                  mixed_prefill_tokens=mixed_prefill_tokens, mixed_prefill_mode=mixed_prefill_mode,
+                                  preemption_mode=preemption_mode, kv_compress_fraction=kv_compress_fraction),
         device=device, dtype=torch_dtype, num_threads=num_threads)
     return LLMEngine(config, loaded, load_tokenizer(loaded))

@@ -151,6 +151,12 @@ class SchedulerConfig:
     # benchmarks/bench_mixed_prefill.py measured it costing the decodes less per prompt token at
     # small caps and never more (figures in the README).
     mixed_prefill_mode: str = "layered"
+    # What a request preempted for blocks loses (services/engine/preemption.py): "recompute" (its KV;
+    # exact), "compress" (its KV is kept in int8 and restored on re-admission: lossy), "auto" (the
+    # cheaper of the two by measured cost). Recompute by default: greedy tokens stay exactly HF's.
+    preemption_mode: str = "recompute"
+    # Compressed copies may hold at most this share of the KV pool's bytes (beyond the pool).
+    kv_compress_fraction: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from services.engine.blocks import cdiv
 from services.engine.config import EngineConfig
 from services.engine.grammar import check_structured
 from services.engine.device import plan_num_blocks, torch_device
-from services.engine.kv_cache import KVCacheManager
+from services.engine.kv_cache import KVCacheError, KVCacheManager
+from services.engine.kv_compress import CompressedStore, compressed_bytes_per_block
 from services.engine.loader import LoadedModel
 from services.engine.request import FinishReason, Request, RequestStatus
 from services.engine.runner import ModelRunner
@@ -96,9 +97,15 @@ class LLMEngine:
         self.config, self.tokenizer = config, tokenizer
         num_blocks = plan_num_blocks(config, torch_device(config.device))
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len, config.model.num_layers)
+        m = config.model
+        store = CompressedStore(int(config.scheduler.kv_compress_fraction * num_blocks * config.kv_bytes_per_block()),
+                                compressed_bytes_per_block(m.num_layers, config.cache.block_size, m.num_kv_heads,
+                                                           m.head_dim))
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.max_model_len, m.num_layers, store)
         self.role = config.scheduler.role      # what new work it takes; set_role changes it at run time
         self.runner = ModelRunner(config, loaded, num_blocks, self.kv.block_table, tokenizer)
+        if config.scheduler.preemption_mode == "auto":
+            self.scheduler.preemption.calibrate(self.runner.time_kv_copy)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._cached: dict[str, int] = {}
         self._ids = itertools.count()
@@ -329,6 +336,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         self.last_step_prefill_tokens = sum(c.cost for c in out.prefills)
         self.last_step_decodes = len(out.decodes)
+        self.runner.move_kv(out, self.scheduler.kv_store, self.scheduler.preemption)   # before anything overwrites
         if out.is_empty:
             return []
         now = time.monotonic()
@@ -341,7 +349,10 @@ class LLMEngine:
                 self._cached[f.request_id] = f.num_prompt_tokens
         hook = self.on_prefill_layer
         on_layer = (lambda i: hook(out.prefills, i)) if hook is not None and out.prefills else None
+        t0 = time.perf_counter()
         chunks, samples = self.runner.execute(out, on_layer)
+        self.scheduler.preemption.rates.observe(time.perf_counter() - t0, self.last_step_prefill_tokens,
+                                                self.last_step_decodes)     # what a recompute would cost
         sampled = {}
         if samples is not None:
             for i, chunk in enumerate(chunks):
@@ -411,4 +422,12 @@ class LLMEngine:
         return [final[i] for i in ids]
 
     def check_integrity(self) -> None:
+        """KV block accounting, and every compressed copy belonging to a request waiting here."""
         self.kv.check_integrity()
+        store, sched = self.scheduler.kv_store, self.scheduler
+        waiting = {r.request_id for r in sched.waiting}
+        stray = [rid for rid in store.ids() if rid not in waiting]
+        if stray:
+            raise KVCacheError(f"compressed KV held for requests not waiting here: {stray[:5]}")
+        if store.bytes_used != sum(store.entry_bytes(rid) for rid in store.ids()):
+            raise KVCacheError(f"compressed store counts {store.bytes_used} bytes, its entries hold another sum")

@@ -64,6 +64,9 @@ class PrefixEvent(NamedTuple):
 MAX_PENDING_PREFIX_EVENTS = 65536
 
 
+_NEVER_HASHED = 1 << 62          # a request's hashed-block count that no block index reaches
+
+
 class KVCacheManager:
     """Allocates, shares (prefix caching), caches and frees KV blocks per request."""
 
@@ -212,6 +215,13 @@ class KVCacheManager:
                 self._event(True, last)
         if n_full > start:
             self._num_hashed[request_id], self._last_hash[request_id] = n_full, last
+
+    def exclude_from_prefix_cache(self, request_id: str) -> None:
+        """Register no hash for the request's blocks from now on (cache_blocks skips it): their KV
+        is not what computing its tokens gives (restored from a lossy copy), so no other request
+        may reuse it. Hashes registered before stay. No-op for an unknown request."""
+        if request_id in self._num_hashed:
+            self._num_hashed[request_id] = _NEVER_HASHED
 
     def free(self, request_id: str) -> None:
         """Release all blocks of the request (ref -1 each, tail first).

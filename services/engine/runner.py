@@ -10,16 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import logging
+import time
 
 import torch
 
 from services.engine import device as devices
 from services.engine.blocks import cdiv
 from services.engine.config import EngineConfig
+from services.engine.kv_compress import CompressedStore, compress_blocks, restore_blocks
 from services.engine.linear import prepack_linears, prepack_supported
 from services.engine.loader import LoadedModel
 from services.engine.grammar import GrammarMasker
 from services.engine.logits_adjust import LogitsAdjuster, combine
+from services.engine.preemption import PreemptionCosts
 from services.engine.model import AttentionMetadata, LayeredRows, LlamaModel, PrefillSeq
 from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -170,6 +173,27 @@ class ModelRunner:
         src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.kv.device)   # [P]
         dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.kv.device)
         self.kv.index_copy_(0, dst, self.kv.index_select(0, src))
+
+    def move_kv(self, out: SchedulerOutput, store: CompressedStore, costs: PreemptionCosts) -> None:
+        """Apply the step's compressed-preemption copies before its forward writes any block: the
+        saves (out of blocks just freed, still intact), then the restores (into blocks just
+        allocated, possibly the same ones). Their times feed the preemption cost model."""
+        if not (out.kv_saves or out.kv_restores):
+            return
+        t0 = time.perf_counter()
+        for s in out.kv_saves:
+            store.fill(s.request_id, compress_blocks(self.kv, s.block_ids))
+        t1 = time.perf_counter()
+        for r in out.kv_restores:
+            restore_blocks(self.kv, r.data, r.block_ids, r.skip)
+        t2 = time.perf_counter()
+        costs.observe_copy(sum(len(s.block_ids) for s in out.kv_saves), t1 - t0,
+                           sum(len(r.block_ids) for r in out.kv_restores), t2 - t1)
+
+    def time_kv_copy(self) -> None:
+        """One block out to int8 and back (block 0, before any request holds it): what
+        PreemptionCosts.calibrate times."""
+        restore_blocks(self.kv, compress_blocks(self.kv, [0]), [0])
 
     def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[list[ScheduledChunk], SamplerOutput | None]:
         """Run one step. Returns the chunks that produced a token (row order) and their samples.

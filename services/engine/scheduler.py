@@ -4,8 +4,11 @@ Every request is two counters: num_computed_tokens chases num_tokens (prompt + o
 gives each scheduled request some of the tokens it lacks: one for a decode, a chunk for a
 prefill, the whole prompt + output again after preemption. Running requests are served first,
 then waiting ones are admitted while budget and blocks last. When blocks run out, the policy's
-victim is preempted: its blocks are freed and it will recompute. The scheduler never touches
-tensors; it deals in request ids, counts and (through KVCacheManager) block ids.
+victim is preempted: its blocks are freed and it will recompute, or (preemption_mode compress /
+auto, services/engine/preemption.py) its KV is copied out in int8 first and copied back into new
+blocks when it is admitted again (KvSave / KvRestore, which the runner applies before the step's
+forward). The scheduler never touches tensors; it deals in request ids, counts and (through
+KVCacheManager) block ids.
 
 Layered prefill (mixed_prefill_mode "layered", beside running decodes only): instead of a chunk of
 its tokens through every layer, a prompt sends all its uncomputed tokens through a group of layers
@@ -21,8 +24,11 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from services.engine.blocks import cdiv
 from services.engine.config import MIXED_PREFILL_MODES, SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
+from services.engine.kv_compress import CompressedKV, CompressedStore
+from services.engine.preemption import COMPRESS, RECOMPUTE, PreemptionCosts
 from services.engine.policy import make_policy
 from services.engine.request import FinishReason, Request, RequestStatus
 
@@ -66,6 +72,23 @@ class ScheduledChunk:
         return math.ceil(self.num_new_tokens * (self.layers.end - self.layers.first) / self.layers.num_layers)
 
 
+@dataclass(frozen=True)
+class KvSave:
+    """Copy request_id's first blocks (block_ids, still intact until this step's forward) into its
+    reserved CompressedStore entry."""
+    request_id: str
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class KvRestore:
+    """Dequantize `data`'s blocks skip, skip+1, ... into block_ids (new blocks of request_id)."""
+    request_id: str
+    data: CompressedKV
+    block_ids: list[int]
+    skip: int
+
+
 @dataclass
 class SchedulerOutput:
     decodes: list[ScheduledChunk] = field(default_factory=list)    # one token each
@@ -74,6 +97,9 @@ class SchedulerOutput:
     # (source block, destination block) KV copies update() decided (followers' last blocks): the
     # engine applies them right after update(), before anything reads the destinations.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # KV copies for compressed preemption, applied before the forward (saves first, then restores).
+    kv_saves: list[KvSave] = field(default_factory=list)
+    kv_restores: list[KvRestore] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -85,9 +111,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, num_layers: int = 0):
-        """num_layers: the model's (0, unknown: prompts are never layered, only chunked). ValueError
-        on an unknown mixed_prefill_mode."""
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, num_layers: int = 0,
+                 kv_store: CompressedStore | None = None):
+        """num_layers: the model's (0, unknown: prompts are never layered, only chunked). kv_store:
+        where compressed preemption keeps copies (None: an empty budget, so every victim
+        recomputes). ValueError on an unknown mixed_prefill_mode or preemption_mode."""
         if config.mixed_prefill_mode not in MIXED_PREFILL_MODES:
             raise ValueError(f"mixed_prefill_mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
                              f"got {config.mixed_prefill_mode!r}")
@@ -98,6 +126,8 @@ class Scheduler:
         self.paused: dict[str, tuple[Request, RequestStatus]] = {}   # id → (request, status to resume to)
         self.requests: dict[str, Request] = {}
         self.mixed_prefill_tokens = config.mixed_prefill_tokens   # see SchedulerConfig; set at run time too
+        self.preemption = PreemptionCosts(config.preemption_mode)
+        self.kv_store = kv_store if kv_store is not None else CompressedStore(0, 1)
 
     # ---- queue management -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -135,6 +165,7 @@ class Scheduler:
             self.waiting.remove(request)
         if reason != FinishReason.HANDOFF:
             self.kv.free(request_id)
+        self.kv_store.drop(request_id)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
         return request
 
@@ -244,8 +275,11 @@ class Scheduler:
                                  if r.num_computed_tokens < r.num_prompt_tokens and not r.num_output_tokens}
                 if key in computing:
                     continue      # its twin computes this prompt: it follows the chunk that completes it
+            cached = None
             if not self.kv.has_request(request.request_id):   # attach cached prefix blocks, if any
-                request.num_computed_tokens = self.kv.allocate(request.request_id, request.all_token_ids, 0) or 0
+                cached = request.num_computed_tokens = self.kv.allocate(request.request_id, request.all_token_ids, 0) or 0
+                # a compressed copy covers more than the cache: it comes back before the forward
+                request.num_computed_tokens = max(cached, self.kv_store.num_tokens(request.request_id))
             layers = self._layer_group(request, out, budget)
             n = request.num_tokens - request.num_computed_tokens if layers else self._tokens_wanted(request, budget)
             if self.kv.allocate(request.request_id, request.all_token_ids,
@@ -253,6 +287,8 @@ class Scheduler:
                 self.kv.free(request.request_id)      # drop the prefix hits we attached
                 request.num_computed_tokens = 0
                 break                                  # head of line waits for blocks
+            if cached is not None and request.num_computed_tokens > cached:
+                self._restore(request, cached, out)
             self.waiting.remove(request)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
@@ -321,12 +357,32 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv.free(request.request_id)
+        rid = request.request_id
+        tokens = 0 if request.layers_done else request.num_computed_tokens   # a layered prompt's are not all there
+        blocks = cdiv(tokens, self.kv.block_size)
+        mode = self.preemption.choose(tokens, blocks, self.kv_store.room_for(blocks))
+        if mode == COMPRESS and self.kv_store.reserve(rid, blocks, tokens):
+            out.kv_saves.append(KvSave(rid, self.kv.block_table(rid)[:blocks]))
+        else:
+            mode = RECOMPUTE
+        self.preemption.counted(mode)
+        self.kv.free(rid)
         request.status, request.num_computed_tokens = RequestStatus.PREEMPTED, 0
         request.layers_done, request.layer_hidden = 0, None
         request.num_preemptions += 1
         self.waiting.append(request)
         out.preempted.append(request.request_id)
+
+    def _restore(self, request: Request, cached: int, out: SchedulerOutput) -> None:
+        """`request` was just allocated blocks for its compressed copy's tokens (the first `cached`
+        of them came from the prefix cache, exact): the runner fills the rest from the copy."""
+        rid = request.request_id
+        saved, data = self.kv_store.take(rid)
+        skip = cached // self.kv.block_size
+        table = self.kv.block_table(rid)
+        out.kv_restores.append(KvRestore(rid, data, table[skip:cdiv(saved, self.kv.block_size)], skip))
+        self.kv.exclude_from_prefix_cache(rid)       # lossy KV is never reused as exact
+        self.preemption.restored += 1
 
     @staticmethod
     def _is_decode(request: Request) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.engine.config import MIXED_PREFILL_MODES, CacheConfig, SchedulerConfig
+from services.engine.preemption import PREEMPTION_MODES
 from services.engine.dtype_policy import AUTO, DTYPE_CHOICES, DTYPE_HELP
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY, QUEUE_POLICIES
 from services.settings import setting
@@ -39,6 +40,13 @@ class EngineSettings:
         SchedulerConfig.mixed_prefill_mode, "how a prompt shares steps with running decodes under an instance's "
         "mixed-prefill cap (adaptive pools): chunked (a chunk of its tokens through every layer a step) or "
         "layered (all its tokens through a group of layers a step)", choices=MIXED_PREFILL_MODES)
+    preemption_mode: str = setting(
+        SchedulerConfig.preemption_mode, "what a request preempted for KV blocks loses: recompute (its KV; exact), "
+        "compress (its KV kept in int8 and restored when it resumes; greedy tokens may differ) or auto (the cheaper "
+        "of the two by measured cost)", choices=PREEMPTION_MODES)
+    kv_compress_fraction: float = setting(
+        SchedulerConfig.kv_compress_fraction, "compressed KV of preempted requests may take at most this share of "
+        "the KV pool's bytes (compress/auto)")
     enable_prefix_caching: bool = setting(CacheConfig.enable_prefix_caching, "reuse the KV of shared prompt prefixes (--no-prefix-caching: off)")
 
 

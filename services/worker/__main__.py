@@ -25,7 +25,8 @@ def parse_args(argv=None) -> WorkerOptions:
     add_flags(p, EngineSettings, "model", "dtype", "device", "gpu_memory_utilization", "block_size", "num_blocks",
               "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "threads")
     p.add_argument("--no-prefix-caching", action="store_true", help=help_of(EngineSettings, "enable_prefix_caching"))
-    add_flags(p, EngineSettings, "queue_policy", "queue_aging_s", "mixed_prefill")
+    add_flags(p, EngineSettings, "queue_policy", "queue_aging_s", "mixed_prefill", "preemption_mode",
+              "kv_compress_fraction")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
     p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (0: a free one)")
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> WorkerOptions:
         kv_memory_gib=a.kv_memory_gib, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len, threads=a.threads, enable_prefix_caching=not a.no_prefix_caching,
         queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, mixed_prefill=a.mixed_prefill,
+        preemption_mode=a.preemption_mode, kv_compress_fraction=a.kv_compress_fraction,
         host=a.host, port=a.port, kv_port=a.kv_port,
         kv_advertise_address=a.kv_advertise_address, kv_transport=a.kv_transport, redis_url=a.redis_url,
         cluster=a.cluster, instance_id=a.instance_id, cpu_cores=cores, lease_ms=a.lease_ms,

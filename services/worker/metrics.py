@@ -133,6 +133,9 @@ class WorkerSnapshot:
     outputs_streams: int = 0            # routers' open Outputs streams (output_sinks.py)
     output_chunks_muxed: int = 0        # token chunks sent through them
     output_chunks_own: int = 0          # token chunks sent on their request's own stream
+    preemptions: tuple[tuple[str, int], ...] = ()   # (mode, count): services/engine/preemption.py
+    kv_restores: int = 0                # compressed preempted requests restored
+    kv_compressed_bytes: int = 0        # compressed copies held now
 
     @property
     def instance(self) -> str:
@@ -205,6 +208,23 @@ class _WorkerCollector:
         yield info
         yield state
         yield from self._transfer_counters(snaps)
+        yield from self._preemption_metrics(snaps)
+
+    @staticmethod
+    def _preemption_metrics(snaps: list[WorkerSnapshot]) -> Iterator:
+        modes = CounterMetricFamily("tandem_preemptions", "Requests preempted for KV blocks, by what they lost: "
+                                    "recompute (their KV) or compress (kept in int8, restored on resume)",
+                                    labels=["instance", "mode"])
+        restores = CounterMetricFamily("tandem_kv_restores", "Compressed preempted requests restored",
+                                       labels=["instance"])
+        held = GaugeMetricFamily("tandem_kv_compressed_bytes", "Bytes of compressed KV held for preempted requests",
+                                 labels=["instance"])
+        for s in snaps:
+            for mode, n in s.preemptions:
+                modes.add_metric([s.instance, mode], n)
+            restores.add_metric([s.instance], s.kv_restores)
+            held.add_metric([s.instance], s.kv_compressed_bytes)
+        yield from (modes, restores, held)
 
     @staticmethod
     def _transfer_counters(snaps: list[WorkerSnapshot]) -> Iterator:

@@ -62,6 +62,8 @@ class WorkerOptions:
     queue_policy: str = ENGINE_DEFAULTS.queue_policy
     queue_aging_s: float = ENGINE_DEFAULTS.queue_aging_s
     mixed_prefill: str = ENGINE_DEFAULTS.mixed_prefill
+    preemption_mode: str = ENGINE_DEFAULTS.preemption_mode
+    kv_compress_fraction: float = ENGINE_DEFAULTS.kv_compress_fraction
     host: str = "127.0.0.1"
     port: int = 0                           # 0: a free port
     kv_port: int = 0
@@ -154,7 +156,8 @@ class Worker:
             max_num_seqs=opts.max_num_seqs, role=role, num_threads=opts.threads or None,
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
             gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
-            aging_s=opts.queue_aging_s, mixed_prefill_mode=opts.mixed_prefill)
+            aging_s=opts.queue_aging_s, mixed_prefill_mode=opts.mixed_prefill,
+            preemption_mode=opts.preemption_mode, kv_compress_fraction=opts.kv_compress_fraction)
         if engine.config.device == "cpu":
             # Build or load the CPU kernels (decode attention, fused elementwise ops) now, before
             # serving: built lazily, the first step would stall every request behind a compile
@@ -223,7 +226,14 @@ class Worker:
             kv_received_transfers=received.get("transfers_committed", 0),
             kv_receive_refusals=received.get("transfers_refused", 0),
             outputs_streams=len(outputs), output_chunks_muxed=outputs.muxed_chunks,
-            output_chunks_own=outputs.own_chunks)
+            output_chunks_own=outputs.own_chunks, **self._preemption_totals())
+
+    def _preemption_totals(self) -> dict:
+        """The engine's preemption counters (read across threads: ints, copied)."""
+        sched = self.engine.scheduler
+        p = sched.preemption
+        return {"preemptions": tuple(sorted(dict(p.counts).items())), "kv_restores": p.restored,
+                "kv_compressed_bytes": sched.kv_store.bytes_used}
 
     async def _start_metrics(self) -> None:
         """Serve /metrics first, so a port clash fails before the worker registers anywhere."""

@@ -26,6 +26,8 @@ SAME = [
     ("engine.kvMemoryGib", ENGINE_DEFAULTS.kv_memory_gib),
     ("engine.maxNumBatchedTokens", ENGINE_DEFAULTS.max_num_batched_tokens),
     ("engine.maxNumSeqs", ENGINE_DEFAULTS.max_num_seqs),
+    ("engine.preemptionMode", ENGINE_DEFAULTS.preemption_mode),
+    ("engine.kvCompressFraction", ENGINE_DEFAULTS.kv_compress_fraction),
     ("engine.maxModelLen", ENGINE_DEFAULTS.max_model_len),
     ("engine.leaseMs", WORKER_DEFAULTS.lease_ms),
     ("engine.leaseMs", ROUTER_DEFAULTS.lease_ms),

@@ -258,6 +258,8 @@ spec:
             - --kv-memory-gib=$(TANDEM_ARG_KV_MEMORY_GIB)
             - --max-num-batched-tokens=$(TANDEM_ARG_MAX_NUM_BATCHED_TOKENS)
             - --max-num-seqs=$(TANDEM_ARG_MAX_NUM_SEQS)
+            - --preemption-mode={{ $root.Values.engine.preemptionMode }}
+            - --kv-compress-fraction={{ $root.Values.engine.kvCompressFraction }}
             - --queue-policy={{ $root.Values.router.queuePolicy }}
             - --queue-aging-s={{ $root.Values.router.queueAgingSeconds }}
             {{- if $root.Values.engine.maxModelLen }}
