@@ -53,6 +53,8 @@ from loadgen import arrivals  # noqa: E402
 from loadgen.metrics import RequestResult, summarize  # noqa: E402
 from loadgen.runner import run, run_sequential  # noqa: E402
 from loadgen.targets import TargetError  # noqa: E402
+from services.engine.preemption import PREEMPTION_MODES  # noqa: E402
+from services.engine.settings import ENGINE_DEFAULTS  # noqa: E402
 
 # (share of requests, system prompt tokens, user tokens low..high, mean output tokens): 10% noise
 BUILTIN_APPS = ((0.45, 48, (8, 40), 8), (0.30, 64, (8, 40), 32), (0.17, 80, (8, 40), 96), (0.08, 96, (8, 40), 256))
@@ -163,10 +165,12 @@ class CutTarget:
 
 @contextlib.contextmanager
 def cluster(model: str, out_dir: str, name: str, queue_policy: str, admission: str, slo_ttft_s: float,
-            max_num_seqs: int):
+            max_num_seqs: int, preemption_mode: str = ENGINE_DEFAULTS.preemption_mode,
+            displace_ratio: float = ENGINE_DEFAULTS.displace_ratio):
     from tandem.local_cluster import LocalCluster
     pin = ["--cpu-cores", "1"] if len(os.sched_getaffinity(0)) > 1 else []
-    worker = ["--dtype", "float32", "--max-num-seqs", str(max_num_seqs), "--queue-policy", queue_policy, *pin]
+    worker = ["--dtype", "float32", "--max-num-seqs", str(max_num_seqs), "--queue-policy", queue_policy,
+              "--preemption-mode", preemption_mode, "--displace-ratio", str(displace_ratio), *pin]
     router = ["--queue-policy", queue_policy, "--admission", admission, "--slo-ttft-s", f"{slo_ttft_s:.6g}",
               "--pools", "fixed"]
     with LocalCluster(model, prefill=0, decode=0, colocated=1, worker_args=worker, router_args=router,
@@ -190,15 +194,16 @@ def run_sequential_load(address: str, wl: Workload, cap: int) -> list[RequestRes
 
 def compare(a, base: Workload, vocab: int, cap: int, slo: float, rate: float, n: int, systems: dict,
             salt: int) -> dict:
-    """{name: figures} of each system (name → (queue policy, admission)) on `n` requests at `rate`,
+    """{name: figures} of each system (name → (queue policy, admission[, sjf displace ratio])) on `n` requests at `rate`,
     sent in a.rounds rounds, the systems' order alternating round by round."""
     per_round = max(1, n // a.rounds)
     results: dict = {name: [] for name in systems}
     specs: dict = {name: [] for name in systems}
     window = 0.0
     with contextlib.ExitStack() as stack:
-        addrs = {name: stack.enter_context(cluster(a.model, a.out_dir, name, qp, adm, slo, a.max_num_seqs))
-                 for name, (qp, adm) in systems.items()}
+        addrs = {name: stack.enter_context(cluster(a.model, a.out_dir, name, qp, adm, slo, a.max_num_seqs,
+                                                   a.preemption_mode, *(rest or (a.displace_ratio,))))
+                 for name, (qp, adm, *rest) in systems.items()}
         for name, addr in addrs.items():
             run_sequential_load(addr, base.salted(1, vocab).head(4), cap)          # warm-up, the same for all
         for k in range(a.rounds):
@@ -270,6 +275,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-output-tokens", type=int, default=320)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-prefix", action="store_true", help="leave prefix_vs_load out (null)")
+    p.add_argument("--displace-ratio", type=float, default=ENGINE_DEFAULTS.displace_ratio,
+                   help="the sjf cluster's --displace-ratio (0: never)")
+    p.add_argument("--also-no-displacement", action="store_true",
+                   help="a third cluster in the queue-policy comparison: sjf with --displace-ratio 0")
+    p.add_argument("--skip-admission", action="store_true", help="leave admission none vs slo out (null)")
+    p.add_argument("--preemption-mode", default="auto", choices=PREEMPTION_MODES,
+                   help="every cluster's workers (sjf's displaced requests keep their KV compressed when "
+                        "that is measured cheaper)"),
     p.add_argument("--out-dir", default="bench-sched")
     a = p.parse_args(argv)
     os.makedirs(a.out_dir, exist_ok=True)
@@ -304,13 +317,15 @@ def main(argv=None) -> int:
     # clusters, their runs interleaved in rounds (A B, then B A) so that whatever else the host does
     # falls on both alike; each round sends fresh prompts (the same ones to both).
     rate = a.load * capacity
-    runs = compare(a, base, vocab, cap, slo, rate, a.requests, {"fcfs": ("fcfs", "none"), "sjf": ("sjf", "none")},
-                   salt=4)
+    policies = {"fcfs": ("fcfs", "none"), "sjf": ("sjf", "none")}
+    if a.also_no_displacement:
+        policies["sjf_no_displacement"] = ("sjf", "none", 0.0)
+    runs = compare(a, base, vocab, cap, slo, rate, a.requests, policies, salt=4)
     summary["queue_policy"] = {"rate_rps": rate, **runs}
     rate = a.overload * capacity
-    adm = compare(a, base, vocab, cap, slo, rate, a.admission_requests,
-                  {"none": ("fcfs", "none"), "slo": ("fcfs", "slo")}, salt=40)
-    summary["admission"] = {"rate_rps": rate, **adm}
+    adm = None if a.skip_admission else compare(a, base, vocab, cap, slo, rate, a.admission_requests,
+                                                {"none": ("fcfs", "none"), "slo": ("fcfs", "slo")}, salt=40)
+    summary["admission"] = adm and {"rate_rps": rate, **adm}
 
     # 4. prefix vs load routing (the other part of issue 16, when present)
     prefix_ratio, prefix_detail = (None, None) if a.skip_prefix else prefix_part(a)
@@ -323,7 +338,7 @@ def main(argv=None) -> int:
         "sjf_vs_fcfs_mean_e2e": ratio(_get(sjf, "e2e", "mean"), _get(fcfs, "e2e", "mean")),
         "sjf_vs_fcfs_p99_e2e": ratio(_get(sjf, "e2e", "p99"), _get(fcfs, "e2e", "p99")),
         "prefix_vs_load_p90_ttft": prefix_ratio,
-        "slo_vs_none_goodput": ratio(adm["slo"]["goodput_rps"], adm["none"]["goodput_rps"]),
+        "slo_vs_none_goodput": adm and ratio(adm["slo"]["goodput_rps"], adm["none"]["goodput_rps"]),
     }
     summary["headline"] = headline
     with open(os.path.join(a.out_dir, "summary.json"), "w") as f:

@@ -23,7 +23,7 @@ from services.worker.settings import WorkerSettings
 _FORWARDED = ((EngineSettings, ("block_size", "num_blocks", "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs",
                                 "max_model_len")),
               (WorkerSettings, ("lease_ms",)),
-              (EngineSettings, ("device", "mixed_prefill", "preemption_mode", "kv_compress_fraction")),
+              (EngineSettings, ("device", "mixed_prefill", "preemption_mode", "kv_compress_fraction", "displace_ratio")),
               (WorkerSettings, ("kv_transport",)))
 
 

@@ -53,6 +53,7 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  loaded: LoadedModel | None = None, gpu_memory_utilization: float | None = None,
                  aging_s: float = DEFAULT_AGING_S, mixed_prefill_tokens: int = 0,
+                 displace_ratio: float = SchedulerConfig.displace_ratio,
                  mixed_prefill_mode: str = SchedulerConfig.mixed_prefill_mode,
                  preemption_mode: str = SchedulerConfig.preemption_mode,
                  kv_compress_fraction: float = SchedulerConfig.kv_compress_fraction) -> LLMEngine:
@@ -83,6 +84,8 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
     if mixed_prefill_mode not in MIXED_PREFILL_MODES:
         raise ModelConfigError(f"mixed prefill mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
                                f"got {mixed_prefill_mode!r}")
+    if not displace_ratio >= 0:
+        raise ModelConfigError(f"displace_ratio must be >= 0 (0: never displace), got {displace_ratio}")
     if preemption_mode not in PREEMPTION_MODES:
         raise ModelConfigError(f"preemption mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
     if not 0 <= kv_compress_fraction <= 4:
@@ -95,6 +98,7 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(role=role, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, policy=policy, aging_s=aging_s,
+                                  displace_ratio=displace_ratio,
                                   mixed_prefill_tokens=mixed_prefill_tokens, mixed_prefill_mode=mixed_prefill_mode,
                                   preemption_mode=preemption_mode, kv_compress_fraction=kv_compress_fraction),
         device=device, dtype=torch_dtype, num_threads=num_threads)

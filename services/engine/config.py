@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.queue_order import DEFAULT_AGING_S
+from services.engine.queue_order import DEFAULT_AGING_S, DISPLACE_RATIO
 from services.roles import Role  # noqa: F401  (re-exported: the engine's role is the cluster's)
 
 
@@ -141,6 +141,7 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0   # 0: a single prompt may take the whole budget
     policy: str = "fcfs"                   # fcfs | priority | sjf (services/engine/policy.py)
     aging_s: float = DEFAULT_AGING_S        # sjf: waited this long, a request is served by arrival
+    displace_ratio: float = DISPLACE_RATIO  # sjf: how much shorter a request must be to take a full batch's slot (0: never)
     # Prefill tokens a step may add beside running decodes (Sarathi-style chunking that bounds the
     # decodes' inter-token time); 0: no cap beyond max_num_batched_tokens. Changeable at run time.
     mixed_prefill_tokens: int = 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from services.engine.queue_order import DEFAULT_AGING_S, SJF, order_key, remaining_work
+from collections.abc import Callable
+
+from services.engine.queue_order import (DEFAULT_AGING_S, DISPLACE_RATIO, MAX_DISPLACEMENTS, PROMPT_TOKEN_COST, SJF, displaces,
+                                         order_key, remaining_work)
 from services.engine.request import Request
 
 
@@ -21,6 +24,13 @@ class SchedulingPolicy:
 
     def preemption_victim(self, running: list[Request]) -> Request:
         return max(running, key=self.key)
+
+    def displacement_victim(self, head: Request, running: list[Request],
+                            keeps_kv: Callable[[Request], bool], now: float | None = None) -> Request | None:
+        """A running request whose batch slot `head` (first in admission order, every slot
+        taken) should have now, or None. Only sjf displaces. now: the clock aging reads
+        (None: time.monotonic(); the simulator passes its virtual clock)."""
+        return None
 
 
 class PriorityPolicy(SchedulingPolicy):
@@ -53,8 +63,8 @@ class SjfPolicy(SchedulingPolicy):
 
     name = SJF
 
-    def __init__(self, aging_s: float = DEFAULT_AGING_S):
-        self.aging_s = aging_s
+    def __init__(self, aging_s: float = DEFAULT_AGING_S, displace_ratio: float = DISPLACE_RATIO):
+        self.aging_s, self.displace_ratio = aging_s, displace_ratio
 
     def _key(self, request: Request, now: float) -> tuple:
         return order_key(SJF, priority=request.priority, arrival=request.arrival_time,
@@ -70,11 +80,28 @@ class SjfPolicy(SchedulingPolicy):
     def preemption_victim(self, running: list[Request]) -> Request:
         return max(running, key=lambda r: (-r.priority, predicted_work(r), r.arrival_time))
 
+    def displacement_victim(self, head: Request, running: list[Request],
+                            keeps_kv: Callable[[Request], bool], now: float | None = None) -> Request | None:
+        """queue_order.displaces: the running request of head's priority class or lower, not aged,
+        displaced fewer than MAX_DISPLACEMENTS times, with the most predicted work left, when head's
+        work is small enough beside it. keeps_kv(r): r's KV would be kept compressed (no recompute
+        to pay), else its switch cost is its computed tokens at the prompt-token rate."""
+        if not self.displace_ratio:
+            return None
+        now = time.monotonic() if now is None else now
+        candidates = [r for r in running if r.priority <= head.priority and r.num_displaced < MAX_DISPLACEMENTS
+                      and not r.layers_done and now - r.arrival_time < self.aging_s]
+        if not candidates:
+            return None
+        victim = max(candidates, key=lambda r: (-r.priority, predicted_work(r), r.arrival_time))
+        cost = 0.0 if keeps_kv(victim) else victim.num_computed_tokens * PROMPT_TOKEN_COST
+        return victim if displaces(predicted_work(head), predicted_work(victim), cost, self.displace_ratio) else None
+
 
 POLICIES = {p.name: p for p in (SchedulingPolicy, PriorityPolicy, SjfPolicy)}
 
 
-def make_policy(name: str, aging_s: float = DEFAULT_AGING_S) -> SchedulingPolicy:
+def make_policy(name: str, aging_s: float = DEFAULT_AGING_S, displace_ratio: float = DISPLACE_RATIO) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r}; use one of {', '.join(POLICIES)}")
-    return SjfPolicy(aging_s) if name == SJF else POLICIES[name]()
+    return SjfPolicy(aging_s, displace_ratio) if name == SJF else POLICIES[name]()

@@ -38,9 +38,11 @@ class PreemptionCosts:
         self.counts = {RECOMPUTE: 0, COMPRESS: 0}
         self.restored = 0                     # compressed requests brought back
         self.no_room = 0                      # compress wanted, the store's budget was full
+        self.displaced = 0                    # of the preemptions: sjf gave the slot to a shorter request
 
-    def choose(self, num_tokens: int, num_blocks: int, store_has_room: bool) -> str:
-        """RECOMPUTE or COMPRESS for a victim with num_tokens computed in num_blocks blocks."""
+    def choose(self, num_tokens: int, num_blocks: int, store_has_room: bool, count: bool = True) -> str:
+        """RECOMPUTE or COMPRESS for a victim with num_tokens computed in num_blocks blocks
+        (count=False: a question only, the no-room counter stays)."""
         if self.mode == RECOMPUTE or num_blocks <= 0:
             return RECOMPUTE
         if self.mode == "auto":
@@ -50,7 +52,7 @@ class PreemptionCosts:
             if num_blocks * self.copy_s_per_block >= num_tokens / rate:
                 return RECOMPUTE
         if not store_has_room:
-            self.no_room += 1
+            self.no_room += count
             return RECOMPUTE
         return COMPRESS
 

@@ -53,6 +53,21 @@ def remaining_work(prompt_tokens_left: int, predicted_output_tokens: float, outp
     return max(0, prompt_tokens_left) * PROMPT_TOKEN_COST + max(0.0, predicted_output_tokens - output_tokens_so_far)
 
 
+# sjf's displacement (SRPT with a margin, ALISE's preemptive side): with every batch slot taken, the
+# waiting request first in order takes the slot of the running one with the most predicted work
+# left when its own work is at most 1/DISPLACE_RATIO of that (less the victim's switch cost: its
+# recompute, unless its KV is kept compressed), and that one has been displaced fewer than
+# MAX_DISPLACEMENTS times. A request of a higher priority class, or aged, is never displaced.
+DISPLACE_RATIO = 4.0
+MAX_DISPLACEMENTS = 2
+
+
+def displaces(head_work: float, victim_work: float, switch_cost: float, ratio: float = DISPLACE_RATIO) -> bool:
+    """True when a waiting request of head_work should take the slot of a running one with
+    victim_work left, switching it out costing switch_cost (all in output-token steps)."""
+    return head_work * ratio < victim_work - switch_cost
+
+
 def order_key(policy: str, *, priority: int, arrival: float, work: float, now: float,
               aging_s: float = DEFAULT_AGING_S) -> tuple:
     """The sort key of one waiting item: smaller goes first. fcfs: (arrival,). sjf: priority class

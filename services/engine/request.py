@@ -41,6 +41,7 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None    # time.monotonic() when its first chunk ran
     handoff: bool = False      # prefill only: leaves with HANDOFF after its first token (its KV moves on)
+    num_displaced: int = 0           # times sjf gave its batch slot to a shorter request (queue_order.py)
     prompt_key: int | None = field(default=None, repr=False)   # the scheduler's hash of the prompt (twins)
     predicted_output_tokens: int = 0   # the router's prediction (sjf orders by it); 0: unknown, max_tokens
     # Layered prefill (SchedulerConfig.mixed_prefill_mode): layers its uncomputed tokens have been

@@ -7,7 +7,9 @@ then waiting ones are admitted while budget and blocks last. When blocks run out
 victim is preempted: its blocks are freed and it will recompute, or (preemption_mode compress /
 auto, services/engine/preemption.py) its KV is copied out in int8 first and copied back into new
 blocks when it is admitted again (KvSave / KvRestore, which the runner applies before the step's
-forward). The scheduler never touches tensors; it deals in request ids, counts and (through
+forward). Under sjf, a much shorter waiting request may also take a full batch's slot from the
+running request with the most work left (displacement, queue_order.displaces), preempted the same
+way. The scheduler never touches tensors; it deals in request ids, counts and (through
 KVCacheManager) block ids.
 
 Layered prefill (mixed_prefill_mode "layered", beside running decodes only): instead of a chunk of
@@ -120,7 +122,7 @@ class Scheduler:
             raise ValueError(f"mixed_prefill_mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
                              f"got {config.mixed_prefill_mode!r}")
         self.config, self.kv, self.max_model_len, self.num_layers = config, kv, max_model_len, num_layers
-        self.policy = make_policy(config.policy, config.aging_s)
+        self.policy = make_policy(config.policy, config.aging_s, config.displace_ratio)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: dict[str, tuple[Request, RequestStatus]] = {}   # id → (request, status to resume to)
@@ -202,6 +204,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
+        displaced = self._displace_for_shorter(out)
         # Decodes first under every policy (one token each keeps TPOT steady), then prefill chunks.
         for request in sorted(self.running, key=lambda r: (not self._is_decode(r), self.policy.key(r))):
             if budget <= 0:
@@ -220,10 +223,30 @@ class Scheduler:
                 continue       # `request` itself was preempted
             budget -= self._emit(out, request, n, layers)
             scheduled.add(request.request_id)
-        if not out.preempted:
+        if len(out.preempted) == displaced:        # no block shortage: new work may come in
             budget = self._admit_waiting(out, self._prefill_budget(out, budget))
         out.prefills.sort(key=lambda c: c.layers is not None)     # a layered chunk's rows come last
         return out
+
+    def _displace_for_shorter(self, out: SchedulerOutput) -> int:
+        """With every batch slot taken, let the policy give one slot to the waiting request first
+        in its order (sjf: a much shorter one; SchedulingPolicy.displacement_victim). The victim
+        is preempted as for blocks (recompute or compressed) and waits its turn. Returns 0 or 1."""
+        if len(self.running) < self.config.max_num_seqs or not self.waiting:
+            return 0
+        head = self.policy.admission_order(self.waiting)[0]
+
+        def keeps_kv(r: Request) -> bool:
+            blocks = cdiv(r.num_computed_tokens, self.kv.block_size)
+            return self.preemption.choose(r.num_computed_tokens, blocks, self.kv_store.room_for(blocks),
+                                          count=False) == COMPRESS
+        victim = self.policy.displacement_victim(head, [r for r in self.running if r.num_output_tokens], keeps_kv)
+        if victim is None:
+            return 0
+        victim.num_displaced += 1
+        self.preemption.displaced += 1
+        self._preempt(victim, out)
+        return 1
 
     def _prefill_budget(self, out: SchedulerOutput, budget: int) -> int:
         """Tokens prompt chunks may still take this step: all of `budget`, or beside decodes at

@@ -36,6 +36,9 @@ class EngineSettings:
         "the router's output-length prediction, priority classes first, with aging)", choices=QUEUE_POLICIES)
     queue_aging_s: float = setting(
         DEFAULT_AGING_S, "sjf: a request that waited this long is served in arrival order (bounds its wait)")
+    displace_ratio: float = setting(
+        SchedulerConfig.displace_ratio, "sjf: with every batch slot taken, a waiting request takes the slot of the "
+        "running one with the most predicted work left when it is this many times shorter (0: never)")
     mixed_prefill: str = setting(
         SchedulerConfig.mixed_prefill_mode, "how a prompt shares steps with running decodes under an instance's "
         "mixed-prefill cap (adaptive pools): chunked (a chunk of its tokens through every layer a step) or "

@@ -25,7 +25,7 @@ def parse_args(argv=None) -> WorkerOptions:
     add_flags(p, EngineSettings, "model", "dtype", "device", "gpu_memory_utilization", "block_size", "num_blocks",
               "kv_memory_gib", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "threads")
     p.add_argument("--no-prefix-caching", action="store_true", help=help_of(EngineSettings, "enable_prefix_caching"))
-    add_flags(p, EngineSettings, "queue_policy", "queue_aging_s", "mixed_prefill", "preemption_mode",
+    add_flags(p, EngineSettings, "queue_policy", "queue_aging_s", "displace_ratio", "mixed_prefill", "preemption_mode",
               "kv_compress_fraction")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
@@ -51,6 +51,8 @@ def parse_args(argv=None) -> WorkerOptions:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
     if not a.orphan_grace_s >= 0:
         p.error(f"--orphan-grace-s {a.orphan_grace_s}: give a number of seconds >= 0 (0: off)")
+    if not a.displace_ratio >= 0:
+        p.error(f"--displace-ratio {a.displace_ratio}: give a ratio >= 1, or 0 to never displace")
     if not a.queue_aging_s > 0:
         p.error(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")
     if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
@@ -69,7 +71,8 @@ def parse_args(argv=None) -> WorkerOptions:
         block_size=a.block_size, num_blocks=a.num_blocks,
         kv_memory_gib=a.kv_memory_gib, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len, threads=a.threads, enable_prefix_caching=not a.no_prefix_caching,
-        queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, mixed_prefill=a.mixed_prefill,
+        queue_policy=a.queue_policy, queue_aging_s=a.queue_aging_s, displace_ratio=a.displace_ratio,
+        mixed_prefill=a.mixed_prefill,
         preemption_mode=a.preemption_mode, kv_compress_fraction=a.kv_compress_fraction,
         host=a.host, port=a.port, kv_port=a.kv_port,
         kv_advertise_address=a.kv_advertise_address, kv_transport=a.kv_transport, redis_url=a.redis_url,

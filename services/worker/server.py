@@ -61,6 +61,7 @@ class WorkerOptions:
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     queue_policy: str = ENGINE_DEFAULTS.queue_policy
     queue_aging_s: float = ENGINE_DEFAULTS.queue_aging_s
+    displace_ratio: float = ENGINE_DEFAULTS.displace_ratio
     mixed_prefill: str = ENGINE_DEFAULTS.mixed_prefill
     preemption_mode: str = ENGINE_DEFAULTS.preemption_mode
     kv_compress_fraction: float = ENGINE_DEFAULTS.kv_compress_fraction
@@ -156,7 +157,7 @@ class Worker:
             max_num_seqs=opts.max_num_seqs, role=role, num_threads=opts.threads or None,
             enable_prefix_caching=opts.enable_prefix_caching, max_model_len=opts.max_model_len,
             gpu_memory_utilization=opts.gpu_memory_utilization, policy=opts.queue_policy,
-            aging_s=opts.queue_aging_s, mixed_prefill_mode=opts.mixed_prefill,
+            aging_s=opts.queue_aging_s, displace_ratio=opts.displace_ratio, mixed_prefill_mode=opts.mixed_prefill,
             preemption_mode=opts.preemption_mode, kv_compress_fraction=opts.kv_compress_fraction)
         if engine.config.device == "cpu":
             # Build or load the CPU kernels (decode attention, fused elementwise ops) now, before

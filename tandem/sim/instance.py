@@ -167,9 +167,9 @@ class SimInstance:
         budget = self.max_num_batched_tokens
         decodes: list[SimRequest] = []
         chunks: list[tuple[SimRequest, int]] = []
-        preempted = False
-        key = self.policy.key
         self._gone: set[int] = set()
+        preempted = self._displace_for_shorter()
+        key = self.policy.key
         for r in sorted(self.run_q, key=lambda r: (not r.is_decode, key(r))):
             if budget <= 0:
                 break
@@ -204,6 +204,22 @@ class SimInstance:
 
     _preempted_now = False
     _gone: set[int] = frozenset()
+
+    def _displace_for_shorter(self) -> bool:
+        """The engine scheduler's displacement (Scheduler._displace_for_shorter, the same policy
+        method): with every slot taken, sjf may give one to a much shorter waiting request; the
+        victim recomputes (the simulator keeps no compressed KV). True when one was displaced."""
+        if len(self.run_q) < self.max_num_seqs or not self.wait_q:
+            return False
+        displace = getattr(self.policy, "displacement_victim", None)
+        head = self.policy.admission_order(self.wait_q)[0]
+        victim = displace(head, [r for r in self.run_q if r.out > 0], lambda r: False) if displace else None
+        if victim is None:
+            return False
+        victim.num_displaced += 1
+        self._preempt(victim)
+        self._preempted_now = False          # a slot, not blocks, was short: admission goes on
+        return True
 
     def _wanted(self, r: SimRequest, budget: int) -> int:
         if r.handoff and r.out > 0:

@@ -30,3 +30,6 @@ class VirtualClockPolicy:
 
     def preemption_victim(self, running: list):
         return self.policy.preemption_victim(running)
+
+    def displacement_victim(self, head, running: list, keeps_kv):
+        return self.policy.displacement_victim(head, running, keeps_kv, now=self._clock())

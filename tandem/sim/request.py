@@ -12,7 +12,7 @@ from loadgen.metrics import RequestResult
 
 class SimRequest:
     __slots__ = ("index", "request_id", "arrival_time", "priority", "prompt", "max_tokens", "computed", "out",
-                 "blocks", "handoff", "result", "queued_since", "pause_cb", "migrating")
+                 "blocks", "handoff", "result", "queued_since", "pause_cb", "migrating", "num_displaced")
 
     def __init__(self, index: int, arrival_s: float, prompt: int, max_tokens: int, priority: int = 0):
         self.index = index
@@ -28,8 +28,10 @@ class SimRequest:
         self.queued_since = arrival_s
         self.pause_cb = None         # migration: called at the next step boundary, once paused
         self.migrating = False
+        self.num_displaced = 0       # sjf gave its batch slot to a shorter request (engine: Request.num_displaced)
 
     predicted_output_tokens = None   # no router prediction: policies fall back to max_tokens
+    layers_done = 0                  # never part way through a layered prefill here
 
     @property
     def num_tokens(self) -> int:

@@ -42,3 +42,32 @@ def test_sjf_matches_hf(golden, num_blocks):
     assert order.index(ids[6]) < order.index(ids[0])          # the queue was reordered
     engine.check_integrity()
     assert engine.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("mode", ["recompute", "compress"])
+def test_sjf_displacement_matches_hf(golden, mode):
+    """Two slots held by requests predicted long; the rest, predicted short, take their slots
+    (displacement). Tokens stay HF's whichever way the victims come back (in float32 int8 KV
+    changed no token of these prompts; the compress case checks the restore path end to end)."""
+    d, prompts, expected = golden
+    engine = build_engine(d, dtype="float32", block_size=8, max_num_batched_tokens=48, max_num_seqs=2,
+                          num_blocks=400, policy="sjf", aging_s=1e6, preemption_mode=mode)
+    def add(i):
+        return engine.add_request(prompts[i], SamplingParams(max_tokens=MAX_NEW[i]),
+                                  predicted_output_tokens=200 if i < 2 else 1)
+    ids = [add(0), add(1)]
+    engine.step()                                  # the two predicted long take both slots
+    engine.step()                                  # ... and decode
+    ids += [add(i) for i in range(2, len(prompts))]
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+    assert engine.scheduler.preemption.displaced >= 1
+    if mode == "compress":
+        assert engine.scheduler.preemption.restored >= 1
+    for i, rid in enumerate(ids):
+        assert final[rid].token_ids == expected[i], f"prompt {i}"
+    engine.check_integrity()
+    assert engine.kv.num_used_blocks == 0 and len(engine.scheduler.kv_store) == 0

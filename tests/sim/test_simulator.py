@@ -148,3 +148,22 @@ def test_bad_shapes_name_the_flag():
         simulate(PROFILE, [], SimConfig(prefill=1, decode=0))
     with pytest.raises(SimConfigError, match="--queue-policy"):
         simulate(PROFILE, [], SimConfig(queue_policy="nope"))
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "sjf"])
+def test_sjf_displaces_in_the_simulator_as_in_the_engine(policy):
+    # One slot. A (10-token prompt, 50 tokens) runs from 0; B (2 tokens) arrives at 0.5. Under sjf,
+    # B's work (10/32 + 2) x 4 is far below A's ~43 steps left less A's recompute (16/32): B takes
+    # the slot at once (A recomputes later); under fcfs B waits for all of A.
+    reqs = [spec(0, 0.0, 10, 50), spec(1, 0.5, 10, 2)]
+    results, stats = simulate(PROFILE, reqs, SimConfig(prefill=0, decode=0, colocated=1, queue_policy=policy,
+                                                       max_num_seqs=1, router=NO_MIGRATION))
+    a, b = results
+    assert a.ok and b.ok and len(a.events) and len(b.events)
+    (inst,) = stats["instances"].values()
+    if policy == "sjf":
+        assert inst["preemptions"] == 1
+        assert b.end_s < a.end_s and b.ttft_s < 0.5      # served while A waits: its prefill 0.2 s after a cut step
+    else:
+        assert inst["preemptions"] == 0
+        assert b.events[0][0] > a.end_s - 1e-9            # B starts only once A is done

@@ -35,7 +35,7 @@ def test_worker_refuses_bad_values_naming_the_flag(argv, message, capsys):
 def test_tandem_up_passes_device_and_transport_to_every_worker():
     base = dict(dtype="bfloat16", block_size=None, num_blocks=None, kv_memory_gib=None, max_num_batched_tokens=None,
                 max_num_seqs=None, max_model_len=None, lease_ms=None, device=None, kv_transport=None, mixed_prefill=None,
-                preemption_mode=None, kv_compress_fraction=None)
+                preemption_mode=None, kv_compress_fraction=None, displace_ratio=None)
     assert _worker_args(argparse.Namespace(**base)) == ["--dtype", "bfloat16"]     # workers' own defaults
     args = argparse.Namespace(**dict(base, device="cuda", kv_transport="cuda_ipc"))
     assert _worker_args(args) == ["--dtype", "bfloat16", "--device", "cuda", "--kv-transport", "cuda_ipc"]
