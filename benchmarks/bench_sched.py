@@ -21,7 +21,8 @@ about the length; the predictor learns what each request cost from what was stre
    The TTFT SLO is --slo-scale x the mean e2e latency of requests sent one at a time.
 2. FCFS vs SJF at --load x capacity (Poisson arrivals): mean, P50, P90, P99 of e2e latency and
    TTFT, goodput (requests/s meeting the TTFT SLO over the arrival windows). SJF's predictor
-   starts cold and learns during the run.
+   starts cold and learns during the run. The router's queue bound (--max-queue-wait-s) is off
+   here and in the capacity burst, so both policies serve every request.
 3. Admission none vs slo at --overload x capacity (fcfs both): goodput at the same SLO (a refused
    request counts as not good).
 4. Prefix vs load routing: `prefix_vs_load(trace, seed=..., out_dir=...)` from
@@ -166,13 +167,16 @@ class CutTarget:
 @contextlib.contextmanager
 def cluster(model: str, out_dir: str, name: str, queue_policy: str, admission: str, slo_ttft_s: float,
             max_num_seqs: int, preemption_mode: str = ENGINE_DEFAULTS.preemption_mode,
-            displace_ratio: float = ENGINE_DEFAULTS.displace_ratio):
+            displace_ratio: float = ENGINE_DEFAULTS.displace_ratio, queue_bound: bool = True):
+    """One live cluster. queue_bound False: the router's --max-queue-wait-s bound is off, so every
+    request is served and a queue-order comparison is over the same requests (the bound refuses a
+    burst's tail under fcfs, whose latencies would then be missing from fcfs's figures)."""
     from tandem.local_cluster import LocalCluster
     pin = ["--cpu-cores", "1"] if len(os.sched_getaffinity(0)) > 1 else []
     worker = ["--dtype", "float32", "--max-num-seqs", str(max_num_seqs), "--queue-policy", queue_policy,
               "--preemption-mode", preemption_mode, "--displace-ratio", str(displace_ratio), *pin]
     router = ["--queue-policy", queue_policy, "--admission", admission, "--slo-ttft-s", f"{slo_ttft_s:.6g}",
-              "--pools", "fixed"]
+              "--pools", "fixed", *([] if queue_bound else ["--max-queue-wait-s", "0"])]
     with LocalCluster(model, prefill=0, decode=0, colocated=1, worker_args=worker, router_args=router,
                       log_dir=os.path.join(out_dir, f"{name}-logs")) as c:
         yield c.address
@@ -193,7 +197,7 @@ def run_sequential_load(address: str, wl: Workload, cap: int) -> list[RequestRes
 
 
 def compare(a, base: Workload, vocab: int, cap: int, slo: float, rate: float, n: int, systems: dict,
-            salt: int) -> dict:
+            salt: int, queue_bound: bool = True) -> dict:
     """{name: figures} of each system (name → (queue policy, admission[, sjf displace ratio])) on `n` requests at `rate`,
     sent in a.rounds rounds, the systems' order alternating round by round."""
     per_round = max(1, n // a.rounds)
@@ -202,7 +206,8 @@ def compare(a, base: Workload, vocab: int, cap: int, slo: float, rate: float, n:
     window = 0.0
     with contextlib.ExitStack() as stack:
         addrs = {name: stack.enter_context(cluster(a.model, a.out_dir, name, qp, adm, slo, a.max_num_seqs,
-                                                   a.preemption_mode, *(rest or (a.displace_ratio,))))
+                                                   a.preemption_mode, *(rest or (a.displace_ratio,)),
+                                                   queue_bound=queue_bound))
                  for name, (qp, adm, *rest) in systems.items()}
         for name, addr in addrs.items():
             run_sequential_load(addr, base.salted(1, vocab).head(4), cap)          # warm-up, the same for all
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
 
     # 1. capacity and the SLO, on a fcfs cluster
-    with cluster(a.model, a.out_dir, "calibrate", "fcfs", "none", 2.0, a.max_num_seqs) as addr:
+    with cluster(a.model, a.out_dir, "calibrate", "fcfs", "none", 2.0, a.max_num_seqs, queue_bound=False) as addr:
         run_sequential_load(addr, base.salted(1, vocab).head(8), cap)            # warm-up
         unloaded = run_sequential_load(addr, base.salted(2, vocab).head(16), cap)
         mean_e2e0 = float(np.mean([r.e2e_s for r in unloaded if r.ok]))
@@ -320,7 +325,7 @@ def main(argv=None) -> int:
     policies = {"fcfs": ("fcfs", "none"), "sjf": ("sjf", "none")}
     if a.also_no_displacement:
         policies["sjf_no_displacement"] = ("sjf", "none", 0.0)
-    runs = compare(a, base, vocab, cap, slo, rate, a.requests, policies, salt=4)
+    runs = compare(a, base, vocab, cap, slo, rate, a.requests, policies, salt=4, queue_bound=False)
     summary["queue_policy"] = {"rate_rps": rate, **runs}
     rate = a.overload * capacity
     adm = None if a.skip_admission else compare(a, base, vocab, cap, slo, rate, a.admission_requests,

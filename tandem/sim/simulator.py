@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from loadgen.metrics import RequestResult
 from loadgen.workloads import RequestSpec
+from services.engine.queue_order import DEFAULT_QUEUE_POLICY
 from tandem.sim.clock import EventLoop
 from tandem.sim.costmodel import Profile
 from tandem.sim.instance import COLOCATED, DECODE, PREFILL, SimInstance
@@ -30,7 +31,7 @@ class SimConfig:
     decode: int = 1
     colocated: int = 0
     router: RouterConfig = RouterConfig()
-    queue_policy: str = "fcfs"                   # the engine's policy (services/engine/policy.py)
+    queue_policy: str = DEFAULT_QUEUE_POLICY     # the engine's policy (services/engine/policy.py); the cluster's default
     max_num_batched_tokens: int | None = None    # None: the profile's
     max_num_seqs: int | None = None
     num_blocks: int | None = None
