@@ -10,36 +10,15 @@ import torch
 
 from services.engine.builder import build_engine
 from services.engine.config import ModelConfigError
-from services.engine.loader import resolve_model
 from services.engine.preemption import COMPRESS
 from services.engine.sampling_params import SamplingParams
 from tests.conftest import random_prompts
+# `tiny` and `make` (float32, block 8, 64-token budget; integrity-checked at teardown, which includes
+# every compressed copy belonging to a waiting request: none may be left) are test_engine's.
+from tests.unit.test_engine import make, tiny  # noqa: F401
 
 VOCAB = 512
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return resolve_model("tiny")
-
-
-@pytest.fixture
-def make(tiny):
-    engines = []
-
-    def _make(**kw):
-        kw.setdefault("block_size", 8)
-        kw.setdefault("max_num_batched_tokens", 64)
-        kw.setdefault("dtype", "float32")
-        e = build_engine("tiny", loaded=tiny, **kw)
-        engines.append(e)
-        return e
-
-    yield _make
-    for e in engines:
-        e.check_integrity()
-        assert len(e.scheduler.kv_store) == 0 and e.scheduler.kv_store.bytes_used == 0
 
 
 def _spy_kv(engine) -> tuple[dict, dict]:
