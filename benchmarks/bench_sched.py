@@ -167,16 +167,19 @@ class CutTarget:
 @contextlib.contextmanager
 def cluster(model: str, out_dir: str, name: str, queue_policy: str, admission: str, slo_ttft_s: float,
             max_num_seqs: int, preemption_mode: str = ENGINE_DEFAULTS.preemption_mode,
-            displace_ratio: float = ENGINE_DEFAULTS.displace_ratio, queue_bound: bool = True):
+            displace_ratio: float = ENGINE_DEFAULTS.displace_ratio, queue_bound: bool = True,
+            aging_s: float = ENGINE_DEFAULTS.queue_aging_s):
     """One live cluster. queue_bound False: the router's --max-queue-wait-s bound is off, so every
     request is served and a queue-order comparison is over the same requests (the bound refuses a
     burst's tail under fcfs, whose latencies would then be missing from fcfs's figures)."""
     from tandem.local_cluster import LocalCluster
     pin = ["--cpu-cores", "1"] if len(os.sched_getaffinity(0)) > 1 else []
     worker = ["--dtype", "float32", "--max-num-seqs", str(max_num_seqs), "--queue-policy", queue_policy,
-              "--preemption-mode", preemption_mode, "--displace-ratio", str(displace_ratio), *pin]
+              "--preemption-mode", preemption_mode, "--displace-ratio", str(displace_ratio),
+              "--queue-aging-s", str(aging_s), *pin]
     router = ["--queue-policy", queue_policy, "--admission", admission, "--slo-ttft-s", f"{slo_ttft_s:.6g}",
-              "--pools", "fixed", *([] if queue_bound else ["--max-queue-wait-s", "0"])]
+              "--pools", "fixed", "--queue-aging-s", str(aging_s),
+              *([] if queue_bound else ["--max-queue-wait-s", "0"])]
     with LocalCluster(model, prefill=0, decode=0, colocated=1, worker_args=worker, router_args=router,
                       log_dir=os.path.join(out_dir, f"{name}-logs")) as c:
         yield c.address
@@ -207,7 +210,7 @@ def compare(a, base: Workload, vocab: int, cap: int, slo: float, rate: float, n:
     with contextlib.ExitStack() as stack:
         addrs = {name: stack.enter_context(cluster(a.model, a.out_dir, name, qp, adm, slo, a.max_num_seqs,
                                                    a.preemption_mode, *(rest or (a.displace_ratio,)),
-                                                   queue_bound=queue_bound))
+                                                   queue_bound=queue_bound, aging_s=a.queue_aging_s))
                  for name, (qp, adm, *rest) in systems.items()}
         for name, addr in addrs.items():
             run_sequential_load(addr, base.salted(1, vocab).head(4), cap)          # warm-up, the same for all
@@ -282,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-prefix", action="store_true", help="leave prefix_vs_load out (null)")
     p.add_argument("--displace-ratio", type=float, default=ENGINE_DEFAULTS.displace_ratio,
                    help="the sjf cluster's --displace-ratio (0: never)")
+    p.add_argument("--queue-aging-s", type=float, default=ENGINE_DEFAULTS.queue_aging_s,
+                   help="sjf's aging bound on every cluster (router and workers)")
     p.add_argument("--also-no-displacement", action="store_true",
                    help="a third cluster in the queue-policy comparison: sjf with --displace-ratio 0")
     p.add_argument("--skip-admission", action="store_true", help="leave admission none vs slo out (null)")
