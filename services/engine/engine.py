@@ -349,10 +349,11 @@ class LLMEngine:
                 self._cached[f.request_id] = f.num_prompt_tokens
         hook = self.on_prefill_layer
         on_layer = (lambda i: hook(out.prefills, i)) if hook is not None and out.prefills else None
+        costs = self.scheduler.preemption
         t0 = time.perf_counter()
         chunks, samples = self.runner.execute(out, on_layer)
-        self.scheduler.preemption.rates.observe(time.perf_counter() - t0, self.last_step_prefill_tokens,
-                                                self.last_step_decodes)     # what a recompute would cost
+        if costs.mode == "auto":            # what a recompute would cost: only auto compares
+            costs.rates.observe(time.perf_counter() - t0, self.last_step_prefill_tokens, self.last_step_decodes)
         sampled = {}
         if samples is not None:
             for i, chunk in enumerate(chunks):

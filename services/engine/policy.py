@@ -15,6 +15,7 @@ class SchedulingPolicy:
     """FCFS: admit in arrival order; preempt the most recently arrived running request."""
 
     name = "fcfs"
+    displace_ratio = 0.0        # only sjf displaces (SjfPolicy.displacement_victim)
 
     def key(self, request: Request) -> tuple:
         return (request.arrival_time,)

@@ -232,9 +232,9 @@ class Scheduler:
         """With every batch slot taken, let the policy give one slot to the waiting request first
         in its order (sjf: a much shorter one; SchedulingPolicy.displacement_victim). The victim
         is preempted as for blocks (recompute or compressed) and waits its turn. Returns 0 or 1."""
-        if len(self.running) < self.config.max_num_seqs or not self.waiting:
+        if not self.policy.displace_ratio or len(self.running) < self.config.max_num_seqs or not self.waiting:
             return 0
-        head = self.policy.admission_order(self.waiting)[0]
+        head = min(self.waiting, key=self.policy.key)       # admission_order's first, without the sort
 
         def keeps_kv(r: Request) -> bool:
             blocks = cdiv(r.num_computed_tokens, self.kv.block_size)
@@ -285,6 +285,8 @@ class Scheduler:
         for request in self.policy.admission_order(self.waiting):
             if len(self.running) >= self.config.max_num_seqs:
                 break
+            if request.request_id in out.preempted:
+                continue       # displaced this step: its KV copy is made after schedule(), it waits its turn
             key = self._twin_key(request)
             if key is not None and key in completing and \
                     request.prompt_token_ids == completing[key].request.prompt_token_ids:

@@ -209,11 +209,10 @@ class SimInstance:
         """The engine scheduler's displacement (Scheduler._displace_for_shorter, the same policy
         method): with every slot taken, sjf may give one to a much shorter waiting request; the
         victim recomputes (the simulator keeps no compressed KV). True when one was displaced."""
-        if len(self.run_q) < self.max_num_seqs or not self.wait_q:
+        if not self.policy.displace_ratio or len(self.run_q) < self.max_num_seqs or not self.wait_q:
             return False
-        displace = getattr(self.policy, "displacement_victim", None)
-        head = self.policy.admission_order(self.wait_q)[0]
-        victim = displace(head, [r for r in self.run_q if r.out > 0], lambda r: False) if displace else None
+        head = min(self.wait_q, key=self.policy.key)
+        victim = self.policy.displacement_victim(head, [r for r in self.run_q if r.out > 0], lambda r: False)
         if victim is None:
             return False
         victim.num_displaced += 1

@@ -16,6 +16,7 @@ class VirtualClockPolicy:
     def __init__(self, name: str, clock: Callable[[], float]):
         self.policy = make_policy(name)
         self.name = self.policy.name
+        self.displace_ratio = self.policy.displace_ratio      # 0: this policy never displaces
         self._clock = clock
         self._timed = getattr(self.policy, "_key", None)      # (request, now) → key, for time-dependent orders
 

@@ -112,3 +112,34 @@ def test_a_ratio_of_zero_never_displaces():
     s.add(c)
     out, _, _ = step(s)
     assert out.preempted == [] and c in s.waiting and s.preemption.displaced == 0
+
+
+def test_a_request_displaced_this_step_is_not_admitted_again_in_it():
+    # Slots: a (decoding, long) and t (part way through prompt P). c, a twin of t (prompt P) and
+    # short, displaces a, then waits for t's chunk as twins do: admission goes on past it and must
+    # not take a back in the same step (its compressed copy is made only after schedule()).
+    kv = KVCacheManager(1024, 4, enable_prefix_caching=True)
+    s = Scheduler(SchedulerConfig(policy="sjf", max_num_seqs=2, max_num_batched_tokens=64,
+                                  long_prefill_token_threshold=8, preemption_mode="compress"), kv, 1024, kv_store=CompressedStore(1 << 20, 100))
+    now = time.monotonic()
+    a = req("a", 4, now - 2, max_tokens=300)
+    a.predicted_output_tokens = 200
+    s.add(a)
+    step(s)                                   # a: prefilled, decoding
+    t = req("t", 40, now - 1, max_tokens=300, base=5000)
+    t.predicted_output_tokens = 200
+    s.add(t)
+    step(s)                                   # t: its first chunk of P
+    c = req("c", 40, now, max_tokens=300, base=5000)
+    c.predicted_output_tokens = 1
+    s.add(c)
+    out, _, shape = step(s)
+    assert out.preempted == ["a"] and [x.request_id for x in out.kv_saves] == ["a"]
+    assert not out.kv_restores and a in s.waiting and "a" not in [rid for rid, _ in shape["decodes"]]
+    assert "a" in s.kv_store
+    # (this harness gives followers no token, so the run is ended here rather than finished)
+    from services.engine.request import FinishReason
+    for rid in list(s.requests):
+        s.finish(rid, FinishReason.ABORT)
+    s.kv.check_integrity()
+    assert len(s.kv_store) == 0 and s.kv.num_used_blocks == 0
