@@ -423,10 +423,11 @@ class LLMEngine:
         return [final[i] for i in ids]
 
     def check_integrity(self) -> None:
-        """KV block accounting, and every compressed copy belonging to a request waiting here."""
+        """KV block accounting, and every compressed copy belonging to a request waiting here
+        (or paused while waiting: a migration's stop phase)."""
         self.kv.check_integrity()
         store, sched = self.scheduler.kv_store, self.scheduler
-        waiting = {r.request_id for r in sched.waiting}
+        waiting = {r.request_id for r in sched.waiting} | set(sched.paused)
         stray = [rid for rid in store.ids() if rid not in waiting]
         if stray:
             raise KVCacheError(f"compressed KV held for requests not waiting here: {stray[:5]}")

@@ -112,3 +112,19 @@ def test_recompute_is_the_default_and_exact(make):
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
     assert engine.scheduler.preemption.counts == {"recompute": engine.scheduler.preemption.counts["recompute"], COMPRESS: 0}
     assert engine.scheduler.preemption.counts["recompute"] >= 1
+
+
+def test_a_compressed_request_paused_for_migration_passes_the_integrity_check(make):
+    prompts = random_prompts([40, 37, 45, 30, 42, 38], VOCAB, seed=11)
+    engine = make(num_blocks=22, preemption_mode="compress")
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    while not len(engine.scheduler.kv_store):
+        engine.step()
+    (victim,) = engine.scheduler.kv_store.ids()[:1]
+    assert engine.pause(victim) is not None
+    engine.check_integrity()                     # its copy belongs to a paused waiting request
+    assert engine.resume(victim)
+    engine.check_integrity()
+    for rid in ids:
+        engine.abort_request(rid)
+    assert engine.scheduler.kv_store.bytes_used == 0
