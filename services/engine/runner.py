@@ -15,6 +15,7 @@ import time
 import torch
 
 from services.engine import device as devices
+from services.engine import huge_pages
 from services.engine.blocks import cdiv
 from services.engine.config import EngineConfig
 from services.engine.kv_compress import CompressedStore, compress_blocks, restore_blocks
@@ -106,8 +107,8 @@ class ModelRunner:
         self.model = model.eval()
         self.model.init_rotary(self.device)
         # kv: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-        self.kv = torch.zeros(num_blocks, m.num_layers, 2, self.block_size, m.num_kv_heads, m.head_dim,
-                              dtype=config.dtype, device=self.device)
+        self.kv = huge_pages.zeros((num_blocks, m.num_layers, 2, self.block_size, m.num_kv_heads, m.head_dim),
+                                   dtype=config.dtype, device=self.device)
         self.sampler = Sampler()
         self.adjuster = LogitsAdjuster(m.vocab_size, self.device)   # penalties, logit_bias, min_tokens
         self.grammar = GrammarMasker(tokenizer, m.vocab_size, self.device) if tokenizer is not None else None

@@ -266,7 +266,7 @@ struct Avx2Kernel {
     const int64_t accf = acc_floats(), NH = nh * G;
     const __m256 sv = _mm256_set1_ps(scale);
     for (int64_t j = 0; j < nh; ++j) {
-      tick(j);
+      tick(j, 2 * nh);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = j * G + g;
         _mm256_store_ps(xb + h * 16, _mm256_mul_ps(dots8<T, NC>(qs + h * qld, kr, hoff0 + j * D, nfull, rem), sv));
@@ -274,8 +274,10 @@ struct Avx2Kernel {
       }
     }
     for (int64_t h = 0; h < NH; ++h) softmax_step(xb + h * 16, n, st + h * lds, accf);
-    for (int64_t j = 0; j < nh; ++j)
+    for (int64_t j = 0; j < nh; ++j) {
+      tick(nh + j, 2 * nh);
       values_block_all_heads<T>(G, xb + j * G * 16, 16, vr, hoff0 + j * D, n, st + j * G * lds, lds, NC > 0 ? NC : nfull, rem);
+    }
   }
 
   // o[d] = f * acc element d.

@@ -418,8 +418,8 @@ struct Avx512Kernel {
   // One token group (n tokens, rows kr[t] / vr[t]) for the item's nh kv heads (row offsets hoff0
   // + j * D) and their nh * G query heads, in three phases so that independent work sits side by
   // side: all scores (K), then all softmax updates (their exp chains overlap), then all p . V (V).
-  // xb: 16 floats per query head of scratch (scores, then p). tick(j) runs before kv head j's
-  // scores (the caller spreads its prefetches over the group).
+  // xb: 16 floats per query head of scratch (scores, then p). tick(j, 2 nh) runs before kv head j's
+  // scores and tick(nh + j, 2 nh) before its p . V (the caller spreads its prefetches over them).
   template <typename F>
   void group(int64_t nh, int64_t G, const float* qs, int64_t qld, const T* const* kr, const T* const* vr,
              int64_t hoff0, int n, float scale, float* st, int64_t lds, float* xb, F&& tick) const {
@@ -427,7 +427,7 @@ struct Avx512Kernel {
     const int64_t accf = acc_floats();
     const __m512 sv = _mm512_set1_ps(scale);
     for (int64_t j = 0; j < nh; ++j) {
-      tick(j);
+      tick(j, 2 * nh);
       if constexpr (kG4Layout && NV > 0) {
         if (g4(G)) {
           for (int64_t g = 0; g < G; g += 4) {
@@ -458,7 +458,10 @@ struct Avx512Kernel {
       }
       _mm512_store_ps(sh + accf, _mm512_add_ps(_mm512_load_ps(sh + accf), pr));
     }
-    for (int64_t j = 0; j < nh; ++j) values(G, xb + j * G * 16, vr, hoff0 + j * D, n, st + j * G * lds, lds);
+    for (int64_t j = 0; j < nh; ++j) {
+      tick(nh + j, 2 * nh);
+      values(G, xb + j * G * 16, vr, hoff0 + j * D, n, st + j * G * lds, lds);
+    }
   }
 
   // p . V for G heads (p 16 floats apart): tiles of 8 / 4 / 2 / 1 heads, each over the head dim

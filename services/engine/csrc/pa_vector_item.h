@@ -17,8 +17,8 @@
 //   k.group(nh, G, qs, qld, kr, vr, hoff0, n, scale, st, lds, xb, tick)
 //       the item's nh kv heads (row offsets hoff0 + j * D) over n (1..16) tokens whose rows start
 //       at kr[t] / vr[t] (rows t >= n repeat row 0: valid memory, weight 0): updates the nh * G
-//       query heads' states; xb is 16 floats of scratch per query head; tick(j) runs before kv
-//       head j's K is read
+//       query heads' states; xb is 16 floats of scratch per query head; tick(i, 2 nh) runs 2 nh
+//       times, i = 0, 1, ...: before each kv head's K is read and before each one's p . V
 //   k.finish(acc, f, o)                 o[d] = f * (element d of accumulator acc), d < D (T or float o)
 // A head's state (lds floats, 64-byte aligned): acc[acc_floats] | l[16] (per-lane softmax sums,
 // added up at the end) | m (the running max) and padding to 16 floats.
@@ -42,11 +42,16 @@
 
 namespace {
 
-// Software prefetch of K/V rows, kPf token groups ahead, into L2 (measured on Zen 4, batch 8 x
-// 512, one thread: none 11 GB/s, 1 or 2 groups ahead 16-17, 3-4 groups 16; into L1 (T0) or
-// non-temporal no better than none: a DRAM-latency prefetch holds an L1 miss buffer too long).
+// Software prefetch of K/V rows, kPf token groups ahead, into L2, spread evenly over the group's
+// 2 nh ticks (before each kv head's scores and before each one's p . V). Measured on Zen 4 (bf16,
+// D 64, 8 kv heads, GB/s of KV read, one thread): none 9-10, 2 groups ahead 12-13, 1 or 2 ahead
+// spread over the K ticks only 12-13, over the K and the V ticks 14-15, also over the softmax
+// heads no better; one prefetch per 128 bytes (leaning on the adjacent-line prefetcher) 12; into
+// L1 (T0) no better than none: a DRAM-latency prefetch holds an L1 miss buffer too long.
+// Bursts of prefetches stall the core once its miss buffers are full, so smaller bursts overlap
+// the reads with the arithmetic better.
 #ifndef TANDEM_PF_GROUPS
-#define TANDEM_PF_GROUPS 2  // 0: none
+#define TANDEM_PF_GROUPS 1  // 0: none
 #endif
 #ifndef TANDEM_PF_HINT
 #define TANDEM_PF_HINT _MM_HINT_T1
@@ -117,12 +122,6 @@ void item_vec(const Params& p, const T* q, T* out, const T* kc, const T* vc, con
       const char* r = reinterpret_cast<const char*>(pk[prow] + it.h0 * D);
       const char* e = r + slice;
       r -= reinterpret_cast<uintptr_t>(r) % 64;
-      for (; r + 3 * 64 < e; r += 4 * 64) {  // unrolled: the loop overhead was a visible cost
-        _mm_prefetch(r, TANDEM_PF_HINT);
-        _mm_prefetch(r + 64, TANDEM_PF_HINT);
-        _mm_prefetch(r + 2 * 64, TANDEM_PF_HINT);
-        _mm_prefetch(r + 3 * 64, TANDEM_PF_HINT);
-      }
       for (; r < e; r += 64) _mm_prefetch(r, TANDEM_PF_HINT);
     }
   };
@@ -136,8 +135,8 @@ void item_vec(const Params& p, const T* q, T* out, const T* kc, const T* vc, con
     rows(t, n, kr, vr);
     for (int i = n; i < kT; ++i) kr[i] = kr[0], vr[i] = vr[0];
     if (kPf > 0) pf_start(t + kPf * kT);
-    k.group(it.nh, G, qs, qld, kr, vr, it.h0 * D, n, p.scale, st, lds, xb, [&](int64_t j) {
-      if (kPf > 0) pf_some(static_cast<int>(pend * (j + 1) / it.nh));
+    k.group(it.nh, G, qs, qld, kr, vr, it.h0 * D, n, p.scale, st, lds, xb, [&](int64_t i, int64_t of) {
+      if (kPf > 0) pf_some(static_cast<int>(pend * (i + 1) / of));
     });
   }
 
