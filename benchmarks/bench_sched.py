@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-admission", action="store_true", help="leave admission none vs slo out (null)")
     p.add_argument("--preemption-mode", default="auto", choices=PREEMPTION_MODES,
                    help="every cluster's workers (sjf's displaced requests keep their KV compressed when "
-                        "that is measured cheaper)"),
+                        "that is measured cheaper)")
     p.add_argument("--out-dir", default="bench-sched")
     a = p.parse_args(argv)
     os.makedirs(a.out_dir, exist_ok=True)

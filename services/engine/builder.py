@@ -84,8 +84,9 @@ def build_engine(model: str, *, dtype: str = "auto", device: str = "cpu", block_
     if mixed_prefill_mode not in MIXED_PREFILL_MODES:
         raise ModelConfigError(f"mixed prefill mode must be one of {', '.join(MIXED_PREFILL_MODES)}, "
                                f"got {mixed_prefill_mode!r}")
-    if not displace_ratio >= 0:
-        raise ModelConfigError(f"displace_ratio must be >= 0 (0: never displace), got {displace_ratio}")
+    if not (displace_ratio == 0 or displace_ratio >= 1):
+        raise ModelConfigError(f"displace_ratio must be 0 (never displace) or >= 1 (how many times shorter a "
+                               f"waiting request must be), got {displace_ratio}")
     if preemption_mode not in PREEMPTION_MODES:
         raise ModelConfigError(f"preemption mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
     if not 0 <= kv_compress_fraction <= 4:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from services.engine.queue_order import (DEFAULT_AGING_S, DISPLACE_RATIO, MAX_DISPLACEMENTS, PROMPT_TOKEN_COST, SJF, displaces,
                                          order_key, remaining_work)
@@ -94,7 +92,7 @@ class SjfPolicy(SchedulingPolicy):
                       and not r.layers_done and now - r.arrival_time < self.aging_s]
         if not candidates:
             return None
-        victim = max(candidates, key=lambda r: (-r.priority, predicted_work(r), r.arrival_time))
+        victim = self.preemption_victim(candidates)
         cost = 0.0 if keeps_kv(victim) else victim.num_computed_tokens * PROMPT_TOKEN_COST
         return victim if displaces(predicted_work(head), predicted_work(victim), cost, self.displace_ratio) else None
 

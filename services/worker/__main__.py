@@ -51,7 +51,7 @@ def parse_args(argv=None) -> WorkerOptions:
         p.error(f"--metrics-port {a.metrics_port}: give a port in 0..65535 (0: a free one)")
     if not a.orphan_grace_s >= 0:
         p.error(f"--orphan-grace-s {a.orphan_grace_s}: give a number of seconds >= 0 (0: off)")
-    if not a.displace_ratio >= 0:
+    if not (a.displace_ratio == 0 or a.displace_ratio >= 1):
         p.error(f"--displace-ratio {a.displace_ratio}: give a ratio >= 1, or 0 to never displace")
     if not a.queue_aging_s > 0:
         p.error(f"--queue-aging-s {a.queue_aging_s}: give a positive number of seconds")

@@ -81,13 +81,20 @@ def test_auto_compresses_only_when_measured_cheaper(make):
     assert sum(p.counts.values()) >= 1
 
 
-def test_abort_of_a_compressed_waiting_request_frees_its_copy(make):
+def _step_until_compressed(make):
+    """An engine under block pressure stepped until one request's KV is held compressed:
+    (engine, every request id, that request's id)."""
     prompts = random_prompts([40, 37, 45, 30, 42, 38], VOCAB, seed=11)
     engine = make(num_blocks=22, preemption_mode="compress")
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     while not len(engine.scheduler.kv_store):
         engine.step()
     (victim,) = engine.scheduler.kv_store.ids()[:1]
+    return engine, ids, victim
+
+
+def test_abort_of_a_compressed_waiting_request_frees_its_copy(make):
+    engine, ids, victim = _step_until_compressed(make)
     assert engine.scheduler.kv_store.bytes_used > 0
     engine.abort_request(victim)
     assert victim not in engine.scheduler.kv_store
@@ -101,6 +108,8 @@ def test_bad_preemption_settings_name_the_choice(tiny):
         build_engine("tiny", loaded=tiny, preemption_mode="swap")
     with pytest.raises(ModelConfigError, match="kv_compress_fraction"):
         build_engine("tiny", loaded=tiny, kv_compress_fraction=-1)
+    with pytest.raises(ModelConfigError, match="displace_ratio must be 0"):
+        build_engine("tiny", loaded=tiny, displace_ratio=0.5)
 
 
 def test_recompute_is_the_default_and_exact(make):
@@ -115,12 +124,7 @@ def test_recompute_is_the_default_and_exact(make):
 
 
 def test_a_compressed_request_paused_for_migration_passes_the_integrity_check(make):
-    prompts = random_prompts([40, 37, 45, 30, 42, 38], VOCAB, seed=11)
-    engine = make(num_blocks=22, preemption_mode="compress")
-    ids = [engine.add_request(p, GREEDY) for p in prompts]
-    while not len(engine.scheduler.kv_store):
-        engine.step()
-    (victim,) = engine.scheduler.kv_store.ids()[:1]
+    engine, ids, victim = _step_until_compressed(make)
     assert engine.pause(victim) is not None
     engine.check_integrity()                     # its copy belongs to a paused waiting request
     assert engine.resume(victim)

@@ -24,6 +24,7 @@ def test_worker_takes_explicit_device_transport_and_gpu_share():
     (["--kv-transport", "rdma"], "invalid choice: 'rdma'"),
     (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization 0.0: give a share in (0, 1]"),
     (["--gpu-memory-utilization", "1.5"], "give a share in (0, 1], e.g. 0.9"),
+    (["--displace-ratio", "0.5"], "--displace-ratio 0.5: give a ratio >= 1, or 0 to never displace"),
 ])
 def test_worker_refuses_bad_values_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
