@@ -78,17 +78,27 @@ def test_slo_admission_refuses_at_once_with_retry_after(export_named, redis_url,
             if any(r.prefill_tokens_per_s > 0 for r in instances(c.address)):
                 break
             time.sleep(0.1)
-        # A backlog: six long requests, one running at a time.
-        backlog = [threading.Thread(target=generate, args=(c.address, [40 + i] * 4, 200)) for i in range(6)]
+        # A backlog: twelve long requests, one running at a time.
+        backlog = [threading.Thread(target=generate, args=(c.address, [40 + i] * 4, 200)) for i in range(12)]
         for t in backlog:
             t.start()
         try:
             with grpc.insecure_channel(c.address) as channel:
                 stub = serving_pb2_grpc.ServingStub(channel)
-                for _ in range(200):      # until the backlog is visible to the router (it is sent above)
-                    if metric(c.metrics_address, "tandem_router_unstarted_requests") >= 3:
+                # Until the router's own prediction puts the backlog 4x beyond the 0.05 s SLO below: the
+                # backlog is visible (sent above) and the start rate has seen a long request's gap. On a
+                # fast host the short requests alone measure a start rate at which 3 queued ones wait
+                # under 0.05 s, so counting the queue is not enough; and the probes must go while the
+                # backlog lasts (a few seconds), so they follow at once.
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    unstarted = metric(c.metrics_address, "tandem_router_unstarted_requests")
+                    rate = metric(c.metrics_address, "tandem_admission_start_rate")
+                    if unstarted >= 4 and rate > 0 and unstarted / rate > 0.2:
                         break
                     time.sleep(0.05)
+                else:
+                    pytest.fail(f"the router never predicted a wait beyond the SLO: {unstarted:g} queued at {rate:g}/s")
                 req = serving_pb2.GenerateRequest(prompt_token_ids=[7, 8], params=serving_pb2.SamplingParams(
                     max_tokens=4), slo=serving_pb2.SloTargets(ttft_s=0.05))
                 with pytest.raises(grpc.RpcError) as refused:
