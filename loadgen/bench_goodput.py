@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="",
                    help="comma-separated rates (req/s) every system probes first; default: the reference's "
                         "bracket ends once vLLM has been searched")
+    p.add_argument("--reference-latency", default="",
+                   help="TTFT,TPOT in seconds: set the SLOs from these unloaded latencies (e.g. vLLM's from an "
+                        "earlier run's summary.json, reference.ttft_s / tpot_s) instead of measuring a reference; "
+                        "for A/B runs of Tandem systems without vLLM. The report names them as given")
     p.add_argument("--resolution", type=float, default=1.25, help="stop bisecting once hi/lo is at most this")
     p.add_argument("--unloaded-requests", type=int, default=5, help="sequential requests that set the SLOs")
     p.add_argument("--unloaded-output-tokens", type=int, default=64)
@@ -333,6 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"bench-goodput: --seeds: expected comma-separated rates in req/s, got {args.seeds!r}", file=sys.stderr)
         return 2
+    given = None
+    if args.reference_latency:
+        try:
+            given = tuple(float(x) for x in args.reference_latency.split(","))
+            assert len(given) == 2 and all(x > 0 for x in given)
+        except (ValueError, AssertionError):
+            print(f"bench-goodput: --reference-latency: expected TTFT,TPOT in seconds, both > 0 (e.g. 0.083,0.008), "
+                  f"got {args.reference_latency!r}", file=sys.stderr)
+            return 2
     if any(not r > 0 for r, _ in seeds):
         print(f"bench-goodput: --seeds: every rate must be > 0 req/s, got {args.seeds!r}", file=sys.stderr)
         return 2
@@ -354,14 +367,18 @@ def main(argv: list[str] | None = None) -> int:
                  "host will slow every system and the SLO reference; figures are not comparable with a quiet run")
 
     ref, measured = None, {}
-    if "vllm" in names:
+    if given is not None:
+        run_.slos = slo_levels(*given)
+        ref = _reference("given", given, run_, note="--reference-latency: SLOs from latencies given on the command "
+                                                     "line, not measured in this run")
+    elif "vllm" in names:
         ref = reference_from_vllm(run_)
     tandem = [s for s in names if s != "vllm"]
     if ref is None:
         why = ("vLLM not asked for (--systems)" if "vllm" not in names
                else f"vLLM could not run ({run_.systems['vllm']['reason']})")
         ref, measured = reference_from_tandem(run_, tandem, why)
-    for name in tandem:
+    for name in (names if given is not None else tandem):
         if name not in run_.systems and run_.slos is not None:
             run_system(run_, name, measured.get(name))
 
