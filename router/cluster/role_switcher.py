@@ -84,6 +84,9 @@ class RoleSwitcher:
                         d.reason, e.code().name, e.details())
             return False
         self.registry.observe(new)
+        if d.role == report.role:          # role_policy rule 4: a new cap, not a switch
+            log.info("prefill cap of %s (%s): %s", d.instance_id, role_label(d.role), d.reason)
+            return True
         self.switches += 1
         self.on_switch(role_label(report.role), role_label(d.role))
         log.info("role switch: %s %s -> %s (%s; prefill cap %d tokens/step)", d.instance_id,

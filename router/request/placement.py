@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterable, Mapping
 
+from router.cluster.role_policy import decode_step_s
 from router.freeness import freeness as load_freeness
 from router.prefill_rate import prefill_rate
 from services.roles import Role, WorkerState
@@ -279,8 +280,11 @@ def pick_whole_request(reports: Iterable[LoadReport], prompt_tokens: int, blocks
 
 def mixed_prefill_rate(r: LoadReport) -> float:
     """Prompt tokens per second an instance that caps prefill beside decodes gets through: its
-    measured rate, or at most one cap per step while it has decodes running."""
+    measured rate, or while it has decodes running one cap per step, a step being its decode step
+    (role_policy.decode_step_s) plus the cap's tokens at the measured rate."""
     rate = prefill_rate(r)
-    if r.mixed_prefill_tokens and r.running and r.step_time_ms > 0:
-        rate = min(rate, r.mixed_prefill_tokens / (r.step_time_ms / 1e3))
+    step_s = decode_step_s(r)
+    if r.mixed_prefill_tokens and step_s > 0:
+        cap = r.mixed_prefill_tokens
+        rate = min(rate, cap / (step_s + cap / rate))
     return rate

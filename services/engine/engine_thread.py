@@ -279,6 +279,7 @@ class EngineThread:
         self.load = worker_pb2.LoadReport(
             total_blocks=kv.num_blocks, free_blocks=kv.num_free_blocks, running=len(sched.running) + paused,
             paused=paused, waiting=len(sched.waiting), queued_prefill_tokens=queued, step_time_ms=self._rates.step_ms,
+            decode_step_time_ms=self._rates.decode_step_ms,
             prefill_tokens_per_s=self._rates.prefill_tokens_per_s, high_priority_running=len(high),
             high_priority_blocks=sum(len(kv.block_table(r.request_id)) for r in high), head_waiting_blocks=head_blocks,
             max_num_seqs=sched.config.max_num_seqs)

@@ -118,7 +118,7 @@ class ControlRpcs:
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}")
         old, self.role, self.mixed_prefill_tokens = self.role, role, cap
-        self.role_switches += 1
+        self.role_switches += old != role          # the same role again only sets a new cap
         log.info("role %s -> %s (home %s; prompt tokens per step beside decodes: %s): %s", old.name.lower(),
                  role.name.lower(), self.home_role.name.lower(), cap or "no cap", request.reason or "SetRole")
         self.on_role_change()

@@ -15,8 +15,8 @@ segment are recorded as one message of k tokens at its end (first and last token
 and TPOT, are exact; ITL within a segment is its mean).
 
 The attributes placement and role_policy read (instance_id, role, home_role, state, free_blocks,
-total_blocks, running, waiting, queued_prefill_tokens, step_time_ms, prefill_tokens_per_s,
-mixed_prefill_tokens, block_size, updated_unix_ms) are live, so an instance is its own LoadReport.
+total_blocks, running, waiting, queued_prefill_tokens, step_time_ms, decode_step_time_ms,
+prefill_tokens_per_s, mixed_prefill_tokens, block_size, updated_unix_ms) are live, so an instance is its own LoadReport.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class SimInstance:
         self.wait_q: list[SimRequest] = []
         self.queued_prefill_tokens = 0
         self.step_time_ms = 0.0
+        self.decode_step_time_ms = 0.0     # steps without prompt tokens (services/engine/step_rates.py)
         self.prefill_tokens_per_s = 0.0
         self.updated_unix_ms = 0
         self.migrations_in_flight = 0
@@ -319,6 +320,9 @@ class SimInstance:
         w = 1 - 0.8 ** steps
         ms = step_s / steps * 1e3
         self.step_time_ms = self.step_time_ms + w * (ms - self.step_time_ms) if self.step_time_ms else ms
+        if not prefill_tokens:
+            d = self.decode_step_time_ms
+            self.decode_step_time_ms = d + w * (ms - d) if d else ms
         if prefill_tokens:
             rate = prefill_tokens / step_s
             self.prefill_tokens_per_s = 0.8 * self.prefill_tokens_per_s + 0.2 * rate if self.prefill_tokens_per_s \

@@ -204,7 +204,7 @@ class StatsRequest(_message.Message):
     def __init__(self, check_integrity: _Optional[bool] = ..., list_requests: _Optional[bool] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases", "integrity_error", "high_priority_running", "high_priority_blocks", "head_waiting_blocks", "migrations_in_flight", "requests", "home_role", "mixed_prefill_tokens", "role_switches", "paused", "max_num_seqs")
+    __slots__ = ("instance_id", "role", "address", "kv_address", "state", "model", "total_blocks", "free_blocks", "reserved_blocks", "running", "waiting", "queued_prefill_tokens", "step_time_ms", "prefill_tokens_per_s", "block_size", "max_model_len", "vocab_size", "kv_transport", "dtype", "updated_unix_ms", "leases", "integrity_error", "high_priority_running", "high_priority_blocks", "head_waiting_blocks", "migrations_in_flight", "requests", "home_role", "mixed_prefill_tokens", "role_switches", "paused", "max_num_seqs", "decode_step_time_ms")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class LoadReport(_message.Message):
     ROLE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     address: str
@@ -269,7 +270,8 @@ class LoadReport(_message.Message):
     role_switches: int
     paused: int
     max_num_seqs: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., high_priority_running: _Optional[int] = ..., high_priority_blocks: _Optional[int] = ..., head_waiting_blocks: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., home_role: _Optional[_Union[Role, str]] = ..., mixed_prefill_tokens: _Optional[int] = ..., role_switches: _Optional[int] = ..., paused: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    decode_step_time_ms: float
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., state: _Optional[str] = ..., model: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., dtype: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., high_priority_running: _Optional[int] = ..., high_priority_blocks: _Optional[int] = ..., head_waiting_blocks: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., home_role: _Optional[_Union[Role, str]] = ..., mixed_prefill_tokens: _Optional[int] = ..., role_switches: _Optional[int] = ..., paused: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., decode_step_time_ms: _Optional[float] = ...) -> None: ...
 
 class RunningRequest(_message.Message):
     __slots__ = ("request_id", "priority", "num_tokens", "num_output_tokens", "num_blocks", "running", "parked")

@@ -20,7 +20,8 @@ def test_fixed_pools_always_disaggregate():
 def test_switched_decode_instance_takes_requests_while_it_beats_the_prefill_queue():
     ledger = InflightLedger()
     p = rep("p", P, P, queued=2000)                          # 2.1 s until a 100-token prompt's first token
-    d = rep("d", C, D, rate=4000.0, running=4, cap=50, step_ms=25.0)   # capped: 50 tokens / 25 ms = 2000 tok/s
+    # capped: 50 tokens a step of 12.5 ms decodes + 12.5 ms for the 50 tokens = 2000 tok/s
+    d = rep("d", C, D, rate=4000.0, running=4, cap=50, step_ms=12.5)
     assert mixed_prefill_rate(d) == 2000.0
     assert pick_whole_request([p, d], 100, 7, ledger).instance_id == "d"
     ledger.add("d", prompt_tokens=5000)                      # its own queue now longer than P's
@@ -39,3 +40,10 @@ def test_switched_prefill_instance_takes_requests_while_its_decodes_are_lighter(
 
 def test_home_colocated_instances_are_not_switched_ones():
     assert pick_whole_request([rep("c", C, C)], 100, 7, InflightLedger()) is None
+
+
+def test_a_switched_decode_instance_is_timed_by_its_decode_steps_when_it_reports_them():
+    # 50 tokens a step beside a 12.5 ms decode batch, at 4000 tok/s: 2000 tok/s, whatever the mean step
+    d = worker_pb2.LoadReport(instance_id="d", role=C, home_role=D, prefill_tokens_per_s=4000.0, running=4,
+                              step_time_ms=40.0, decode_step_time_ms=12.5, mixed_prefill_tokens=50, state="serving")
+    assert mixed_prefill_rate(d) == 2000.0

@@ -34,6 +34,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         new = worker_pb2.LoadReport()
         new.CopyFrom(self.report)
         new.role, new.updated_unix_ms = request.role, self.report.updated_unix_ms + 1
+        new.mixed_prefill_tokens = request.mixed_prefill_tokens
         self.report = new
         return new
 
@@ -109,3 +110,18 @@ async def test_a_refused_switch_changes_nothing_and_is_not_retried_within_the_dw
         assert pools.registry.view["d"].role == worker_pb2.ROLE_DECODE and pools.switcher.switches == 0
         assert await pools.switcher.round() is None
         assert len(pools.calls) == 1
+
+
+@run
+async def test_a_new_cap_for_the_same_role_is_sent_but_not_counted_as_a_switch():
+    async with Pools() as pools:
+        first = await pools.switcher.round()
+        assert first.role == worker_pb2.ROLE_COLOCATED and pools.switcher.switches == 1
+        pools.fakes["d"].report.decode_step_time_ms = 70.0      # its batch grew: 0.8 x 100 - 70 ms of room
+        pools.switcher.last_switch["d"] -= 10.0                 # past its dwell time
+        recap = await pools.switcher.round()
+        assert (recap.instance_id, recap.role) == ("d", worker_pb2.ROLE_COLOCATED) and "re-cap" in recap.reason
+        assert recap.mixed_prefill_tokens < first.mixed_prefill_tokens
+        assert pools.calls[-1] == ("d", worker_pb2.ROLE_COLOCATED, recap.mixed_prefill_tokens)
+        assert pools.switcher.switches == 1
+        assert pools.registry.view["d"].mixed_prefill_tokens == recap.mixed_prefill_tokens
