@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 
 from services.log_setup import bind_request_id
-from services.roles import ROLE_LABELS, WORKER_STATES, role_label
+from services.roles import ROLE_LABELS, WORKER_STATES, pool_role, role_label
 from tandem.v1 import serving_pb2, worker_pb2
 
 prometheus_client.disable_created_metrics()
@@ -156,13 +156,14 @@ class _ClusterCollector:
     def collect(self):
         reports = list(self._instances())
         roles = list(ROLE_LABELS)
-        count = GaugeMetricFamily("tandem_instances", "Instances the router knows, by role and state",
+        count = GaugeMetricFamily("tandem_instances", "Instances the router knows, by pool role (the role each was "
+                                  "started in: adaptive pools' switches show in tandem_role_switches_total) and state",
                                   labels=["role", "state"])
         states = list(WORKER_STATES) + sorted({r.state for r in reports} - set(WORKER_STATES))
         for role in roles:
             for state in states:
                 count.add_metric([role, state], sum(1 for r in reports
-                                                    if role_label(r.role) == role and r.state == state))
+                                                    if role_label(pool_role(r)) == role and r.state == state))
         yield count
         fields = (("tandem_cluster_kv_blocks_total", "KV blocks of every instance", "total_blocks"),
                   ("tandem_cluster_kv_blocks_free", "Free KV blocks of every instance", "free_blocks"),
@@ -170,7 +171,7 @@ class _ClusterCollector:
                   ("tandem_cluster_waiting_requests", "Requests queued on instances", "waiting"),
                   ("tandem_cluster_queued_prefill_tokens", "Prompt tokens queued for prefill", "queued_prefill_tokens"))
         for name, doc, field in fields:
-            g = GaugeMetricFamily(name, doc + ", by role (from their last load reports)", labels=["role"])
+            g = GaugeMetricFamily(name, doc + ", by pool role (from their last load reports)", labels=["role"])
             for role in roles:
-                g.add_metric([role], sum(getattr(r, field) for r in reports if role_label(r.role) == role))
+                g.add_metric([role], sum(getattr(r, field) for r in reports if role_label(pool_role(r)) == role))
             yield g

@@ -37,7 +37,7 @@ from services.engine.builder import load_tokenizer
 from services.engine.loader import resolve_model
 from services.engine.queue_order import DEFAULT_AGING_S, DEFAULT_QUEUE_POLICY
 from services.engine.sampling_params import InvalidRequestError
-from services.roles import WorkerState, role_label
+from services.roles import WorkerState, pool_role, role_label
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2
 
 log = logging.getLogger("tandem.router")
@@ -118,9 +118,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if dst is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"to_instance_id: no instance {request.to_instance_id!r}; "
                                 f"see `tandem admin instances`")
-        if dst.role not in MIGRATING_ROLES or dst.state != WorkerState.SERVING:
+        if pool_role(dst) not in MIGRATING_ROLES or dst.state != WorkerState.SERVING:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"to_instance_id: {dst.instance_id} is a "
-                                f"{role_label(dst.role)} instance in state {dst.state}; migrations go to "
+                                f"{role_label(pool_role(dst))} instance in state {dst.state}; migrations go to "
                                 f"serving decode (or colocated) instances")
         src = await self._holder(request.request_id)
         if src is None:
@@ -129,9 +129,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if src.instance_id == dst.instance_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"{request.request_id!r} already runs on {dst.instance_id}")
-        if src.role != dst.role:
+        if pool_role(src) != pool_role(dst):        # (a decode instance serving both roles is still one)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.request_id!r} runs on a "
-                                f"{role_label(src.role)} instance; move it to another one of that role")
+                                f"{role_label(pool_role(src))} instance; move it to another one of that role")
         try:
             return await r.pool.stub(src.address).Migrate(worker_pb2.MigrateRequest(
                 request_id=request.request_id, destination_instance_id=dst.instance_id,

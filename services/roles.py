@@ -41,6 +41,14 @@ class Role(enum.IntEnum):
 ROLE_LABELS = tuple(r.label for r in (Role.COLOCATED, Role.PREFILL, Role.DECODE))
 
 
+def pool_role(report) -> int:
+    """The pool an instance belongs to: its home role (the role it was started in), which adaptive
+    pools never change; its current role when it reports no home (ROLE_UNSPECIFIED). A decode
+    instance serving both phases for a while (a standing prefill share) is still a decode instance
+    to the autoscaler, the rescheduler and placement's comparisons."""
+    return report.home_role or report.role
+
+
 def role_label(value: int, unknown: str = "?") -> str:
     """`prefill` for a proto or engine role value; `unknown` for ROLE_UNSPECIFIED or another number."""
     role = Role.from_proto(value)

@@ -38,7 +38,7 @@ from router.autoscale.config import (AutoscalerConfig, Band, Bounds, Pool, PoolH
                                      ScalerState)
 from router.prefill_rate import pool_prefill_rate
 from services.load import used_blocks
-from services.roles import OUT_OF_SERVICE, WorkerState
+from services.roles import OUT_OF_SERVICE, WorkerState, pool_role
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport
@@ -87,7 +87,7 @@ class _PoolView:
 
 
 def _view(loads: Iterable[LoadReport], pool: Pool, replicas: int) -> _PoolView:
-    mine = sorted((r for r in loads if r.role == pool.role), key=lambda r: r.instance_id)
+    mine = sorted((r for r in loads if pool_role(r) == pool.role), key=lambda r: r.instance_id)
     serving = [r for r in mine if r.state == SERVING]
     out = sum(1 for r in mine if r.state in OUT_OF_SERVICE)
     draining = sum(1 for r in mine if r.state == WorkerState.DRAINING)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from router.cluster.role_policy import decode_step_s
 from router.freeness import freeness as load_freeness
 from router.prefill_rate import prefill_rate
-from services.roles import Role, WorkerState
+from services.roles import Role, WorkerState, pool_role
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport
@@ -257,8 +257,8 @@ def pick_whole_request(reports: Iterable[LoadReport], prompt_tokens: int, blocks
                 and r.free_blocks - inflight.for_instance(r.instance_id).blocks >= blocks_needed]
     if not switched:
         return None
-    prefills = [r for r in reports if r.role == Role.PREFILL]
-    decodes = [r for r in reports if r.role == Role.DECODE]
+    prefills = [r for r in reports if pool_role(r) == Role.PREFILL]     # in both roles too
+    decodes = [r for r in reports if pool_role(r) == Role.DECODE]     # in both roles too (a standing share)
     best_p = min((predicted_ttft_s(r, prompt_tokens, inflight) for r in prefills), default=float("inf"))
     best_d = min((r.running + inflight.for_instance(r.instance_id).running for r in decodes), default=None)
     chosen, chosen_key = None, None

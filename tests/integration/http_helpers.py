@@ -35,8 +35,11 @@ def chat_model_dir(export_named, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def openai_cluster(chat_model_dir, tmp_path_factory):
+    # Fixed pools: every request takes the P -> D path, so the metrics tests can count transfers
+    # exactly (adaptive pools may serve a request whole on the decode instance: test_adaptive_pools).
     with LocalCluster(chat_model_dir, prefill=1, decode=1, http_port=0, metrics_port=0, log_format="json",
-                      worker_args=WORKER_ARGS, log_dir=str(tmp_path_factory.mktemp("openai-cluster-logs"))) as c:
+                      worker_args=WORKER_ARGS, log_dir=str(tmp_path_factory.mktemp("openai-cluster-logs")),
+                      pools="fixed") as c:
         yield c
 
 

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from services.roles import pool_role
 from tandem.v1 import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.integration.cluster_helpers import instances, worker_stats
 
@@ -65,7 +66,7 @@ class Stream:
 
 
 def decode_reports(router: str) -> dict[str, worker_pb2.LoadReport]:
-    return {r.instance_id: r for r in instances(router) if r.role == worker_pb2.ROLE_DECODE}
+    return {r.instance_id: r for r in instances(router) if pool_role(r) == worker_pb2.ROLE_DECODE}
 
 
 def holder(router: str, request_id: str) -> worker_pb2.LoadReport | None:

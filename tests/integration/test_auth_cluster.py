@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.auth import CLUSTER_TOKEN_METADATA, key_label
 from tandem import Client
+from services.roles import pool_role
 from tandem.errors import UnauthenticatedError
 from tandem.local_cluster import LocalCluster
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, worker_pb2, worker_pb2_grpc
@@ -110,7 +111,7 @@ def test_admin_needs_a_key_or_the_cluster_token(cluster):
 
 
 def test_a_worker_refuses_callers_without_the_cluster_token_and_reserves_nothing(cluster):
-    decode = next(i for i in _instances(cluster) if i.role == worker_pb2.ROLE_DECODE)
+    decode = next(i for i in _instances(cluster) if pool_role(i) == worker_pb2.ROLE_DECODE)
     request = worker_pb2.WorkerRequest(request_id="intruder", prompt_token_ids=list(range(3, 60)),
                                        params=serving_pb2.SamplingParams(max_tokens=4))
     with grpc.insecure_channel(decode.address) as ch:

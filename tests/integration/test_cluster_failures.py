@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from tandem import Client
+from services.roles import pool_role
 from tandem.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
 from tandem.local_cluster import LocalCluster
 from tandem.v1 import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -101,7 +102,7 @@ def test_client_deadline_cancels_everywhere(cluster):
 
 
 def test_lease_without_kv_is_released(cluster):
-    decode = next(i for i in instances(cluster.address) if i.role == worker_pb2.ROLE_DECODE)
+    decode = next(i for i in instances(cluster.address) if pool_role(i) == worker_pb2.ROLE_DECODE)
     with grpc.insecure_channel(decode.address) as ch:
         stub = worker_pb2_grpc.WorkerStub(ch)
         wr = worker_pb2.WorkerRequest(request_id="orphan", prompt_token_ids=list(range(3, 70)),
@@ -181,7 +182,7 @@ def test_a_full_decode_instance_refuses_at_once_and_the_request_queues_for_room(
     args = ["--num-blocks", "64", "--heartbeat-interval-s", "30", "--heartbeat-ttl-s", "60"]
     with LocalCluster(export_named("tiny"), prefill=1, decode=1, redis_url=redis_url, log_dir=str(tmp_path),
                       worker_args=args, metrics_port=0) as c:
-        decode = next(i for i in instances(c.address) if i.role == worker_pb2.ROLE_DECODE)
+        decode = next(i for i in instances(c.address) if pool_role(i) == worker_pb2.ROLE_DECODE)
         with grpc.insecure_channel(decode.address) as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
             hog = worker_pb2.WorkerRequest(request_id="hog", prompt_token_ids=[7] * 960,

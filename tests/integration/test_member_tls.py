@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from services.member_tls import MemberTLS, MemberTLSError, member_tls
+from services.roles import pool_role
 from tandem.local_cluster import LocalCluster
 from tandem.v1 import serving_pb2, worker_pb2, worker_pb2_grpc
 from tests.conftest import random_prompts
@@ -66,7 +67,7 @@ def _reserve(channel: grpc.Channel) -> None:
 
 def test_a_worker_refuses_callers_without_a_member_certificate(cluster, certs):
     members, outsider = certs
-    decode = next(i for i in instances(cluster.address) if i.role == worker_pb2.ROLE_DECODE)
+    decode = next(i for i in instances(cluster.address) if pool_role(i) == worker_pb2.ROLE_DECODE)
     no_cert = MemberTLS(cert=b"", key=b"", ca=_tls(members).ca)
     callers = {
         "plaintext": grpc.insecure_channel(decode.address),

@@ -16,6 +16,7 @@ import time
 import grpc
 import pytest
 
+from services.roles import pool_role
 from tandem.client import AsyncClient, Client
 from tandem.local_cluster import LocalCluster
 from tandem.redis_server import RedisServer
@@ -44,7 +45,7 @@ def _survivor(cluster: LocalCluster) -> str:
 
 
 def _decode_address(cluster: LocalCluster) -> str:
-    return next(i.address for i in instances(_survivor(cluster)) if i.role == worker_pb2.ROLE_DECODE)
+    return next(i.address for i in instances(_survivor(cluster)) if pool_role(i) == worker_pb2.ROLE_DECODE)
 
 
 def _running(worker_address: str) -> list[worker_pb2.RunningRequest]:

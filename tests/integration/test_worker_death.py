@@ -21,6 +21,7 @@ import time
 import grpc
 import pytest
 
+from services.roles import pool_role
 from tandem.local_cluster import LocalCluster
 from tandem.redis_server import RedisServer
 from tandem.v1 import admin_pb2, admin_pb2_grpc, serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -92,7 +93,7 @@ def _running(address: str) -> list[worker_pb2.RunningRequest]:
 
 def _live_decodes(cluster: LocalCluster) -> list[str]:
     return sorted(i.instance_id for i in instances(cluster.address)
-                  if i.role == worker_pb2.ROLE_DECODE and cluster.procs[i.instance_id].poll() is None)
+                  if pool_role(i) == worker_pb2.ROLE_DECODE and cluster.procs[i.instance_id].poll() is None)
 
 
 @pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.95, seed=1234)],
@@ -174,7 +175,7 @@ def test_migration_source_sigkill_keeps_the_request(cluster, hf_tiny, delay_s):
 
 
 def test_prefill_sigkill_mid_prefill_is_retried_on_another(cluster, hf_tiny):
-    prefills = [i for i in instances(cluster.address) if i.role == worker_pb2.ROLE_PREFILL]
+    prefills = [i for i in instances(cluster.address) if pool_role(i) == worker_pb2.ROLE_PREFILL]
     prompt = random_prompts([1900], 512, seed=8)[0]
     result = {}
 

@@ -94,6 +94,25 @@ def test_refuses_an_unknown_system(tmp_path, capsys):
     assert "--systems: unknown ['sglang']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["0.1", "0.1,x", "0.1,0", "-1,0.01", "0.1,0.01,3"])
+def test_refuses_a_malformed_reference_latency(tmp_path, capsys, given):
+    assert bench_goodput.main([f"--reference-latency={given}", "--out-dir", str(tmp_path)]) == 2
+    assert "--reference-latency: expected TTFT,TPOT in seconds, both > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow          # real-time probes (~3 s)
+def test_given_reference_latency_sets_the_slos_without_measuring_a_reference(tmp_path, capsys, fake_systems):
+    rc = bench_goodput.main(["--trace", "synthetic:n=40,input=64,output=4", *FAST, "--out-dir", str(tmp_path),
+                             "--systems", "fixed", "--reference-latency", "0.2,0.01"])
+    assert rc == 0
+    line = _last_json(capsys.readouterr().out)
+    assert (line["tight"]["ttft_slo_s"], line["tight"]["tpot_slo_s"]) == pytest.approx((0.6, 0.03))
+    assert (line["relaxed"]["ttft_slo_s"], line["relaxed"]["tpot_slo_s"]) == pytest.approx((2.0, 0.1))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["reference"]["system"] == "given" and "--reference-latency" in summary["reference"]["note"]
+    assert [name for name, _ in fake_systems] == ["fixed"]        # started once, to be searched
+
+
 def test_host_dtype_is_tandems_auto_and_adaptive_detection():
     from services.engine.dtype_policy import auto_dtype
     dtype, why = bench_systems.host_dtype()

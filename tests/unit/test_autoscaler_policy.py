@@ -330,6 +330,14 @@ def test_tpot_alone_scales_decode_up():
     assert d.direction == 1 and d.target == math.ceil(1.2 / 0.7) and "TPOT" in d.reason
 
 
+def test_an_instance_switched_to_both_roles_stays_in_its_home_pool():
+    # adaptive pools: a decode instance with a standing prefill share reports role COLOCATED
+    slow = [rec("d1", worker_pb2.ROLE_COLOCATED, used=100, running=40, step_time_ms=120.0, home_role=D)]
+    d = decide_decode(slow, 1, LOW, 0.0, CFG)
+    assert d.signals["serving"] == 1 and d.direction == 1
+    assert decide_prefill(slow, 1, LOW, 0.0, CFG).signals["serving"] == 0
+
+
 def test_no_serving_instances_holds_above_min():
     d = decide(
         [rec("p1", P, state="starting"), rec("d1", state="starting")],

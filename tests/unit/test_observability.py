@@ -231,6 +231,13 @@ def test_cluster_gauges_from_the_registry_view():
     assert sample("tandem_cluster_kv_blocks_free", r, role="decode") == 5
     assert sample("tandem_cluster_running_requests", r, role="decode") == 4
     assert sample("tandem_cluster_queued_prefill_tokens", r, role="prefill") == 30
+    # adaptive pools: a decode instance serving both roles for now still counts in the decode pool
+    reports[1] = worker_pb2.LoadReport(instance_id="d0", role=worker_pb2.ROLE_COLOCATED,
+                                       home_role=worker_pb2.ROLE_DECODE, state="serving", total_blocks=20,
+                                       free_blocks=5, running=4)
+    assert sample("tandem_instances", r, role="decode", state="serving") == 1
+    assert sample("tandem_instances", r, role="colocated", state="serving") == 0
+    assert sample("tandem_cluster_running_requests", r, role="decode") == 4
 
 
 def test_router_queue_is_read_at_scrape_time():

@@ -96,6 +96,17 @@ async def test_a_round_moves_from_the_fullest_to_the_freest():
 
 
 @run
+async def test_a_decode_instance_serving_both_roles_is_still_in_the_decode_group():
+    calls = []
+    fakes = dict(a=FakeDecode("a", calls, free=10, running=9), b=FakeDecode("b", calls, free=90, running=1))
+    fakes["b"].report.role, fakes["b"].report.home_role = worker_pb2.ROLE_COLOCATED, worker_pb2.ROLE_DECODE
+    async with Cluster(**fakes) as c:            # adaptive pools: b took a standing prefill share
+        launched = await c.rescheduler.round()
+        await c.settled()
+        assert [(d.source, d.destination) for d in launched] == [("a", "b")]
+
+
+@run
 async def test_a_pair_in_a_migration_is_left_alone_until_its_call_returns():
     calls = []
     a, b = FakeDecode("a", calls, free=10, running=9), FakeDecode("b", calls, free=90, running=1)

@@ -43,3 +43,9 @@ def test_freeness_callers_keep_their_numbers():
     cfg = PolicyConfig()                      # 16 blocks of headroom per high-priority request
     assert policy_freeness(load, cfg) == (100 - (60 + 5 + 16)) / 3
     assert policy_freeness(worker_pb2.LoadReport(total_blocks=100, free_blocks=40, state="draining"), cfg) == float("-inf")
+
+
+def test_pool_role_is_the_home_role_when_there_is_one():
+    from services.roles import pool_role
+    assert pool_role(worker_pb2.LoadReport(role=Role.COLOCATED, home_role=Role.DECODE)) == Role.DECODE
+    assert pool_role(worker_pb2.LoadReport(role=Role.PREFILL)) == Role.PREFILL       # no home reported
