@@ -16,7 +16,7 @@ from router.request.dispatch import Dispatcher, RouteError, RoutedRequest
 from router.http_frontends import HttpFrontends
 from router.cluster.leader_lock import LeaderLock
 from router.metrics import RouterMetrics
-from router.migration.policy import PolicyConfig
+from router.migration.policy import MIGRATING_ROLES, PolicyConfig
 from router.prefill_rate import fastest_prefill_rate
 from router.request.admission import DEFAULT_ADMISSION, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_MAX_QUEUED
 from router.cluster.pools_args import DEFAULT_POOLS
@@ -24,7 +24,7 @@ from router.cluster.prefix_index import PrefixIndex, PrefixIndexFollower
 from router.request.routing_args import DEFAULT_ROUTING, ROUTING_MODES
 from router.request.redispatch import DEFAULT_MAX_REDISPATCHES, Redispatcher
 from router.cluster.registry import InstanceRegistry
-from router.migration.rescheduler import LIVE_STATES, MIGRATING_ROLES, Rescheduler
+from router.migration.rescheduler import LIVE_STATES, Rescheduler
 from router.cluster.role_policy import RolePolicyConfig
 from router.cluster.role_switcher import RoleSwitcher
 from router.request.validation import build_request_async

@@ -66,12 +66,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from router.freeness import freeness as load_freeness
 from services.load import used_blocks
-from services.roles import WorkerState
+from services.roles import Role, WorkerState, pool_role
 
 POLICIES = ("drain", "defrag", "priority", "balance")
 Load = Any      # a tandem.v1.LoadReport or an object with its fields (module docstring)
@@ -129,6 +129,20 @@ def freeness(load: Load, config: PolicyConfig, pending_demand_blocks: int = 0) -
     if load.state == WorkerState.DRAINING:
         return -math.inf
     return load_freeness(load.total_blocks - virtual_usage(load, config, pending_demand_blocks), load.running)
+
+
+# The pools whose instances decode, so exchange running requests: decode ↔ decode and colocated ↔
+# colocated, never across (a request decoding on a colocated instance was never handed off).
+MIGRATING_ROLES = (Role.DECODE, Role.COLOCATED)
+
+
+def migration_groups(loads: Iterable[Load]) -> list[list[Load]]:
+    """`loads` split into the groups decide() runs on: one per pool of MIGRATING_ROLES, by home role
+    (services.roles.pool_role: a decode instance serving both roles for now is still in the decode
+    group), each with at least two members, in MIGRATING_ROLES order."""
+    loads = list(loads)
+    groups = [[x for x in loads if pool_role(x) == role] for role in MIGRATING_ROLES]
+    return [g for g in groups if len(g) >= 2]
 
 
 def decide(loads: Sequence[Load], config: PolicyConfig, pending_demand_blocks: int = 0,

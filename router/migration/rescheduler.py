@@ -20,18 +20,17 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from router.migration.policy import MigrationDecision, PolicyConfig, decide
+from router.migration.policy import MIGRATING_ROLES, MigrationDecision, PolicyConfig, decide, migration_groups
 from router.cluster.leader_rounds import fresh_reports, leads, rounds
 from router.cluster.registry import InstanceRegistry
 from router.settings import RESCHEDULE_INTERVAL_S
 from services.async_tasks import stop_task
-from services.roles import LIVE_STATES, Role, WorkerState, pool_role
+from services.roles import LIVE_STATES, WorkerState
 from services.worker_pool import WorkerPool
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger("tandem.router.rescheduler")
 
-MIGRATING_ROLES = (Role.DECODE, Role.COLOCATED)
 
 
 @dataclass
@@ -91,13 +90,9 @@ class Rescheduler:
         by_id = {report.instance_id: report for report in loads}
         # A migration this router launched counts until the worker's own report shows it.
         in_flight = dict.fromkeys(self._busy, 1)
-        # Migrations only happen within one pool: decode ↔ decode (in both roles or not: adaptive
-        # pools), colocated ↔ colocated (services.roles.pool_role).
         decisions = []
-        for role in MIGRATING_ROLES:
-            group = [report for report in loads if pool_role(report) == role]
-            if len(group) >= 2:
-                decisions += decide(group, self.config, self.demand_fn(), in_flight)
+        for group in migration_groups(loads):          # within one pool only
+            decisions += decide(group, self.config, self.demand_fn(), in_flight)
         launched = []
         for d in decisions:
             if only_source is not None and d.source != only_source:

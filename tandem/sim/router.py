@@ -199,9 +199,9 @@ class SimRouter:
         d = role_policy.decide(self.instances, home, self.last_switch, now, self.config.role_policy)
         if d is not None:
             inst = next(i for i in self.instances if i.instance_id == d.instance_id)
+            self.role_switches += d.role != inst.role       # the same role: a new cap (role_policy rule 4)
             inst.set_role(d.role, d.mixed_prefill_tokens)
             self.last_switch[d.instance_id] = now
-            self.role_switches += 1
         if self.live or self.queue:
             self.loop.after(self.config.role_interval_s, self._role_round)
         else:
@@ -209,11 +209,12 @@ class SimRouter:
 
     # ---- rescheduling ----------------------------------------------------------------------------
     def _reschedule_round(self) -> None:
-        cands = [i for i in self.instances if i.state == WorkerState.SERVING and i.role in (DECODE, COLOCATED)]
-        if len(cands) > 1 and any(i.run_q for i in cands):
-            by_id = {i.instance_id: i for i in cands}
-            for dec in migration_policy.decide(cands, self.config.migration_policy, self.pending_demand_blocks()):
-                self._migrate(by_id[dec.source], by_id[dec.destination], dec.selector)
+        serving = [i for i in self.instances if i.state == WorkerState.SERVING]
+        for group in migration_policy.migration_groups(serving):       # as the rescheduler groups them
+            if any(i.run_q for i in group):
+                by_id = {i.instance_id: i for i in group}
+                for dec in migration_policy.decide(group, self.config.migration_policy, self.pending_demand_blocks()):
+                    self._migrate(by_id[dec.source], by_id[dec.destination], dec.selector)
         if self.live or self.queue:
             self.loop.after(self.config.reschedule_interval_s, self._reschedule_round)
         else:

@@ -10,7 +10,8 @@ import pytest
 
 from types import SimpleNamespace
 
-from router.migration.policy import MigrationDecision, PolicyConfig, decide, freeness, virtual_usage
+from router.migration.policy import (MigrationDecision, PolicyConfig, decide, freeness, migration_groups,
+                                     virtual_usage)
 from tandem.v1 import worker_pb2
 
 LoadReport = worker_pb2.LoadReport      # the one load record the policy reads (services/load.py)
@@ -570,3 +571,13 @@ def test_the_grouped_search_decides_what_a_plain_scan_decides(monkeypatch):
             m.setattr(policy._Round, "move_from", _plain_move_from)
             plain = decide(loads, cfg, pending, in_flight)
         assert fast == plain, f"trial {trial}"
+
+
+def test_migration_groups_are_pools_by_home_role():
+    D, C, P = worker_pb2.ROLE_DECODE, worker_pb2.ROLE_COLOCATED, worker_pb2.ROLE_PREFILL
+    loads = [load("d0", 50, 1, role=D, home_role=D), load("d1", 50, 1, role=C, home_role=D),   # d1: a standing share
+             load("c0", 50, 1, role=C, home_role=C), load("c1", 50, 1, role=C, home_role=C),
+             load("p0", 50, 1, role=C, home_role=P),                                          # a prefill instance decoding
+             load("x0", 50, 1, role=D)]                                                        # no home reported: its role
+    assert [[x.instance_id for x in g] for g in migration_groups(loads)] == [["d0", "d1", "x0"], ["c0", "c1"]]
+    assert migration_groups(loads[:1] + loads[2:3]) == []        # a group of one moves nothing
