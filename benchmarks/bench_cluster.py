@@ -92,7 +92,8 @@ async def drive(address: str, batch: list[list[int]], max_tokens: int) -> dict:
 
 
 def cluster_throughput(model: str, shape: dict, n: int, i: int, o: int, vocab: int) -> dict:
-    with LocalCluster(model, worker_args=worker_args(), **shape) as c:
+    # All n at once is the point (offline throughput): no queue-wait bound refuses the tail of them.
+    with LocalCluster(model, worker_args=worker_args(), router_args=["--max-queue-wait-s", "0"], **shape) as c:
         return asyncio.run(drive(c.address, prompts(n, i, vocab, 1), o))
 
 

@@ -523,12 +523,14 @@ class Dispatcher:
             if placed is None:
                 break
             c, needed = placed
+            rr.dispatched = rr.dispatched or time.monotonic()
             token = self.ledger.add(c.instance_id, blocks=needed, prompt_tokens=self._uncached(rr, c), running=1)
             call, sub = self.outputs.call(c.address, "Generate", rr.worker_request, self._stream_timeout(rr))
             rr.calls.append(call)
             holder = _Holder(c.address, c.instance_id, call, outputs=sub)
             sent = 0
             finished = False
+            breakdown = None
             try:
                 async for chunk, moved in self._follow(rr, holder):
                     if token is not None:
@@ -537,6 +539,8 @@ class Dispatcher:
                     message = _from_chunk(rr.request_id, chunk)
                     if sent == 0:
                         message.prefill_instance = message.decode_instance = c.instance_id
+                        breakdown = serving_pb2.TtftBreakdown(queue_s=chunk.queue_s, prefill_s=chunk.prefill_s)
+                        _time_first_token(rr, breakdown)
                     if moved:
                         message.decode_instance = holder.instance_id
                     if chunk.finished:
@@ -544,6 +548,8 @@ class Dispatcher:
                         message.usage.CopyFrom(serving_pb2.Usage(
                             prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.index + len(chunk.token_ids),
                             cached_prompt_tokens=chunk.num_cached_tokens))
+                        if breakdown is not None:
+                            message.ttft_breakdown.CopyFrom(breakdown)
                     sent += len(chunk.token_ids)
                     yield message
                     if chunk.finished:

@@ -43,7 +43,7 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    first_scheduled_time: float | None = None     # final output: time.monotonic() of its first chunk
+    first_scheduled_time: float | None = None     # time.monotonic() of its first chunk (None: not run yet)
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,7 @@ class LLMEngine:
         n = len(r.output_token_ids)
         out = RequestOutput(r.request_id, r.output_token_ids[n - num_new:], delta, r.is_finished,
                             r.finish_reason, r.output_logprobs[n - num_new:] if num_new else [],
-                            num_prompt_tokens=r.num_prompt_tokens)
+                            num_prompt_tokens=r.num_prompt_tokens, first_scheduled_time=r.first_scheduled_time)
         k = len(r.output_top_logprobs)     # tokens adopted from elsewhere have none here: align on the tail
         if num_new and r.sampling_params.logprobs and k >= num_new:
             out.new_top_logprobs = r.output_top_logprobs[k - num_new:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import grpc
 
@@ -27,6 +28,7 @@ class StreamRpcs:
             stream, params = await start_resumed(self, request, context)
             cursor = ChunkCursor(len(request.output_token_ids), params.logprobs is not None)
         else:
+            arrival = time.monotonic()
             await self._require_role(context, Role.COLOCATED, what="Generate")
             try:
                 prompt, params = self._request_fields(request)
@@ -35,7 +37,7 @@ class StreamRpcs:
                                         predicted_output_tokens=request.predicted_output_tokens)
             except REFUSALS as e:
                 await abort_refused(context, e)
-            cursor = ChunkCursor(0, params.logprobs is not None)
+            cursor = ChunkCursor(0, params.logprobs is not None, arrival=arrival)
         # The stream helper cancels the engine stream on every exit, or parks it when the reader is lost.
         async with contextlib.aclosing(self._stream_out(stream, cursor, context)) as chunks:
             async for chunk in chunks:

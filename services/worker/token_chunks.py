@@ -26,13 +26,15 @@ from tandem.v1 import worker_pb2
 class ChunkCursor:
     """index: the output index the next chunk starts at; start_index: the caller has everything
     before it (chunks entirely below are dropped, a straddling one trimmed); first_decode_since: a
-    time.monotonic() from which the first chunk's first_decode_s is measured (None: not stamped).
+    time.monotonic() from which the first chunk's first_decode_s is measured (None: not stamped);
+    arrival: the time.monotonic() a whole request (Generate) arrived: its first chunk carries queue_s
+    (arrival → its first scheduled step) and prefill_s (→ this token); None: not stamped.
     history: None, or (after keep_history()) every chunk made since, untrimmed, for replay()."""
 
     def __init__(self, index: int, want_logprobs: bool, start_index: int = 0,
-                 first_decode_since: float | None = None):
+                 first_decode_since: float | None = None, arrival: float | None = None):
         self.index, self.want_logprobs, self.start_index = index, want_logprobs, start_index
-        self._first_since = first_decode_since
+        self._first_since, self._arrival = first_decode_since, arrival
         self.history: list[worker_pb2.TokenChunk] | None = None
         self.kept_from = index             # history starts at this output index
 
@@ -49,6 +51,10 @@ class ChunkCursor:
         if self._first_since is not None:
             chunk.first_decode_s = time.monotonic() - self._first_since
             self._first_since = None
+        if self._arrival is not None and outputs:
+            now, started = time.monotonic(), outputs[0].first_scheduled_time or self._arrival
+            chunk.queue_s, chunk.prefill_s = max(0.0, started - self._arrival), max(0.0, now - started)
+            self._arrival = None
         if self.history is not None:
             self.history.append(chunk)
         if chunk.index + len(chunk.token_ids) <= self.start_index and not (chunk.finished or keep):
@@ -86,7 +92,7 @@ class ChunkCursor:
                 continue
             copy = worker_pb2.TokenChunk()
             copy.CopyFrom(kept)
-            for name in ("request_id", "muxed_chunks", "first_decode_s"):
+            for name in ("request_id", "muxed_chunks", "first_decode_s", "queue_s", "prefill_s"):
                 copy.ClearField(name)
             out.append(from_index(copy, start))
         return out

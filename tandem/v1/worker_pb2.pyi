@@ -132,7 +132,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start_index: _Optional[int] = ..., request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("index", "token_ids", "text", "logprobs", "top_logprobs", "finished", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "first_decode_s", "migrated", "request_id", "muxed_chunks")
+    __slots__ = ("index", "token_ids", "text", "logprobs", "top_logprobs", "finished", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "first_decode_s", "migrated", "request_id", "muxed_chunks", "queue_s", "prefill_s")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class TokenChunk(_message.Message):
     MIGRATED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MUXED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -159,7 +161,9 @@ class TokenChunk(_message.Message):
     migrated: Migrated
     request_id: str
     muxed_chunks: int
-    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TopLogprobs, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., first_decode_s: _Optional[float] = ..., migrated: _Optional[_Union[Migrated, _Mapping]] = ..., request_id: _Optional[str] = ..., muxed_chunks: _Optional[int] = ...) -> None: ...
+    queue_s: float
+    prefill_s: float
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TopLogprobs, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., first_decode_s: _Optional[float] = ..., migrated: _Optional[_Union[Migrated, _Mapping]] = ..., request_id: _Optional[str] = ..., muxed_chunks: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ...) -> None: ...
 
 class OutputsRequest(_message.Message):
     __slots__ = ("id",)

@@ -326,6 +326,21 @@ def test_kept_chunks_stay_whole_and_replay_from_any_index():
         cursor.replay(1)
 
 
+def test_a_whole_requests_first_chunk_carries_its_engine_queue_and_prefill_time():
+    now = time.monotonic()
+    cursor = ChunkCursor(0, False, arrival=now - 0.5)
+    cursor.keep_history()
+    out = RequestOutput(request_id="w", new_token_ids=[7], new_text="", finished=False, finish_reason=None,
+                        first_scheduled_time=now - 0.2)
+    first = cursor.chunk([out])
+    assert first.queue_s == pytest.approx(0.3, abs=1e-6)
+    assert 0.2 <= first.prefill_s < 0.2 + 10.0       # up to this moment: at least the 0.2 s since it was scheduled
+    second = cursor.chunk([RequestOutput(request_id="w", new_token_ids=[8], new_text="", finished=False,
+                                         finish_reason=None, first_scheduled_time=now - 0.2)])
+    assert second.queue_s == second.prefill_s == 0.0  # the first chunk only
+    assert cursor.replay(0)[0].queue_s == 0.0         # a reader taking the stream over is not the first
+
+
 def test_a_parked_request_is_not_migrated(tiny, reference):
     """No router would follow it to a destination: the rescheduler's picks pass it over and a
     Migrate naming it is refused; a router resuming it finds it here."""
