@@ -15,7 +15,7 @@ measured loads and the SLOs (Llumnix's role switching; "semi-PD"):
   prompts then broke its own decodes' TPOT (measured: both switching every few seconds).
 
 Rules, for instances in state "serving" whose last switch is at least `dwell_s` old:
-1. A home-decode instance in DECODE switches to BOTH when it has decode headroom (step time <
+1. A home-decode instance in DECODE switches to BOTH when it has decode headroom (decode step <
    `headroom` × TPOT SLO, free blocks above `min_free_fraction`): with `standing_share` (the
    default) whenever it has that headroom, else only under prefill pressure. A standing share
    does not send it any prompt by itself: placement (router/request/placement.py,
@@ -24,7 +24,7 @@ Rules, for instances in state "serving" whose last switch is at least `dwell_s` 
    made from pressure measured every interval_s and held for dwell_s came after them (measured:
    one switch in a 60 s probe, no request served whole, adaptive = fixed).
    Its mixed_prefill_tokens is the prompt tokens a step may add: the TPOT room its decodes have,
-   (tpot_target × SLO − step time), at its prefill rate, times `amortize_steps` — TPOT is a mean
+   (tpot_target × SLO − decode step), at its prefill rate, times `amortize_steps` — TPOT is a mean
    over a request's tokens, so one longer step spreads over many tokens of every running
    request — clamped to [min_mixed_tokens, max_mixed_tokens].
 2. A home-prefill instance in PREFILL switches to BOTH under decode pressure when it has no
