@@ -341,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_latency:
         try:
             given = tuple(float(x) for x in args.reference_latency.split(","))
-            assert len(given) == 2 and all(x > 0 for x in given)
-        except (ValueError, AssertionError):
+        except ValueError:
+            given = ()
+        if len(given) != 2 or not all(x > 0 for x in given):
             print(f"bench-goodput: --reference-latency: expected TTFT,TPOT in seconds, both > 0 (e.g. 0.083,0.008), "
                   f"got {args.reference_latency!r}", file=sys.stderr)
             return 2

@@ -100,7 +100,7 @@ def decode_step_s(r: LoadReport) -> float:
     while it reports none), 0 without running requests."""
     if not r.running:
         return 0.0
-    return (getattr(r, "decode_step_time_ms", 0.0) or r.step_time_ms) / 1e3
+    return (r.decode_step_time_ms or r.step_time_ms) / 1e3
 
 
 def _decode_pressed(r: LoadReport, c: RolePolicyConfig) -> bool:

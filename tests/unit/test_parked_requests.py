@@ -326,17 +326,17 @@ def test_kept_chunks_stay_whole_and_replay_from_any_index():
         cursor.replay(1)
 
 
-def test_a_whole_requests_first_chunk_carries_its_engine_queue_and_prefill_time():
-    now = time.monotonic()
-    cursor = ChunkCursor(0, False, arrival=now - 0.5)
+def test_a_whole_requests_first_chunk_carries_its_engine_queue_and_prefill_time(monkeypatch):
+    import services.worker.token_chunks as token_chunks
+    monkeypatch.setattr(token_chunks.time, "monotonic", lambda: 100.0)      # the moment the chunk is made
+    cursor = ChunkCursor(0, False, arrival=99.5)
     cursor.keep_history()
     out = RequestOutput(request_id="w", new_token_ids=[7], new_text="", finished=False, finish_reason=None,
-                        first_scheduled_time=now - 0.2)
+                        first_scheduled_time=99.8)
     first = cursor.chunk([out])
-    assert first.queue_s == pytest.approx(0.3, abs=1e-6)
-    assert 0.2 <= first.prefill_s < 0.2 + 10.0       # up to this moment: at least the 0.2 s since it was scheduled
+    assert (first.queue_s, first.prefill_s) == pytest.approx((0.3, 0.2))   # arrival → scheduled → this token
     second = cursor.chunk([RequestOutput(request_id="w", new_token_ids=[8], new_text="", finished=False,
-                                         finish_reason=None, first_scheduled_time=now - 0.2)])
+                                         finish_reason=None, first_scheduled_time=99.8)])
     assert second.queue_s == second.prefill_s == 0.0  # the first chunk only
     assert cursor.replay(0)[0].queue_s == 0.0         # a reader taking the stream over is not the first
 
